@@ -1,0 +1,154 @@
+"""One typed config: a YAML file plus `key=value` overrides (`training.lr=1e-4`).
+
+A mistake names the key and, where the values are a fixed set, the allowed ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    train: str | list[str] = Field(
+        default="", description="file, folder, or list of them (JSON, JSONL, Parquet, CSV)"
+    )
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="our field -> the dataset's column, e.g. output: response"
+    )
+    on_invalid: Literal["error", "skip"] = "error"
+    rejects: str | None = Field(
+        default=None, description="where skipped records go; default <output_dir>/rejects.jsonl"
+    )
+
+
+class LoraConfig(Strict):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainingConfig(Strict):
+    lr: float | None = Field(default=None, gt=0, description="default 2e-5 full, 2e-4 LoRA")
+    epochs: float = Field(default=3, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="overrides epochs")
+    batch_size: int = Field(default=8, gt=0, description="examples per micro-batch")
+    grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast where the device supports it"
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps")
+    log_every: int = Field(default=1, gt=0)
+
+
+class Config(Strict):
+    model: str = Field(default="smollm2-135m", description="embedded name, HF dir, hub id, .gguf")
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+    method: Literal["full", "lora"] = "lora"
+    template: str = Field(default="auto", description="auto, a built-in name, or a Jinja file")
+    train_on: Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"] = (
+        "all_assistant_turns"
+    )
+    max_length: int = Field(default=1024, gt=1)
+    truncation: Literal["drop", "truncate"] = "drop"
+    output_dir: str = "runs/sftforge"
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _needs_data(self):
+        if not self.data.train:
+            raise ValueError("data.train is required: a file, a folder, or a list of them")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        if self.training.lr is not None:
+            return self.training.lr
+        return 2e-4 if self.method == "lora" else 2e-5
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (training.lr=1e-4)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            lines.append(f"config key '{key}': {e['input']!r} is not allowed; expected {allowed}")
+        else:
+            lines.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fields) -> Config:
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text("utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top")
+    tree = _merge(tree, fields)
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(where + _describe(e)) from None
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False), "utf-8")

