@@ -14,6 +14,9 @@ from .templates import TemplateError
 def _train(args) -> None:
     from .train import train
 
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)  # `sftforge train key=value` without a file
+        args.config = None
     fields = {}
     if args.model:
         fields["model"] = args.model

@@ -152,6 +152,23 @@ def micro_batch_stream(examples: list[Example], batch_size: int, seed: int):
         epoch += 1
 
 
+def accumulate_gradients(model, batches, device, amp) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step.
+
+    Each micro-batch contributes (sum of its token losses) / (trained tokens in the whole
+    step), so the gradient is that of the mean over the step's trained tokens, however the
+    step is split. Returns (that mean loss, trained tokens)."""
+    step_trained = sum(trained_token_count(b.labels) for b in batches)
+    total = 0.0
+    for batch in batches:
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss_sum = summed_token_loss(model, batch.input_ids, batch.labels)
+        (loss_sum / step_trained).backward()
+        total += loss_sum.item()
+    return total / step_trained, step_trained
+
+
 def train(config: Config) -> Path:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -188,14 +205,7 @@ def train(config: Config) -> Path:
             group["lr"] = lr
         micro = [next(stream) for _ in range(t.grad_accum)]
         batches = [collate([prep.examples[i] for i in idx], pad_id) for _, idx in micro]
-        step_trained = sum(trained_token_count(b.labels) for b in batches)
-        step_loss = 0.0
-        for batch in batches:
-            batch = batch.to(device)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss_sum = summed_token_loss(model, batch.input_ids, batch.labels)
-            (loss_sum / step_trained).backward()
-            step_loss += loss_sum.item()
+        step_loss, step_trained = accumulate_gradients(model, batches, device, amp)
         grad_norm = None
         if t.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
@@ -208,7 +218,7 @@ def train(config: Config) -> Path:
         record = {
             "step": step + 1,
             "epoch": round(micro[-1][0] + 1, 3),
-            "loss": step_loss / step_trained,
+            "loss": step_loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": tokens_seen,

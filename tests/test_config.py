@@ -1,0 +1,75 @@
+"""The typed config: YAML + key=value overrides, mistakes named."""
+
+import pytest
+
+from sftforge.config import ConfigError, dump_config, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_combine_with_overrides_winning(tmp_path):
+    path = write(tmp_path, "method: full\ndata:\n  train: d.jsonl\ntraining:\n  lr: 1.0e-5\n")
+    config = load_config(path, ["training.lr=3e-5", "training.batch_size=4", "lora.r=8"])
+    assert config.method == "full"
+    assert config.training.lr == 3e-5
+    assert config.training.batch_size == 4
+    assert config.lora.r == 8
+    assert config.data.train == "d.jsonl"
+
+
+def test_default_learning_rate_depends_on_the_method():
+    assert load_config(None, ["data.train=x", "method=full"]).learning_rate == 2e-5
+    assert load_config(None, ["data.train=x", "method=lora"]).learning_rate == 2e-4
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'training.learning_rate'"):
+        load_config(None, ["data.train=x", "training.learning_rate=1"])
+
+
+def test_wrong_choice_names_the_key_and_the_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train=x", "training.schedule=exponential"])
+    assert "training.schedule" in str(e.value)
+    assert "'cosine'" in str(e.value) and "'linear'" in str(e.value)
+
+
+def test_bad_number_names_the_key():
+    with pytest.raises(ConfigError, match="training.batch_size"):
+        load_config(None, ["data.train=x", "training.batch_size=0"])
+
+
+def test_missing_data_is_an_error_that_says_what_to_give():
+    with pytest.raises(ConfigError, match="data.train is required"):
+        load_config(None, [])
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["training.lr"])
+
+
+def test_config_file_error_names_the_file(tmp_path):
+    path = write(tmp_path, "data: {train: x}\nmethod: qlora-ish\n")
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load_config(path)
+
+
+def test_dumped_config_loads_back_equal(tmp_path):
+    config = load_config(None, ["data.train=[a.jsonl, b.jsonl]", "max_length=64"])
+    dump_config(config, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == config
+    assert config.data.train == ["a.jsonl", "b.jsonl"]
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    examples = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_config(path)
