@@ -57,7 +57,9 @@ def test_averaging_each_micro_batch_instead_would_change_the_gradient(tiny_model
     exact = gradients(model)
     model.zero_grad(set_to_none=True)
     for b in micro:
-        (summed_token_loss(model, b.input_ids, b.labels) / trained_token_count(b.labels) / 4).backward()
+        (
+            summed_token_loss(model, b.input_ids, b.labels) / trained_token_count(b.labels) / 4
+        ).backward()
     averaged = gradients(model)
     worst = max(float((exact[n] - averaged[n]).abs().max()) for n in exact)
     assert worst > 1e-3 * max(float(g.abs().max()) for g in exact.values())

@@ -35,7 +35,9 @@ def config(tmp_path, model, *overrides):
     )
 
 
-def test_full_fine_tuning_leaves_model_tokenizer_template_config_and_metrics(tmp_path, tiny_model_dir):
+def test_full_fine_tuning_leaves_model_tokenizer_template_config_and_metrics(
+    tmp_path, tiny_model_dir
+):
     out = train(config(tmp_path, tiny_model_dir, "method=full", "training.precision=fp32"))
     assert (out / "model.safetensors").is_file()
     assert (out / "sftforge.yaml").is_file()
@@ -53,7 +55,9 @@ def test_full_fine_tuning_leaves_model_tokenizer_template_config_and_metrics(tmp
     assert reloaded.generation_config.eos_token_id in (2, [2])
 
 
-def test_lora_with_a_template_that_adds_tokens_trains_and_saves_their_rows(tmp_path, tiny_model_dir):
+def test_lora_with_a_template_that_adds_tokens_trains_and_saves_their_rows(
+    tmp_path, tiny_model_dir
+):
     from peft import PeftModel
 
     from sftforge.export import merge_adapter
@@ -118,7 +122,9 @@ def test_cli_train_with_flags_and_overrides(tmp_path, tiny_model_dir, capsys):
 def test_cli_reports_a_bad_record_with_its_line_and_exits_2(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    code = main(["train", "--model", tiny_model_dir, "--data", str(data), "--output", str(tmp_path)])
+    code = main(
+        ["train", "--model", tiny_model_dir, "--data", str(data), "--output", str(tmp_path)]
+    )
     assert code == 2
     assert f"{data}:1" in capsys.readouterr().err
 

@@ -35,7 +35,9 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return Batch(input_ids, labels, sum(len(ex.input_ids) for ex in examples))
 
 
-def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(
+    examples: list[Example], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Indices of each micro-batch for one epoch: shuffled, then grouped by length within
     windows of 64 batches so padding stays small while the order stays random."""
     rng = random.Random(seed * 1_000_003 + epoch)

@@ -132,7 +132,9 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fields) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, **fields
+) -> Config:
     tree: dict = {}
     if path is not None:
         try:

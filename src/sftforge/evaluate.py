@@ -20,7 +20,9 @@ def generate_answers(
     """Greedy answers, batched with left padding and the KV cache."""
     tokenizer = encoder.tokenizer
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     stops = stop_ids or sorted(encoder.end_of_turn_ids | {tokenizer.eos_token_id})
     was_training = model.training
     model.eval()

@@ -262,6 +262,30 @@ def _assistant_span_in_sentinel_render(
     return len(prompt), content_end + len(marker)
 
 
+def _render(
+    messages: tuple[Message, ...],
+    template: ChatTemplate,
+    end_markers: set[str],
+    add_generation_prompt: bool,
+) -> RenderedConversation:
+    sentinel_msgs = _with_sentinels(messages)
+    full = template.render(sentinel_msgs, add_generation_prompt=add_generation_prompt)
+    real = template.render(_as_dicts(messages), add_generation_prompt=add_generation_prompt)
+    elements = _split_sentinel_render(full)
+    _align(elements, real, messages, template.name)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.role == "assistant":
+            start, end = _assistant_span_in_sentinel_render(
+                template, sentinel_msgs, i, full, end_markers
+            )
+            spans.append((_to_real_offset(elements, start), _to_real_offset(elements, end)))
+    parts = [
+        Part(el.real_text, el.slot is not None, el.real_start) for el in elements if el.real_text
+    ]
+    return RenderedConversation(real, parts, spans)
+
+
 def render_conversation(
     conversation: Conversation, template: ChatTemplate, end_markers: set[str]
 ) -> RenderedConversation:
@@ -269,29 +293,12 @@ def render_conversation(
 
     `end_markers` are the strings that count as an end-of-turn token (the tokenizer's special
     tokens)."""
-    messages = conversation.messages
-    sentinel_msgs = _with_sentinels(messages)
-    full = template.render(sentinel_msgs)
-    real = template.render(_as_dicts(messages))
-    elements = _split_sentinel_render(full)
-    _align(elements, real, messages, template.name)
-
-    spans = []
-    for i in conversation.assistant_indices():
-        start, end = _assistant_span_in_sentinel_render(template, sentinel_msgs, i, full, end_markers)
-        spans.append((_to_real_offset(elements, start), _to_real_offset(elements, end)))
-
-    parts = [Part(el.real_text, el.slot is not None, el.real_start) for el in elements if el.real_text]
-    return RenderedConversation(real, parts, spans)
+    return _render(conversation.messages, template, end_markers, add_generation_prompt=False)
 
 
-def render_prompt(messages: list[Message] | tuple[Message, ...], template: ChatTemplate) -> RenderedConversation:
-    """The text a model is given at inference: the history plus the generation prompt."""
-    messages = tuple(messages)
-    sentinel_msgs = _with_sentinels(messages)
-    full = template.render(sentinel_msgs, add_generation_prompt=True)
-    real = template.render(_as_dicts(messages), add_generation_prompt=True)
-    elements = _split_sentinel_render(full)
-    _align(elements, real, messages, template.name)
-    parts = [Part(el.real_text, el.slot is not None, el.real_start) for el in elements if el.real_text]
-    return RenderedConversation(real, parts, [])
+def render_prompt(
+    messages: list[Message] | tuple[Message, ...], template: ChatTemplate, end_markers: set[str]
+) -> RenderedConversation:
+    """The text a model is given at inference: the history plus the generation prompt, with
+    the spans of the history's assistant turns (tokenized as the model generated them)."""
+    return _render(tuple(messages), template, end_markers, add_generation_prompt=True)

@@ -14,6 +14,7 @@ How text becomes tokens, and why:
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 
@@ -69,6 +70,7 @@ class _Atom:
     text: str
     special: bool
     trained: bool
+    segment: int  # index of the stretch between two cuts that this text lies in
 
 
 class Encoder:
@@ -95,42 +97,56 @@ class Encoder:
         source = str(conversation.source)
         try:
             if conversation.is_raw_text:
-                return self._encode_raw_text(conversation.text, source)
+                return self._encode_raw_text(conversation)
             rendered = render_conversation(conversation, self.template, set(self.special_ids))
         except TemplateError as e:
             raise DataError(conversation.source, str(e), field="messages") from e
-        spans = rendered.assistant_spans
+        # Every assistant turn is cut from its prompt as at inference, trained or not.
+        cuts = rendered.assistant_spans
+        spans = cuts
         if self.train_on == "last_assistant_turn":
-            spans = spans[-1:]
+            spans = cuts[-1:]
         elif self.train_on == "all_tokens":
             spans = [(0, len(rendered.text))]
-        ids, trained_ranges = self._tokenize(rendered.text, rendered.parts, spans)
+        ids, trained_ranges = self._tokenize(rendered.parts, cuts, spans)
         labels = [IGNORE_INDEX] * len(ids)
         for start, end in trained_ranges:
             labels[start:end] = ids[start:end]
         self._check(ids, trained_ranges, rendered.text, spans, conversation)
         if self.train_on != "all_tokens":
             special = set(self.special_ids.values())
-            self.end_of_turn_ids.update(ids[end - 1] for _, end in trained_ranges if ids[end - 1] in special)
+            self.end_of_turn_ids.update(
+                ids[end - 1] for _, end in trained_ranges if ids[end - 1] in special
+            )
         return Example(ids, labels, source)
 
     def encode_prompt(self, messages: list[Message] | tuple[Message, ...]) -> list[int]:
         """The ids a model is given at inference: history plus generation prompt."""
-        rendered = render_prompt(messages, self.template)
-        ids, _ = self._tokenize(rendered.text, rendered.parts, [])
+        rendered = render_prompt(messages, self.template, set(self.special_ids))
+        ids, _ = self._tokenize(rendered.parts, rendered.assistant_spans, [])
         return ids
 
     # ---- internals ----------------------------------------------------------------------
 
-    def _encode_raw_text(self, text: str, source: str) -> Example:
-        ids = self.tokenizer(text, split_special_tokens=True).input_ids
+    def _encode_raw_text(self, conversation: Conversation) -> Example:
+        ids = self.tokenizer(conversation.text, split_special_tokens=True).input_ids
         eos = self.tokenizer.eos_token_id
         if eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
-        return Example(ids, list(ids), source)
+        decoded = self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        if decoded != conversation.text:
+            raise DataError(
+                conversation.source,
+                "the tokenizer cannot represent this text exactly (it does not decode back); "
+                "remove the characters it lacks",
+                field="text",
+            )
+        return Example(ids, list(ids), str(conversation.source))
 
-    def _atoms(self, parts, spans: list[tuple[int, int]]) -> list[_Atom]:
-        cuts = sorted({p for span in spans for p in span})
+    def _atoms(self, parts, cut_spans, spans: list[tuple[int, int]]) -> list[_Atom]:
+        cuts = sorted({p for span in [*cut_spans, *spans] for p in span})
         atoms: list[_Atom] = []
         for part in parts:
             start, end = part.start, part.start + len(part.text)
@@ -138,25 +154,29 @@ class Encoder:
             for a, b in zip([start, *inner], [*inner, end], strict=True):
                 piece = part.text[a - start : b - start]
                 trained = any(s <= a and b <= e for s, e in spans)
+                segment = bisect.bisect_right(cuts, a)
                 if part.is_content:
-                    atoms.append(_Atom(piece, False, trained))
+                    atoms.append(_Atom(piece, False, trained, segment))
                 else:
-                    atoms.extend(self._split_special(piece, trained))
-        return _merge_text_runs(atoms, cuts)
+                    atoms.extend(self._split_special(piece, trained, segment))
+        return _merge_text_runs(atoms)
 
-    def _split_special(self, text: str, trained: bool) -> list[_Atom]:
+    def _split_special(self, text: str, trained: bool, segment: int) -> list[_Atom]:
+        """Template text: special tokens the template wrote become their ids."""
         atoms, pos = [], 0
         for m in self._special_pattern.finditer(text):
             if m.start() > pos:
-                atoms.append(_Atom(text[pos : m.start()], False, trained))
-            atoms.append(_Atom(m.group(0), True, trained))
+                atoms.append(_Atom(text[pos : m.start()], False, trained, segment))
+            atoms.append(_Atom(m.group(0), True, trained, segment))
             pos = m.end()
         if pos < len(text):
-            atoms.append(_Atom(text[pos:], False, trained))
+            atoms.append(_Atom(text[pos:], False, trained, segment))
         return atoms
 
-    def _tokenize(self, text: str, parts, spans) -> tuple[list[int], list[tuple[int, int]]]:
-        atoms = self._atoms(parts, spans)
+    def _tokenize(self, parts, cut_spans, spans) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of the rendered parts, cut at every span boundary; and the token ranges of
+        `spans` (the trained ones)."""
+        atoms = self._atoms(parts, cut_spans, spans)
         plain = [a.text for a in atoms if not a.special]
         encoded = iter(
             self.tokenizer(plain, add_special_tokens=False, split_special_tokens=True).input_ids
@@ -203,17 +223,17 @@ class Encoder:
             )
 
 
-def _merge_text_runs(atoms: list[_Atom], cuts: list[int]) -> list[_Atom]:
-    """Join neighbouring plain-text atoms on the same side of every span boundary, so text
-    between two special tokens is tokenized as one run (as a tokenizer would), except across
-    a trained-span boundary."""
+def _merge_text_runs(atoms: list[_Atom]) -> list[_Atom]:
+    """Join neighbouring plain-text atoms between the same two cuts, so text between two
+    special tokens is tokenized as one run (as a tokenizer does with a whole prompt), but
+    never across the start or end of an assistant turn."""
     merged: list[_Atom] = []
     for atom in atoms:
         prev = merged[-1] if merged else None
-        if prev and not prev.special and not atom.special and prev.trained == atom.trained:
+        if prev and not prev.special and not atom.special and prev.segment == atom.segment:
             prev.text += atom.text
         else:
-            merged.append(_Atom(atom.text, atom.special, atom.trained))
+            merged.append(_Atom(atom.text, atom.special, atom.trained, atom.segment))
     return merged
 
 

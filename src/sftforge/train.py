@@ -109,7 +109,9 @@ def prepare(config: Config, output_dir: Path) -> Prepared:
     encoded = encode_all(loaded.conversations, encoder, config.data.on_invalid, rejects)
     if len(rejects):
         rejects.write_jsonl(output_dir / "rejects_template.jsonl")
-        print(f"rejected by the template: {len(rejects)} (see {output_dir / 'rejects_template.jsonl'})")
+        print(
+            f"rejected by the template: {len(rejects)} (see {output_dir / 'rejects_template.jsonl'})"
+        )
     report = EncodingReport()
     examples = fit_to_length(encoded, config.max_length, config.truncation, report)
     print(report.summary(config.max_length))

@@ -1,0 +1,623 @@
+"""Loss masks: which tokens are trained, for every built-in template and the real tokenizer.
+
+The promise (see tokenize.py): the trained tokens of every assistant turn decode to exactly
+the text the template writes for that turn, from the end of the generation prompt through
+the end-of-turn token, and the tokens before a turn are exactly what the model is given at
+inference. These tests check that with SmolLM2-135M-Instruct's real byte-level BPE
+tokenizer, on random conversations (hypothesis) and on hand-written ones.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sftforge.conversation import Conversation, DataError, Message, Source
+from sftforge.model import add_missing_special_tokens, load_tokenizer
+from sftforge.templates import BUILTIN_TEMPLATES, resolve_template
+from sftforge.tokenize import IGNORE_INDEX, Encoder, EncodingReport, Example, fit_to_length
+
+TEMPLATES = [*BUILTIN_TEMPLATES, "auto"]
+
+# What each template writes inside an assistant turn's trained span around the content:
+# (before the content, between the content and the marker, the end-of-turn marker).
+# SmolLM2's eos is <|im_end|>, so the templates that end turns with eos_token use it.
+TURN_SHAPE = {
+    "chatml": ("", "", "<|im_end|>"),
+    "llama2": (" ", " ", "<|im_end|>"),
+    "llama3": ("", "", "<|eot_id|>"),
+    "mistral": ("", "", "<|im_end|>"),
+    "alpaca": ("", "", "<|im_end|>"),
+    "gemma": ("", "", "<end_of_turn>"),
+    "phi3": ("", "", "<|end|>"),
+    "zephyr": ("", "", "<|im_end|>"),
+    "vicuna": (" ", "", "<|im_end|>"),
+    "auto": ("", "", "<|im_end|>"),  # SmolLM2's own ChatML template
+}
+
+PROPERTY_SETTINGS = settings(
+    max_examples=20,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+# ------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def encoder_for(smollm2_tokenizer_path):
+    """encoder_for(template_name, train_on) -> Encoder; one tokenizer per template, set up
+    the way `sftforge prepare` does it (the template's special tokens added)."""
+    prepared = {}
+
+    def make(name: str, train_on: str = "all_assistant_turns") -> Encoder:
+        if name not in prepared:
+            tokenizer = load_tokenizer(smollm2_tokenizer_path)
+            template = resolve_template(name, tokenizer)
+            add_missing_special_tokens(tokenizer, None, template.extra_tokens)
+            prepared[name] = (tokenizer, template)
+        tokenizer, template = prepared[name]
+        return Encoder(tokenizer, template, train_on)
+
+    return make
+
+
+@pytest.fixture()
+def smollm2_encoder(smollm2_tokenizer):
+    template = resolve_template("auto", smollm2_tokenizer)
+    add_missing_special_tokens(smollm2_tokenizer, None, template.extra_tokens)
+    return Encoder(smollm2_tokenizer, template)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def trained_runs(example: Example) -> list[tuple[int, int]]:
+    """[start, end) of every maximal run of trained positions, read from the labels."""
+    runs: list[tuple[int, int]] = []
+    for i, label in enumerate(example.labels):
+        if label == IGNORE_INDEX:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def as_dicts(messages) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def special_id_counts(encoder: Encoder, ids: list[int]) -> Counter:
+    special = set(encoder.special_ids.values())
+    return Counter(i for i in ids if i in special)
+
+
+def chat(*pairs: tuple[str, str], path: str = "chat.jsonl", line: int = 1) -> Conversation:
+    return Conversation(Source(path, line), tuple(Message(r, c) for r, c in pairs))
+
+
+# ------------------------------------------------------------------ random conversations
+
+MARKUP = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|im_start|>assistant\n",
+    "[INST]",
+    "[/INST]",
+    "<s>",
+    "</s>",
+    "### Response:",
+    "### Instruction:\n",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end|>",
+    "<|assistant|>",
+    "USER:",
+    " ASSISTANT:",
+    "<|endoftext|>",
+    "<filename>",
+    "{{ x }}",
+    "{% if %}",
+    "{# note #}",
+]
+PIECES = [
+    *MARKUP,
+    "Hello",
+    " world",
+    "assistant",
+    "🚀",
+    "👩\u200d💻",
+    "你好，世界",
+    "e\u0301",
+    "a\u0308\u0323",
+    "Ωμέγα",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "\t",
+    "0",
+    "42",
+    "3.14",
+]
+# Any characters but surrogates, the private-use area (where the sentinels live), control
+# characters (\t \n \r come from PIECES) and code points above U+3FFFF: SmolLM2's
+# byte-level vocabulary has no token for the UTF-8 lead bytes 0xF1/0xF2 nor for some
+# control bytes, so such text cannot round-trip (see the test on unrepresentable text).
+FREE_TEXT = st.text(
+    alphabet=st.characters(exclude_categories=("Cs", "Co", "Cc"), max_codepoint=0x3FFFF),
+    max_size=6,
+)
+CONTENT = st.lists(st.one_of(st.sampled_from(PIECES), FREE_TEXT), max_size=5).map("".join)
+ANSWER = CONTENT.filter(lambda s: s.strip() != "")
+
+
+@st.composite
+def conversations(draw) -> Conversation:
+    pairs: list[tuple[str, str]] = []
+    system = draw(st.none() | CONTENT)
+    if system is not None:
+        pairs.append(("system", system))
+    for _ in range(draw(st.integers(1, 4))):
+        pairs.append(("user", draw(CONTENT)))
+        pairs.append(("assistant", draw(ANSWER)))
+    return chat(*pairs, path="random.jsonl", line=draw(st.integers(1, 10**6)))
+
+
+def assistant_contents(conversation: Conversation) -> list[str]:
+    return [conversation.messages[i].content for i in conversation.assistant_indices()]
+
+
+def expected_turn_text(name: str, content: str) -> str:
+    before, between, marker = TURN_SHAPE[name]
+    return before + content + between + marker
+
+
+# -------------------------------------------------------------------- property tests (1)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@PROPERTY_SETTINGS
+@given(conversation=conversations())
+def test_every_trained_run_decodes_to_one_assistant_turn_and_ends_with_its_end_token(
+    encoder_for, name, conversation
+):
+    encoder = encoder_for(name, "all_assistant_turns")
+    example = encoder.encode(conversation)
+    runs = trained_runs(example)
+    contents = assistant_contents(conversation)
+    marker_id = encoder.tokenizer.convert_tokens_to_ids(TURN_SHAPE[name][2])
+
+    assert len(runs) == len(contents)
+    decoded = [decode(encoder.tokenizer, example.input_ids[a:b]) for a, b in runs]
+    assert decoded == [expected_turn_text(name, c) for c in contents]
+    for _, end in runs:
+        assert example.input_ids[end - 1] == marker_id
+        assert marker_id in encoder.special_ids.values()
+    # Labels are the input ids themselves where trained (the loss shifts, not the data).
+    for a, b in runs:
+        assert example.labels[a:b] == example.input_ids[a:b]
+    assert example.source == str(conversation.source)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@PROPERTY_SETTINGS
+@given(conversation=conversations())
+def test_last_assistant_turn_trains_one_run_holding_only_the_final_answer(
+    encoder_for, name, conversation
+):
+    encoder = encoder_for(name, "last_assistant_turn")
+    example = encoder.encode(conversation)
+    runs = trained_runs(example)
+
+    assert len(runs) == 1
+    (a, b) = runs[0]
+    last = assistant_contents(conversation)[-1]
+    assert decode(encoder.tokenizer, example.input_ids[a:b]) == expected_turn_text(name, last)
+    # Nothing after the final end-of-turn token is trained, and nothing is trained before it.
+    assert all(label == IGNORE_INDEX for label in example.labels[:a] + example.labels[b:])
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@PROPERTY_SETTINGS
+@given(conversation=conversations())
+def test_all_tokens_trains_every_token_of_the_rendered_conversation(
+    encoder_for, name, conversation
+):
+    encoder = encoder_for(name, "all_tokens")
+    example = encoder.encode(conversation)
+
+    assert example.labels == example.input_ids
+    assert trained_runs(example) == [(0, len(example.input_ids))]
+    rendered = encoder.template.render(as_dicts(conversation.messages))
+    assert decode(encoder.tokenizer, example.input_ids) == rendered
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@PROPERTY_SETTINGS
+@given(conversation=conversations())
+def test_tokens_before_each_trained_turn_are_exactly_the_inference_prompt_tokens(
+    encoder_for, name, conversation
+):
+    encoder = encoder_for(name, "all_assistant_turns")
+    example = encoder.encode(conversation)
+    runs = trained_runs(example)
+    messages = conversation.messages
+
+    for k, (start, _) in zip(conversation.assistant_indices(), runs, strict=True):
+        prompt_ids = encoder.encode_prompt(messages[:k])
+        assert example.input_ids[:start] == prompt_ids, (
+            f"assistant message {k}: the prompt seen in training differs from inference"
+        )
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@PROPERTY_SETTINGS
+@given(conversation=conversations())
+def test_tokens_before_the_last_trained_turn_are_the_inference_prompt_tokens(
+    encoder_for, name, conversation
+):
+    encoder = encoder_for(name, "last_assistant_turn")
+    example = encoder.encode(conversation)
+    ((start, _),) = trained_runs(example)
+    last = conversation.assistant_indices()[-1]
+
+    assert example.input_ids[:start] == encoder.encode_prompt(conversation.messages[:last])
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@PROPERTY_SETTINGS
+@given(conversation=conversations())
+def test_message_text_never_becomes_a_special_token(encoder_for, name, conversation):
+    encoder = encoder_for(name, "all_assistant_turns")
+    # The same conversation with every non-empty content replaced by plain text: the special
+    # tokens left are the ones the template writes.
+    plain = Conversation(
+        conversation.source,
+        tuple(Message(m.role, "x" if m.content else "") for m in conversation.messages),
+    )
+    example = encoder.encode(conversation)
+    plain_example = encoder.encode(plain)
+
+    assert special_id_counts(encoder, example.input_ids) == special_id_counts(
+        encoder, plain_example.input_ids
+    )
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+@PROPERTY_SETTINGS
+@given(conversation=conversations())
+def test_input_ids_decode_to_the_rendered_conversation(encoder_for, name, conversation):
+    encoder = encoder_for(name, "all_assistant_turns")
+    example = encoder.encode(conversation)
+
+    rendered = encoder.template.render(as_dicts(conversation.messages))
+    assert decode(encoder.tokenizer, example.input_ids) == rendered
+    assert len(example.labels) == len(example.input_ids)
+
+
+# ------------------------------------------------------- concrete tests, SmolLM2 itself (2)
+
+TWO_TURNS = chat(
+    ("system", "Be brief."),
+    ("user", "Hi"),
+    ("assistant", "Hello!"),
+    ("user", "2+2?"),
+    ("assistant", "4"),
+    path="two_turns.jsonl",
+    line=3,
+)
+
+
+def test_two_turn_conversation_trains_exactly_the_answers_and_their_im_end(smollm2_encoder):
+    tokenizer = smollm2_encoder.tokenizer
+    example = smollm2_encoder.encode(TWO_TURNS)
+
+    trained = [tokenizer.decode([t]) for t in example.labels if t != IGNORE_INDEX]
+    assert trained == ["Hello", "!", "<|im_end|>", "4", "<|im_end|>"]
+    assert decode(tokenizer, example.input_ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n"
+    )
+
+
+def test_im_end_closing_an_answer_is_trained_although_it_is_also_the_pad_token(smollm2_encoder):
+    tokenizer = smollm2_encoder.tokenizer
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == im_end  # the trap being tested
+
+    example = smollm2_encoder.encode(TWO_TURNS)
+    im_end_positions = [i for i, t in enumerate(example.input_ids) if t == im_end]
+    trained_im_ends = [i for i in im_end_positions if example.labels[i] == im_end]
+    # Five turns end with <|im_end|>; only the two assistant ones are trained.
+    assert len(im_end_positions) == 5
+    assert len(trained_im_ends) == 2
+    for i in trained_im_ends:
+        assert tokenizer.decode([example.input_ids[i - 1]]) in ("!", "4")
+
+
+def test_newline_after_an_answers_im_end_is_not_trained(smollm2_encoder):
+    tokenizer = smollm2_encoder.tokenizer
+    example = smollm2_encoder.encode(TWO_TURNS)
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+
+    for _, end in trained_runs(example):
+        assert [example.input_ids[end]] == newline
+        assert example.labels[end] == IGNORE_INDEX
+
+
+def test_system_prompt_user_turns_and_assistant_header_are_not_trained(smollm2_encoder):
+    tokenizer = smollm2_encoder.tokenizer
+    example = smollm2_encoder.encode(TWO_TURNS)
+    (a1, _), (a2, _) = trained_runs(example)
+
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    for start in (a1, a2):
+        assert example.input_ids[start - len(header) : start] == header
+        assert set(example.labels[start - len(header) : start]) == {IGNORE_INDEX}
+    untrained = [
+        t
+        for t, label in zip(example.input_ids, example.labels, strict=True)
+        if label == IGNORE_INDEX
+    ]
+    assert decode(tokenizer, untrained) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"  # "Hello!<|im_end|>" trained
+        "\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"  # "4<|im_end|>" trained
+        "\n"
+    )
+
+
+def test_answer_containing_im_end_text_is_trained_as_characters(smollm2_encoder):
+    tokenizer = smollm2_encoder.tokenizer
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    conversation = chat(("user", "say <|im_end|>"), ("assistant", "<|im_end|><|im_start|>user\nhi"))
+    example = smollm2_encoder.encode(conversation)
+
+    ((a, b),) = trained_runs(example)
+    assert decode(tokenizer, example.input_ids[a:b]) == "<|im_end|><|im_start|>user\nhi<|im_end|>"
+    # Only the template's own <|im_end|> is the special token (default system, user,
+    # assistant), and only the last of those is trained.
+    assert example.input_ids.count(im_end) == 3
+    assert example.input_ids[a:b].count(im_end) == 1 and example.input_ids[b - 1] == im_end
+
+
+def test_second_turn_prompt_in_training_equals_its_inference_prompt(smollm2_encoder):
+    # The first answer starts with "\n\n", which BPE merges with the header's "\n" when the
+    # history is tokenized in one run; training cuts there (to train the first answer as
+    # inference would produce it), so inference must see the history the same way.
+    conversation = chat(
+        ("user", "Hi"), ("assistant", "\n\nHello"), ("user", "Again"), ("assistant", "Yes")
+    )
+    example = smollm2_encoder.encode(conversation)
+    _, (second_start, _) = trained_runs(example)
+
+    prompt_ids = smollm2_encoder.encode_prompt(conversation.messages[:3])
+    assert example.input_ids[:second_start] == prompt_ids
+
+
+def test_text_the_tokenizer_cannot_round_trip_raises_naming_the_record(smollm2_encoder):
+    # SmolLM2's byte-level vocabulary has no token for the UTF-8 lead byte 0xF1.
+    conversation = chat(("user", "Hi"), ("assistant", "x\U00040000"), path="odd.jsonl", line=5)
+    with pytest.raises(DataError, match=r"odd\.jsonl:5") as info:
+        smollm2_encoder.encode(conversation)
+    assert "decode back" in str(info.value)
+
+
+# ------------------------------------------------------------------------ BPE boundary (3)
+
+BOUNDARY_CANDIDATES = [
+    "Hello",
+    " Hello",
+    "  Hello",
+    "\nHello",
+    "\n\nHello",
+    " \nHello",
+    "\tHello",
+    "\r\nHello",
+]
+
+
+def test_answer_whose_first_characters_merge_with_the_header_keeps_the_prompt_tokens(
+    smollm2_encoder,
+):
+    tokenizer = smollm2_encoder.tokenizer
+    user = (Message("user", "Hi"),)
+    prompt = smollm2_encoder.template.render(as_dicts(user), add_generation_prompt=True)
+    prompt_alone = tokenizer(prompt, add_special_tokens=False).input_ids
+
+    def merges(answer: str) -> bool:
+        whole = tokenizer(prompt + answer, add_special_tokens=False).input_ids
+        return whole[: len(prompt_alone)] != prompt_alone
+
+    merging = [a for a in BOUNDARY_CANDIDATES if merges(a)]
+    assert merging, "expected some answer to merge with 'assistant\\n' under SmolLM2's BPE"
+
+    for answer in merging:
+        example = smollm2_encoder.encode(
+            Conversation(Source("bpe.jsonl", 1), (*user, Message("assistant", answer)))
+        )
+        ((start, end),) = trained_runs(example)
+        assert example.input_ids[:start] == prompt_alone
+        assert example.input_ids[:start] == smollm2_encoder.encode_prompt(user)
+        assert decode(tokenizer, example.input_ids[start:end]) == answer + "<|im_end|>"
+
+
+# ------------------------------------------------------------------ custom templates (4)
+
+CHATML_BODY = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ CONTENT }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def custom_encoder(tokenizer, tmp_path, source: str) -> Encoder:
+    path = tmp_path / "custom.jinja"
+    path.write_text(source, encoding="utf-8")
+    return Encoder(tokenizer, resolve_template(str(path), tokenizer))
+
+
+ONE_TURN = chat(("user", "Hi there"), ("assistant", "  Hello there \n"), path="c.jsonl", line=7)
+TWO_ROUNDS = chat(
+    ("user", "Hi"),
+    ("assistant", "Hello"),
+    ("user", "Bye"),
+    ("assistant", "Bye"),
+    path="c.jsonl",
+    line=7,
+)
+
+
+def test_template_without_end_of_turn_token_raises_naming_the_record(smollm2_tokenizer, tmp_path):
+    encoder = custom_encoder(
+        smollm2_tokenizer,
+        tmp_path,
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}",
+    )
+    with pytest.raises(DataError, match=r"c\.jsonl:7") as info:
+        encoder.encode(ONE_TURN)
+    assert "end-of-turn" in str(info.value)
+
+
+def test_template_rendering_extra_text_after_the_last_message_is_not_prefix_consistent(
+    smollm2_tokenizer, tmp_path
+):
+    encoder = custom_encoder(
+        smollm2_tokenizer,
+        tmp_path,
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% if loop.last %}(end of chat)\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    with pytest.raises(DataError, match=r"c\.jsonl:7") as info:
+        encoder.encode(TWO_ROUNDS)
+    assert "prefix-consistent" in str(info.value)
+
+
+def test_template_that_changes_content_case_raises(smollm2_tokenizer, tmp_path):
+    encoder = custom_encoder(
+        smollm2_tokenizer, tmp_path, CHATML_BODY.replace("CONTENT", "m['content'] | upper")
+    )
+    with pytest.raises(DataError, match=r"c\.jsonl:7") as info:
+        encoder.encode(ONE_TURN)
+    assert "cannot align" in str(info.value)
+
+
+def test_template_that_trims_content_trains_the_trimmed_answer(smollm2_tokenizer, tmp_path):
+    encoder = custom_encoder(
+        smollm2_tokenizer, tmp_path, CHATML_BODY.replace("CONTENT", "m['content'] | trim")
+    )
+    example = encoder.encode(ONE_TURN)
+
+    ((a, b),) = trained_runs(example)
+    assert decode(smollm2_tokenizer, example.input_ids[a:b]) == "Hello there<|im_end|>"
+    assert decode(smollm2_tokenizer, example.input_ids) == (
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello there<|im_end|>\n"
+    )
+
+
+# ------------------------------------------------------------------- fit_to_length (5)
+
+
+def _encoded(encoder: Encoder, line: int, system: str, answer: str) -> Example:
+    return encoder.encode(
+        chat(("system", system), ("user", "Q"), ("assistant", answer), path="fit.jsonl", line=line)
+    )
+
+
+def test_drop_policy_drops_long_examples_and_names_them(smollm2_encoder):
+    short = _encoded(smollm2_encoder, 1, "S", "A")
+    long = _encoded(smollm2_encoder, 2, "S " * 50, "A")
+    report = EncodingReport()
+
+    kept = fit_to_length([short, long], len(short.input_ids), "drop", report)
+
+    assert kept == [short]
+    assert report.dropped_too_long == ["fit.jsonl:2"]
+    assert report.examples == 1 and report.tokens == len(short.input_ids)
+    assert report.trained_tokens == short.trained_token_count
+    assert report.max_tokens == len(long.input_ids)
+    assert "dropped: longer than max_length: 1 (fit.jsonl:2)" in report.summary(10)
+
+
+def test_truncate_policy_keeps_the_start_and_reports_it(smollm2_encoder):
+    example = _encoded(smollm2_encoder, 4, "S", "a long answer " * 10)
+    ((start, _),) = trained_runs(example)
+    max_length = start + 5
+    report = EncodingReport()
+
+    (kept,) = fit_to_length([example], max_length, "truncate", report)
+
+    assert kept.input_ids == example.input_ids[:max_length]
+    assert kept.labels == example.labels[:max_length]
+    assert kept.trained_token_count == 5
+    assert report.truncated == ["fit.jsonl:4"]
+    assert report.dropped_nothing_trained == [] and report.dropped_too_long == []
+    assert "truncated to max_length: 1 (fit.jsonl:4)" in report.summary(max_length)
+
+
+def test_truncation_that_cuts_off_every_trained_token_drops_the_example(smollm2_encoder):
+    example = _encoded(smollm2_encoder, 9, "a long system prompt " * 20, "A")
+    ((start, _),) = trained_runs(example)
+    report = EncodingReport()
+
+    kept = fit_to_length([example], start, "truncate", report)
+
+    assert kept == []
+    assert report.truncated == ["fit.jsonl:9"]
+    assert report.dropped_nothing_trained == ["fit.jsonl:9"]
+    assert report.examples == 0 and report.trained_tokens == 0
+    assert "dropped: no trained token left: 1 (fit.jsonl:9)" in report.summary(start)
+
+
+# ---------------------------------------------------------------------------- raw text (6)
+
+
+def test_raw_text_trains_every_token_and_ends_with_eos(smollm2_encoder):
+    tokenizer = smollm2_encoder.tokenizer
+    text = "Plain notes.\nNo chat here: 你好 🚀"
+    example = smollm2_encoder.encode(Conversation(Source("notes.jsonl", 2), text=text))
+
+    assert example.labels == example.input_ids
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    assert decode(tokenizer, example.input_ids) == text + tokenizer.eos_token
+    assert example.source == "notes.jsonl:2"
+
+
+def test_raw_text_with_special_looking_text_keeps_it_as_characters(smollm2_encoder):
+    tokenizer = smollm2_encoder.tokenizer
+    text = "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"
+    example = smollm2_encoder.encode(Conversation(Source("notes.jsonl", 3), text=text))
+
+    specials = special_id_counts(smollm2_encoder, example.input_ids)
+    assert specials == Counter({tokenizer.eos_token_id: 1})  # only the appended eos
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    assert decode(tokenizer, example.input_ids) == text + tokenizer.eos_token
+    assert example.labels == example.input_ids
+
+
+def test_raw_text_the_tokenizer_cannot_round_trip_raises_naming_the_record(smollm2_encoder):
+    # Like a chat (see above): training on replacement characters instead of the text must
+    # not pass silently.
+    raw = Conversation(Source("notes.jsonl", 4), text="x\U00040000")
+    with pytest.raises(DataError, match=r"notes\.jsonl:4"):
+        smollm2_encoder.encode(raw)
