@@ -1,0 +1,102 @@
+"""End to end on the real SmolLM2-135M: a few steps, the loss falls, and what was saved
+reloads with plain transformers / peft and generates."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sftforge.batches import collate
+from sftforge.config import load_config
+from sftforge.data import load_conversations
+from sftforge.loss import summed_token_loss, trained_token_count
+from sftforge.templates import resolve_template
+from sftforge.tokenize import Encoder
+from sftforge.train import train
+
+pytestmark = pytest.mark.slow
+DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+QUESTION = "Extract the person as JSON.\n\nBruno Silva, 41, lives in Quito."
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:16]))
+    return path
+
+
+def mean_loss(model, tokenizer, data_file) -> float:
+    """Mean loss over the trained tokens of the data, under the saved chat template."""
+    encoder = Encoder(tokenizer, resolve_template("auto", tokenizer))
+    examples = [encoder.encode(c) for c in load_conversations(data_file).conversations]
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        return float(summed_token_loss(model, batch.input_ids, batch.labels)) / trained_token_count(
+            batch.labels
+        )
+
+
+def greedy_reply(model, tokenizer, question: str) -> str:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    out = model.generate(ids, max_new_tokens=30, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_lora_run_learns_and_the_adapter_reloads_with_peft(tmp_path, smollm2_path, data_file):
+    from peft import PeftModel
+
+    config = load_config(
+        None,
+        [
+            f"data.train={data_file}",
+            f"output_dir={tmp_path / 'lora'}",
+            "method=lora",
+            "training.lr=1e-3",
+            "training.max_steps=6",
+            "training.batch_size=8",
+            "training.warmup_ratio=0",
+            "max_length=256",
+        ],
+    )
+    out = train(config)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_path)
+    before = mean_loss(base, tokenizer, data_file)
+    tuned = PeftModel.from_pretrained(base, out)
+    after = mean_loss(tuned, tokenizer, data_file)
+    assert after < 0.7 * before, (before, after)
+
+    reply = greedy_reply(tuned, tokenizer, QUESTION)
+    assert reply.startswith('{"person": '), reply
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6
+
+
+def test_full_fine_tune_saves_a_model_that_plain_transformers_loads(tmp_path, data_file):
+    config = load_config(
+        None,
+        [
+            f"data.train={data_file}",
+            f"output_dir={tmp_path / 'full'}",
+            "method=full",
+            "training.lr=5e-5",
+            "training.max_steps=4",
+            "training.batch_size=8",
+            "training.warmup_ratio=0",
+            "max_length=256",
+        ],
+    )
+    out = train(config)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in tokenizer.chat_template
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert mean_loss(model, tokenizer, data_file) < first
+    reply = greedy_reply(model, tokenizer, QUESTION)
+    assert reply.strip()
