@@ -87,11 +87,23 @@ def test_lora_with_a_template_that_adds_tokens_trains_and_saves_their_rows(
 def test_skip_policy_trains_on_the_valid_records_and_writes_every_reject(tmp_path, tiny_model_dir):
     data = tmp_path / "mixed.jsonl"
     good = DEMO.read_text().splitlines()[:6]
-    data.write_text("\n".join([good[0], "{not json", *good[1:], '{"messages": []}']) + "\n")
+    # SmolLM2's vocabulary cannot spell U+40000: the mask check rejects that record.
+    unrepresentable = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "\U00040000"},
+            ]
+        }
+    )
+    lines = [good[0], "{not json", *good[1:], '{"messages": []}', unrepresentable]
+    data.write_text("\n".join(lines) + "\n")
     cfg = config(tmp_path, tiny_model_dir, f"data.train={data}", "data.on_invalid=skip")
     out = train(cfg)
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert [r["source"] for r in rejects] == [f"{data}:2", f"{data}:8"]
+    assert [r["source"] for r in rejects] == [f"{data}:2", f"{data}:8", f"{data}:9"]
+    assert "decode" in rejects[2]["reason"]
+    assert json.loads((out / "data_report.json").read_text())["examples"] == 6
 
 
 def test_examples_longer_than_max_length_are_dropped_and_reported(tmp_path, tiny_model_dir):

@@ -105,12 +105,13 @@ def prepare(config: Config, output_dir: Path) -> Prepared:
     )
     print(loaded.summary())
     encoder = Encoder(tokenizer, template, config.train_on)
-    rejects = Rejects()
-    encoded = encode_all(loaded.conversations, encoder, config.data.on_invalid, rejects)
-    if len(rejects):
-        rejects.write_jsonl(output_dir / "rejects_template.jsonl")
+    rejected_before = len(loaded.rejects)
+    encoded = encode_all(loaded.conversations, encoder, config.data.on_invalid, loaded.rejects)
+    if len(loaded.rejects) > rejected_before:
+        loaded.rejects.write_jsonl(rejects_path)  # one file holds every reject, whatever stage
         print(
-            f"rejected by the template: {len(rejects)} (see {output_dir / 'rejects_template.jsonl'})"
+            f"rejected by the chat template: {len(loaded.rejects) - rejected_before} "
+            f"(written to {rejects_path})"
         )
     report = EncodingReport()
     examples = fit_to_length(encoded, config.max_length, config.truncation, report)
