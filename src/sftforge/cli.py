@@ -1,4 +1,4 @@
-"""`sftforge train | inspect | merge | demo`."""
+"""`sftforge train | inspect | eval | compare | chat | sweep | merge | demo`."""
 
 from __future__ import annotations
 
@@ -65,6 +65,114 @@ def _merge(args) -> None:
     print(f"merged model written to {args.output}")
 
 
+def _scorer_from(args):
+    from .scoring import make_scorer
+
+    if not args.scorer:
+        return None
+    spec = {"kind": args.scorer}
+    if args.fields:
+        spec["fields"] = [f.strip() for f in args.fields.split(",")]
+    if args.pattern:
+        spec["pattern"] = args.pattern
+    if args.function:
+        spec["function"] = args.function
+    return make_scorer(spec)
+
+
+def _answers(model_spec: str, args, scorer) -> list[dict]:
+    from .data import load_conversations
+    from .evaluate import answer_and_score
+    from .export import load_for_inference
+    from .model import pick_device
+    from .templates import resolve_template
+    from .tokenize import Encoder
+
+    model, tokenizer = load_for_inference(model_spec)
+    model.to(pick_device(args.device))
+    encoder = Encoder(tokenizer, resolve_template(args.template, tokenizer))
+    conversations = load_conversations(args.data).conversations[: args.limit]
+    return answer_and_score(model, encoder, conversations, scorer, args.max_new_tokens)
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _eval(args) -> None:
+    from .evaluate import mean_score
+
+    results = _answers(args.model, args, _scorer_from(args))
+    _write_jsonl(args.output, results)
+    score = mean_score(results)
+    print(f"{len(results)} answers written to {args.output}")
+    if score is not None:
+        correct = sum(1 for r in results if r["score"] == 1.0)
+        print(f"{args.scorer}: mean score {score:.1%} ({correct}/{len(results)} fully correct)")
+
+
+def _compare(args) -> None:
+    from .evaluate import mean_score
+
+    scorer = _scorer_from(args)
+    base = _answers(args.base, args, scorer)
+    tuned = _answers(args.tuned, args, scorer)
+    rows = [
+        {
+            "source": b["source"],
+            "prompt": b["prompt"],
+            "reference": b["reference"],
+            "base": b["answer"],
+            "base_score": b["score"],
+            "tuned": t["answer"],
+            "tuned_score": t["score"],
+        }
+        for b, t in zip(base, tuned, strict=True)
+    ]
+    _write_jsonl(args.output, rows)
+    for row in rows[: args.show]:
+        print("\n" + "=" * 78)
+        print("PROMPT     " + row["prompt"].replace("\n", " ")[:300])
+        print("REFERENCE  " + row["reference"][:300])
+        print(f"BASE  {_mark(row['base_score'])}  {row['base'].strip()[:300]!r}")
+        print(f"TUNED {_mark(row['tuned_score'])}  {row['tuned'].strip()[:300]!r}")
+    if scorer is not None:
+        print(f"\n{args.scorer}: base {mean_score(base):.1%} -> tuned {mean_score(tuned):.1%}")
+    print(f"side by side: {args.output}")
+
+
+def _mark(score) -> str:
+    return "   " if score is None else ("ok " if score == 1.0 else "BAD")
+
+
+def _chat(args) -> None:
+    from .chat import chat
+    from .export import load_for_inference
+    from .model import pick_device
+    from .templates import resolve_template
+    from .tokenize import Encoder
+
+    model, tokenizer = load_for_inference(args.model)
+    model.to(pick_device(args.device))
+    encoder = Encoder(tokenizer, resolve_template(args.template, tokenizer))
+    chat(model, encoder, system=args.system, max_new_tokens=args.max_new_tokens)
+
+
+def _sweep(args) -> None:
+    from .sweep import run_sweep
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)
+        config = None
+    run_sweep(config, overrides, args.steps)
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -105,6 +213,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="where to write the merged model")
     p.set_defaults(run=_merge)
 
+    def add_generation_options(p, default_output: str) -> None:
+        p.add_argument("--data", required=True, help="held-out file: prompt + reference answer")
+        p.add_argument(
+            "--scorer", choices=["exact", "normalized", "json", "contains", "regex", "python"]
+        )
+        p.add_argument("--fields", help="json scorer: comma-separated fields that must match")
+        p.add_argument("--pattern", help="regex scorer: pattern (default: the reference)")
+        p.add_argument("--function", help="python scorer: module:function")
+        p.add_argument("--output", default=default_output, help="per-example results (JSONL)")
+        p.add_argument("--limit", type=int, default=None, help="first N examples only")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--template", default="auto")
+        p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("eval", help="generate answers for held-out prompts and score them")
+    p.add_argument("model", help="run dir (adapter or model), model dir, embedded name or .gguf")
+    add_generation_options(p, "eval_results.jsonl")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("compare", help="base and fine-tuned answers side by side")
+    p.add_argument("base")
+    p.add_argument("tuned")
+    add_generation_options(p, "compare.jsonl")
+    p.add_argument("--show", type=int, default=5, help="examples to print")
+    p.set_defaults(run=_compare)
+
+    p = sub.add_parser("chat", help="chat with a model (interactive, or lines piped in)")
+    p.add_argument("model")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--template", default="auto")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_chat)
+
+    p = sub.add_parser("sweep", help="short runs over values of one key, compared")
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="one key=v1,v2,... plus fixed overrides")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    p.set_defaults(run=_sweep)
+
     p = sub.add_parser("demo", help="fine-tune the embedded model on the bundled task")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
@@ -116,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, DataError, TemplateError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TemplateError, FileNotFoundError, ValueError) as e:
         print(f"sftforge: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -55,6 +55,30 @@ class TrainingConfig(Strict):
     log_every: int = Field(default=1, gt=0)
 
 
+class ScorerConfig(Strict):
+    kind: Literal["exact", "normalized", "json", "contains", "regex", "python"] = "exact"
+    fields: list[str] = Field(default_factory=list, description="json: fields that must match")
+    pattern: str | None = Field(default=None, description="regex: default is the reference")
+    function: str | None = Field(default=None, description="python: module:function")
+    ignore_case: bool = False
+
+
+class EvalConfig(Strict):
+    held_out: float | int | str | None = Field(
+        default=None,
+        description="fraction (0.1), count (20) or file of held-out examples; never trained on",
+    )
+    every: int | None = Field(default=None, gt=0, description="eval loss every N steps")
+    save_best: bool = Field(default=False, description="keep the weights with best eval loss")
+    scorer: ScorerConfig | None = Field(default=None, description="score generated answers")
+    max_prompts: int = Field(default=64, gt=0, description="held-out prompts to generate for")
+    max_new_tokens: int = Field(default=128, gt=0)
+    samples: int = Field(default=8, ge=0, description="before/after generations in the report")
+    forgetting: bool = Field(default=True, description="perplexity on general text, before/after")
+    corpus: str | None = Field(default=None, description="general text; default: bundled")
+    general_prompts: str | None = Field(default=None, description="default: bundled")
+
+
 class Config(Strict):
     model: str = Field(default="smollm2-135m", description="embedded name, HF dir, hub id, .gguf")
     trust_remote_code: bool = False
@@ -70,6 +94,7 @@ class Config(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _needs_data(self):

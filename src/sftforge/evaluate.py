@@ -1,11 +1,36 @@
-"""Generate answers with a model, rendering prompts exactly as training did."""
+"""Held-out loss, generation with the training template, and scored answers."""
 
 from __future__ import annotations
 
 import torch
 
-from .conversation import Message
-from .tokenize import Encoder
+from .batches import collate
+from .conversation import Conversation, Message
+from .loss import summed_token_loss, trained_token_count
+from .tokenize import Encoder, Example
+
+
+@torch.no_grad()
+def mean_token_loss(
+    model, examples: list[Example], device, pad_id: int, batch_size: int = 8
+) -> float:
+    """Mean next-token loss over the trained tokens of `examples`, in fp32, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
+    for b in range(0, len(ordered), batch_size):
+        batch = collate(ordered[b : b + batch_size], pad_id).to(device)
+        total += float(summed_token_loss(model, batch.input_ids, batch.labels))
+        count += trained_token_count(batch.labels)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def prompt_and_reference(conversation: Conversation) -> tuple[list[Message], str]:
+    """The messages before the last assistant turn, and that turn's text (the reference)."""
+    last = conversation.assistant_indices()[-1]
+    return list(conversation.messages[:last]), conversation.messages[last].content
 
 
 @torch.no_grad()
@@ -13,8 +38,8 @@ def generate_answers(
     model,
     encoder: Encoder,
     prompts: list[list[Message]],
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
     stop_ids: list[int] | None = None,
 ) -> list[str]:
     """Greedy answers, batched with left padding and the KV cache."""
@@ -23,7 +48,7 @@ def generate_answers(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    stops = stop_ids or sorted(encoder.end_of_turn_ids | {tokenizer.eos_token_id})
+    stops = stop_ids or sorted(stop_token_ids(encoder, model))
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -48,3 +73,32 @@ def generate_answers(
             answers.append(tokenizer.decode(row[:cut], skip_special_tokens=False))
     model.train(was_training)
     return answers
+
+
+def stop_token_ids(encoder: Encoder, model=None) -> set[int]:
+    """eos, the end-of-turn tokens seen in training, and the model's generation eos ids."""
+    ids = set(encoder.end_of_turn_ids)
+    saved = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(saved if isinstance(saved, list) else [saved] if saved is not None else [])
+    if encoder.tokenizer.eos_token_id is not None:
+        ids.add(encoder.tokenizer.eos_token_id)
+    return ids
+
+
+def answer_and_score(
+    model, encoder: Encoder, conversations: list[Conversation], scorer, max_new_tokens: int
+) -> list[dict]:
+    """One result per conversation: its prompt, reference (last assistant turn), answer, score."""
+    pairs = [prompt_and_reference(c) for c in conversations]
+    answers = generate_answers(model, encoder, [p for p, _ in pairs], max_new_tokens)
+    results = []
+    for conv, (prompt, reference), answer in zip(conversations, pairs, answers, strict=True):
+        record = {"source": str(conv.source), "prompt": prompt[-1].content if prompt else ""}
+        score = float(scorer(answer, reference, record)) if scorer else None
+        results.append(record | {"reference": reference, "answer": answer, "score": score})
+    return results
+
+
+def mean_score(results: list[dict]) -> float | None:
+    scores = [r["score"] for r in results if r["score"] is not None]
+    return sum(scores) / len(scores) if scores else None

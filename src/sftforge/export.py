@@ -25,6 +25,18 @@ def load_base_with_adapter(adapter_dir: Path):
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer
 
 
+def load_for_inference(spec: str):
+    """(model, tokenizer) from a run directory (adapter or full model), a model directory,
+    an embedded name, a .gguf file or a hub id."""
+    from .model import resolve_model_path
+
+    path = Path(spec)
+    if (path / "adapter_config.json").is_file():
+        return load_base_with_adapter(path)
+    resolved = str(path) if (path / "config.json").is_file() else resolve_model_path(spec)
+    return load_model(resolved), load_tokenizer(resolved)
+
+
 def merge_adapter(adapter_dir: Path, output_dir: Path) -> None:
     model, tokenizer = load_base_with_adapter(adapter_dir)
     merged = model.merge_and_unload()
@@ -33,3 +45,33 @@ def merge_adapter(adapter_dir: Path, output_dir: Path) -> None:
     tokenizer.save_pretrained(output_dir)
     if generation_config.is_file():
         shutil.copy(generation_config, output_dir / "generation_config.json")
+
+
+def save_run(model, prep, config, output_dir: Path) -> None:
+    """Model (or adapter), tokenizer with its chat template, generation stop tokens, and the
+    resolved config: everything inference needs to render and stop exactly as in training."""
+    from .config import dump_config
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    is_adapter = hasattr(model, "peft_config")
+    base = model.get_base_model() if is_adapter else model
+    end_ids = sorted(end_of_turn_ids(prep))
+    if base.generation_config is not None and end_ids:
+        # Generation must stop at the template's end-of-turn token, whichever it is.
+        base.generation_config.eos_token_id = end_ids
+        base.generation_config.pad_token_id = prep.pad_id
+    model.save_pretrained(output_dir, safe_serialization=True)
+    if is_adapter and base.generation_config is not None:
+        base.generation_config.save_pretrained(output_dir)
+    prep.tokenizer.save_pretrained(output_dir)
+    dump_config(config, output_dir / "sftforge.yaml")
+    (output_dir / "data_report.json").write_text(
+        json.dumps(prep.report.__dict__ | {"base_model": prep.base_model_path}, indent=2)
+    )
+
+
+def end_of_turn_ids(prep) -> set[int]:
+    """Tokens that end a turn: the eos token and every special token that closed a trained
+    assistant turn (e.g. <|im_end|> when a base model whose eos is </s> learns ChatML)."""
+    eos = prep.tokenizer.eos_token_id
+    return prep.encoder.end_of_turn_ids | ({eos} if eos is not None else set())

@@ -1,7 +1,7 @@
-"""The training run, top to bottom: data -> examples -> model -> loop -> saved model.
+"""The training run, top to bottom: prepare -> measure before -> loop -> measure after -> save.
 
-`train()` reads in one sitting: prepare everything, then the loop, then save. The loss of
-each optimizer step is normalised by the number of trained tokens in the whole step.
+`train()` reads in one sitting. The loss of each optimizer step is normalised by the number
+of trained tokens in the whole step, however it is split into micro-batches.
 """
 
 from __future__ import annotations
@@ -10,41 +10,19 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .assessment import Assessment, build_assessment
 from .batches import collate, epoch_batches
-from .config import Config, dump_config
-from .conversation import DataError
-from .data import Rejects, load_conversations
+from .config import Config
+from .export import save_run
 from .loss import summed_token_loss, trained_token_count
-from .model import (
-    add_missing_special_tokens,
-    attach_lora,
-    default_cache_dir,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    resolve_model_path,
-)
-from .templates import resolve_template
-from .tokenize import Encoder, EncodingReport, Example, fit_to_length
-
-
-@dataclass
-class Prepared:
-    """Everything the loop needs, built from the config."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    encoder: Encoder
-    examples: list[Example]
-    report: EncodingReport
-    base_model_path: str
-    new_token_ids: list[int]
+from .model import pick_device
+from .prepare import Prepared, prepare
+from .tokenize import Example
 
 
 def set_seed(seed: int) -> None:
@@ -73,59 +51,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def encode_all(conversations, encoder: Encoder, on_invalid: str, rejects: Rejects) -> list[Example]:
-    examples = []
-    for conv in conversations:
-        try:
-            examples.append(encoder.encode(conv))
-        except DataError as e:
-            if on_invalid == "error":
-                raise
-            rejects.add(conv.source, str(e), {"messages": [m.__dict__ for m in conv.messages]})
-    return examples
-
-
-def prepare(config: Config, output_dir: Path) -> Prepared:
-    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    base_path = resolve_model_path(config.model, cache)
-    tokenizer = load_tokenizer(base_path, config.trust_remote_code)
-    model = load_model(base_path, config.trust_remote_code)
-    template = resolve_template(config.template, tokenizer)
-    new_ids = add_missing_special_tokens(tokenizer, model, template.extra_tokens)
-    if new_ids:
-        print(f"added {len(new_ids)} special tokens the template needs: {template.extra_tokens}")
-
-    rejects_path = Path(config.data.rejects or output_dir / "rejects.jsonl")
-    loaded = load_conversations(
-        config.data.train,
-        format=config.data.format,
-        columns=config.data.columns or None,
-        on_invalid=config.data.on_invalid,
-        rejects_path=rejects_path if config.data.on_invalid == "skip" else None,
-    )
-    print(loaded.summary())
-    encoder = Encoder(tokenizer, template, config.train_on)
-    rejected_before = len(loaded.rejects)
-    encoded = encode_all(loaded.conversations, encoder, config.data.on_invalid, loaded.rejects)
-    if len(loaded.rejects) > rejected_before:
-        loaded.rejects.write_jsonl(rejects_path)  # one file holds every reject, whatever stage
-        print(
-            f"rejected by the chat template: {len(loaded.rejects) - rejected_before} "
-            f"(written to {rejects_path})"
-        )
-    report = EncodingReport()
-    examples = fit_to_length(encoded, config.max_length, config.truncation, report)
-    print(report.summary(config.max_length))
-    if not examples:
-        raise DataError(str(config.data.train), "no example is left to train on")
-
-    tokenizer.chat_template = template.source  # saved with the model: inference renders alike
-    if config.method == "lora":
-        lora = config.lora
-        model = attach_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules, new_ids)
-    return Prepared(model, tokenizer, encoder, examples, report, base_path, new_ids)
-
-
 def learning_rate_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
     if warmup and step < warmup:
         return peak * (step + 1) / warmup
@@ -137,13 +62,12 @@ def learning_rate_at(step: int, total: int, warmup: int, peak: float, schedule: 
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def optimizer_steps(config: Config, n_examples: int) -> tuple[int, int]:
-    """(micro-batches per epoch, total optimizer steps)."""
+def optimizer_steps(config: Config, n_examples: int) -> int:
     t = config.training
-    per_epoch = math.ceil(n_examples / t.batch_size)
     if t.max_steps:
-        return per_epoch, t.max_steps
-    return per_epoch, max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
+        return t.max_steps
+    per_epoch = math.ceil(n_examples / t.batch_size)
+    return max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
 
 
 def micro_batch_stream(examples: list[Example], batch_size: int, seed: int):
@@ -180,25 +104,28 @@ def train(config: Config) -> Path:
     device = pick_device(t.device)
     prep = prepare(config, output_dir)
     model = prep.model.to(device)
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=t.weight_decay, foreach=True
     )
     amp = autocast_dtype(t.precision, device)
-    per_epoch, total_steps = optimizer_steps(config, len(prep.examples))
+    total_steps = optimizer_steps(config, len(prep.examples))
     warmup = int(t.warmup_ratio * total_steps)
-    pad_id = prep.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else (prep.tokenizer.eos_token_id or 0)
-    trainable = sum(p.numel() for p in params)
     print(
         f"training {config.method} on {device} ({'bf16 autocast' if amp else 'fp32'}): "
         f"{len(prep.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum}, "
-        f"{trainable:,} trainable parameters, lr {config.learning_rate:g}"
+        f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
     )
+    assessment = build_assessment(
+        config, prep.encoder, prep.held_out, prep.held_out_examples, prep.pad_id, device
+    )
+    print("measuring the model before training")
+    before = assessment.measure(model)
 
+    model.train()
     stream = micro_batch_stream(prep.examples, t.batch_size, t.seed)
     metrics = (output_dir / "metrics.jsonl").open("w")
+    best_eval = math.inf
     start = time.perf_counter()
     tokens_seen = trained_seen = 0
     bar = tqdm(range(total_steps), desc="train", dynamic_ncols=True)
@@ -207,7 +134,7 @@ def train(config: Config) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(stream) for _ in range(t.grad_accum)]
-        batches = [collate([prep.examples[i] for i in idx], pad_id) for _, idx in micro]
+        batches = [collate([prep.examples[i] for i in idx], prep.pad_id) for _, idx in micro]
         step_loss, step_trained = accumulate_gradients(model, batches, device, amp)
         grad_norm = None
         if t.max_grad_norm:
@@ -220,7 +147,7 @@ def train(config: Config) -> Path:
         elapsed = time.perf_counter() - start
         record = {
             "step": step + 1,
-            "epoch": round(micro[-1][0] + 1, 3),
+            "epoch": micro[-1][0] + 1,
             "loss": step_loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -230,45 +157,90 @@ def train(config: Config) -> Path:
             "trained_tokens_per_s": trained_seen / elapsed,
             "elapsed_s": elapsed,
         }
+        if assessment.held_out and _eval_due(step + 1, total_steps, config.eval.every):
+            record["eval_loss"] = assessment.loss(model)
+            if config.eval.save_best and record["eval_loss"] < best_eval:
+                best_eval = record["eval_loss"]
+                save_run(model, prep, config, output_dir / "best")
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
             bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
     bar.close()
     metrics.close()
-    save(model, prep, config, output_dir)
+
+    print("measuring the model after training")
+    after = assessment.measure(model)
+    save_run(model, prep, config, output_dir)
+    summary = assessment.compare(before, after, config.eval.samples)
+    finish_report(config, prep, assessment, summary, output_dir)
     print(f"saved to {output_dir}")
     return output_dir
 
 
-def save(model, prep: Prepared, config: Config, output_dir: Path) -> None:
-    """Model (or adapter), tokenizer with its chat template, and the resolved config."""
-    model.eval()
-    end_ids = sorted(end_of_turn_ids(prep))
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(output_dir, safe_serialization=True)
-        base = model.get_base_model()
-    else:
-        base = model
-    if base.generation_config is not None and end_ids:
-        # Generation must stop at the template's end-of-turn token, whichever it is.
-        base.generation_config.eos_token_id = end_ids
-        base.generation_config.pad_token_id = prep.tokenizer.pad_token_id
-    if not hasattr(model, "peft_config"):
-        model.save_pretrained(output_dir, safe_serialization=True)
-    else:
-        base.generation_config.save_pretrained(output_dir)
-    prep.tokenizer.save_pretrained(output_dir)
-    dump_config(config, output_dir / "sftforge.yaml")
-    (output_dir / "data_report.json").write_text(
-        json.dumps(prep.report.__dict__ | {"base_model": prep.base_model_path}, indent=2)
+def _eval_due(step: int, total: int, every: int | None) -> bool:
+    return step == total or (every is not None and step % every == 0)
+
+
+def finish_report(
+    config: Config, prep: Prepared, assessment: Assessment, summary: dict, output_dir: Path
+) -> None:
+    """Write summary.json and report.html, and print the headline figures."""
+    from .report import RunReport, write_report
+
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    data_stats = {k: v for k, v in prep.report.__dict__.items()} | {
+        "held_out": len(prep.held_out),
+        "rejected": len(prep.loaded.rejects) if prep.loaded else 0,
+        "duplicates": prep.loaded.duplicates if prep.loaded else 0,
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary | {"data": data_stats}, indent=2))
+    notes = []
+    forgetting = summary.get("forgetting")
+    if forgetting and forgetting["corpus_ratio"] > 1.05:
+        notes.append(
+            f"forgetting ratio {forgetting['corpus_ratio']:.3f} > 1.05: the model got worse at "
+            "general text; try a lower learning rate, fewer epochs, or more varied data"
+        )
+    report = RunReport(
+        title=f"sftforge run: {config.model} ({config.method})",
+        output_dir=str(output_dir),
+        train_metrics=rows,
+        eval_metrics=[
+            {"step": r["step"], "eval_loss": r["eval_loss"]} for r in rows if "eval_loss" in r
+        ],
+        data_stats=data_stats,
+        accuracy=summary.get("accuracy"),
+        forgetting=forgetting,
+        samples=summary.get("samples", []),
+        config=config.model_dump(),
+        notes=notes,
     )
+    path = write_report(report, output_dir / "report.html")
+    for line in headline(summary):
+        print(line)
+    for note in notes:
+        print("note: " + note)
+    print(f"report: {path}")
 
 
-def end_of_turn_ids(prep: Prepared) -> set[int]:
-    """Tokens that end a turn: the eos token and every special token that closed a trained
-    assistant turn (e.g. <|im_end|> when a base model whose eos is </s> learns ChatML)."""
-    eos = prep.tokenizer.eos_token_id
-    return prep.encoder.end_of_turn_ids | ({eos} if eos is not None else set())
+def headline(summary: dict) -> list[str]:
+    lines = []
+    if summary.get("eval_loss_after") is not None:
+        lines.append(
+            f"held-out loss: {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}"
+        )
+    if acc := summary.get("accuracy"):
+        lines.append(
+            f"held-out accuracy ({acc['scorer']}, {acc['count']} prompts): "
+            f"{acc['before']:.1%} -> {acc['after']:.1%}"
+        )
+    if f := summary.get("forgetting"):
+        lines.append(
+            f"forgetting: general-text perplexity {f['corpus_ppl_before']:.2f} -> "
+            f"{f['corpus_ppl_after']:.2f} (ratio {f['corpus_ratio']:.3f}); "
+            f"general prompts ratio {f['prompts_ratio']:.3f}"
+        )
+    return lines

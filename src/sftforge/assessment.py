@@ -1,0 +1,117 @@
+"""What a run is judged on, measured before and after training: held-out loss, task accuracy
+on generated answers, and forgetting of general ability."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import Config
+from .conversation import Conversation, Message
+from .evaluate import generate_answers, mean_token_loss, prompt_and_reference
+from .forgetting import ForgettingMeter, corpus_examples, general_prompt_examples
+from .scoring import make_scorer
+from .tokenize import Encoder, Example
+
+
+@dataclass
+class Assessment:
+    held_out: list[Example]  # encoded held-out examples: eval loss
+    prompts: list[list[Message]]  # held-out prompts to answer (at most eval.max_prompts)
+    references: list[str]
+    sources: list[str]
+    encoder: Encoder
+    pad_id: int
+    device: object
+    scorer: object | None = None
+    scorer_kind: str | None = None
+    forgetting: ForgettingMeter | None = None
+    max_new_tokens: int = 128
+    history: list[dict] = field(default_factory=list)
+
+    def loss(self, model) -> float | None:
+        if not self.held_out:
+            return None
+        return mean_token_loss(model, self.held_out, self.device, self.pad_id)
+
+    def measure(self, model) -> dict:
+        """Everything except the eval loss curve: answers, scores, forgetting."""
+        result: dict = {"eval_loss": self.loss(model)}
+        if self.prompts:
+            answers = generate_answers(model, self.encoder, self.prompts, self.max_new_tokens)
+            result["answers"] = answers
+            if self.scorer is not None:
+                result["scores"] = [
+                    float(self.scorer(a, r, {"source": s}))
+                    for a, r, s in zip(answers, self.references, self.sources, strict=True)
+                ]
+                result["accuracy"] = sum(result["scores"]) / len(result["scores"])
+        if self.forgetting is not None:
+            result["forgetting"] = self.forgetting.measure(model, self.device, self.pad_id)
+        return result
+
+    def compare(self, before: dict, after: dict, samples: int) -> dict:
+        """The before/after summary that the report and the console show."""
+        summary: dict = {
+            "eval_loss_before": before["eval_loss"],
+            "eval_loss_after": after["eval_loss"],
+        }
+        if "accuracy" in after:
+            summary["accuracy"] = {
+                "scorer": self.scorer_kind,
+                "before": before["accuracy"],
+                "after": after["accuracy"],
+                "count": len(self.prompts),
+            }
+        if self.forgetting is not None:
+            summary["forgetting"] = ForgettingMeter.compare(
+                before["forgetting"], after["forgetting"], self.forgetting.corpus_name
+            )
+        summary["samples"] = [
+            {
+                "prompt": prompt[-1].content if prompt else "",
+                "reference": ref,
+                "before": before["answers"][k],
+                "after": after["answers"][k],
+                "score_before": before.get("scores", [None] * (k + 1))[k],
+                "score_after": after.get("scores", [None] * (k + 1))[k],
+            }
+            for k, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True))
+        ][:samples]
+        return summary
+
+
+def build_assessment(
+    config: Config,
+    encoder: Encoder,
+    held_out: list[Conversation],
+    held_out_examples,
+    pad_id,
+    device,
+) -> Assessment:
+    ev = config.eval
+    # Answers are generated for scoring (up to max_prompts) or only for the report's samples.
+    answered = held_out[: ev.max_prompts if ev.scorer is not None else ev.samples]
+    pairs = [prompt_and_reference(c) for c in answered]
+    forgetting = None
+    if ev.forgetting:
+        forgetting = ForgettingMeter(
+            corpus_examples(encoder.tokenizer, ev.corpus, config.max_length),
+            general_prompt_examples(encoder, ev.general_prompts),
+            ev.corpus or "bundled reference corpus",
+        )
+    scorer = None
+    if ev.scorer is not None:
+        scorer = make_scorer({"kind": ev.scorer.kind} | ev.scorer.model_dump(exclude_defaults=True))
+    return Assessment(
+        held_out=held_out_examples,
+        prompts=[p for p, _ in pairs],
+        references=[r for _, r in pairs],
+        sources=[str(c.source) for c in answered],
+        encoder=encoder,
+        pad_id=pad_id,
+        device=device,
+        scorer=scorer,
+        scorer_kind=ev.scorer.kind if ev.scorer is not None else None,
+        forgetting=forgetting,
+        max_new_tokens=ev.max_new_tokens,
+    )

@@ -1,0 +1,241 @@
+"""Held-out split, perplexity, forgetting, eval/compare/chat commands, sweep, on tiny models."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftforge.batches import collate
+from sftforge.cli import main
+from sftforge.conversation import Conversation, Message, Source
+from sftforge.evaluate import mean_token_loss
+from sftforge.forgetting import corpus_examples, perplexity
+from sftforge.split import split_held_out
+from sftforge.sweep import parse_sweep, recommend
+from sftforge.tokenize import IGNORE_INDEX, Example
+
+DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+
+
+def conversations(n):
+    return [
+        Conversation(
+            Source("d.jsonl", i + 1), (Message("user", f"q{i}"), Message("assistant", f"a{i}"))
+        )
+        for i in range(n)
+    ]
+
+
+def test_held_out_split_is_deterministic_and_disjoint():
+    convs = conversations(50)
+    train_a, held_a = split_held_out(convs, 0.2, seed=7)
+    train_b, held_b = split_held_out(convs, 0.2, seed=7)
+    assert held_a == held_b and train_a == train_b
+    assert len(held_a) == 10 and len(train_a) == 40
+    assert not {c.source for c in held_a} & {c.source for c in train_a}
+    assert split_held_out(convs, 0.2, seed=8)[1] != held_a
+    assert len(split_held_out(convs, 3, seed=7)[1]) == 3
+
+
+@pytest.mark.parametrize("bad", [0, 50, 1.5, 0.0])
+def test_held_out_split_refuses_to_leave_nothing(bad):
+    with pytest.raises(ValueError, match="held_out"):
+        split_held_out(conversations(50), bad, seed=0)
+
+
+def test_perplexity_of_a_model_that_predicts_uniformly_is_the_vocabulary_size(tiny_model_factory):
+    vocab = 300
+    model = tiny_model_factory(vocab)
+    model.config.tie_word_embeddings = False
+    model.lm_head = torch.nn.Linear(32, vocab, bias=False)
+    torch.nn.init.zeros_(model.lm_head.weight)  # every logit 0: p = 1/vocab for every token
+    examples = [Example([5, 6, 7, 8], [5, 6, 7, 8], "a"), Example([9, 10], [9, 10], "b")]
+    assert perplexity(model, examples, torch.device("cpu"), 0) == pytest.approx(vocab, rel=1e-5)
+
+
+def test_mean_token_loss_matches_a_hand_computed_log_softmax(tiny_model_factory):
+    model = tiny_model_factory(200).eval()
+    examples = [
+        Example([3, 4, 5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 5, 6, 7], "a"),
+        Example([8, 9, 10], [IGNORE_INDEX, 9, 10], "b"),
+    ]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            logp = torch.log_softmax(model(torch.tensor([ex.input_ids])).logits[0], -1)
+            for pos in range(1, len(ex.labels)):
+                if ex.labels[pos] != IGNORE_INDEX:
+                    total -= float(logp[pos - 1, ex.labels[pos]])
+                    count += 1
+    ours = mean_token_loss(model, examples, torch.device("cpu"), 0)
+    assert count == 5 and ours == pytest.approx(total / count, rel=1e-5)
+    assert math.exp(ours) == pytest.approx(perplexity(model, examples, torch.device("cpu"), 0))
+
+
+def test_bundled_corpus_becomes_one_example_per_paragraph(smollm2_tokenizer):
+    examples = corpus_examples(smollm2_tokenizer, None, max_length=512)
+    assert len(examples) >= 20
+    assert all(ex.labels == ex.input_ids for ex in examples)
+    assert collate(examples[:2], 0).input_ids.shape[0] == 2
+
+
+def test_sweep_parses_one_key_with_aliases():
+    key, values, rest = parse_sweep(["lr=1e-5,3e-5", "lora.r=8"])
+    assert key == "training.lr" and values == [1e-5, 3e-5] and rest == ["lora.r=8"]
+    assert parse_sweep(["rank=4,8"])[:2] == ("lora.r", [4, 8])
+    with pytest.raises(ValueError, match="exactly one key"):
+        parse_sweep(["lr=1e-5,1e-4", "rank=4,8"])
+
+
+def test_sweep_recommends_accuracy_among_runs_that_did_not_forget():
+    rows = [
+        {"value": 1e-5, "eval_loss": 0.9, "accuracy": 0.4, "forgetting_ratio": 1.00},
+        {"value": 1e-4, "eval_loss": 0.5, "accuracy": 0.8, "forgetting_ratio": 1.02},
+        {"value": 1e-3, "eval_loss": 0.4, "accuracy": 0.9, "forgetting_ratio": 1.30},
+    ]
+    value, reason = recommend(rows)
+    assert value == 1e-4
+    assert "0.001 forgot too much" in reason and "80.0%" in reason
+
+
+def test_sweep_without_scorer_recommends_lowest_eval_loss():
+    rows = [
+        {"value": 1, "eval_loss": 0.9, "accuracy": None, "forgetting_ratio": None},
+        {"value": 2, "eval_loss": 0.7, "accuracy": None, "forgetting_ratio": None},
+    ]
+    assert recommend(rows) == (2, "lowest held-out loss 0.7000")
+
+
+def small_data(tmp_path, n=12) -> str:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:n]))
+    return str(path)
+
+
+def test_training_run_measures_before_after_and_writes_the_report(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            f"model={tiny_model_dir}",
+            f"data.train={small_data(tmp_path, 16)}",
+            f"output_dir={out}",
+            "eval.held_out=4",
+            "eval.every=2",
+            "eval.scorer={kind: json}",
+            "eval.max_new_tokens=8",
+            "eval.samples=2",
+            "training.max_steps=4",
+            "training.batch_size=4",
+            "max_length=128",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"]["count"] == 4
+    assert summary["forgetting"]["corpus_ratio"] > 0
+    assert len(summary["samples"]) == 2
+    assert summary["data"]["held_out"] == 4 and summary["data"]["examples"] == 12
+    html = (out / "report.html").read_text()
+    for section in ("summary", "loss", "lr", "accuracy", "forgetting", "samples", "data"):
+        assert f'id="{section}"' in html
+
+
+def test_eval_command_writes_per_example_results(tmp_path, tiny_model_dir):
+    out = tmp_path / "results.jsonl"
+    data = small_data(tmp_path, 3)
+    code = main(
+        [
+            "eval",
+            tiny_model_dir,
+            "--data",
+            data,
+            "--scorer",
+            "json",
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "4",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3
+    assert set(rows[0]) == {"source", "prompt", "reference", "answer", "score"}
+    assert rows[0]["source"].endswith("data.jsonl:1") and rows[0]["score"] == 0.0
+
+
+def test_compare_command_puts_both_answers_side_by_side(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "cmp.jsonl"
+    code = main(
+        [
+            "compare",
+            tiny_model_dir,
+            tiny_model_dir,
+            "--data",
+            small_data(tmp_path, 2),
+            "--scorer",
+            "exact",
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "4",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["base"] == rows[0]["tuned"]  # same model, greedy: same answer
+    printed = capsys.readouterr().out
+    assert "BASE" in printed and "TUNED" in printed and "exact: base" in printed
+
+
+def test_chat_reads_piped_lines_and_keeps_the_conversation(tiny_model_dir):
+    from sftforge.chat import chat
+    from sftforge.export import load_for_inference
+    from sftforge.templates import resolve_template
+    from sftforge.tokenize import Encoder
+
+    model, tokenizer = load_for_inference(tiny_model_dir)
+    encoder = Encoder(tokenizer, resolve_template("auto", tokenizer))
+    seen = []
+    original = encoder.encode_prompt
+    encoder.encode_prompt = lambda history: seen.append(list(history)) or original(history)
+    out = io.StringIO()
+    chat(model, encoder, max_new_tokens=3, stdin=io.StringIO("hello\n\nagain\n"), out=out)
+    assert [len(h) for h in seen] == [1, 3]  # the second turn sees the first exchange
+    assert seen[1][0].content == "hello" and seen[1][2].content == "again"
+    assert seen[1][1].role == "assistant"  # the model's first reply is part of the history
+    assert out.getvalue().endswith("\n") and "sftforge chat" not in out.getvalue()  # no prompts
+
+
+def test_sweep_runs_each_value_and_writes_table_plot_and_recommendation(
+    tmp_path, tiny_model_dir, capsys
+):
+    out = tmp_path / "sw"
+    code = main(
+        [
+            "sweep",
+            "lr=1e-4,1e-2",
+            f"model={tiny_model_dir}",
+            f"data.train={small_data(tmp_path, 12)}",
+            f"output_dir={out}",
+            "eval.held_out=3",
+            "eval.samples=0",
+            "training.batch_size=4",
+            "max_length=128",
+            "--steps",
+            "2",
+        ]
+    )
+    assert code == 0
+    result = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert [r["value"] for r in result["rows"]] == [1e-4, 1e-2]
+    assert all(r["eval_loss"] > 0 and r["forgetting_ratio"] > 0 for r in result["rows"])
+    assert result["recommended"] in (1e-4, 1e-2) and result["reason"]
+    assert "<svg" in (out / "sweep" / "sweep.html").read_text()
+    assert "recommended training.lr=" in capsys.readouterr().out
