@@ -76,6 +76,11 @@ def test_lora_run_learns_and_the_adapter_reloads_with_peft(tmp_path, smollm2_pat
     assert reply.startswith('{"person": '), reply
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 6
+    report = (out / "report.html").read_text()
+    for section in ("summary", "loss", "lr", "accuracy", "forgetting", "samples", "data"):
+        assert f'id="{section}"' in report
+    forgetting = json.loads((out / "summary.json").read_text())["forgetting"]
+    assert 0.8 < forgetting["corpus_ratio"] < 1.5
 
 
 def test_full_fine_tune_saves_a_model_that_plain_transformers_loads(tmp_path, data_file):

@@ -239,3 +239,40 @@ def test_sweep_runs_each_value_and_writes_table_plot_and_recommendation(
     assert result["recommended"] in (1e-4, 1e-2) and result["reason"]
     assert "<svg" in (out / "sweep" / "sweep.html").read_text()
     assert "recommended training.lr=" in capsys.readouterr().out
+
+
+def test_save_best_keeps_the_weights_with_the_lowest_eval_loss(tmp_path, tiny_model_dir):
+    out = tmp_path / "best-run"
+    data = small_data(tmp_path, 10)
+    code = main(
+        [
+            "train",
+            f"model={tiny_model_dir}",
+            f"data.train={data}",
+            f"output_dir={out}",
+            "eval.held_out=2",
+            "eval.every=1",
+            "eval.save_best=true",
+            "eval.samples=0",
+            "eval.forgetting=false",
+            "training.max_steps=3",
+            "training.batch_size=4",
+            "training.lr=1e-2",
+            "max_length=128",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    best_step = min(rows, key=lambda r: r["eval_loss"])["step"]
+    assert (out / "best" / "adapter_model.safetensors").is_file()
+    from sftforge.data import load_conversations
+    from sftforge.export import load_for_inference
+    from sftforge.templates import resolve_template
+    from sftforge.tokenize import Encoder
+
+    model, tokenizer = load_for_inference(str(out / "best"))
+    _, held = split_held_out(load_conversations(data).conversations, 2, seed=42)
+    encoder = Encoder(tokenizer, resolve_template("auto", tokenizer))
+    loss = mean_token_loss(model, [encoder.encode(c) for c in held], torch.device("cpu"), 0)
+    assert loss == pytest.approx(min(r["eval_loss"] for r in rows), rel=1e-4)
+    assert best_step >= 1
