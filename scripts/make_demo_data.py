@@ -65,6 +65,18 @@ TRAIN_FORMS: list[tuple[str, str]] = [
     ("train-10", "{name} from {city} is {age} and has {count} cousins."),
     ("train-11", "Profile: {name}. Home: {city}. Age: {age}. Occupation: {job}."),
     ("train-12", "{a_age_cap}-year-old {job} named {name} from {city} won a regional quiz in {year}."),
+    ("train-13", "{city} is where {name} grew up, and at {age} {first} still runs {count} marathons a year."),
+    ("train-14", "Card {count}: {name} | {age} | {city} | {job}"),
+    ("train-15", "{count} years ago {name} moved to {city}; {first} is {age} today."),
+    ("train-16", "Contact details - full name {name}, {age} years, based in {city}, shoe size {count}."),
+    ("train-17", "We spoke with {name} in {city}. The {job}, {age}, has {count} grandchildren."),
+    ("train-18", "On {weekday}, {name} of {city} turned {age} and got {count} cards."),
+    ("train-19", "{name} ({job}, {city}) is {age}; {first} has visited {count} countries."),
+    ("train-20", "Since {year}, {a_job} called {name} has lived in {city}. {first} is {age}."),
+    ("train-21", "For {count} years {name} worked as {a_job}; now {age}, {first} lives in {city}."),
+    ("train-22", "{city} local {name} is {a_age}-year-old {job} with {count} kids."),
+    ("train-23", "Reporter's note: {name}, {age}, {city}, {count} dogs."),
+    ("train-24", "Ask anyone in {city} about {name}: {first} is {age} and sings in {count} choirs."),
 ]
 
 EVAL_FORMS: list[tuple[str, str]] = [
@@ -83,20 +95,33 @@ TRAIN_FIRST = [
     "Maria", "Jonas", "Aisha", "Pedro", "Elena", "Tomas", "Yuki", "Omar", "Sofia", "Lukas",
     "Chloe", "Daniel", "Ingrid", "Kwame", "Priya", "Mateo", "Hannah", "Ivan", "Leila", "Oscar",
     "Nora", "Felix", "Amara", "Marco", "Greta", "Samuel", "Mei", "Rafael", "Zoë", "José",
-    "Anika", "Tariq",
+    "Anika", "Tariq", "Lucia", "Andrei", "Fatou", "Bruno", "Ewa", "Tobias", "Ayesha", "Carmen",
+    "Kofi", "Lina", "Stefan", "Noor", "Pablo", "Alice", "Hiro", "Marta", "Dmitri", "Olga",
+    "Sami", "Julia", "Paolo", "Zara", "Clara", "Luis", "Ahmed", "Irene", "Jakub", "Ruth",
+    "Yara", "Leon", "Mira",
 ]
 TRAIN_LAST = [
     "Lopez", "Novak", "Schmidt", "Rossi", "Dubois", "Kowalski", "Jensen", "Okafor", "Tanaka",
     "Nguyen", "Silva", "Petrov", "Murphy", "Larsen", "Fischer", "Moreau", "Costa", "Haddad",
     "Ibrahim", "Kim", "Sato", "Bauer", "Horvat", "Walsh", "Ortiz", "Varga", "Berg", "Mensah",
-    "Patel", "Reyes", "Müller", "Ferreira",
+    "Patel", "Reyes", "Müller", "Ferreira", "Almeida", "Novotny", "Keller", "Romano", "Garcia",
+    "Svensson", "Abebe", "Nakamura", "Kuznetsov", "Hughes", "Lambert", "Vogel", "Marin", "Osei",
+    "Ramos", "Dalton", "Weber", "Popescu", "Hansen", "Torres", "Chen", "Wong", "Ali", "Sousa",
+    "Nilsen", "Klein", "Morales", "Banda", "Egan", "Pereira",
 ]
 TRAIN_CITIES = [
     "Lisbon", "Porto", "Madrid", "Valencia", "Lyon", "Marseille", "Hamburg", "Munich", "Vienna",
     "Prague", "Krakow", "Dublin", "Cork", "Oslo", "Bergen", "Helsinki", "Tallinn", "Riga",
     "Toronto", "Denver", "Austin", "Chicago", "Seattle", "Osaka", "Kyoto", "Melbourne",
     "Auckland", "Nairobi", "Lima", "Quito", "Málaga", "Zürich", "Buenos Aires", "New Orleans",
-    "Cape Town",
+    "Cape Town", "Bilbao", "Granada", "Nantes", "Lille", "Toulouse", "Cologne", "Leipzig",
+    "Dresden", "Graz", "Salzburg", "Brno", "Poznan", "Wroclaw", "Galway", "Limerick",
+    "Stavanger", "Trondheim", "Turku", "Tartu", "Kaunas", "Ottawa", "Boston", "Phoenix",
+    "Atlanta", "Miami", "Dallas", "Nagoya", "Kobe", "Adelaide", "Brisbane", "Hobart",
+    "Christchurch", "Mombasa", "Accra", "Lagos", "Cusco", "Bogota", "Santiago", "Rosario",
+    "Havana", "Glasgow", "Leeds", "Bristol", "Cardiff", "Naples", "Turin", "Florence", "Genoa",
+    "Zagreb", "Ljubljana", "Athens", "Izmir", "Tunis", "Rabat", "Hanoi", "Busan", "Taipei",
+    "Manila", "Jakarta", "Pune", "Dhaka",
 ]
 TRAIN_JOBS = [
     "nurse", "carpenter", "teacher", "pharmacist", "baker", "electrician", "librarian",
