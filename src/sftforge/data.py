@@ -6,8 +6,8 @@ Every problem is a `DataError` naming the record's file:line (or file[row N]) an
 By default the first one is raised; with `on_invalid="skip"` every rejected record is kept
 in `Rejects` (and optionally written as JSONL) so nothing is ever dropped silently.
 
-To support a new format: add a `_from_<format>` converter, list it in `_CONVERTERS` and
-`FORMATS`, and add the keys that identify it to `KEYS_OF_FORMAT`.
+To support a new format: add a `_from_<format>` converter in formats.py, list it in `CONVERTERS`,
+add it to `FORMATS`, and add the keys that identify it to `KEYS_OF_FORMAT`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-from sftforge.conversation import Conversation, DataError, Message, Source
+from sftforge.conversation import Conversation, DataError, Source
+from sftforge.formats import CONVERTERS, keys_of, type_name
 from sftforge.readers import RawRecord, read_sources
 
 if TYPE_CHECKING:
@@ -40,11 +40,6 @@ KEYS_OF_FORMAT = {
 # The fields a `columns` mapping may rename a dataset's columns to.
 FIELDS = ("instruction", "input", "output", "system", "messages", "conversations", "prompt")
 FIELDS += ("completion", "text")
-
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-# ShareGPT dumps often mix the chat names into the ShareGPT ones, so both are accepted.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-SHAREGPT_ROLES |= {"user": "user", "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -172,7 +167,7 @@ def _detect_format(record: dict, source: Source) -> str:
     known = ", ".join(f"{format} ({', '.join(keys)})" for format, keys in KEYS_OF_FORMAT.items())
     raise DataError(
         source,
-        f"cannot detect the format from keys {_keys(record)}; known formats: {known}; "
+        f"cannot detect the format from keys {keys_of(record)}; known formats: {known}; "
         "pass format=... or map your column names with columns={'output': 'response', ...}",
     )
 
@@ -182,14 +177,14 @@ def _record_from(raw: RawRecord, columns: dict[str, str] | None) -> dict:
     if raw.error:
         raise DataError(raw.source, raw.error)
     if not isinstance(raw.record, dict):
-        found = _type_name(raw.record)
+        found = type_name(raw.record)
         raise DataError(raw.source, f"expected a JSON object (a record), found {found}")
     if not columns:
         return raw.record
     renamed = {k: v for k, v in raw.record.items() if k not in columns.values()}
     for ours, theirs in columns.items():
         if theirs not in raw.record:
-            reason = f"missing (mapped to '{ours}' by columns); found keys {_keys(raw.record)}"
+            reason = f"missing (mapped to '{ours}' by columns); found keys {keys_of(raw.record)}"
             raise DataError(raw.source, reason, theirs)
         renamed[ours] = raw.record[theirs]
     return renamed
@@ -199,7 +194,7 @@ def _convert(
     record: dict, source: Source, format: str, columns: dict[str, str] | None
 ) -> Conversation:
     try:
-        return _CONVERTERS[format](record, source)
+        return CONVERTERS[format](record, source)
     except DataError as err:
         # Name the field as the user's dataset spells it, not as we renamed it.
         if columns and err.field:
@@ -212,190 +207,6 @@ def _dataset_field(field_path: str, columns: dict[str, str]) -> str:
         if field_path == ours or field_path.startswith((f"{ours}[", f"{ours}.")):
             return theirs + field_path[len(ours) :]
     return field_path
-
-
-# -- one converter per format -------------------------------------------------------------
-
-
-class Turn(NamedTuple):
-    """A message plus the record fields it came from, so order errors can point at them."""
-
-    message: Message
-    role_field: str
-    content_field: str
-
-
-def _from_alpaca(record: dict, source: Source) -> Conversation:
-    """[system?], user, assistant.
-
-    The user turn is the instruction, then a blank line ("\\n\\n"), then the input when the
-    input is not empty: the layout of the original Alpaca prompt, without its preamble.
-    An empty system column is left out rather than rendered as an empty system turn.
-    """
-    instruction = _require_str(record, "instruction", source)
-    extra_input = _optional_str(record, "input", source)
-    output = _require_str(record, "output", source)
-    system = _optional_str(record, "system", source)
-    turns = []
-    if system.strip():
-        turns.append(Turn(Message("system", system), "system", "system"))
-    user = "\n\n".join(part for part in (instruction, extra_input) if part.strip())
-    turns.append(Turn(Message("user", user), "instruction", "instruction"))
-    turns.append(Turn(Message("assistant", output), "output", "output"))
-    return _conversation(turns, source, "instruction", "alpaca")
-
-
-def _from_messages(record: dict, source: Source) -> Conversation:
-    value = _message_list(record, "messages", source)
-    turns = _turns(value, "messages", source, "role", "content", CHAT_ROLES)
-    return _conversation(turns, source, "messages", "messages")
-
-
-def _from_sharegpt(record: dict, source: Source) -> Conversation:
-    value = _message_list(record, "conversations", source)
-    turns = _turns(value, "conversations", source, "from", "value", SHAREGPT_ROLES)
-    return _conversation(turns, source, "conversations", "sharegpt")
-
-
-def _from_prompt_completion(record: dict, source: Source) -> Conversation:
-    """A string prompt/completion is one user/assistant message; a list is its messages."""
-    turns = []
-    for name, role in (("prompt", "user"), ("completion", "assistant")):
-        _require(record, name, source)
-        value = record[name]
-        if isinstance(value, str):
-            turns.append(Turn(Message(role, value), name, name))
-        elif isinstance(value, (list, tuple)):
-            turns.extend(_turns(value, name, source, "role", "content", CHAT_ROLES))
-        else:
-            reason = f"expected a string or a list of messages, found {_type_name(value)}"
-            raise DataError(source, reason, name)
-    return _conversation(turns, source, "completion", "prompt_completion")
-
-
-def _from_text(record: dict, source: Source) -> Conversation:
-    text = _require_str(record, "text", source)
-    if not text.strip():
-        raise DataError(source, "empty text: nothing to train on", "text")
-    return Conversation(source=source, text=text, meta={"format": "text"})
-
-
-_CONVERTERS = {
-    "alpaca": _from_alpaca,
-    "messages": _from_messages,
-    "sharegpt": _from_sharegpt,
-    "prompt_completion": _from_prompt_completion,
-    "text": _from_text,
-}
-
-
-def _turns(
-    value: Any, name: str, source: Source, role_key: str, content_key: str, roles: dict[str, str]
-) -> list[Turn]:
-    """Parse a list of {role_key, content_key} objects, mapping role names through `roles`."""
-    turns = []
-    for i, item in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(item, dict):
-            found = _type_name(item)
-            reason = f"expected an object with '{role_key}' and '{content_key}', found {found}"
-            raise DataError(source, reason, where)
-        role_field, content_field = f"{where}.{role_key}", f"{where}.{content_key}"
-        role_name = _require_str(item, role_key, source, role_field)
-        if role_name not in roles:
-            reason = f"unknown role '{role_name}'; expected one of {', '.join(roles)}"
-            raise DataError(source, reason, role_field)
-        content = _require_str(item, content_key, source, content_field)
-        turns.append(Turn(Message(roles[role_name], content), role_field, content_field))
-    return turns
-
-
-def _message_list(record: dict, name: str, source: Source) -> list | tuple:
-    """The list of messages under `name`, parsed first if it is a JSON string (CSV cells)."""
-    _require(record, name, source)
-    value = record[name]
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            reason = f"expected a list of messages, found a string that is not JSON ({err.msg})"
-            raise DataError(source, reason, name) from None
-    if not isinstance(value, (list, tuple)):
-        raise DataError(source, f"expected a list of messages, found {_type_name(value)}", name)
-    return value
-
-
-def _conversation(turns: list[Turn], source: Source, name: str, format: str) -> Conversation:
-    _check_turn_order(turns, source, name)
-    messages = tuple(turn.message for turn in turns)
-    return Conversation(source=source, messages=messages, meta={"format": format})
-
-
-def _check_turn_order(turns: list[Turn], source: Source, name: str) -> None:
-    """Reject what no chat template can render or nothing can be learned from."""
-    if not turns:
-        raise DataError(source, "empty conversation: no messages", name)
-    for i, turn in enumerate(turns):
-        if turn.message.role == "system" and i > 0:
-            reason = "a second system message; only one is allowed, and it must come first"
-            if turns[0].message.role != "system":
-                reason = f"system message at position {i}; the system message must come first"
-            raise DataError(source, reason, turn.role_field)
-    dialogue = turns[1:] if turns[0].message.role == "system" else turns
-    if not any(turn.message.role == "assistant" for turn in dialogue):
-        raise DataError(source, "no assistant turn: nothing to train on", name)
-    first = dialogue[0]
-    if first.message.role != "user":
-        reason = f"the first non-system message must be from the user, found '{first.message.role}'"
-        raise DataError(source, reason, first.role_field)
-    for previous, turn in pairwise(dialogue):
-        if turn.message.role == previous.message.role:
-            role = turn.message.role
-            reason = f"'{role}' follows '{role}'; user and assistant turns must alternate"
-            raise DataError(source, reason, turn.role_field)
-    if dialogue[-1].message.role == "user":
-        reason = (
-            "conversation ends on a user turn, so nothing is learned from it; "
-            "end with an assistant reply or drop the trailing user message"
-        )
-        raise DataError(source, reason, dialogue[-1].role_field)
-    for turn in dialogue:
-        if turn.message.role == "assistant" and not turn.message.content.strip():
-            raise DataError(source, "empty assistant turn: nothing to learn", turn.content_field)
-
-
-# -- small helpers --------------------------------------------------------------------------
-
-
-def _require(record: dict, key: str, source: Source, field_path: str | None = None) -> None:
-    if key not in record:
-        raise DataError(source, f"missing; found keys {_keys(record)}", field_path or key)
-
-
-def _require_str(record: dict, key: str, source: Source, field_path: str | None = None) -> str:
-    _require(record, key, source, field_path)
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(source, f"expected a string, found {_type_name(value)}", field_path or key)
-    return value
-
-
-def _optional_str(record: dict, key: str, source: Source) -> str:
-    # Missing and null mean "not given": Parquet and datasets fill absent columns with null.
-    if record.get(key) is None:
-        return ""
-    return _require_str(record, key, source)
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"number ({value})"
-    names = {type(None): "null", bool: "boolean", str: "string", list: "list", dict: "object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _keys(record: dict) -> str:
-    return "(" + ", ".join(map(str, record)) + ")" if record else "(none)"
 
 
 def _reason(err: DataError) -> str:
