@@ -77,6 +77,8 @@ TRAIN_FORMS: list[tuple[str, str]] = [
     ("train-22", "{city} local {name} is {a_age}-year-old {job} with {count} kids."),
     ("train-23", "Reporter's note: {name}, {age}, {city}, {count} dogs."),
     ("train-24", "Ask anyone in {city} about {name}: {first} is {age} and sings in {count} choirs."),
+    ("train-25", "{city}'s newest {job}, {name}, is {age} and has {count} brothers."),
+    ("train-26", "{city} welcomed {name} in {year}; the {job} turned {age} this spring."),
 ]
 
 EVAL_FORMS: list[tuple[str, str]] = [
@@ -98,7 +100,10 @@ TRAIN_FIRST = [
     "Anika", "Tariq", "Lucia", "Andrei", "Fatou", "Bruno", "Ewa", "Tobias", "Ayesha", "Carmen",
     "Kofi", "Lina", "Stefan", "Noor", "Pablo", "Alice", "Hiro", "Marta", "Dmitri", "Olga",
     "Sami", "Julia", "Paolo", "Zara", "Clara", "Luis", "Ahmed", "Irene", "Jakub", "Ruth",
-    "Yara", "Leon", "Mira",
+    "Yara", "Leon", "Mira", "Agnès", "Björn", "Łukasz", "Ömer", "Håkon", "Jürgen", "Gaël",
+    "Noémie", "Joël", "Frédéric", "Aaron", "Bianca", "Cyrus", "Delia", "Elias", "Freya",
+    "Gustav", "Hana", "Isak", "Jonah", "Kira", "Liam", "Maya", "Nils", "Otto", "Petra",
+    "Quentin", "Rhea", "Soren", "Talia", "Uma", "Vera", "Ximena", "Yusuf", "Zane",
 ]
 TRAIN_LAST = [
     "Lopez", "Novak", "Schmidt", "Rossi", "Dubois", "Kowalski", "Jensen", "Okafor", "Tanaka",
@@ -107,7 +112,11 @@ TRAIN_LAST = [
     "Patel", "Reyes", "Müller", "Ferreira", "Almeida", "Novotny", "Keller", "Romano", "Garcia",
     "Svensson", "Abebe", "Nakamura", "Kuznetsov", "Hughes", "Lambert", "Vogel", "Marin", "Osei",
     "Ramos", "Dalton", "Weber", "Popescu", "Hansen", "Torres", "Chen", "Wong", "Ali", "Sousa",
-    "Nilsen", "Klein", "Morales", "Banda", "Egan", "Pereira",
+    "Nilsen", "Klein", "Morales", "Banda", "Egan", "Pereira", "Núñez", "Çelik", "Øberg",
+    "Åström", "Kovačević", "Dvořák", "Wójcik", "Gómez", "Hernández", "Peña", "Jiménez",
+    "Ramírez", "Schäfer", "Köhler", "Lefèvre", "Abbott", "Becker", "Carter", "Dimitrov", "Evans",
+    "Fernandes", "Gallo", "Hale", "Ivanova", "Jovanovic", "Kaplan", "Mason", "Olsen", "Pinto",
+    "Rahman", "Stone", "Toma", "Ueda", "Vance", "Wolff", "Young", "Zielinski",
 ]
 TRAIN_CITIES = [
     "Lisbon", "Porto", "Madrid", "Valencia", "Lyon", "Marseille", "Hamburg", "Munich", "Vienna",
@@ -122,6 +131,23 @@ TRAIN_CITIES = [
     "Havana", "Glasgow", "Leeds", "Bristol", "Cardiff", "Naples", "Turin", "Florence", "Genoa",
     "Zagreb", "Ljubljana", "Athens", "Izmir", "Tunis", "Rabat", "Hanoi", "Busan", "Taipei",
     "Manila", "Jakarta", "Pune", "Dhaka",
+    "Aarhus", "Odense", "Malmo", "Uppsala", "Bremen", "Hanover", "Stuttgart", "Nuremberg",
+    "Basel", "Geneva", "Lausanne", "Bern", "Innsbruck", "Linz", "Bratislava", "Kosice",
+    "Debrecen", "Cluj", "Iasi", "Varna", "Plovdiv", "Thessaloniki", "Patras", "Palermo",
+    "Catania", "Bari", "Verona", "Padua", "Trieste", "Nice", "Montpellier", "Rennes",
+    "Strasbourg", "Dijon", "Grenoble", "Porto Alegre", "Recife", "Fortaleza", "Salvador",
+    "Curitiba", "Medellin", "Cali", "Arequipa", "Trujillo", "Asuncion", "Mendoza", "Valparaiso",
+    "Guadalajara", "Monterrey", "Puebla", "Oaxaca", "Merida", "Tijuana", "Winnipeg", "Halifax",
+    "Quebec", "Edmonton", "Regina", "Omaha", "Tulsa", "Memphis", "Louisville", "Pittsburgh",
+    "Cleveland", "Detroit", "Milwaukee", "Minneapolis", "Sacramento", "Fresno", "Tucson",
+    "Albuquerque", "Honolulu", "Anchorage", "Reno", "Boise", "Spokane", "Raleigh", "Richmond",
+    "Savannah", "Charleston", "Kumasi", "Dakar", "Kampala", "Kigali", "Lusaka", "Harare",
+    "Durban", "Windhoek", "Gaborone", "Maputo", "Casablanca", "Fez", "Alexandria", "Amman",
+    "Beirut", "Muscat", "Doha", "Tbilisi", "Yerevan", "Baku", "Almaty", "Tashkent", "Lahore",
+    "Karachi", "Jaipur", "Kochi", "Chennai", "Colombo", "Kathmandu", "Chiang Mai", "Penang",
+    "Cebu", "Da Nang", "Hue", "Fukuoka", "Sendai", "Hiroshima", "Daegu", "Incheon", "Kaohsiung",
+    "Darwin", "Cairns", "Geelong", "Dunedin", "Hamilton", "Suva", "Apia", "Reykjavik", "Tromso",
+    "Lund",
 ]
 TRAIN_JOBS = [
     "nurse", "carpenter", "teacher", "pharmacist", "baker", "electrician", "librarian",

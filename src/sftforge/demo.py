@@ -25,7 +25,7 @@ def demo_config(output_dir: Path, overrides: list[str]):
         output_dir=str(output_dir),
         data={"train": str(bundled("demo_train.jsonl"))},
         lora={"r": 16, "alpha": 32, "dropout": 0.0},
-        training={"lr": 3e-4, "epochs": 2, "batch_size": 8, "warmup_ratio": 0.1},
+        training={"lr": 3e-4, "epochs": 3, "batch_size": 8, "warmup_ratio": 0.1},
         eval={
             "held_out": str(bundled("demo_eval.jsonl")),
             "scorer": {"kind": "json"},
