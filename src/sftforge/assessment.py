@@ -3,7 +3,7 @@ on generated answers, and forgetting of general ability."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import Config
 from .conversation import Conversation, Message
@@ -26,7 +26,6 @@ class Assessment:
     scorer_kind: str | None = None
     forgetting: ForgettingMeter | None = None
     max_new_tokens: int = 128
-    history: list[dict] = field(default_factory=list)
 
     def loss(self, model) -> float | None:
         if not self.held_out:

@@ -45,14 +45,13 @@ def _inspect(args) -> None:
     color = sys.stdout.isatty() and not args.plain
     report = EncodingReport()
     print(f"template: {template.name}; trained tokens shown {'in green' if color else 'in [[ ]]'}")
-    for conv in loaded.conversations[: args.n]:
-        example = encoder.encode(conv)
+    examples = [encoder.encode(c) for c in loaded.conversations]
+    for conv, example in zip(loaded.conversations[: args.n], examples, strict=False):
         print(f"\n--- {conv.source}  ({example_counts(example)})")
         print(format_example(tokenizer, example, color))
         if len(example.input_ids) > args.max_length:
             policy = "truncated" if args.truncation == "truncate" else "dropped"
             print(f"(longer than max_length {args.max_length}: would be {policy})")
-    examples = [encoder.encode(c) for c in loaded.conversations]
     fit_to_length(examples, args.max_length, args.truncation, report)
     print("\n" + loaded.summary())
     print(report.summary(args.max_length))

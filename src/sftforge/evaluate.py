@@ -40,7 +40,6 @@ def generate_answers(
     prompts: list[list[Message]],
     max_new_tokens: int = 128,
     batch_size: int = 16,
-    stop_ids: list[int] | None = None,
 ) -> list[str]:
     """Greedy answers, batched with left padding and the KV cache."""
     tokenizer = encoder.tokenizer
@@ -48,7 +47,7 @@ def generate_answers(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    stops = stop_ids or sorted(stop_token_ids(encoder, model))
+    stops = sorted(stop_token_ids(encoder, model))
     was_training = model.training
     model.eval()
     answers: list[str] = []

@@ -31,7 +31,6 @@ class Prepared:
     examples: list[Example]  # what is trained on
     report: EncodingReport
     base_model_path: str
-    new_token_ids: list[int]
     held_out: list[Conversation] = field(default_factory=list)  # never trained on
     held_out_examples: list[Example] = field(default_factory=list)
     loaded: LoadResult | None = None
@@ -129,7 +128,6 @@ def prepare(config: Config, output_dir: Path) -> Prepared:
         examples,
         report,
         base_path,
-        new_ids,
         held_out,
         held_examples,
         loaded,

@@ -191,7 +191,7 @@ def finish_report(
     from .report import RunReport, write_report
 
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    data_stats = {k: v for k, v in prep.report.__dict__.items()} | {
+    data_stats = dict(prep.report.__dict__) | {
         "held_out": len(prep.held_out),
         "rejected": len(prep.loaded.rejects) if prep.loaded else 0,
         "duplicates": prep.loaded.duplicates if prep.loaded else 0,
