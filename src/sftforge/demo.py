@@ -28,7 +28,7 @@ def demo_config(output_dir: Path, overrides: list[str]):
         training={"lr": 3e-4, "epochs": 3, "batch_size": 8, "warmup_ratio": 0.1},
         eval={
             "held_out": str(bundled("demo_eval.jsonl")),
-            "every": 15,
+            "every": 25,
             "scorer": {"kind": "json"},
             "max_prompts": 60,
             "max_new_tokens": 48,

@@ -127,6 +127,7 @@ def train(config: Config) -> Path:
     metrics = (output_dir / "metrics.jsonl").open("w")
     best_eval = math.inf
     start = time.perf_counter()
+    eval_seconds = 0.0  # excluded from throughput: tokens/s measures training alone
     tokens_seen = trained_seen = 0
     bar = tqdm(range(total_steps), desc="train", dynamic_ncols=True)
     for step in bar:
@@ -144,7 +145,7 @@ def train(config: Config) -> Path:
 
         tokens_seen += sum(b.real_tokens for b in batches)
         trained_seen += step_trained
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - eval_seconds
         record = {
             "step": step + 1,
             "epoch": micro[-1][0] + 1,
@@ -158,10 +159,12 @@ def train(config: Config) -> Path:
             "elapsed_s": elapsed,
         }
         if assessment.held_out and _eval_due(step + 1, total_steps, config.eval.every):
+            eval_start = time.perf_counter()
             record["eval_loss"] = assessment.loss(model)
             if config.eval.save_best and record["eval_loss"] < best_eval:
                 best_eval = record["eval_loss"]
                 save_run(model, prep, config, output_dir / "best")
+            eval_seconds += time.perf_counter() - eval_start
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
