@@ -138,6 +138,7 @@ def test_training_run_measures_before_after_and_writes_the_report(tmp_path, tiny
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy"]["count"] == 4
+    assert summary["eval_loss_after"] == rows[-1]["eval_loss"]  # final eval loss measured once
     assert summary["forgetting"]["corpus_ratio"] > 0
     assert len(summary["samples"]) == 2
     assert summary["data"]["held_out"] == 4 and summary["data"]["examples"] == 12

@@ -32,9 +32,9 @@ class Assessment:
             return None
         return mean_token_loss(model, self.held_out, self.device, self.pad_id)
 
-    def measure(self, model) -> dict:
-        """Everything except the eval loss curve: answers, scores, forgetting."""
-        result: dict = {"eval_loss": self.loss(model)}
+    def measure(self, model, eval_loss: float | None = None) -> dict:
+        """Eval loss (unless already measured on this model), answers, scores, forgetting."""
+        result: dict = {"eval_loss": eval_loss if eval_loss is not None else self.loss(model)}
         if self.prompts:
             answers = generate_answers(model, self.encoder, self.prompts, self.max_new_tokens)
             result["answers"] = answers

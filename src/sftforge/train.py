@@ -175,7 +175,8 @@ def train(config: Config) -> Path:
     metrics.close()
 
     print("measuring the model after training")
-    after = assessment.measure(model)
+    # The loop already measured the final eval loss on these weights; do not repeat it.
+    after = assessment.measure(model, eval_loss=record.get("eval_loss"))
     save_run(model, prep, config, output_dir)
     summary = assessment.compare(before, after, config.eval.samples)
     finish_report(config, prep, assessment, summary, output_dir)
