@@ -73,3 +73,9 @@ def test_example_configs_are_valid():
     assert examples
     for path in examples:
         load_config(path)
+
+
+def test_pure_bf16_is_refused_for_full_fine_tuning_with_the_reason():
+    with pytest.raises(ConfigError, match="pure_bf16 is for LoRA"):
+        load_config(None, ["data.train=x", "method=full", "training.precision=pure_bf16"])
+    assert load_config(None, ["data.train=x", "training.precision=pure_bf16"]).method == "lora"

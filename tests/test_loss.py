@@ -5,7 +5,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from sftforge.batches import collate, epoch_batches
+from sftforge.batches import collate, epoch_steps
 from sftforge.loss import summed_token_loss, trained_token_count
 from sftforge.tokenize import IGNORE_INDEX, Example
 from sftforge.train import accumulate_gradients
@@ -92,12 +92,12 @@ def test_padding_is_never_trained_even_when_pad_equals_the_end_token():
     assert trained_token_count(batch.labels) == 3
 
 
-def test_epoch_batches_cover_every_example_once_and_are_deterministic():
-    examples = random_examples(37)
-    a = epoch_batches(examples, 4, seed=1, epoch=0)
+def test_epoch_steps_cover_every_example_once_and_are_deterministic():
+    lengths = [len(e.input_ids) for e in random_examples(37)]
+    a = epoch_steps(lengths, 4, seed=1, epoch=0)
     assert sorted(i for b in a for i in b) == list(range(37))
-    assert a == epoch_batches(examples, 4, seed=1, epoch=0)
-    assert a != epoch_batches(examples, 4, seed=1, epoch=1)
+    assert a == epoch_steps(lengths, 4, seed=1, epoch=0)
+    assert a != epoch_steps(lengths, 4, seed=1, epoch=1)
 
 
 def _tensors(batch):

@@ -148,3 +148,40 @@ def test_schedule_warms_up_then_decays(schedule):
     assert lrs[-1] <= lrs[50] <= lrs[10]
     if schedule != "constant":
         assert lrs[-1] < 0.05
+
+
+def test_packed_token_budget_run_with_pure_bf16_lora_trains_and_reports_throughput(
+    tmp_path, tiny_model_dir
+):
+    out = train(
+        config(
+            tmp_path,
+            tiny_model_dir,
+            "training.precision=pure_bf16",
+            "training.packing=true",
+            "training.micro_batch_tokens=256",
+            "training.grad_accum=2",
+            "training.peak_tflops=1.0",
+        )
+    )
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["loss"] > 0 and m["tflops"] > 0 and m["mfu"] > 0 for m in metrics)
+    # 8 examples of ~90 tokens packed into rows of 128 need several micro-batches of 256.
+    assert all(m["micro_batches"] >= 2 for m in metrics)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
+
+
+def test_the_steps_examples_do_not_depend_on_how_micro_batches_are_cut(tmp_path, tiny_model_dir):
+    def losses(*overrides):
+        out = train(
+            config(tmp_path, tiny_model_dir, "method=full", "training.precision=fp32", *overrides)
+        )
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r)["loss"] for r in rows]
+
+    plain = losses("training.max_steps=2")
+    packed = losses("training.max_steps=2", "training.packing=true")
+    budget = losses("training.max_steps=2", "training.micro_batch_tokens=100")
+    assert packed == pytest.approx(plain, abs=1e-5)
+    assert budget == pytest.approx(plain, abs=1e-5)

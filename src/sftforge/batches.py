@@ -1,12 +1,25 @@
-"""Examples -> micro-batches: length-grouped, right-padded tensors.
+"""Examples -> optimizer steps -> micro-batches of rows (padded, or packed).
+
+An optimizer step is a fixed set of examples (`batch_size` x `grad_accum`), decided by the
+seed and the epoch alone. How that set is cut into micro-batches is a matter of speed and
+memory only: the loss is normalised by the step's trained tokens (see loss.py), so any cut
+gives the same update. Two choices:
+
+- **Rows.** One example per row, right-padded; or, with packing, several examples per row
+  (best-fit decreasing), their `position_ids` restarting at 0 so that the attention of each
+  example sees only itself (transformers turns restarting positions into a block-diagonal
+  causal mask for SDPA, and into the variable-length path for flash-attention).
+- **Micro-batches.** `batch_size` examples each, or as many rows as fit a token budget
+  (rows x longest row <= `micro_batch_tokens`), so short and long examples cost alike.
 
 Right padding needs no attention mask for a causal model: every real token sits before the
-padding, so it never attends to it, and padded positions carry no label. Passing no mask also
+padding, so it never attends to it, and padded positions carry no label. Passing no mask
 keeps SDPA on its fastest path.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass
 
@@ -17,36 +30,138 @@ from .tokenize import IGNORE_INDEX, Example
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # [batch, length]
-    labels: torch.Tensor  # [batch, length], IGNORE_INDEX on prompt and padding
+    input_ids: torch.Tensor  # [rows, length]
+    labels: torch.Tensor  # [rows, length], IGNORE_INDEX on prompt and padding
     real_tokens: int  # tokens that are not padding
+    position_ids: torch.Tensor | None = None  # set for packed rows: restarts at each example
+    example_lengths: tuple[int, ...] = ()  # the examples' lengths, for FLOP counting
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.real_tokens)
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(
+            move(self.input_ids),
+            move(self.labels),
+            self.real_tokens,
+            move(self.position_ids),
+            self.example_lengths,
+        )
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    length = max(len(ex.input_ids) for ex in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    for row, ex in enumerate(examples):
-        input_ids[row, : len(ex.input_ids)] = torch.tensor(ex.input_ids)
-        labels[row, : len(ex.labels)] = torch.tensor(ex.labels)
-    return Batch(input_ids, labels, sum(len(ex.input_ids) for ex in examples))
+    """One example per row, right-padded to the longest."""
+    return collate_rows([[ex] for ex in examples], pad_id)
 
 
-def epoch_batches(
-    examples: list[Example], batch_size: int, seed: int, epoch: int
+def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
+    """Rows of one or more examples each, right-padded to the longest row.
+
+    In a row of several examples the first token of each is unlabelled: it would otherwise
+    be predicted from the end of the example before it."""
+    length = max(sum(len(ex.input_ids) for ex in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    packed = any(len(row) > 1 for row in rows)
+    positions = torch.zeros((len(rows), length), dtype=torch.long) if packed else None
+    lengths = []
+    for r, row in enumerate(rows):
+        start = 0
+        for ex in row:
+            n = len(ex.input_ids)
+            input_ids[r, start : start + n] = torch.tensor(ex.input_ids)
+            labels[r, start : start + n] = torch.tensor(ex.labels)
+            labels[r, start] = IGNORE_INDEX
+            if positions is not None:
+                positions[r, start : start + n] = torch.arange(n)
+            start += n
+            lengths.append(n)
+        if positions is not None:
+            # Padding restarts at 0 too: it forms its own segment, seen by no real token.
+            positions[r, start:] = torch.arange(length - start)
+    return Batch(input_ids, labels, sum(lengths), positions, tuple(lengths))
+
+
+def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of at most `capacity` tokens: longest first, each into the
+    fullest bin it still fits (best fit), a new bin when none has room."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin number), sorted
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"an example of {n} tokens does not fit a row of {capacity}")
+        slot = bisect.bisect_left(free, (n, -1))
+        if slot == len(free):
+            bins.append([i])
+            bisect.insort(free, (capacity - n, len(bins) - 1))
+        else:
+            room, b = free.pop(slot)
+            bins[b].append(i)
+            bisect.insort(free, (room - n, b))
+    return bins
+
+
+def epoch_steps(
+    lengths: list[int], examples_per_step: int, seed: int, epoch: int
 ) -> list[list[int]]:
-    """Indices of each micro-batch for one epoch: shuffled, then grouped by length within
-    windows of 64 batches so padding stays small while the order stays random."""
+    """Example indices of each optimizer step of one epoch: shuffled, then grouped by length
+    within windows of 64 steps (little padding, yet a random order), then the steps shuffled."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(examples)))
+    order = list(range(len(lengths)))
     rng.shuffle(order)
-    window = batch_size * 64
-    batches = []
+    window = examples_per_step * 64
+    steps = []
     for w in range(0, len(order), window):
-        chunk = sorted(order[w : w + window], key=lambda i: len(examples[i].input_ids))
-        batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
+        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+        steps.extend(
+            chunk[s : s + examples_per_step] for s in range(0, len(chunk), examples_per_step)
+        )
+    rng.shuffle(steps)
+    return steps
+
+
+def plan_micro_batches(
+    lengths: list[int],
+    step: list[int],
+    batch_size: int,
+    token_budget: int | None = None,
+    pack_length: int | None = None,
+) -> list[list[list[int]]]:
+    """Cut one step's examples into micro-batches of rows of example indices.
+
+    `pack_length` packs examples into rows of at most that many tokens; otherwise each row
+    holds one example. Rows are sorted longest first, so rows of like length share a
+    micro-batch. `token_budget` caps rows x longest row; without one a micro-batch holds
+    `batch_size` rows."""
+    if pack_length:
+        bins = pack_best_fit_decreasing([lengths[i] for i in step], pack_length)
+        rows = [[step[j] for j in b] for b in bins]
+    else:
+        rows = [[i] for i in step]
+    rows.sort(key=lambda row: -sum(lengths[i] for i in row))
+    micro, start = [], 0
+    while start < len(rows):
+        if token_budget:
+            longest = sum(lengths[i] for i in rows[start])
+            count = max(1, token_budget // longest)
+        else:
+            count = batch_size
+        micro.append(rows[start : start + count])
+        start += count
+    return micro
+
+
+def step_batches(
+    examples: list[Example],
+    lengths: list[int],
+    step: list[int],
+    pad_id: int,
+    batch_size: int,
+    token_budget: int | None = None,
+    pack_length: int | None = None,
+) -> list[Batch]:
+    """The micro-batches of one optimizer step, as tensors (`lengths`: of every example)."""
+    plan = plan_micro_batches(lengths, step, batch_size, token_budget, pack_length)
+    return [collate_rows([[examples[i] for i in row] for row in mb], pad_id) for mb in plan]

@@ -43,13 +43,36 @@ class TrainingConfig(Strict):
     max_steps: int | None = Field(default=None, gt=0, description="overrides epochs")
     batch_size: int = Field(default=8, gt=0, description="examples per micro-batch")
     grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
+    micro_batch_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="cut each step's batch_size x grad_accum examples into micro-batches of at "
+        "most this many tokens (padding included) instead of batch_size examples each",
+    )
+    packing: bool = Field(
+        default=False,
+        description="pack a step's examples into rows of max_length tokens (best-fit "
+        "decreasing); attention stays within each example",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute activations in the backward: less memory, slower"
+    )
+    compile: bool = Field(default=False, description="torch.compile each decoder layer")
+    peak_tflops: float | None = Field(
+        default=None,
+        gt=0,
+        description="the device's matmul peak in TFLOP/s at the training precision; "
+        "shows MFU (bench/matmul_peak.py measures it)",
+    )
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     seed: int = 42
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="auto: bf16 autocast where the device supports it"
+    precision: Literal["auto", "fp32", "bf16", "pure_bf16"] = Field(
+        default="auto",
+        description="auto: bf16 autocast (fp32 master weights) where the device runs bf16 "
+        "fast; pure_bf16 (LoRA only): frozen weights stored in bf16, adapters in fp32",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps")
     log_every: int = Field(default=1, gt=0)
@@ -84,6 +107,9 @@ class Config(Strict):
     trust_remote_code: bool = False
     cache_dir: str | None = None
     method: Literal["full", "lora"] = "lora"
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto", description="auto: SDPA; flash_attention_2 on CUDA for packed rows"
+    )
     template: str = Field(default="auto", description="auto, a built-in name, or a Jinja file")
     train_on: Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"] = (
         "all_assistant_turns"
@@ -100,6 +126,11 @@ class Config(Strict):
     def _needs_data(self):
         if not self.data.train:
             raise ValueError("data.train is required: a file, a folder, or a list of them")
+        if self.training.precision == "pure_bf16" and self.method != "lora":
+            raise ValueError(
+                "training.precision=pure_bf16 is for LoRA: full fine-tuning keeps fp32 master "
+                "weights; use bf16 (autocast) instead"
+            )
         return self
 
     @property

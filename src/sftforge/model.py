@@ -97,12 +97,69 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_model(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+def load_model(
+    path: str,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    attention: str = "sdpa",
+):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        path,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attention,
     )
+
+
+def attention_implementation(choice: str) -> str:
+    """'auto' is PyTorch's SDPA on every device. flash_attention_2 (CUDA, package flash_attn)
+    must be asked for: it runs only in bf16/fp16, and evaluation here runs in fp32."""
+    if choice != "auto":
+        return choice
+    return "sdpa"
+
+
+class PackingError(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def verify_packing_isolation(model, device: torch.device) -> None:
+    """Prove, on this model as loaded, that packed examples cannot see each other: two short
+    sequences packed in one row (positions restarting) must give the hidden states they give
+    alone. Packing is refused otherwise: a leak would train silently on the wrong context."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = lm.get_decoder()
+    vocab = lm.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab, (1, n), generator=g).to(device) for n in (5, 7))
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = decoder(input_ids=torch.cat([a, b], 1), position_ids=positions, use_cache=False)
+        alone = torch.cat([decoder(input_ids=x, use_cache=False)[0] for x in (a, b)], 1)
+    finally:
+        model.train(was_training)
+    gap = float((packed[0].float() - alone.float()).abs().max())
+    scale = float(alone.float().abs().max())
+    if gap > 1e-3 * max(1.0, scale):
+        implementation = getattr(lm.config, "_attn_implementation", "?")
+        raise PackingError(
+            f"packing would let examples attend to each other with this model's attention "
+            f"({implementation}): packed and separate hidden states differ by {gap:.3g}. "
+            "Set training.packing=false, or attention=sdpa / flash_attention_2."
+        )
+
+
+def compile_decoder_layers(model) -> None:
+    """torch.compile each decoder layer in place (shapes vary with each batch: dynamic)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in lm.get_decoder().layers:
+        layer.compile(dynamic=True)
 
 
 def add_missing_special_tokens(tokenizer, model, tokens: tuple[str, ...]) -> list[int]:

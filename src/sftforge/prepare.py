@@ -13,6 +13,7 @@ from .data import LoadResult, Rejects, load_conversations
 from .model import (
     add_missing_special_tokens,
     attach_lora,
+    attention_implementation,
     default_cache_dir,
     load_model,
     load_tokenizer,
@@ -90,7 +91,11 @@ def prepare(config: Config, output_dir: Path) -> Prepared:
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     base_path = resolve_model_path(config.model, cache)
     tokenizer = load_tokenizer(base_path, config.trust_remote_code)
-    model = load_model(base_path, config.trust_remote_code)
+    attention = attention_implementation(config.attention)
+    # pure_bf16 stores the frozen weights in bf16 (peft keeps the adapters in fp32): half
+    # the memory, and no fp32 -> bf16 casts of weights and activations at every layer.
+    dtype = torch.bfloat16 if config.training.precision == "pure_bf16" else torch.float32
+    model = load_model(base_path, config.trust_remote_code, dtype=dtype, attention=attention)
     template = resolve_template(config.template, tokenizer)
     new_ids = add_missing_special_tokens(tokenizer, model, template.extra_tokens)
     if new_ids:

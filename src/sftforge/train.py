@@ -16,13 +16,13 @@ import torch
 from tqdm import tqdm
 
 from .assessment import Assessment, build_assessment
-from .batches import collate, epoch_batches
+from .batches import Batch, epoch_steps, step_batches
 from .config import Config
 from .export import save_run
+from .flops import flop_model
 from .loss import summed_token_loss, trained_token_count
-from .model import pick_device
+from .model import compile_decoder_layers, pick_device, verify_packing_isolation
 from .prepare import Prepared, prepare
-from .tokenize import Example
 
 
 def set_seed(seed: int) -> None:
@@ -42,7 +42,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast (fp32 master weights) where the hardware runs bf16 fast, else none."""
     if precision == "fp32":
         return None
-    if precision == "bf16":
+    if precision in ("bf16", "pure_bf16"):
         return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -66,20 +66,20 @@ def optimizer_steps(config: Config, n_examples: int) -> int:
     t = config.training
     if t.max_steps:
         return t.max_steps
-    per_epoch = math.ceil(n_examples / t.batch_size)
-    return max(1, math.ceil(per_epoch * t.epochs / t.grad_accum))
+    per_epoch = math.ceil(n_examples / (t.batch_size * t.grad_accum))
+    return max(1, math.ceil(per_epoch * t.epochs))
 
 
-def micro_batch_stream(examples: list[Example], batch_size: int, seed: int):
-    """Endless (epoch, indices) stream, reshuffled every epoch."""
+def step_stream(lengths: list[int], examples_per_step: int, seed: int):
+    """Endless (epoch, example indices of one optimizer step), reshuffled every epoch."""
     epoch = 0
     while True:
-        for indices in epoch_batches(examples, batch_size, seed, epoch):
+        for indices in epoch_steps(lengths, examples_per_step, seed, epoch):
             yield epoch, indices
         epoch += 1
 
 
-def accumulate_gradients(model, batches, device, amp) -> tuple[float, int]:
+def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step.
 
     Each micro-batch contributes (sum of its token losses) / (trained tokens in the whole
@@ -90,7 +90,7 @@ def accumulate_gradients(model, batches, device, amp) -> tuple[float, int]:
     for batch in batches:
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss_sum = summed_token_loss(model, batch.input_ids, batch.labels)
+            loss_sum = summed_token_loss(model, batch.input_ids, batch.labels, batch.position_ids)
         (loss_sum / step_trained).backward()
         total += loss_sum.item()
     return total / step_trained, step_trained
@@ -106,14 +106,15 @@ def train(config: Config) -> Path:
     model = prep.model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=config.learning_rate, weight_decay=t.weight_decay, foreach=True
+        params, lr=config.learning_rate, weight_decay=t.weight_decay, **_fast_adamw(device)
     )
     amp = autocast_dtype(t.precision, device)
     total_steps = optimizer_steps(config, len(prep.examples))
     warmup = int(t.warmup_ratio * total_steps)
     print(
-        f"training {config.method} on {device} ({'bf16 autocast' if amp else 'fp32'}): "
-        f"{len(prep.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum}, "
+        f"training {config.method} on {device} ({_precision_note(t.precision, amp)}): "
+        f"{len(prep.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
+        f"examples{_micro_batch_note(config)}, "
         f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
     )
     assessment = build_assessment(
@@ -122,20 +123,38 @@ def train(config: Config) -> Path:
     print("measuring the model before training")
     before = assessment.measure(model)
 
+    if t.packing:
+        verify_packing_isolation(model, device)
+    if t.gradient_checkpointing:
+        _causal_lm(model).gradient_checkpointing_enable({"use_reentrant": False})
+    if t.compile:
+        compile_decoder_layers(model)
+    flops = flop_model(model, config.method)
     model.train()
-    stream = micro_batch_stream(prep.examples, t.batch_size, t.seed)
+    lengths = [len(ex.input_ids) for ex in prep.examples]
+    stream = step_stream(lengths, t.batch_size * t.grad_accum, t.seed)
+    pack_length = config.max_length if t.packing else None
     metrics = (output_dir / "metrics.jsonl").open("w")
     best_eval = math.inf
     start = time.perf_counter()
     eval_seconds = 0.0  # excluded from throughput: tokens/s measures training alone
     tokens_seen = trained_seen = 0
+    flops_done = 0.0
     bar = tqdm(range(total_steps), desc="train", dynamic_ncols=True)
     for step in bar:
         lr = learning_rate_at(step, total_steps, warmup, config.learning_rate, t.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro = [next(stream) for _ in range(t.grad_accum)]
-        batches = [collate([prep.examples[i] for i in idx], prep.pad_id) for _, idx in micro]
+        epoch, indices = next(stream)
+        batches = step_batches(
+            prep.examples,
+            lengths,
+            indices,
+            prep.pad_id,
+            t.batch_size,
+            t.micro_batch_tokens,
+            pack_length,
+        )
         step_loss, step_trained = accumulate_gradients(model, batches, device, amp)
         grad_norm = None
         if t.max_grad_norm:
@@ -145,19 +164,26 @@ def train(config: Config) -> Path:
 
         tokens_seen += sum(b.real_tokens for b in batches)
         trained_seen += step_trained
+        flops_done += sum(
+            flops.step_flops(b.example_lengths, trained_token_count(b.labels)) for b in batches
+        )
         elapsed = time.perf_counter() - start - eval_seconds
         record = {
             "step": step + 1,
-            "epoch": micro[-1][0] + 1,
+            "epoch": epoch + 1,
             "loss": step_loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": tokens_seen,
             "trained_tokens": trained_seen,
+            "micro_batches": len(batches),
             "tokens_per_s": tokens_seen / elapsed,
             "trained_tokens_per_s": trained_seen / elapsed,
+            "tflops": flops_done / elapsed / 1e12,
             "elapsed_s": elapsed,
         }
+        if t.peak_tflops:
+            record["mfu"] = record["tflops"] / t.peak_tflops
         if assessment.held_out and _eval_due(step + 1, total_steps, config.eval.every):
             eval_start = time.perf_counter()
             record["eval_loss"] = assessment.loss(model)
@@ -168,9 +194,7 @@ def train(config: Config) -> Path:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
-            bar.set_postfix(
-                loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
-            )
+            bar.set_postfix(_progress(record), refresh=False)
     bar.close()
     metrics.close()
 
@@ -182,6 +206,45 @@ def train(config: Config) -> Path:
     finish_report(config, prep, assessment, summary, output_dir)
     print(f"saved to {output_dir}")
     return output_dir
+
+
+def _fast_adamw(device: torch.device) -> dict:
+    """The fused AdamW kernel where torch has one for the device, else the foreach one."""
+    if device.type in ("cuda", "cpu", "mps"):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _precision_note(precision: str, amp: torch.dtype | None) -> str:
+    if precision == "pure_bf16":
+        return "bf16 frozen weights, fp32 adapters, bf16 autocast"
+    return "bf16 autocast, fp32 master weights" if amp else "fp32"
+
+
+def _micro_batch_note(config: Config) -> str:
+    t = config.training
+    parts = []
+    if t.micro_batch_tokens:
+        parts.append(f"micro-batches of <= {t.micro_batch_tokens} tokens")
+    if t.packing:
+        parts.append(f"packed into rows of {config.max_length}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _progress(record: dict) -> dict:
+    shown = {
+        "loss": f"{record['loss']:.4f}",
+        "lr": f"{record['lr']:.2e}",
+        "tok/s": f"{record['tokens_per_s']:.0f}",
+        "trained/s": f"{record['trained_tokens_per_s']:.0f}",
+    }
+    if "mfu" in record:
+        shown["mfu"] = f"{record['mfu']:.0%}"
+    return shown
 
 
 def _eval_due(step: int, total: int, every: int | None) -> bool:
