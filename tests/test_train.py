@@ -185,3 +185,15 @@ def test_the_steps_examples_do_not_depend_on_how_micro_batches_are_cut(tmp_path,
     budget = losses("training.max_steps=2", "training.micro_batch_tokens=100")
     assert packed == pytest.approx(plain, abs=1e-5)
     assert budget == pytest.approx(plain, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_train_to_the_same_losses(tmp_path, tiny_model_dir):
+    def losses(*overrides):
+        out = train(
+            config(tmp_path, tiny_model_dir, "method=full", "training.precision=fp32", *overrides)
+        )
+        rows = (out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(r)["loss"] for r in rows]
+
+    assert losses("training.compile=true") == pytest.approx(losses(), abs=1e-4)
