@@ -172,28 +172,23 @@ def test_packed_token_budget_run_with_pure_bf16_lora_trains_and_reports_throughp
     assert adapter["peft_type"] == "LORA"
 
 
+def full_fp32_losses(tmp_path, model, *overrides) -> list[float]:
+    out = train(config(tmp_path, model, "method=full", "training.precision=fp32", *overrides))
+    return [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_the_steps_examples_do_not_depend_on_how_micro_batches_are_cut(tmp_path, tiny_model_dir):
     def losses(*overrides):
-        out = train(
-            config(tmp_path, tiny_model_dir, "method=full", "training.precision=fp32", *overrides)
-        )
-        rows = (out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(r)["loss"] for r in rows]
+        return full_fp32_losses(tmp_path, tiny_model_dir, "training.max_steps=2", *overrides)
 
-    plain = losses("training.max_steps=2")
-    packed = losses("training.max_steps=2", "training.packing=true")
-    budget = losses("training.max_steps=2", "training.micro_batch_tokens=100")
+    plain = losses()
+    packed = losses("training.packing=true")
+    budget = losses("training.micro_batch_tokens=100")
     assert packed == pytest.approx(plain, abs=1e-5)
     assert budget == pytest.approx(plain, abs=1e-5)
 
 
 @pytest.mark.slow
 def test_compiled_decoder_layers_train_to_the_same_losses(tmp_path, tiny_model_dir):
-    def losses(*overrides):
-        out = train(
-            config(tmp_path, tiny_model_dir, "method=full", "training.precision=fp32", *overrides)
-        )
-        rows = (out / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(r)["loss"] for r in rows]
-
-    assert losses("training.compile=true") == pytest.approx(losses(), abs=1e-4)
+    compiled = full_fp32_losses(tmp_path, tiny_model_dir, "training.compile=true")
+    assert compiled == pytest.approx(full_fp32_losses(tmp_path, tiny_model_dir), abs=1e-4)
