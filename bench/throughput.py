@@ -25,7 +25,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=str(DEMO))
     p.add_argument("--method", default="lora", choices=["lora", "full"])
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "pure_bf16"])
     p.add_argument("--examples-per-step", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=8, help="examples per micro-batch")
     p.add_argument("--token-budget", type=int, help="tokens per micro-batch instead")

@@ -150,7 +150,7 @@ def test_schedule_warms_up_then_decays(schedule):
         assert lrs[-1] < 0.05
 
 
-def test_packed_token_budget_run_with_pure_bf16_lora_trains_and_reports_throughput(
+def test_packed_budgeted_checkpointed_pure_bf16_lora_run_trains_and_reports_mfu(
     tmp_path, tiny_model_dir
 ):
     out = train(
@@ -162,6 +162,7 @@ def test_packed_token_budget_run_with_pure_bf16_lora_trains_and_reports_throughp
             "training.micro_batch_tokens=256",
             "training.grad_accum=2",
             "training.peak_tflops=1.0",
+            "training.gradient_checkpointing=true",
         )
     )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -177,15 +178,15 @@ def full_fp32_losses(tmp_path, model, *overrides) -> list[float]:
     return [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_steps_examples_do_not_depend_on_how_micro_batches_are_cut(tmp_path, tiny_model_dir):
+def test_layout_and_checkpointing_do_not_change_the_losses(tmp_path, tiny_model_dir):
+    # A step's examples do not depend on how they are cut into micro-batches or packed.
     def losses(*overrides):
         return full_fp32_losses(tmp_path, tiny_model_dir, "training.max_steps=2", *overrides)
 
     plain = losses()
-    packed = losses("training.packing=true")
-    budget = losses("training.micro_batch_tokens=100")
-    assert packed == pytest.approx(plain, abs=1e-5)
-    assert budget == pytest.approx(plain, abs=1e-5)
+    assert losses("training.packing=true") == pytest.approx(plain, abs=1e-5)
+    assert losses("training.micro_batch_tokens=100") == pytest.approx(plain, abs=1e-5)
+    assert losses("training.gradient_checkpointing=true") == pytest.approx(plain, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ from .tokenize import IGNORE_INDEX
 # Configs whose head is more than a linear layer: use the model's own forward for them.
 _HEAD_EXTRAS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
 
-# Rows of logits alive at once: 1024 x 49k x 4 bytes is 200 MB in fp32.
-CHUNK_LOGIT_ELEMENTS = 1024 * 49152
+# Logits alive at once: 512 rows x 49k words is 100 MB in fp32.
+CHUNK_LOGIT_ELEMENTS = 512 * 49152
 
 
 def trained_token_count(labels: torch.Tensor) -> int:
@@ -68,23 +68,73 @@ def chunked_head_loss(
     targets: torch.Tensor,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """Summed cross-entropy of head(hidden) against targets, `chunk_rows` rows at a time.
+    """Summed cross-entropy of head(hidden) against targets, `chunk_rows` rows at a time, so
+    at most one chunk of logits is alive.
 
-    Each chunk is checkpointed: its logits are freed after the forward and recomputed in the
-    backward, so at most one chunk of logits (and its gradient) is alive."""
-    if chunk_rows is None:
-        vocab = getattr(head, "out_features", None) or 262_144  # a wrapped head: assume wide
-        chunk_rows = max(1, CHUNK_LOGIT_ELEMENTS // vocab)
-    if hidden.shape[0] <= chunk_rows:
+    A plain linear head (the usual case) takes the fused path: each chunk's gradient is
+    computed with its loss, in the forward pass, and kept (it is as small as `hidden`), so
+    nothing is recomputed. Any other head (e.g. wrapped by peft) is checkpointed per chunk:
+    its logits are recomputed in the backward."""
+    vocab = getattr(head, "out_features", None) or 262_144  # a wrapped head: assume wide
+    chunk_rows = chunk_rows or max(1, CHUNK_LOGIT_ELEMENTS // vocab)
+    chunks = [slice(s, s + chunk_rows) for s in range(0, hidden.shape[0], chunk_rows)]
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    wants_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
+    if not wants_grad:  # evaluation: the loss alone
+        return sum((_head_loss(head, hidden[c], targets[c]) for c in chunks), start=zero)
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return _LinearCrossEntropy.apply(hidden, head.weight, targets, chunk_rows)
+    if len(chunks) == 1:
         return _head_loss(head, hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        total = total + checkpoint(
-            _head_loss, head, hidden[rows], targets[rows], use_reentrant=False
-        )
-    return total
+    return sum(
+        (checkpoint(_head_loss, head, hidden[c], targets[c], use_reentrant=False) for c in chunks),
+        start=zero,
+    )
 
 
 def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) with its gradients made chunk by chunk.
+
+    The gradient of the summed loss with respect to a chunk's logits is softmax - one_hot;
+    from it come the chunk's hidden gradient (@ weight) and its share of the weight gradient
+    (.T @ hidden). Matmuls run in the autocast dtype when autocast is on, softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype or weight.dtype)
+            h_all = hidden.to(w.dtype)
+            grad_hidden = torch.empty_like(h_all)
+            wants_weight_grad = ctx.needs_input_grad[1]
+            grad_weight = torch.zeros_like(w, dtype=torch.float32) if wants_weight_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h, t = h_all[start : start + chunk_rows], targets[start : start + chunk_rows]
+                logits = (h @ w.T).float()
+                logsumexp = logits.logsumexp(dim=-1, keepdim=True)
+                total += (logsumexp.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                grad_logits = logits.sub_(logsumexp).exp_()  # softmax, in place
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_logits = grad_logits.to(w.dtype)
+                grad_hidden[start : start + chunk_rows] = grad_logits @ w
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_h = (grad_hidden * grad_total).to(hidden_dtype)
+        grad_w = None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype)
+        return grad_h, grad_w, None, None
