@@ -10,7 +10,8 @@ under `/usr/bin/time -v` so peak memory comes from the OS. Each --ours configura
 per pair against the same TRL run, and ratios are taken within a pair.
 
 --ours takes comma-separated items: micro=N (micro-batch; default --trl-micro-batch),
-budget=T (token budget per micro-batch), packing, compile (torch.compile the decoder layers).
+budget=T (token budget per micro-batch), packing, compile (torch.compile the decoder layers),
+pure (LoRA with its frozen weights in bf16: training.precision=pure_bf16).
 
 It first measures this machine's matmul peak (bench/matmul_peak.py) and passes it to
 sftforge, whose result then carries its model FLOPs utilisation (MFU).
@@ -109,9 +110,11 @@ def ours_flags(spec: str, args: argparse.Namespace) -> list[str]:
             extra += ["--token-budget", value]
         elif key in ("packing", "compile") and not value:
             extra.append(f"--{key}")
+        elif key == "pure" and not value:
+            extra += ["--precision", "pure_bf16"]  # after --precision bf16: the later one wins
         else:
             sys.exit(
-                f"--ours {spec!r}: expected items micro=N, budget=T, packing or compile; "
+                f"--ours {spec!r}: expected items micro=N, budget=T, packing, compile or pure; "
                 f"found {item!r}"
             )
     return ["--micro-batch", str(micro), *extra]
