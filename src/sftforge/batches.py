@@ -1,6 +1,6 @@
 """Examples -> optimizer steps -> micro-batches of rows (padded, or packed).
 
-An optimizer step is a fixed set of examples (`batch_size` x `grad_accum`), decided by the
+An optimizer step is a random set of examples (`batch_size` x `grad_accum`), decided by the
 seed and the epoch alone. How that set is cut into micro-batches is a matter of speed and
 memory only: the loss is normalised by the step's trained tokens (see loss.py), so any cut
 gives the same update. Two choices:
@@ -103,23 +103,15 @@ def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int
     return bins
 
 
-def epoch_steps(
-    lengths: list[int], examples_per_step: int, seed: int, epoch: int
-) -> list[list[int]]:
-    """Example indices of each optimizer step of one epoch: shuffled, then grouped by length
-    within windows of 64 steps (little padding, yet a random order), then the steps shuffled."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = examples_per_step * 64
-    steps = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
-        steps.extend(
-            chunk[s : s + examples_per_step] for s in range(0, len(chunk), examples_per_step)
-        )
-    rng.shuffle(steps)
-    return steps
+def epoch_steps(n_examples: int, examples_per_step: int, seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of each optimizer step of one epoch: a fresh random order, cut in steps.
+
+    Steps are random samples, never grouped by length: examples of like length are often of
+    like kind, and steps of one kind make a noisier, slower descent. Padding is kept small
+    inside the step instead, where micro-batches are formed by length."""
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[s : s + examples_per_step] for s in range(0, n_examples, examples_per_step)]
 
 
 def plan_micro_batches(

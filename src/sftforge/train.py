@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from tqdm import tqdm
 
 from .assessment import Assessment, build_assessment
@@ -70,11 +71,11 @@ def optimizer_steps(config: Config, n_examples: int) -> int:
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
-def step_stream(lengths: list[int], examples_per_step: int, seed: int):
+def step_stream(n_examples: int, examples_per_step: int, seed: int):
     """Endless (epoch, example indices of one optimizer step), reshuffled every epoch."""
     epoch = 0
     while True:
-        for indices in epoch_steps(lengths, examples_per_step, seed, epoch):
+        for indices in epoch_steps(n_examples, examples_per_step, seed, epoch):
             yield epoch, indices
         epoch += 1
 
@@ -87,12 +88,19 @@ def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[floa
     step is split. Returns (that mean loss, trained tokens)."""
     step_trained = sum(trained_token_count(b.labels) for b in batches)
     total = 0.0
-    for batch in batches:
-        batch = batch.to(device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss_sum = summed_token_loss(model, batch.input_ids, batch.labels, batch.position_ids)
-        (loss_sum / step_trained).backward()
-        total += loss_sum.item()
+    # Under autocast, peft's own cast of each adapter's input to fp32 only adds a copy per
+    # adapter (kept for the backward): autocast runs those matmuls in bf16 anyway.
+    with disable_input_dtype_casting(
+        model, active=amp is not None and hasattr(model, "peft_config")
+    ):
+        for batch in batches:
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss_sum = summed_token_loss(
+                    model, batch.input_ids, batch.labels, batch.position_ids
+                )
+            (loss_sum / step_trained).backward()
+            total += loss_sum.item()
     return total / step_trained, step_trained
 
 
@@ -128,11 +136,15 @@ def train(config: Config) -> Path:
     if t.gradient_checkpointing:
         _causal_lm(model).gradient_checkpointing_enable({"use_reentrant": False})
     if t.compile:
+        print(
+            "warning: training.compile is experimental: on SmolLM2 LoRA bf16 its loss curve "
+            "parted from the eager one after the first update (docs/benchmarks.md)"
+        )
         compile_decoder_layers(model)
     flops = flop_model(model, config.method)
     model.train()
     lengths = [len(ex.input_ids) for ex in prep.examples]
-    stream = step_stream(lengths, t.batch_size * t.grad_accum, t.seed)
+    stream = step_stream(len(lengths), t.batch_size * t.grad_accum, t.seed)
     pack_length = config.max_length if t.packing else None
     metrics = (output_dir / "metrics.jsonl").open("w")
     best_eval = math.inf
