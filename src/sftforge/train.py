@@ -10,10 +10,10 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft.helpers import disable_input_dtype_casting
 from tqdm import tqdm
 
 from .assessment import Assessment, build_assessment
@@ -80,6 +80,22 @@ def step_stream(n_examples: int, examples_per_step: int, seed: int):
         epoch += 1
 
 
+@contextmanager
+def adapter_input_casts(model, enabled: bool):
+    """Switch peft's cast of adapter inputs to the adapter dtype on or off (its layers'
+    documented `cast_input_dtype_enabled` flag), restoring it afterwards. (peft's own
+    `disable_input_dtype_casting` fails on models with trainable-token layers.)"""
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = enabled
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before, strict=True):
+            m.cast_input_dtype_enabled = value
+
+
 def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step.
 
@@ -90,9 +106,7 @@ def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[floa
     total = 0.0
     # Under autocast, peft's own cast of each adapter's input to fp32 only adds a copy per
     # adapter (kept for the backward): autocast runs those matmuls in bf16 anyway.
-    with disable_input_dtype_casting(
-        model, active=amp is not None and hasattr(model, "peft_config")
-    ):
+    with adapter_input_casts(model, enabled=amp is None):
         for batch in batches:
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -138,7 +152,8 @@ def train(config: Config) -> Path:
     if t.compile:
         print(
             "warning: training.compile is experimental: on SmolLM2 LoRA bf16 its loss curve "
-            "parted from the eager one after the first update (docs/benchmarks.md)"
+            "differs from eager bf16 after the first update, lying nearer to fp32 "
+            "(docs/benchmarks.md)"
         )
         compile_decoder_layers(model)
     flops = flop_model(model, config.method)
