@@ -306,3 +306,9 @@ def test_flop_model_ignores_lora_adapter_matrices(tiny_model_factory):
     plain = flop_model(model, "lora").matmul_params
     adapted = attach_lora(model, 4, 8, 0.0, "all-linear", [])
     assert flop_model(adapted, "lora").matmul_params == plain
+
+
+def test_a_batch_counts_its_trained_tokens_as_the_loss_does():
+    examples = random_examples(7, seed=9)
+    for batch in (collate(examples, 0), collate_rows([examples[:4], examples[4:]], 0)):
+        assert batch.trained_tokens == trained_token_count(batch.labels)

@@ -35,6 +35,7 @@ class Batch:
     real_tokens: int  # tokens that are not padding
     position_ids: torch.Tensor | None = None  # set for packed rows: restarts at each example
     example_lengths: tuple[int, ...] = ()  # the examples' lengths, for FLOP counting
+    trained_tokens: int = 0  # labels that are trained, after the shift
 
     def to(self, device: torch.device) -> Batch:
         def move(t):
@@ -46,6 +47,7 @@ class Batch:
             self.real_tokens,
             move(self.position_ids),
             self.example_lengths,
+            self.trained_tokens,
         )
 
 
@@ -79,7 +81,8 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
         if positions is not None:
             # Padding restarts at 0 too: it forms its own segment, seen by no real token.
             positions[r, start:] = torch.arange(length - start)
-    return Batch(input_ids, labels, sum(lengths), positions, tuple(lengths))
+    trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return Batch(input_ids, labels, sum(lengths), positions, tuple(lengths), trained)
 
 
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

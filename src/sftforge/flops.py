@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import causal_lm
+
 
 @dataclass(frozen=True)
 class FlopModel:
@@ -40,7 +42,7 @@ class FlopModel:
 
 def flop_model(model: torch.nn.Module, method: str) -> FlopModel:
     """Read the sizes off the model: its linear layers inside the decoder, and its config."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     decoder = lm.get_decoder()
     matmul = 0
     for name, module in decoder.named_modules():

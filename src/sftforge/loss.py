@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .model import causal_lm
 from .tokenize import IGNORE_INDEX
 
 # Configs whose head is more than a linear layer: use the model's own forward for them.
@@ -30,10 +31,6 @@ CHUNK_LOGIT_ELEMENTS = 512 * 49152
 def trained_token_count(labels: torch.Tensor) -> int:
     """Tokens whose next-token prediction is trained (labels shifted by one)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def _causal_lm(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _head_is_plain_linear(lm) -> bool:
@@ -52,7 +49,7 @@ def summed_token_loss(
     example's attention to itself."""
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     if not _head_is_plain_linear(lm):
         out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         logits = out.logits[:, :-1][trained]

@@ -122,6 +122,11 @@ def attention_implementation(choice: str) -> str:
     return "sdpa"
 
 
+def causal_lm(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class PackingError(RuntimeError):
     pass
 
@@ -131,7 +136,7 @@ def verify_packing_isolation(model, device: torch.device) -> None:
     """Prove, on this model as loaded, that packed examples cannot see each other: two short
     sequences packed in one row (positions restarting) must give the hidden states they give
     alone. Packing is refused otherwise: a leak would train silently on the wrong context."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     decoder = lm.get_decoder()
     vocab = lm.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
@@ -157,7 +162,7 @@ def verify_packing_isolation(model, device: torch.device) -> None:
 
 def compile_decoder_layers(model) -> None:
     """torch.compile each decoder layer in place (shapes vary with each batch: dynamic)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = causal_lm(model)
     for layer in lm.get_decoder().layers:
         layer.compile(dynamic=True)
 

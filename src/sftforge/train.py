@@ -21,8 +21,8 @@ from .batches import Batch, epoch_steps, step_batches
 from .config import Config
 from .export import save_run
 from .flops import flop_model
-from .loss import summed_token_loss, trained_token_count
-from .model import compile_decoder_layers, pick_device, verify_packing_isolation
+from .loss import summed_token_loss
+from .model import causal_lm, compile_decoder_layers, pick_device, verify_packing_isolation
 from .prepare import Prepared, prepare
 
 
@@ -102,7 +102,7 @@ def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[floa
     Each micro-batch contributes (sum of its token losses) / (trained tokens in the whole
     step), so the gradient is that of the mean over the step's trained tokens, however the
     step is split. Returns (that mean loss, trained tokens)."""
-    step_trained = sum(trained_token_count(b.labels) for b in batches)
+    step_trained = sum(b.trained_tokens for b in batches)
     total = 0.0
     # Under autocast, peft's own cast of each adapter's input to fp32 only adds a copy per
     # adapter (kept for the backward): autocast runs those matmuls in bf16 anyway.
@@ -148,7 +148,7 @@ def train(config: Config) -> Path:
     if t.packing:
         verify_packing_isolation(model, device)
     if t.gradient_checkpointing:
-        _causal_lm(model).gradient_checkpointing_enable({"use_reentrant": False})
+        causal_lm(model).gradient_checkpointing_enable({"use_reentrant": False})
     if t.compile:
         print(
             "warning: training.compile is experimental: on SmolLM2 LoRA bf16 its loss curve "
@@ -191,9 +191,7 @@ def train(config: Config) -> Path:
 
         tokens_seen += sum(b.real_tokens for b in batches)
         trained_seen += step_trained
-        flops_done += sum(
-            flops.step_flops(b.example_lengths, trained_token_count(b.labels)) for b in batches
-        )
+        flops_done += sum(flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches)
         elapsed = time.perf_counter() - start - eval_seconds
         record = {
             "step": step + 1,
@@ -240,10 +238,6 @@ def _fast_adamw(device: torch.device) -> dict:
     if device.type in ("cuda", "cpu", "mps"):
         return {"fused": True}
     return {"foreach": True}
-
-
-def _causal_lm(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _precision_note(precision: str, amp: torch.dtype | None) -> str:
