@@ -76,6 +76,19 @@ class TrainingConfig(Strict):
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps")
     log_every: int = Field(default=1, gt=0)
+    save_every: int | None = Field(
+        default=500,
+        gt=0,
+        description="write a resumable checkpoint every N optimizer steps (and at the end); "
+        "null: only at the end",
+    )
+    keep_checkpoints: int = Field(default=2, gt=0, description="keep the newest K checkpoints")
+    skip_nonfinite_steps: int = Field(
+        default=0,
+        ge=0,
+        description="skip up to N optimizer steps whose loss or gradient is NaN/inf; "
+        "0 stops the run at the first one",
+    )
 
 
 class ScorerConfig(Strict):
@@ -105,6 +118,14 @@ class EvalConfig(Strict):
 class Config(Strict):
     model: str = Field(default="smollm2-135m", description="embedded name, HF dir, hub id, .gguf")
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(
+        default=False,
+        description="load .bin/.pt (pickle) weights; unpickling runs arbitrary code",
+    )
+    resume: str | None = Field(
+        default=None,
+        description="auto: the newest complete checkpoint in output_dir; or a checkpoint path",
+    )
     cache_dir: str | None = None
     method: Literal["full", "lora"] = "lora"
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
