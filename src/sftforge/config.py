@@ -126,6 +126,11 @@ class Config(Strict):
         default=None,
         description="auto: the newest complete checkpoint in output_dir; or a checkpoint path",
     )
+    overwrite_output_dir: bool = Field(
+        default=False,
+        description="start afresh in an output_dir holding a previous run, deleting its "
+        "checkpoints and model",
+    )
     cache_dir: str | None = None
     method: Literal["full", "lora"] = "lora"
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(

@@ -8,21 +8,46 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 from .assessment import Assessment, build_assessment
 from .batches import Batch, epoch_steps, step_batches
+from .checkpoint import (
+    check_same_run,
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+    publish_files,
+    remove_unfinished,
+    run_identity,
+    save_checkpoint,
+    write_atomically,
+)
 from .config import Config
 from .export import save_run
 from .flops import flop_model
 from .loss import summed_token_loss
 from .model import causal_lm, compile_decoder_layers, pick_device, verify_packing_isolation
+from .preflight import (
+    check_free_disk,
+    check_max_length,
+    check_writable,
+    checkpoint_bytes,
+    resume_point,
+)
 from .prepare import Prepared, prepare
 
 
@@ -118,17 +143,49 @@ def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[floa
     return total / step_trained, step_trained
 
 
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class RunInterrupted(RuntimeError):
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+@dataclass
+class Progress:
+    """What the loop has counted so far; saved in every checkpoint and restored on resume."""
+
+    tokens: int = 0
+    trained_tokens: int = 0
+    flops: float = 0.0
+    elapsed_s: float = 0.0  # training time alone, evaluation excluded
+    best_eval: float = math.inf
+    skipped_steps: int = 0
+
+
 def train(config: Config) -> Path:
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(config.training.seed)
     t = config.training
+    check_writable(output_dir)
+    for leftover in remove_unfinished(output_dir):
+        print(f"removed {leftover.name}, left unfinished by an interrupted run")
+    resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
+    set_seed(t.seed)
     device = pick_device(t.device)
     prep = prepare(config, output_dir)
+    check_max_length(prep.encoder, config.max_length)
     model = prep.model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=t.weight_decay, **_fast_adamw(device)
+    )
+    checkpoints = max(2, t.keep_checkpoints + 1)  # the newest K, and the one being written
+    check_free_disk(
+        output_dir,
+        checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
+        f"{checkpoints} checkpoints and the final weights",
     )
     amp = autocast_dtype(t.precision, device)
     total_steps = optimizer_steps(config, len(prep.examples))
@@ -142,8 +199,10 @@ def train(config: Config) -> Path:
     assessment = build_assessment(
         config, prep.encoder, prep.held_out, prep.held_out_examples, prep.pad_id, device
     )
-    print("measuring the model before training")
-    before = assessment.measure(model)
+    identity = run_identity(config, prep)
+    if resume_from is None:
+        print("measuring the model before training")
+        before = assessment.measure(model)
 
     if t.packing:
         verify_packing_isolation(model, device)
@@ -161,76 +220,217 @@ def train(config: Config) -> Path:
     lengths = [len(ex.input_ids) for ex in prep.examples]
     stream = step_stream(len(lengths), t.batch_size * t.grad_accum, t.seed)
     pack_length = config.max_length if t.packing else None
-    metrics = (output_dir / "metrics.jsonl").open("w")
-    best_eval = math.inf
-    start = time.perf_counter()
-    eval_seconds = 0.0  # excluded from throughput: tokens/s measures training alone
-    tokens_seen = trained_seen = 0
-    flops_done = 0.0
-    bar = tqdm(range(total_steps), desc="train", dynamic_ncols=True)
-    for step in bar:
-        lr = learning_rate_at(step, total_steps, warmup, config.learning_rate, t.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        epoch, indices = next(stream)
-        batches = step_batches(
-            prep.examples,
-            lengths,
-            indices,
-            prep.pad_id,
-            t.batch_size,
-            t.micro_batch_tokens,
-            pack_length,
-        )
-        step_loss, step_trained = accumulate_gradients(model, batches, device, amp)
-        grad_norm = None
-        if t.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    done, progress = 0, Progress()
+    if resume_from is not None:
+        # Last, after anything above that draws random numbers: the RNG states come back too.
+        resumed = load_checkpoint(resume_from, model, optimizer)
+        check_same_run(resumed.state["identity"], identity, resume_from)
+        done, before = resumed.step, resumed.state["before"]
+        progress = Progress(**resumed.state["progress"])
+        for _ in range(done):
+            next(stream)  # the data position: the next step drawn is the first unseen one
+        print(f"resumed from {resume_from} after step {done} of {total_steps}")
+    metrics = open_metrics(output_dir / "metrics.jsonl", done)
 
-        tokens_seen += sum(b.real_tokens for b in batches)
-        trained_seen += step_trained
-        flops_done += sum(flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches)
-        elapsed = time.perf_counter() - start - eval_seconds
-        record = {
-            "step": step + 1,
-            "epoch": epoch + 1,
-            "loss": step_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": tokens_seen,
-            "trained_tokens": trained_seen,
-            "micro_batches": len(batches),
-            "tokens_per_s": tokens_seen / elapsed,
-            "trained_tokens_per_s": trained_seen / elapsed,
-            "tflops": flops_done / elapsed / 1e12,
-            "elapsed_s": elapsed,
-        }
-        if t.peak_tflops:
-            record["mfu"] = record["tflops"] / t.peak_tflops
-        if assessment.held_out and _eval_due(step + 1, total_steps, config.eval.every):
-            eval_start = time.perf_counter()
-            record["eval_loss"] = assessment.loss(model)
-            if config.eval.save_best and record["eval_loss"] < best_eval:
-                best_eval = record["eval_loss"]
-                save_run(model, prep, config, output_dir / "best")
-            eval_seconds += time.perf_counter() - eval_start
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
-            bar.set_postfix(_progress(record), refresh=False)
+    def save(step: int) -> Path:
+        state = {"identity": identity, "before": before, "progress": asdict(progress)}
+        return save_checkpoint(output_dir, step, model, optimizer, state, t.keep_checkpoints)
+
+    saved_at = done if resume_from is not None else None
+    started = time.perf_counter() - progress.elapsed_s
+    eval_seconds = 0.0  # excluded from throughput: tokens/s measures training alone
+    record: dict = {}
+    bar = tqdm(
+        range(done, total_steps), desc="train", dynamic_ncols=True, initial=done, total=total_steps
+    )
+    with stop_requests() as stop:
+        for step in bar:
+            lr = learning_rate_at(step, total_steps, warmup, config.learning_rate, t.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            epoch, indices = next(stream)
+            batches = step_batches(
+                prep.examples,
+                lengths,
+                indices,
+                prep.pad_id,
+                t.batch_size,
+                t.micro_batch_tokens,
+                pack_length,
+            )
+            step_loss, step_trained = accumulate_gradients(model, batches, device, amp)
+            grad_norm = gradient_norm(params, t.max_grad_norm)
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            else:
+                progress.skipped_steps += 1
+                if progress.skipped_steps > t.skip_nonfinite_steps:
+                    raise NonFiniteError(
+                        nonfinite_message(step + 1, step_loss, grad_norm, indices, prep, config)
+                    )
+                print(
+                    f"warning: step {step + 1}: loss {step_loss} or gradient norm {grad_norm} "
+                    f"is not finite; skipped ({progress.skipped_steps} of "
+                    f"training.skip_nonfinite_steps={t.skip_nonfinite_steps})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+
+            progress.tokens += sum(b.real_tokens for b in batches)
+            progress.trained_tokens += step_trained
+            progress.flops += sum(
+                flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches
+            )
+            progress.elapsed_s = time.perf_counter() - started - eval_seconds
+            record = step_record(step + 1, epoch + 1, step_loss, lr, grad_norm, progress, t)
+            record["micro_batches"] = len(batches)
+            if not finite:
+                record["skipped"] = True
+            if assessment.held_out and _eval_due(step + 1, total_steps, config.eval.every):
+                eval_start = time.perf_counter()
+                record["eval_loss"] = assessment.loss(model)
+                if config.eval.save_best and record["eval_loss"] < progress.best_eval:
+                    progress.best_eval = record["eval_loss"]
+                    save_best(model, prep, config, output_dir)
+                eval_seconds += time.perf_counter() - eval_start
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+                bar.set_postfix(_progress(record), refresh=False)
+            if _checkpoint_due(step + 1, total_steps, t.save_every) or stop.signal:
+                save(step + 1)
+                saved_at = step + 1
+            if stop.signal and step + 1 < total_steps:
+                bar.close()
+                raise RunInterrupted(
+                    f"stopped by {stop.signal.name} after step {step + 1} of {total_steps}; "
+                    f"checkpoint saved to {latest_checkpoint(output_dir)}. To go on, run the "
+                    "same command with resume=auto",
+                    stop.signal,
+                )
     bar.close()
     metrics.close()
+    if saved_at != total_steps:
+        save(total_steps)
 
     print("measuring the model after training")
     # The loop already measured the final eval loss on these weights; do not repeat it.
     after = assessment.measure(model, eval_loss=record.get("eval_loss"))
-    save_run(model, prep, config, output_dir)
+    publish_best(output_dir)
+    save_final(model, prep, config, output_dir)
     summary = assessment.compare(before, after, config.eval.samples)
     finish_report(config, prep, assessment, summary, output_dir)
     print(f"saved to {output_dir}")
     return output_dir
+
+
+def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The gradients' total norm, clipping them to `max_norm` when set."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def nonfinite_message(step, loss, grad_norm, indices, prep: Prepared, config: Config) -> str:
+    last = latest_checkpoint(Path(config.output_dir))
+    sources = ", ".join(str(prep.examples[i].source) for i in indices[:5])
+    more = f" and {len(indices) - 5} more" if len(indices) > 5 else ""
+    kept = (
+        f"the last good checkpoint is {last} (resume=auto continues from it)"
+        if last
+        else "no checkpoint was written before it"
+    )
+    return (
+        f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite, so the "
+        f"run stopped without applying it; {kept}. The step's examples were {sources}{more}. "
+        "Try a lower training.lr, training.precision=fp32, or look at those records; "
+        "training.skip_nonfinite_steps=N skips up to N such steps instead"
+    )
+
+
+def step_record(step, epoch, loss, lr, grad_norm, progress: Progress, t) -> dict:
+    elapsed = max(progress.elapsed_s, 1e-9)
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": progress.tokens,
+        "trained_tokens": progress.trained_tokens,
+        "tokens_per_s": progress.tokens / elapsed,
+        "trained_tokens_per_s": progress.trained_tokens / elapsed,
+        "tflops": progress.flops / elapsed / 1e12,
+        "elapsed_s": progress.elapsed_s,
+    }
+    if t.peak_tflops:
+        record["mfu"] = record["tflops"] / t.peak_tflops
+    return record
+
+
+def open_metrics(path: Path, done: int):
+    """metrics.jsonl for appending, keeping only the rows of the `done` steps resumed from."""
+    rows = []
+    if done and path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= done]
+    metrics = path.open("w")
+    for line in rows:
+        metrics.write(line + "\n")
+    return metrics
+
+
+@contextmanager
+def stop_requests():
+    """Turn the first SIGINT or SIGTERM into a request to stop after the current step (the
+    loop then checkpoints); a second one stops at once, as usual."""
+    stop = SimpleNamespace(signal=None)
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(number, frame):
+        stop.signal = signal.Signals(number)
+        print(
+            f"\n{stop.signal.name}: finishing this step, then saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    for s in previous:
+        signal.signal(s, request)
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def save_best(model, prep: Prepared, config: Config, output_dir: Path) -> None:
+    """The best weights so far, kept beside the checkpoints until the run finishes."""
+    target = checkpoint_root(output_dir) / "best"
+    write_atomically(target, lambda folder: save_run(model, prep, config, folder))
+
+
+def publish_best(output_dir: Path) -> None:
+    kept = checkpoint_root(output_dir) / "best"
+    if kept.is_dir():
+        if (output_dir / "best").exists():
+            shutil.rmtree(output_dir / "best")
+        os.rename(kept, output_dir / "best")
+
+
+def save_final(model, prep: Prepared, config: Config, output_dir: Path) -> None:
+    """The model (or adapter), written aside and moved into output_dir with its weights
+    last: a folder whose weights are there holds a complete model."""
+    staging = output_dir / ".final.writing"
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_run(model, prep, config, staging)
+    publish_files(staging, output_dir)
 
 
 def _fast_adamw(device: torch.device) -> dict:
@@ -269,6 +469,10 @@ def _progress(record: dict) -> dict:
 
 
 def _eval_due(step: int, total: int, every: int | None) -> bool:
+    return step == total or (every is not None and step % every == 0)
+
+
+def _checkpoint_due(step: int, total: int, every: int | None) -> bool:
     return step == total or (every is not None and step % every == 0)
 
 

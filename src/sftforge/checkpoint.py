@@ -1,0 +1,334 @@
+"""Resumable checkpoints, written whole or not at all.
+
+    <output_dir>/checkpoints/step-000120/
+        trainable.safetensors   the trainable weights, bit for bit (adapters, or the whole model)
+        optimizer.safetensors   the optimizer's per-parameter state (AdamW's moments and steps)
+        rng.safetensors         torch's generator states (CPU, and each CUDA device)
+        state.json              step, data position, python/numpy RNG, counters, the run's
+                                config and data fingerprint, the "before" measurements
+
+A checkpoint is written into a hidden temporary folder, every file and the folder are
+fsynced, and only then is the folder renamed to `step-NNNNNN`. A folder of that name is
+therefore complete; a leftover temporary folder from a killed run is removed at the next
+start. The data position is the number of optimizer steps done: steps are a pure function
+of (seed, epoch), so the resumed run draws the very next unseen step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+STEP_NAME = re.compile(r"^step-(\d{6,})$")
+TEMPORARY_PREFIX = "."  # hidden folders: being written, or being deleted
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class Resumed:
+    step: int  # optimizer steps already done
+    state: dict  # the rest of state.json: counters, "before", fingerprints
+    path: Path
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return output_dir / CHECKPOINTS
+
+
+def step_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = step_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def remove_unfinished(output_dir: Path) -> list[Path]:
+    """Delete what a killed run left half-written or half-deleted; returns what was removed."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.name.startswith(TEMPORARY_PREFIX)]
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return leftovers
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    final = checkpoint_root(output_dir) / f"step-{step:06d}"
+
+    def write(folder: Path) -> None:
+        save_file(trainable_state(model), folder / "trainable.safetensors")
+        optimizer_tensors, optimizer_layout = flatten_optimizer_state(optimizer)
+        save_file(optimizer_tensors, folder / "optimizer.safetensors")
+        save_file(torch_rng_states(), folder / "rng.safetensors")
+        full_state = state | {
+            "step": step,
+            "optimizer": optimizer_layout,
+            "python_rng": _python_rng_state(),
+            "numpy_rng": _numpy_rng_state(),
+        }
+        (folder / "state.json").write_text(json.dumps(full_state), "utf-8")
+
+    write_atomically(final, write)
+    for old in step_checkpoints(output_dir)[:-keep]:
+        _delete(old)
+    return final
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> Resumed:
+    """Restore weights, optimizer and RNG states from `path`; returns the run's counters."""
+    required = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    state = json.loads((path / "state.json").read_text("utf-8"))
+    load_trainable_state(model, load_file(path / "trainable.safetensors"), path)
+    restore_optimizer_state(optimizer, load_file(path / "optimizer.safetensors"), state)
+    restore_rng_states(load_file(path / "rng.safetensors"), state)
+    return Resumed(step=state["step"], state=state, path=path)
+
+
+# ---- is it the same run? -------------------------------------------------------------------
+
+
+def run_identity(config, prep) -> dict:
+    """What must not change between a checkpoint and its resume: the config that shapes the
+    steps, and a fingerprint of the tokenized data."""
+    digest = hashlib.sha256()
+    for example in prep.examples:
+        digest.update(repr((example.input_ids, example.labels)).encode())
+    shaping = config.model_dump(exclude=RESUMABLE_CHANGES)
+    return {"config": shaping, "data_sha256": digest.hexdigest(), "examples": len(prep.examples)}
+
+
+# Keys that may differ on resume: they change where and how often things are written or
+# shown, never which steps are taken or what they compute.
+RESUMABLE_CHANGES = {
+    "resume": True,
+    "overwrite_output_dir": True,
+    "output_dir": True,
+    "cache_dir": True,
+    "training": {
+        "save_every",
+        "keep_checkpoints",
+        "skip_nonfinite_steps",
+        "log_every",
+        "peak_tflops",
+        "device",
+    },
+    "eval": {"every", "save_best", "samples", "max_prompts"},
+}
+
+
+def check_same_run(saved: dict, current: dict, path: Path) -> None:
+    if saved["data_sha256"] != current["data_sha256"]:
+        raise CheckpointError(
+            f"{path}: the training data differ from the run that wrote this checkpoint "
+            f"({saved['examples']} examples then, {current['examples']} now, or their tokens "
+            "changed); an exact resume needs the same data. Restore it, or start a new run"
+        )
+    changed = _changed_keys(saved["config"], current["config"])
+    if changed:
+        raise CheckpointError(
+            f"{path}: the config differs from the run that wrote this checkpoint in "
+            f"{', '.join(changed)}; an exact resume needs the same settings. Put them back, "
+            "or start a new run in another output_dir"
+        )
+
+
+def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return changed
+
+
+# ---- weights -------------------------------------------------------------------------------
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: p.detach().to("cpu").contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, saved: dict, path: Path) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        missing = sorted(set(params) - set(saved))[:3]
+        extra = sorted(set(saved) - set(params))[:3]
+        raise CheckpointError(
+            f"{path}: its trainable weights do not match this model's (missing {missing}, "
+            f"unexpected {extra}); was it written with another model, method or LoRA config?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise CheckpointError(
+                    f"{path}: weight {name} has shape {tuple(saved[name].shape)}, "
+                    f"this model's has {tuple(p.shape)}"
+                )
+            p.copy_(saved[name])
+
+
+# ---- optimizer -----------------------------------------------------------------------------
+
+
+def flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors keyed "index.name", the JSON-able rest): safetensors holds tensors only."""
+    saved = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in saved["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": saved["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, state: dict) -> None:
+    layout = state["optimizer"]
+    per_param: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(layout["scalars"].items()):
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    current = optimizer.state_dict()["param_groups"]
+    saved_groups = layout["param_groups"]
+    if [len(g["params"]) for g in current] != [len(g["params"]) for g in saved_groups]:
+        raise CheckpointError("the checkpoint's optimizer holds other parameters than this run's")
+    optimizer.load_state_dict({"state": per_param, "param_groups": saved_groups})
+
+
+# ---- random number generators --------------------------------------------------------------
+
+
+def torch_rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda.{i}"] = cuda_state
+    return states
+
+
+def restore_rng_states(tensors: dict, state: dict) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("numpy_rng") is not None:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng_state() -> list | None:
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+# ---- files ---------------------------------------------------------------------------------
+
+
+def write_atomically(target: Path, write) -> None:
+    """`write(folder)` into a hidden folder beside `target`, fsync it, then rename it into
+    place (replacing an older `target`)."""
+    temporary = target.with_name(f"{TEMPORARY_PREFIX}{target.name}.writing-{os.getpid()}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    write(temporary)
+    _fsync_tree(temporary)
+    if target.exists():
+        _delete(target)
+    os.rename(temporary, target)
+    _fsync(target.parent)
+
+
+def publish_files(staging: Path, output_dir: Path) -> None:
+    """Move a fully written model folder's files into `output_dir`, weights last (and a
+    sharded model's index after its shards): whoever sees the weights sees a whole model."""
+    _fsync_tree(staging)
+
+    def order(path: Path) -> int:
+        if path.name.endswith(".safetensors.index.json"):
+            return 2
+        return 1 if path.name.endswith(".safetensors") else 0
+
+    for path in sorted(staging.iterdir(), key=order):
+        destination = output_dir / path.name
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(path, destination)
+    _fsync(output_dir)
+    staging.rmdir()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _delete(path: Path) -> None:
+    """Rename out of sight first, so a kill during the delete never leaves a checkpoint-named
+    folder with files missing."""
+    doomed = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.deleting-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)

@@ -1,0 +1,117 @@
+"""Checks made before the first step, so a run fails in seconds rather than after hours:
+the output dir is writable and holds no other run, the disk has room for the checkpoints,
+and `max_length` leaves room for content after the template's own tokens."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CHECKPOINTS, latest_checkpoint, step_checkpoints
+from .config import ConfigError
+from .conversation import DataError, Message
+from .templates import TemplateError
+
+FINISHED_MARKERS = ("summary.json",)
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+class PreflightError(ValueError):
+    pass
+
+
+def check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise PreflightError(
+            f"output_dir {output_dir} is not writable ({e.strerror}); choose another "
+            "output_dir or fix its permissions"
+        ) from None
+
+
+def previous_run(output_dir: Path) -> list[Path]:
+    """What an earlier run left here that a new run would mix with: checkpoints, a model."""
+    if not output_dir.is_dir():
+        return []
+    found = step_checkpoints(output_dir)
+    found += [p for p in output_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    found += [output_dir / name for name in FINISHED_MARKERS if (output_dir / name).exists()]
+    if (output_dir / "best").is_dir():
+        found.append(output_dir / "best")
+    return found
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """Delete an earlier run's checkpoints and model (asked for with overwrite_output_dir)."""
+    for path in previous_run(output_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if (output_dir / CHECKPOINTS).is_dir():
+        shutil.rmtree(output_dir / CHECKPOINTS)
+
+
+def resume_point(resume: str | None, overwrite: bool, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), or an error saying what to do."""
+    if resume is None:
+        found = previous_run(output_dir)
+        if found and not overwrite:
+            shown = ", ".join(str(p.relative_to(output_dir)) for p in found[:4])
+            raise PreflightError(
+                f"output_dir {output_dir} holds a previous run ({shown}); continue it with "
+                "resume=auto, start afresh there with overwrite_output_dir=true (deletes it), "
+                "or choose another output_dir"
+            )
+        if found:
+            clear_previous_run(output_dir)
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)  # none yet: a fresh start, as a preempted job wants
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise PreflightError(
+            f"resume={resume}: not a checkpoint (no state.json); checkpoints are the "
+            f"step-NNNNNN folders under {output_dir / CHECKPOINTS}, or use resume=auto"
+        )
+    return path
+
+
+def checkpoint_bytes(params: list[torch.nn.Parameter], optimizer_moments: int = 2) -> int:
+    """Trainable weights plus the optimizer's per-parameter state (AdamW: two moments)."""
+    weights = sum(p.numel() * p.element_size() for p in params)
+    moments = sum(p.numel() * 4 for p in params) * optimizer_moments
+    return weights + moments
+
+
+def check_free_disk(output_dir: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise PreflightError(
+            f"output_dir {output_dir}: {free / 2**30:.2f} GiB free, but {what} need about "
+            f"{needed / 2**30:.2f} GiB; free some space, choose another output_dir, or lower "
+            "training.keep_checkpoints"
+        )
+
+
+def template_overhead(encoder) -> int:
+    """Tokens the template spends on a one-turn conversation with empty content: its
+    markers, role headers and any default system prompt."""
+    messages = (Message("user", ""), Message("assistant", ""))
+    try:
+        return len(encoder.encode_prompt(messages[:1])) + 1
+    except (TemplateError, DataError):  # a template may refuse empty content: nothing to check
+        return 0
+
+
+def check_max_length(encoder, max_length: int) -> None:
+    overhead = template_overhead(encoder)
+    if overhead >= max_length:
+        raise ConfigError(
+            f"config key 'max_length': {max_length} leaves no room for content: the template "
+            f"'{encoder.template.name}' alone takes {overhead} tokens per exchange (markers, "
+            f"headers, default system prompt); set max_length well above {overhead}"
+        )

@@ -1,0 +1,139 @@
+"""Exact resume: a real training process, killed with SIGKILL (after a checkpoint, and in the
+middle of writing one), resumes to the very weights of a run never interrupted."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+STEPS = 12
+SAVE_EVERY = 3
+
+
+def train_command(model_dir: str, data: Path, output_dir: Path, method: str, *extra: str):
+    return [
+        sys.executable,
+        "-m",
+        "sftforge.cli",
+        "train",
+        f"model={model_dir}",
+        f"data.train={data}",
+        f"output_dir={output_dir}",
+        f"method={method}",
+        f"training.max_steps={STEPS}",
+        f"training.save_every={SAVE_EVERY}",
+        "training.keep_checkpoints=2",
+        "training.batch_size=2",
+        "training.grad_accum=2",
+        "training.precision=fp32",
+        "training.device=cpu",
+        "training.lr=1e-3",
+        "lora.dropout=0.1",  # draws random numbers every step: the RNG state must come back
+        "max_length=128",
+        "eval.forgetting=false",
+        *extra,
+    ]
+
+
+def environment() -> dict:
+    return os.environ | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_to_end(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def steps_logged(output_dir: Path) -> int:
+    try:
+        return len((output_dir / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def checkpoint_being_written(output_dir: Path) -> bool:
+    try:
+        return any(".writing-" in entry.name for entry in os.scandir(output_dir / "checkpoints"))
+    except FileNotFoundError:
+        return False
+
+
+def kill_when(command: list[str], ready, timeout: float = 240) -> None:
+    """Start the run and SIGKILL it the moment `ready()` holds, polling without sleeping
+    much, so that a checkpoint is caught while it is being written."""
+    process = subprocess.Popen(
+        command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if process.poll() is not None:
+                pytest.fail(f"the run ended (code {process.returncode}) before the kill point")
+            if time.monotonic() > deadline:
+                pytest.fail("the kill point was never reached")
+            time.sleep(0.0005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def final_weights(output_dir: Path, method: str) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    return load_file(output_dir / name)
+
+
+def losses(output_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows]
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:40]))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_killed_runs_resume_to_bitwise_the_same_weights(tmp_path, tiny_model_dir, data, method):
+    reference = tmp_path / "reference"
+    run_to_end(train_command(tiny_model_dir, data, reference, method))
+
+    interrupted = tmp_path / "interrupted"
+    command = train_command(tiny_model_dir, data, interrupted, method)
+    resume = command + ["resume=auto"]
+    # Kill points: a random step after the first checkpoint; the instant the next checkpoint
+    # is being written (its temporary folder exists: tried until the kill lands inside the
+    # write); a random later step.
+    rng = random.Random(5)
+    first = rng.randint(SAVE_EVERY + 1, 2 * SAVE_EVERY - 1)
+    kill_when(command, lambda: steps_logged(interrupted) >= first)
+    for _ in range(2):
+        kill_when(resume, lambda: checkpoint_being_written(interrupted))
+        killed_mid_write = checkpoint_being_written(interrupted)
+        if killed_mid_write:
+            break
+    resumed_at = steps_logged(interrupted)
+    second = rng.randint(resumed_at + 1, STEPS - 1)
+    kill_when(resume, lambda: steps_logged(interrupted) >= second)
+    run_to_end(resume)
+
+    assert killed_mid_write, "no kill landed inside a checkpoint write"
+    assert not checkpoint_being_written(interrupted)
+    assert losses(interrupted) == losses(reference)
+    expected, actual = final_weights(reference, method), final_weights(interrupted, method)
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert different == []
