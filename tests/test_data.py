@@ -23,7 +23,7 @@ from sftforge.data import (
 )
 
 DATA = Path(__file__).parent / "data"
-BAD = DATA / "bad"
+BAD_RECORDS = Path(__file__).parent / "bad_inputs" / "records"  # see test_bad_inputs.py
 GOOD = DATA / "good"
 
 
@@ -160,12 +160,12 @@ def test_prompt_completion_accepts_message_lists(tmp_path):
 def test_prompt_completion_error_names_the_completion_list_entry(tmp_path):
     record = {
         "prompt": messages(("user", "Q")),
-        "completion": messages(("assistant", "A"), ("assistant", "B")),
+        "completion": messages(("assistant", "A"), ("assistant", " ")),
     }
     path = write_jsonl(tmp_path / "pc.jsonl", [record])
 
     with pytest.raises(
-        DataError, match=r"pc\.jsonl:1: field 'completion\[1\]\.role': 'assistant' follows"
+        DataError, match=r"pc\.jsonl:1: field 'completion\[1\]\.content': empty assistant turn"
     ):
         load_conversations(path)
 
@@ -540,142 +540,11 @@ def test_conversation_from_record_rejects_a_non_object():
         conversation_from_record(["user", "hi"], Source("x.json", row=3), "auto")
 
 
-# -- the bad-input corpus: one file per kind of problem ----------------------------------------
-
-# file -> (where the first error is, what it says, valid records, rejected records)
-BAD_FILES = {
-    "malformed_json.jsonl": (":2", "malformed JSON: Expecting ',' delimiter", 2, 1),
-    "not_an_object.jsonl": (":2", "expected a JSON object (a record), found list", 2, 1),
-    "missing_field.jsonl": (":2", "field 'output': missing; found keys (instruction, input)", 2, 1),
-    "output_is_number.jsonl": (":3", "field 'output': expected a string, found number (1)", 2, 1),
-    "output_is_null.jsonl": (":2", "field 'output': expected a string, found null", 2, 1),
-    "unknown_role.jsonl": (
-        ":2",
-        "field 'messages[2].role': unknown role 'bot'; expected one of system, user, assistant",
-        2,
-        1,
-    ),
-    "unknown_sharegpt_role.jsonl": (
-        ":2",
-        "field 'conversations[1].from': unknown role 'robot'; expected one of system, human, gpt",
-        1,
-        1,
-    ),
-    "empty_assistant.jsonl": (":2", "field 'messages[1].content': empty assistant turn", 2, 1),
-    "no_assistant.jsonl": (":2", "field 'messages': no assistant turn", 2, 1),
-    "system_not_first.jsonl": (
-        ":2",
-        "field 'messages[1].role': system message at position 1",
-        2,
-        1,
-    ),
-    "two_system_messages.jsonl": (":2", "field 'messages[1].role': a second system message", 2, 1),
-    "first_not_user.jsonl": (
-        ":2",
-        "field 'messages[1].role': the first non-system message must be from the user, found 'assistant'",
-        2,
-        1,
-    ),
-    "assistant_after_assistant.jsonl": (
-        ":2",
-        "field 'messages[2].role': 'assistant' follows 'assistant'",
-        2,
-        1,
-    ),
-    "user_after_user.jsonl": (":2", "field 'messages[1].role': 'user' follows 'user'", 2, 1),
-    "trailing_user.jsonl": (
-        ":2",
-        "field 'messages[2].role': conversation ends on a user turn, so nothing is learned from it",
-        2,
-        1,
-    ),
-    "empty_conversation.jsonl": (":2", "field 'messages': empty conversation", 2, 1),
-    "empty_text.jsonl": (":2", "field 'text': empty text", 2, 1),
-    "content_is_null.jsonl": (
-        ":2",
-        "field 'messages[1].content': expected a string, found null",
-        2,
-        1,
-    ),
-    "content_is_list.jsonl": (
-        ":2",
-        "field 'messages[0].content': expected a string, found list",
-        2,
-        1,
-    ),
-    "messages_not_a_list.jsonl": (
-        ":2",
-        "field 'messages': expected a list of messages, found object",
-        2,
-        1,
-    ),
-    "message_not_an_object.jsonl": (
-        ":2",
-        "field 'messages[1]': expected an object with 'role' and 'content', found string",
-        2,
-        1,
-    ),
-    "unknown_format.jsonl": (":1", "cannot detect the format from keys (question, answer)", 0, 2),
-    "messages_cell_not_json.csv": (
-        ":3",
-        "field 'messages': expected a list of messages, found a string that is not JSON",
-        2,
-        1,
-    ),
-    "short_row.csv": (":3", "CSV row has 1 cells but the header has 3", 2, 1),
-}
-
-
-def test_every_bad_file_has_an_expectation():
-    assert sorted(p.name for p in BAD.iterdir()) == sorted(BAD_FILES)
-
-
-@pytest.mark.parametrize("name", sorted(BAD_FILES))
-def test_bad_file_raises_naming_file_line_and_field(name):
-    where, fragment, _, _ = BAD_FILES[name]
-
-    with pytest.raises(DataError) as error:
-        load_conversations(BAD / name)
-
-    assert f"{name}{where}: " in str(error.value)
-    assert fragment in str(error.value)
-
-
-@pytest.mark.parametrize("name", sorted(BAD_FILES))
-def test_bad_file_with_skip_keeps_the_valid_records_and_rejects_the_rest(name):
-    where, fragment, valid, rejected = BAD_FILES[name]
-
-    result = load_conversations(BAD / name, on_invalid="skip")
-
-    assert len(result.conversations) == valid
-    assert len(result.rejects) == rejected
-    first = next(iter(result.rejects))
-    assert first.source == str(BAD / name) + where
-    assert fragment in f"{first.reason}"
-
-
-def test_skip_writes_every_rejected_record_with_its_reason(tmp_path):
-    rejects_path = tmp_path / "out" / "rejects.jsonl"
-
-    result = load_conversations(BAD, on_invalid="skip", rejects_path=rejects_path)
-
-    lines = [json.loads(line) for line in rejects_path.read_text().splitlines()]
-    assert len(lines) == len(result.rejects) == sum(n for *_, n in BAD_FILES.values())
-    by_source = {line["source"]: line for line in lines}
-    malformed = by_source[f"{BAD / 'malformed_json.jsonl'}:2"]
-    assert malformed["reason"].startswith("malformed JSON")
-    assert malformed["record"] == (BAD / "malformed_json.jsonl").read_text().splitlines()[1]
-    unknown_role = by_source[f"{BAD / 'unknown_role.jsonl'}:2"]
-    assert unknown_role["record"]["messages"][2] == {"role": "bot", "content": "Beep"}
-    assert "unknown role 'bot'" in unknown_role["reason"]
-    assert by_source[f"{BAD / 'short_row.csv'}:3"]["record"] == ["Say bye"]
-
-
 def test_summary_reports_counts_and_where_rejects_went(tmp_path):
     rejects_path = tmp_path / "rejects.jsonl"
 
     result = load_conversations(
-        BAD / "unknown_role.jsonl", on_invalid="skip", rejects_path=rejects_path
+        BAD_RECORDS / "unknown_role.jsonl", on_invalid="skip", rejects_path=rejects_path
     )
     summary = result.summary()
 

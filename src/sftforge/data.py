@@ -46,7 +46,8 @@ FIELDS += ("completion", "text")
 class Reject:
     source: str
     reason: str
-    record: Any  # the raw record, or the raw line text when it did not parse
+    record: Any  # the raw record, the raw line text when it did not parse, or the start
+    # of a line too long to read (readers.MAX_RECORD_BYTES)
 
 
 class Rejects:
@@ -115,6 +116,8 @@ def load_conversations(
     holds for the whole file. `columns` maps our field names to the dataset's column names.
     on_invalid="error" raises the first DataError; "skip" rejects bad records and goes on,
     writing them to `rejects_path` (always, even when empty, so an old file never misleads).
+    A file that holds no record to reject (empty, a broken JSON array, UTF-16) raises a
+    DataError either way; a JSON line over readers.MAX_RECORD_BYTES is a rejected record.
     """
     _check_choice("format", format, FORMATS)
     _check_choice("on_invalid", on_invalid, ON_INVALID)

@@ -8,7 +8,6 @@ format, add a `_from_<format>` converter here, list it in CONVERTERS, and add it
 from __future__ import annotations
 
 import json
-from itertools import pairwise
 from typing import Any, NamedTuple
 
 from sftforge.conversation import Conversation, DataError, Message, Source
@@ -134,7 +133,12 @@ def _conversation(turns: list[Turn], source: Source, name: str, format: str) -> 
 
 
 def _check_turn_order(turns: list[Turn], source: Source, name: str) -> None:
-    """Reject what no chat template can render or nothing can be learned from."""
+    """Reject what no chat template can render or nothing can be learned from.
+
+    Two turns of one role in a row are left to the template: role-tagged ones (ChatML,
+    Llama 3) render them, strictly alternating ones (Mistral, Llama 2, Gemma) raise, and
+    encoding then rejects that record by its source like any other.
+    """
     if not turns:
         raise DataError(source, "empty conversation: no messages", name)
     for i, turn in enumerate(turns):
@@ -150,11 +154,6 @@ def _check_turn_order(turns: list[Turn], source: Source, name: str) -> None:
     if first.message.role != "user":
         reason = f"the first non-system message must be from the user, found '{first.message.role}'"
         raise DataError(source, reason, first.role_field)
-    for previous, turn in pairwise(dialogue):
-        if turn.message.role == previous.message.role:
-            role = turn.message.role
-            reason = f"'{role}' follows '{role}'; user and assistant turns must alternate"
-            raise DataError(source, reason, turn.role_field)
     if dialogue[-1].message.role == "user":
         reason = (
             "conversation ends on a user turn, so nothing is learned from it; "
