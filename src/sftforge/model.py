@@ -1,7 +1,8 @@
 """Load a base model and tokenizer (HF directory, hub id, GGUF file or the embedded default),
 make the chat template's special tokens real tokens, and attach LoRA adapters.
 
-Weights are read from safetensors only, and remote code runs only when asked for.
+Weights are read from safetensors only (pickle only with allow_pickle, after a warning), and
+remote code runs only when asked for.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -92,9 +94,72 @@ def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
+    # Tokenizers load from JSON (tokenizer.json, tokenizer_config.json): nothing is unpickled.
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+# Weight files written with Python's pickle; safetensors files hold nothing but tensors.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class PickleWeightsError(ValueError):
+    """Weights exist only as pickle, and allow_pickle is not set."""
+
+
+def _pickle_files(directory: Path) -> list[str]:
+    return sorted(
+        p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+    )
+
+
+def _declared_weights_file(path: str, trust_remote_code: bool) -> str | None:
+    """The weights file a config.json names (`transformers_weights`). transformers loads it
+    even with use_safetensors=True, so a config can point at a pickle file."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return getattr(config, "transformers_weights", None)
+
+
+def model_pickle_weights(path: str, trust_remote_code: bool = False) -> list[str]:
+    """The pickle files loading this model (local directory or hub id) would unpickle; [] when
+    its weights are safetensors (or, for a hub id, not yet known: transformers then refuses
+    anything but safetensors itself)."""
+    declared = _declared_weights_file(path, trust_remote_code)
+    if declared and not declared.endswith((".safetensors", ".safetensors.index.json")):
+        return [f"{declared}, named by config.json's transformers_weights"]
+    directory = Path(path)
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return []
+    return _pickle_files(directory)
+
+
+def adapter_pickle_weights(adapter_dir: Path) -> list[str]:
+    """The pickle files peft would load from a LoRA adapter directory, or []."""
+    if (adapter_dir / "adapter_model.safetensors").is_file():
+        return []
+    return _pickle_files(adapter_dir)
+
+
+def check_pickle_weights(where: str, pickle_files: list[str], allow_pickle: bool) -> None:
+    """Refuse pickle weights unless allowed; when allowed, say what the user has accepted."""
+    if not pickle_files:
+        return
+    names = ", ".join(pickle_files)
+    if not allow_pickle:
+        raise PickleWeightsError(
+            f"refusing to load {where}: its weights are pickle ({names}), and unpickling a "
+            "file can run arbitrary code hidden in it. Convert them to safetensors (load the "
+            "model once where you trust it and save it with save_pretrained, which writes "
+            ".safetensors), or, if you trust where the files came from, set allow_pickle: true."
+        )
+    print(
+        f"warning: allow_pickle is set: loading pickle weights from {where} ({names}); "
+        "unpickling a file can run arbitrary code hidden in it, so load only files you trust",
+        file=sys.stderr,
+    )
 
 
 def load_model(
@@ -102,13 +167,25 @@ def load_model(
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
     attention: str = "sdpa",
+    allow_pickle: bool = False,
 ):
+    """A causal LM from safetensors weights; pickle weights (.bin, .pt ...) only with
+    allow_pickle, after a warning."""
     from transformers import AutoModelForCausalLM
 
+    pickled = model_pickle_weights(path, trust_remote_code)
+    if allow_pickle and not pickled and not Path(path).is_dir():
+        # A hub repository's files are known only once transformers looks: warn beforehand.
+        pickled = ["pytorch_model.bin, if the repository has no safetensors"]
+    check_pickle_weights(f"model {path}", pickled, allow_pickle)
     return AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
-        use_safetensors=True,
+        # None lets transformers fall back to pytorch_model.bin when there is no safetensors.
+        use_safetensors=None if allow_pickle else True,
+        # Even opted-in pickle goes through torch's restricted unpickler (tensors and plain
+        # containers only), which narrows, but does not close, the risk.
+        weights_only=True,
         trust_remote_code=trust_remote_code,
         attn_implementation=attention,
     )

@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .conversation import Conversation, Message
@@ -66,10 +67,27 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _refuse_file_access(name: str):
+    raise SecurityError(f"a chat template may not include, import or extend files ({name!r})")
+
+
+class _StrictSandbox(ImmutableSandboxedEnvironment):
+    def unsafe_undefined(self, obj, attribute: str):
+        # Jinja's sandbox answers an unsafe attribute with an undefined value, which renders
+        # as "": the escape fails, but silently. A template that tries one is hostile or
+        # broken, so stop it with an error that says which attribute it reached for.
+        raise SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe"
+        )
+
+
 def sandboxed_environment() -> ImmutableSandboxedEnvironment:
     """The Jinja environment every template runs in: no attribute access to Python internals,
-    no mutation of passed objects; the same settings transformers uses for chat templates."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    no mutation of passed objects, no files; otherwise the settings transformers uses for
+    chat templates."""
+    env = _StrictSandbox(
+        trim_blocks=True, lstrip_blocks=True, loader=jinja2.FunctionLoader(_refuse_file_access)
+    )
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.policies["json.dumps_kwargs"] = {"ensure_ascii": False, "sort_keys": False}
@@ -98,10 +116,14 @@ class ChatTemplate:
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
-        except TemplateError:
-            raise
+        except TemplateError as e:  # the template's own raise_exception(...)
+            raise TemplateError(f"chat template '{self.name}' refused: {e}") from e
         except jinja2.TemplateError as e:
             raise TemplateError(f"chat template '{self.name}' failed: {e}") from e
+        except Exception as e:  # e.g. {{ 1 / 0 }}: still the template's fault, not ours
+            raise TemplateError(
+                f"chat template '{self.name}' failed: {type(e).__name__}: {e}"
+            ) from e
 
 
 def builtin_template_source(name: str) -> str:
