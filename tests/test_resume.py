@@ -98,19 +98,32 @@ def losses(output_dir: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["loss"]) for row in rows]
 
 
-@pytest.fixture()
-def data(tmp_path) -> Path:
-    path = tmp_path / "data.jsonl"
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
     path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:40]))
     return path
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, data):
+    """The uninterrupted run of each method, made once."""
+    runs = {}
+
+    def run(method: str) -> Path:
+        if method not in runs:
+            runs[method] = tmp_path_factory.mktemp(f"reference-{method}")
+            run_to_end(train_command(tiny_model_dir, data, runs[method], method))
+        return runs[method]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_killed_runs_resume_to_bitwise_the_same_weights(tmp_path, tiny_model_dir, data, method):
-    reference = tmp_path / "reference"
-    run_to_end(train_command(tiny_model_dir, data, reference, method))
-
+def test_killed_runs_resume_to_bitwise_the_same_weights(
+    tmp_path, tiny_model_dir, data, reference, method
+):
     interrupted = tmp_path / "interrupted"
     command = train_command(tiny_model_dir, data, interrupted, method)
     resume = command + ["resume=auto"]
@@ -132,8 +145,42 @@ def test_killed_runs_resume_to_bitwise_the_same_weights(tmp_path, tiny_model_dir
 
     assert killed_mid_write, "no kill landed inside a checkpoint write"
     assert not checkpoint_being_written(interrupted)
-    assert losses(interrupted) == losses(reference)
-    expected, actual = final_weights(reference, method), final_weights(interrupted, method)
+    assert_same_run(interrupted, reference(method), method)
+
+
+def assert_same_run(resumed: Path, reference: Path, method: str) -> None:
+    assert losses(resumed) == losses(reference)  # the same steps, in the same order
+    expected, actual = final_weights(reference, method), final_weights(resumed, method)
     assert expected.keys() == actual.keys()
     different = [name for name in expected if not torch.equal(expected[name], actual[name])]
     assert different == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_finishes_the_step_checkpoints_and_says_how_to_resume(
+    tmp_path, tiny_model_dir, data, reference, stop
+):
+    out = tmp_path / "run"
+    command = train_command(tiny_model_dir, data, out, "lora")
+    log = (tmp_path / "stderr.txt").open("w")
+    process = subprocess.Popen(command, env=environment(), stdout=log, stderr=log)
+    while steps_logged(out) < 4:
+        assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        time.sleep(0.005)
+    process.send_signal(stop)
+    process.wait(timeout=120)
+    log.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+
+    assert process.returncode == 128 + stop
+    stopped_at = steps_logged(out)
+    assert stopped_at < STEPS
+    assert f"stopped by {stop.name} after step {stopped_at} of {STEPS}" in stderr
+    assert "run the same command with resume=auto" in stderr
+    assert "Traceback" not in stderr
+    assert (out / "checkpoints" / f"step-{stopped_at:06d}" / "state.json").is_file()
+    assert not (out / "adapter_model.safetensors").exists()
+    assert not (out / "summary.json").exists()
+    run_to_end(command + ["resume=auto"])
+    assert_same_run(out, reference("lora"), "lora")

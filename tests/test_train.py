@@ -174,7 +174,9 @@ def test_packed_budgeted_checkpointed_pure_bf16_lora_run_trains_and_reports_mfu(
 
 
 def full_fp32_losses(tmp_path, model, *overrides) -> list[float]:
-    out = train(config(tmp_path, model, "method=full", "training.precision=fp32", *overrides))
+    # Each call starts afresh in the same output_dir.
+    settings = ("method=full", "training.precision=fp32", "overwrite_output_dir=true")
+    out = train(config(tmp_path, model, *settings, *overrides))
     return [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()]
 
 

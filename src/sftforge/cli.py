@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import pickle
+import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .conversation import DataError
-from .templates import TemplateError
+from .config import load_config
 
 
 def _train(args) -> None:
@@ -60,7 +60,7 @@ def _inspect(args) -> None:
 def _merge(args) -> None:
     from .export import merge_adapter
 
-    merge_adapter(Path(args.adapter), Path(args.output))
+    merge_adapter(Path(args.adapter), Path(args.output), allow_pickle=args.allow_pickle)
     print(f"merged model written to {args.output}")
 
 
@@ -87,7 +87,7 @@ def _answers(model_spec: str, args, scorer) -> list[dict]:
     from .templates import resolve_template
     from .tokenize import Encoder
 
-    model, tokenizer = load_for_inference(model_spec)
+    model, tokenizer = load_for_inference(model_spec, allow_pickle=args.allow_pickle)
     model.to(pick_device(args.device))
     encoder = Encoder(tokenizer, resolve_template(args.template, tokenizer))
     conversations = load_conversations(args.data).conversations[: args.limit]
@@ -156,7 +156,7 @@ def _chat(args) -> None:
     from .templates import resolve_template
     from .tokenize import Encoder
 
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, allow_pickle=args.allow_pickle)
     model.to(pick_device(args.device))
     encoder = Encoder(tokenizer, resolve_template(args.template, tokenizer))
     chat(model, encoder, system=args.system, max_new_tokens=args.max_new_tokens)
@@ -179,10 +179,18 @@ def _demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    loading = argparse.ArgumentParser(add_help=False)
+    loading.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load .bin/.pt (pickle) weights; unpickling can run code hidden in the file",
+    )
     parser = argparse.ArgumentParser(prog="sftforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune a model on demonstrations")
+    p = sub.add_parser("train", parents=[common], help="fine-tune a model on demonstrations")
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-4")
     p.add_argument("--model", help="embedded name, HF directory, hub id or .gguf file")
@@ -191,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["full", "lora"])
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("inspect", help="show rendered examples token by token with the mask")
+    p = sub.add_parser(
+        "inspect", parents=[common], help="show rendered examples token by token with the mask"
+    )
     p.add_argument("data", help="data file or folder")
     p.add_argument("--model", default="smollm2-135m", help="model whose tokenizer to use")
     p.add_argument("--template", default="auto")
@@ -207,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="no colour, even on a terminal")
     p.set_defaults(run=_inspect)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model")
+    p = sub.add_parser(
+        "merge", parents=[common, loading], help="fold a LoRA adapter into its base model"
+    )
     p.add_argument("adapter", help="directory written by a LoRA training run")
     p.add_argument("output", help="where to write the merged model")
     p.set_defaults(run=_merge)
@@ -226,19 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--template", default="auto")
         p.add_argument("--device", default="auto")
 
-    p = sub.add_parser("eval", help="generate answers for held-out prompts and score them")
+    p = sub.add_parser(
+        "eval",
+        parents=[common, loading],
+        help="generate answers for held-out prompts and score them",
+    )
     p.add_argument("model", help="run dir (adapter or model), model dir, embedded name or .gguf")
     add_generation_options(p, "eval_results.jsonl")
     p.set_defaults(run=_eval)
 
-    p = sub.add_parser("compare", help="base and fine-tuned answers side by side")
+    p = sub.add_parser(
+        "compare", parents=[common, loading], help="base and fine-tuned answers side by side"
+    )
     p.add_argument("base")
     p.add_argument("tuned")
     add_generation_options(p, "compare.jsonl")
     p.add_argument("--show", type=int, default=5, help="examples to print")
     p.set_defaults(run=_compare)
 
-    p = sub.add_parser("chat", help="chat with a model (interactive, or lines piped in)")
+    p = sub.add_parser(
+        "chat", parents=[common, loading], help="chat with a model (interactive, or lines piped in)"
+    )
     p.add_argument("model")
     p.add_argument("--system", help="system message")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -246,27 +266,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(run=_chat)
 
-    p = sub.add_parser("sweep", help="short runs over values of one key, compared")
+    p = sub.add_parser(
+        "sweep", parents=[common], help="short runs over values of one key, compared"
+    )
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="one key=v1,v2,... plus fixed overrides")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     p.set_defaults(run=_sweep)
 
-    p = sub.add_parser("demo", help="fine-tune the embedded model on the bundled task")
+    p = sub.add_parser(
+        "demo", parents=[common], help="fine-tune the embedded model on the bundled task"
+    )
     p.add_argument("--output", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     p.set_defaults(run=_demo)
     return parser
 
 
+# Exit codes: 2 for bad input (config, data, template, files), 1 for a run that failed,
+# 128 + the signal number for a run stopped by SIGINT/SIGTERM after saving a checkpoint.
+INPUT_ERROR, RUN_FAILED = 2, 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, DataError, TemplateError, FileNotFoundError, ValueError) as e:
-        print(f"sftforge: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - every failure becomes one paragraph and a code
+        if args.debug:
+            raise
+        message, code = explain(error)
+        print(f"sftforge: {message}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("sftforge: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
+
+
+def explain(error: Exception) -> tuple[str, int]:
+    """One paragraph (what, where, what to do) and the exit code for a failure."""
+    from .train import NonFiniteError, RunInterrupted
+
+    if isinstance(error, RunInterrupted):
+        return str(error), 128 + error.signal_number
+    if isinstance(error, NonFiniteError):
+        return f"error: {error}", RUN_FAILED
+    if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return f"error: {error}", INPUT_ERROR
+    if isinstance(error, pickle.UnpicklingError):
+        return (
+            f"error: a pickle weights file was refused by torch's restricted unpickler ({error}); "
+            "it holds more than tensors. Do not load it; ask for safetensors weights",
+            INPUT_ERROR,
+        )
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return (
+            f"error: out of memory ({error}). Lower training.batch_size, set "
+            "training.micro_batch_tokens, or turn on training.gradient_checkpointing; a run "
+            "that wrote checkpoints goes on from the last one with resume=auto",
+            RUN_FAILED,
+        )
+    if isinstance(error, OSError):
+        return (
+            f"error: {error}. If the disk is full, free space and go on with resume=auto",
+            RUN_FAILED,
+        )
+    return (
+        f"internal error: {type(error).__name__}: {error}. This is a bug in sftforge or an "
+        "input it does not foresee; run the same command with --debug for the traceback and "
+        "report it",
+        RUN_FAILED,
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from .checkpoint import CHECKPOINTS, latest_checkpoint, step_checkpoints
 from .config import ConfigError
 from .conversation import DataError, Message
+from .readers import data_files
 from .templates import TemplateError
 
 FINISHED_MARKERS = ("summary.json",)
@@ -33,6 +34,15 @@ def check_writable(output_dir: Path) -> None:
             f"output_dir {output_dir} is not writable ({e.strerror}); choose another "
             "output_dir or fix its permissions"
         ) from None
+
+
+def check_data_files(config) -> None:
+    """Every data file and folder named exists and holds data files: a typo fails here, in
+    a second, not after the model has loaded."""
+    data_files(config.data.train)
+    held_out = config.eval.held_out
+    if isinstance(held_out, str):
+        data_files(held_out)
 
 
 def previous_run(output_dir: Path) -> list[Path]:

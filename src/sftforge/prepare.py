@@ -19,6 +19,7 @@ from .model import (
     load_tokenizer,
     resolve_model_path,
 )
+from .preflight import check_max_length
 from .split import split_held_out
 from .templates import resolve_template
 from .tokenize import Encoder, EncodingReport, Example, fit_to_length
@@ -95,15 +96,23 @@ def prepare(config: Config, output_dir: Path) -> Prepared:
     # pure_bf16 stores the frozen weights in bf16 (peft keeps the adapters in fp32): half
     # the memory, and no fp32 -> bf16 casts of weights and activations at every layer.
     dtype = torch.bfloat16 if config.training.precision == "pure_bf16" else torch.float32
-    model = load_model(base_path, config.trust_remote_code, dtype=dtype, attention=attention)
+    model = load_model(
+        base_path,
+        config.trust_remote_code,
+        dtype=dtype,
+        attention=attention,
+        allow_pickle=config.allow_pickle,
+    )
     template = resolve_template(config.template, tokenizer)
     new_ids = add_missing_special_tokens(tokenizer, model, template.extra_tokens)
     if new_ids:
         print(f"added {len(new_ids)} special tokens the template needs: {template.extra_tokens}")
 
+    encoder = Encoder(tokenizer, template, config.train_on)
+    check_max_length(encoder, config.max_length)  # before reading data that could not fit
+
     rejects_path = Path(config.data.rejects or output_dir / "rejects.jsonl")
     loaded, train_convs, held_out = load_data(config, rejects_path)
-    encoder = Encoder(tokenizer, template, config.train_on)
     rejected_before = len(loaded.rejects)
     encoded = encode_all(train_convs, encoder, config.data.on_invalid, loaded.rejects)
     held_encoded = encode_all(held_out, encoder, config.data.on_invalid, loaded.rejects)

@@ -50,7 +50,7 @@ def read_sources(data: Any) -> Iterator[tuple[str, Iterator[RawRecord]]]:
     if dataset is not None:
         yield _dataset_name(dataset), _read_dataset(dataset)
         return
-    for path in _expand_paths(data):
+    for path in data_files(data):
         yield str(path), _at_least_one_record(str(path), _read_file(path))
 
 
@@ -68,7 +68,7 @@ def _at_least_one_record(name: str, records: Iterator[RawRecord]) -> Iterator[Ra
         )
 
 
-def _expand_paths(data: Any) -> list[Path]:
+def data_files(data: Any) -> list[Path]:
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     if not items:
         raise ValueError("no data given: pass a file, a folder, a list of them, or a Dataset")

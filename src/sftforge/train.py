@@ -42,8 +42,8 @@ from .flops import flop_model
 from .loss import summed_token_loss
 from .model import causal_lm, compile_decoder_layers, pick_device, verify_packing_isolation
 from .preflight import (
+    check_data_files,
     check_free_disk,
-    check_max_length,
     check_writable,
     checkpoint_bytes,
     resume_point,
@@ -169,13 +169,13 @@ def train(config: Config) -> Path:
     output_dir = Path(config.output_dir)
     t = config.training
     check_writable(output_dir)
+    check_data_files(config)
     for leftover in remove_unfinished(output_dir):
         print(f"removed {leftover.name}, left unfinished by an interrupted run")
     resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
     set_seed(t.seed)
     device = pick_device(t.device)
     prep = prepare(config, output_dir)
-    check_max_length(prep.encoder, config.max_length)
     model = prep.model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

@@ -1,0 +1,266 @@
+"""Checkpoints are whole or absent, resume refuses a different run, and a run that fails
+(non-finite loss, bad settings, no room) fails early and leaves no finished-looking model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftforge.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    remove_unfinished,
+    save_checkpoint,
+    step_checkpoints,
+    write_atomically,
+)
+from sftforge.config import ConfigError, load_config
+from sftforge.preflight import PreflightError, check_free_disk
+from sftforge.train import NonFiniteError, train
+
+DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+FINISHED = ("adapter_model.safetensors", "model.safetensors", "summary.json")
+
+
+def demo_subset(tmp_path, n=8) -> Path:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:n]))
+    return path
+
+
+def run_config(tmp_path, model_dir, *overrides, data=None):
+    return load_config(
+        None,
+        [
+            f"model={model_dir}",
+            f"data.train={data or demo_subset(tmp_path)}",
+            f"output_dir={tmp_path / 'out'}",
+            "training.max_steps=4",
+            "training.batch_size=2",
+            "training.save_every=2",
+            "training.device=cpu",
+            "training.precision=fp32",
+            "max_length=128",
+            "eval.forgetting=false",
+            *overrides,
+        ],
+    )
+
+
+def tiny_optimizer_and_model():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_a_write_that_fails_midway_leaves_no_checkpoint_and_the_leftover_is_removed(tmp_path):
+    target = tmp_path / "checkpoints" / "step-000002"
+
+    def write_then_die(folder: Path) -> None:
+        (folder / "trainable.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomically(target, write_then_die)
+
+    assert not target.exists()
+    assert latest_checkpoint(tmp_path) is None
+    removed = remove_unfinished(tmp_path)
+    assert [p.name for p in removed] == [f".step-000002.writing-{__import__('os').getpid()}"]
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_only_the_newest_k_checkpoints_are_kept(tmp_path):
+    model, optimizer = tiny_optimizer_and_model()
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, model, optimizer, {"identity": {}}, keep=2)
+
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["step-000006", "step-000008"]
+    assert latest_checkpoint(tmp_path).name == "step-000008"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step-000006",
+        "step-000008",
+    ]
+
+
+def test_hidden_and_foreign_folders_are_never_taken_for_checkpoints(tmp_path):
+    model, optimizer = tiny_optimizer_and_model()
+    save_checkpoint(tmp_path, 3, model, optimizer, {}, keep=5)
+    (tmp_path / "checkpoints" / ".step-000009.writing-1").mkdir()
+    (tmp_path / "checkpoints" / "step-9-copy").mkdir()
+
+    assert latest_checkpoint(tmp_path).name == "step-000003"
+
+
+def test_a_checkpoint_with_a_file_missing_is_refused(tmp_path, tiny_model_dir):
+    train(run_config(tmp_path, tiny_model_dir))
+    checkpoint = latest_checkpoint(tmp_path / "out")
+    (checkpoint / "optimizer.safetensors").unlink()
+
+    with pytest.raises(CheckpointError, match="not a complete checkpoint .missing optimizer"):
+        train(run_config(tmp_path, tiny_model_dir, f"resume={checkpoint}"))
+
+
+def test_checkpoints_hold_weights_optimizer_rng_and_data_position(tmp_path, tiny_model_dir):
+    out = train(run_config(tmp_path, tiny_model_dir, "training.keep_checkpoints=5"))
+
+    assert [p.name for p in step_checkpoints(out)] == ["step-000002", "step-000004"]
+    checkpoint = step_checkpoints(out)[0]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "state.json",
+        "trainable.safetensors",
+    ]
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["step"] == 2
+    assert state["progress"]["tokens"] > 0
+    assert {"python_rng", "numpy_rng", "optimizer", "identity", "before"} <= set(state)
+
+
+def test_a_new_run_refuses_an_output_dir_holding_a_previous_run(tmp_path, tiny_model_dir):
+    train(run_config(tmp_path, tiny_model_dir))
+
+    with pytest.raises(PreflightError, match="holds a previous run .*resume=auto.*overwrite"):
+        train(run_config(tmp_path, tiny_model_dir))
+
+    train(run_config(tmp_path, tiny_model_dir, "overwrite_output_dir=true"))
+
+
+def test_resume_auto_without_a_checkpoint_starts_afresh(tmp_path, tiny_model_dir):
+    out = train(run_config(tmp_path, tiny_model_dir, "resume=auto", "training.max_steps=2"))
+
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_resume_refuses_changed_settings_or_data_naming_them(tmp_path, tiny_model_dir):
+    train(run_config(tmp_path, tiny_model_dir))
+
+    with pytest.raises(CheckpointError, match=r"training.lr \(None -> 0.001\)"):
+        train(run_config(tmp_path, tiny_model_dir, "resume=auto", "training.lr=1e-3"))
+    (tmp_path / "other").mkdir()
+    other_data = demo_subset(tmp_path / "other", n=10)
+    with pytest.raises(CheckpointError, match="the training data differ"):
+        train(run_config(tmp_path, tiny_model_dir, "resume=auto", data=other_data))
+    # Where and how often things are written may change.
+    train(run_config(tmp_path, tiny_model_dir, "resume=auto", "training.save_every=1"))
+
+
+def test_resume_of_a_path_that_is_not_a_checkpoint_says_where_they_are(tmp_path, tiny_model_dir):
+    with pytest.raises(PreflightError, match="not a checkpoint .*step-NNNNNN"):
+        train(run_config(tmp_path, tiny_model_dir, f"resume={tmp_path}"))
+
+
+def test_an_output_dir_that_cannot_be_written_fails_before_loading_anything(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = load_config(None, ["data.train=x.jsonl", f"output_dir={blocker / 'out'}"])
+
+    with pytest.raises(PreflightError, match="output_dir .*a-file/out is not writable"):
+        train(config)
+
+
+def test_too_little_free_disk_is_refused_with_the_sizes(tmp_path):
+    with pytest.raises(PreflightError, match=r"GiB free, but 3 checkpoints need about .* GiB"):
+        check_free_disk(tmp_path, 2**60, "3 checkpoints")
+
+
+def test_max_length_below_the_templates_own_tokens_is_a_config_error(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="'max_length': 8 leaves no room for content"):
+        train(run_config(tmp_path, tiny_model_dir, "max_length=8"))
+
+
+# -- non-finite steps ------------------------------------------------------------------------
+
+POISON = "Quetzalcoatl xylophone zugzwang"
+
+
+@pytest.fixture(scope="module")
+def poisoned_model_dir(tmp_path_factory, tiny_model_factory, smollm2_tokenizer_path):
+    """A tiny model whose (untied) input embeddings are NaN for the tokens of POISON: any
+    step that holds the poisoned record has a NaN loss, every other step is finite."""
+    from transformers import LlamaForCausalLM
+
+    from sftforge.model import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_tokenizer_path)
+    clean = {i for line in DEMO.read_text().splitlines()[:8] for i in tokenizer.encode(line)}
+    poisoned = [i for i in tokenizer.encode(" " + POISON) if i not in clean]
+    source = tiny_model_factory()
+    config = source.config
+    config.tie_word_embeddings = False
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(source.state_dict(), strict=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(source.lm_head.weight)
+        model.get_input_embeddings().weight[poisoned] = float("nan")
+    path = tmp_path_factory.mktemp("poisoned")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    model.save_pretrained(path, state_dict=state)
+    tokenizer.save_pretrained(path)
+    assert poisoned
+    return str(path)
+
+
+def data_with_a_poisoned_record(tmp_path) -> Path:
+    path = demo_subset(tmp_path, n=7)
+    record = {
+        "messages": [{"role": "user", "content": POISON}, {"role": "assistant", "content": "ok"}]
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return path
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_records_and_leaves_no_model(
+    tmp_path, poisoned_model_dir
+):
+    data = data_with_a_poisoned_record(tmp_path)
+    config = run_config(
+        tmp_path,
+        poisoned_model_dir,
+        "training.batch_size=1",
+        "training.max_steps=8",
+        "training.save_every=1",
+        data=data,
+    )
+
+    with pytest.raises(NonFiniteError) as stopped:
+        train(config)
+
+    message = str(stopped.value)
+    assert f"{data}:8" in message  # the poisoned record, by file:line
+    assert "not finite, so the run stopped" in message
+    out = tmp_path / "out"
+    last = latest_checkpoint(out)
+    if last is not None:
+        assert f"the last good checkpoint is {last}" in message
+    assert not any((out / name).exists() for name in FINISHED)
+
+
+def test_skip_nonfinite_steps_skips_them_and_finishes_with_finite_weights(
+    tmp_path, poisoned_model_dir
+):
+    config = run_config(
+        tmp_path,
+        poisoned_model_dir,
+        "training.batch_size=1",
+        "training.max_steps=8",
+        "training.skip_nonfinite_steps=1",
+        data=data_with_a_poisoned_record(tmp_path),
+    )
+
+    out = train(config)
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [
+        r["step"] for r in rows if r["loss"] != r["loss"]
+    ]
+    assert len([r for r in rows if r.get("skipped")]) == 1
+    from safetensors.torch import load_file
+
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
