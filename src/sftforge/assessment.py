@@ -3,7 +3,10 @@ on generated answers, and forgetting of general ability."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .conversation import Conversation, Message
@@ -11,6 +14,9 @@ from .evaluate import generate_answers, mean_token_loss, prompt_and_reference
 from .forgetting import ForgettingMeter, corpus_examples, general_prompt_examples
 from .scoring import make_scorer
 from .tokenize import Encoder, Example
+
+if TYPE_CHECKING:
+    from .prepare import Prepared
 
 
 @dataclass
@@ -114,3 +120,65 @@ def build_assessment(
         forgetting=forgetting,
         max_new_tokens=ev.max_new_tokens,
     )
+
+
+def finish_report(
+    config: Config, prep: Prepared, assessment: Assessment, summary: dict, output_dir: Path
+) -> None:
+    """Write summary.json and report.html, and print the headline figures."""
+    from .report import RunReport, write_report
+
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    data_stats = dict(prep.report.__dict__) | {
+        "held_out": len(prep.held_out),
+        "rejected": len(prep.loaded.rejects) if prep.loaded else 0,
+        "duplicates": prep.loaded.duplicates if prep.loaded else 0,
+    }
+    (output_dir / "summary.json").write_text(json.dumps(summary | {"data": data_stats}, indent=2))
+    notes = []
+    forgetting = summary.get("forgetting")
+    if forgetting and forgetting["corpus_ratio"] > 1.05:
+        notes.append(
+            f"forgetting ratio {forgetting['corpus_ratio']:.3f} > 1.05: the model got worse at "
+            "general text; try a lower learning rate, fewer epochs, or more varied data"
+        )
+    report = RunReport(
+        title=f"sftforge run: {config.model} ({config.method})",
+        output_dir=str(output_dir),
+        train_metrics=rows,
+        eval_metrics=[
+            {"step": r["step"], "eval_loss": r["eval_loss"]} for r in rows if "eval_loss" in r
+        ],
+        data_stats=data_stats,
+        accuracy=summary.get("accuracy"),
+        forgetting=forgetting,
+        samples=summary.get("samples", []),
+        config=config.model_dump(),
+        notes=notes,
+    )
+    path = write_report(report, output_dir / "report.html")
+    for line in headline(summary):
+        print(line)
+    for note in notes:
+        print("note: " + note)
+    print(f"report: {path}")
+
+
+def headline(summary: dict) -> list[str]:
+    lines = []
+    if summary.get("eval_loss_after") is not None:
+        lines.append(
+            f"held-out loss: {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}"
+        )
+    if acc := summary.get("accuracy"):
+        lines.append(
+            f"held-out accuracy ({acc['scorer']}, {acc['count']} prompts): "
+            f"{acc['before']:.1%} -> {acc['after']:.1%}"
+        )
+    if f := summary.get("forgetting"):
+        lines.append(
+            f"forgetting: general-text perplexity {f['corpus_ppl_before']:.2f} -> "
+            f"{f['corpus_ppl_after']:.2f} (ratio {f['corpus_ratio']:.3f}); "
+            f"general prompts ratio {f['prompts_ratio']:.3f}"
+        )
+    return lines

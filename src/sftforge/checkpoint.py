@@ -12,6 +12,10 @@ fsynced, and only then is the folder renamed to `step-NNNNNN`. A folder of that 
 therefore complete; a leftover temporary folder from a killed run is removed at the next
 start. The data position is the number of optimizer steps done: steps are a pure function
 of (seed, epoch), so the resumed run draws the very next unseen step.
+
+The best weights (eval.save_best) are kept under checkpoints/best until the run ends, and
+the final model is moved into the output dir with its weights last, so a run that failed
+leaves nothing that looks like a finished model.
 """
 
 from __future__ import annotations
@@ -24,9 +28,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .export import save_run
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .prepare import Prepared
 
 CHECKPOINTS = "checkpoints"
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
@@ -116,6 +127,33 @@ def load_checkpoint(
     restore_optimizer_state(optimizer, load_file(path / "optimizer.safetensors"), state)
     restore_rng_states(load_file(path / "rng.safetensors"), state)
     return Resumed(step=state["step"], state=state, path=path)
+
+
+# ---- the best and the final model, also never half-written ---
+
+
+def save_best(model, prep: Prepared, config: Config, output_dir: Path) -> None:
+    """The best weights so far, kept beside the checkpoints until the run finishes."""
+    target = checkpoint_root(output_dir) / "best"
+    write_atomically(target, lambda folder: save_run(model, prep, config, folder))
+
+
+def publish_best(output_dir: Path) -> None:
+    kept = checkpoint_root(output_dir) / "best"
+    if kept.is_dir():
+        if (output_dir / "best").exists():
+            shutil.rmtree(output_dir / "best")
+        os.rename(kept, output_dir / "best")
+
+
+def save_final(model, prep: Prepared, config: Config, output_dir: Path) -> None:
+    """The model (or adapter), written aside and moved into output_dir with its weights
+    last: a folder whose weights are there holds a complete model."""
+    staging = output_dir / ".final.writing"
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_run(model, prep, config, staging)
+    publish_files(staging, output_dir)
 
 
 # ---- is it the same run? -------------------------------------------------------------------

@@ -8,9 +8,10 @@ import json
 import time
 from pathlib import Path
 
+from .assessment import headline
 from .config import load_config
 from .forgetting import bundled
-from .train import headline, train
+from .train import train
 
 SHOWN = 5
 

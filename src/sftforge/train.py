@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -23,21 +21,20 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
-from .assessment import Assessment, build_assessment
+from .assessment import build_assessment, finish_report
 from .batches import Batch, epoch_steps, step_batches
 from .checkpoint import (
     check_same_run,
-    checkpoint_root,
     latest_checkpoint,
     load_checkpoint,
-    publish_files,
+    publish_best,
     remove_unfinished,
     run_identity,
+    save_best,
     save_checkpoint,
-    write_atomically,
+    save_final,
 )
 from .config import Config
-from .export import save_run
 from .flops import flop_model
 from .loss import summed_token_loss
 from .model import causal_lm, compile_decoder_layers, pick_device, verify_packing_isolation
@@ -230,20 +227,18 @@ def train(config: Config) -> Path:
         for _ in range(done):
             next(stream)  # the data position: the next step drawn is the first unseen one
         print(f"resumed from {resume_from} after step {done} of {total_steps}")
-    metrics = open_metrics(output_dir / "metrics.jsonl", done)
 
     def save(step: int) -> Path:
         state = {"identity": identity, "before": before, "progress": asdict(progress)}
         return save_checkpoint(output_dir, step, model, optimizer, state, t.keep_checkpoints)
 
-    saved_at = done if resume_from is not None else None
     started = time.perf_counter() - progress.elapsed_s
     eval_seconds = 0.0  # excluded from throughput: tokens/s measures training alone
     record: dict = {}
     bar = tqdm(
         range(done, total_steps), desc="train", dynamic_ncols=True, initial=done, total=total_steps
     )
-    with stop_requests() as stop:
+    with open_metrics(output_dir / "metrics.jsonl", done) as metrics, stop_requests() as stop:
         for step in bar:
             lr = learning_rate_at(step, total_steps, warmup, config.learning_rate, t.schedule)
             for group in optimizer.param_groups:
@@ -263,15 +258,13 @@ def train(config: Config) -> Path:
             finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
-            else:
+            else:  # the update is not applied; stop, unless told to skip a few such steps
                 progress.skipped_steps += 1
+                what = nonfinite_step(step + 1, step_loss, grad_norm, indices, prep)
                 if progress.skipped_steps > t.skip_nonfinite_steps:
-                    raise NonFiniteError(
-                        nonfinite_message(step + 1, step_loss, grad_norm, indices, prep, config)
-                    )
+                    raise NonFiniteError(nonfinite_stop(what, output_dir))
                 print(
-                    f"warning: step {step + 1}: loss {step_loss} or gradient norm {grad_norm} "
-                    f"is not finite; skipped ({progress.skipped_steps} of "
+                    f"warning: {what}; skipped it ({progress.skipped_steps} of "
                     f"training.skip_nonfinite_steps={t.skip_nonfinite_steps})"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -299,7 +292,6 @@ def train(config: Config) -> Path:
                 bar.set_postfix(_progress(record), refresh=False)
             if _checkpoint_due(step + 1, total_steps, t.save_every) or stop.signal:
                 save(step + 1)
-                saved_at = step + 1
             if stop.signal and step + 1 < total_steps:
                 bar.close()
                 raise RunInterrupted(
@@ -309,9 +301,6 @@ def train(config: Config) -> Path:
                     stop.signal,
                 )
     bar.close()
-    metrics.close()
-    if saved_at != total_steps:
-        save(total_steps)
 
     print("measuring the model after training")
     # The loop already measured the final eval loss on these weights; do not repeat it.
@@ -332,20 +321,26 @@ def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> f
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def nonfinite_message(step, loss, grad_norm, indices, prep: Prepared, config: Config) -> str:
-    last = latest_checkpoint(Path(config.output_dir))
+def nonfinite_step(step: int, loss: float, grad_norm: float, indices, prep: Prepared) -> str:
     sources = ", ".join(str(prep.examples[i].source) for i in indices[:5])
     more = f" and {len(indices) - 5} more" if len(indices) > 5 else ""
+    return (
+        f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite "
+        f"(the step's examples: {sources}{more})"
+    )
+
+
+def nonfinite_stop(what: str, output_dir: Path) -> str:
+    last = latest_checkpoint(output_dir)
     kept = (
         f"the last good checkpoint is {last} (resume=auto continues from it)"
         if last
         else "no checkpoint was written before it"
     )
     return (
-        f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite, so the "
-        f"run stopped without applying it; {kept}. The step's examples were {sources}{more}. "
-        "Try a lower training.lr, training.precision=fp32, or look at those records; "
-        "training.skip_nonfinite_steps=N skips up to N such steps instead"
+        f"{what}; the run stopped without applying it, and {kept}. Try a lower training.lr "
+        "or training.precision=fp32, or look at those records; training.skip_nonfinite_steps=N "
+        "skips up to N such steps instead"
     )
 
 
@@ -409,30 +404,6 @@ def stop_requests():
             signal.signal(s, handler)
 
 
-def save_best(model, prep: Prepared, config: Config, output_dir: Path) -> None:
-    """The best weights so far, kept beside the checkpoints until the run finishes."""
-    target = checkpoint_root(output_dir) / "best"
-    write_atomically(target, lambda folder: save_run(model, prep, config, folder))
-
-
-def publish_best(output_dir: Path) -> None:
-    kept = checkpoint_root(output_dir) / "best"
-    if kept.is_dir():
-        if (output_dir / "best").exists():
-            shutil.rmtree(output_dir / "best")
-        os.rename(kept, output_dir / "best")
-
-
-def save_final(model, prep: Prepared, config: Config, output_dir: Path) -> None:
-    """The model (or adapter), written aside and moved into output_dir with its weights
-    last: a folder whose weights are there holds a complete model."""
-    staging = output_dir / ".final.writing"
-    if staging.exists():
-        shutil.rmtree(staging)
-    save_run(model, prep, config, staging)
-    publish_files(staging, output_dir)
-
-
 def _fast_adamw(device: torch.device) -> dict:
     """The fused AdamW kernel where torch has one for the device, else the foreach one."""
     if device.type in ("cuda", "cpu", "mps"):
@@ -474,65 +445,3 @@ def _eval_due(step: int, total: int, every: int | None) -> bool:
 
 def _checkpoint_due(step: int, total: int, every: int | None) -> bool:
     return step == total or (every is not None and step % every == 0)
-
-
-def finish_report(
-    config: Config, prep: Prepared, assessment: Assessment, summary: dict, output_dir: Path
-) -> None:
-    """Write summary.json and report.html, and print the headline figures."""
-    from .report import RunReport, write_report
-
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    data_stats = dict(prep.report.__dict__) | {
-        "held_out": len(prep.held_out),
-        "rejected": len(prep.loaded.rejects) if prep.loaded else 0,
-        "duplicates": prep.loaded.duplicates if prep.loaded else 0,
-    }
-    (output_dir / "summary.json").write_text(json.dumps(summary | {"data": data_stats}, indent=2))
-    notes = []
-    forgetting = summary.get("forgetting")
-    if forgetting and forgetting["corpus_ratio"] > 1.05:
-        notes.append(
-            f"forgetting ratio {forgetting['corpus_ratio']:.3f} > 1.05: the model got worse at "
-            "general text; try a lower learning rate, fewer epochs, or more varied data"
-        )
-    report = RunReport(
-        title=f"sftforge run: {config.model} ({config.method})",
-        output_dir=str(output_dir),
-        train_metrics=rows,
-        eval_metrics=[
-            {"step": r["step"], "eval_loss": r["eval_loss"]} for r in rows if "eval_loss" in r
-        ],
-        data_stats=data_stats,
-        accuracy=summary.get("accuracy"),
-        forgetting=forgetting,
-        samples=summary.get("samples", []),
-        config=config.model_dump(),
-        notes=notes,
-    )
-    path = write_report(report, output_dir / "report.html")
-    for line in headline(summary):
-        print(line)
-    for note in notes:
-        print("note: " + note)
-    print(f"report: {path}")
-
-
-def headline(summary: dict) -> list[str]:
-    lines = []
-    if summary.get("eval_loss_after") is not None:
-        lines.append(
-            f"held-out loss: {summary['eval_loss_before']:.4f} -> {summary['eval_loss_after']:.4f}"
-        )
-    if acc := summary.get("accuracy"):
-        lines.append(
-            f"held-out accuracy ({acc['scorer']}, {acc['count']} prompts): "
-            f"{acc['before']:.1%} -> {acc['after']:.1%}"
-        )
-    if f := summary.get("forgetting"):
-        lines.append(
-            f"forgetting: general-text perplexity {f['corpus_ppl_before']:.2f} -> "
-            f"{f['corpus_ppl_after']:.2f} (ratio {f['corpus_ratio']:.3f}); "
-            f"general prompts ratio {f['prompts_ratio']:.3f}"
-        )
-    return lines
