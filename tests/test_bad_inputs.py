@@ -392,12 +392,27 @@ CASES: dict[str, Case] = {
     "no training data": Case(
         "config/no_data.yaml",
         "data.train",
-        "config key 'config': Value error, data.train is required",
+        "config key 'data.train': required",
+    ),
+    "a section given twice": Case(
+        "config/duplicate_section.yaml",
+        "line 5",
+        "not valid YAML at line 5, column 1: key 'training' is given twice",
+    ),
+    "resume and overwrite_output_dir together": Case(
+        "config/resume_and_overwrite.yaml",
+        "overwrite_output_dir",
+        "config key 'overwrite_output_dir': true deletes the run that resume=auto would continue",
+    ),
+    "pure_bf16 for full fine-tuning": Case(
+        "config/pure_bf16_full.yaml",
+        "training.precision",
+        "config key 'training.precision': pure_bf16 is for LoRA",
     ),
     "YAML syntax error": Case(
         "config/yaml_syntax_error.yaml",
         "line 5",
-        "not valid YAML: mapping values are not allowed here",
+        "not valid YAML at line 5, column 10: mapping values are not allowed here",
     ),
     "a list at the top instead of a mapping": Case(
         "config/top_level_list.yaml", "", "expected a mapping of config keys at the top"

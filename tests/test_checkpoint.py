@@ -264,3 +264,20 @@ def test_skip_nonfinite_steps_skips_them_and_finishes_with_finite_weights(
 
     adapter = load_file(out / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022])
+def test_checkpoint_files_get_no_permission_the_umask_withholds(tmp_path, umask):
+    import os
+
+    model, optimizer = tiny_optimizer_and_model()
+    previous = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path, 1, model, optimizer, {}, keep=1)
+    finally:
+        os.umask(previous)
+
+    written = [tmp_path / "checkpoints", *(tmp_path / "checkpoints").rglob("*")]
+    assert len(written) == 6
+    widened = [(p.name, oct(p.stat().st_mode & 0o777)) for p in written if p.stat().st_mode & umask]
+    assert widened == []

@@ -44,7 +44,7 @@ def test_bad_number_names_the_key():
 
 
 def test_missing_data_is_an_error_that_says_what_to_give():
-    with pytest.raises(ConfigError, match="data.train is required"):
+    with pytest.raises(ConfigError, match="config key 'data.train': required"):
         load_config(None, [])
 
 

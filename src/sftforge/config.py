@@ -12,6 +12,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+class ConfigKeyError(ValueError):
+    """A check across keys, raised inside validation, that names the key to change."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key, self.reason = key, reason
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -149,13 +157,24 @@ class Config(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _needs_data(self):
+    def _consistent(self):
         if not self.data.train:
-            raise ValueError("data.train is required: a file, a folder, or a list of them")
+            raise ConfigKeyError("data.train", "required: a file, a folder, or a list of them")
         if self.training.precision == "pure_bf16" and self.method != "lora":
-            raise ValueError(
-                "training.precision=pure_bf16 is for LoRA: full fine-tuning keeps fp32 master "
-                "weights; use bf16 (autocast) instead"
+            raise ConfigKeyError(
+                "training.precision",
+                "pure_bf16 is for LoRA: full fine-tuning keeps fp32 master weights; use bf16 "
+                "(autocast) instead",
+            )
+        if self.resume is not None and self.overwrite_output_dir:
+            raise ConfigKeyError(
+                "overwrite_output_dir",
+                f"true deletes the run that resume={self.resume} would continue; set one of them",
+            )
+        if self.eval.save_best and self.eval.held_out is None:
+            raise ConfigKeyError(
+                "eval.save_best",
+                "needs eval.held_out: the best weights are chosen by held-out loss",
             )
         return self
 
@@ -204,7 +223,10 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
         key = ".".join(str(p) for p in e["loc"]) or "config"
-        if e["type"] == "extra_forbidden":
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigKeyError):
+            lines.append(f"config key '{cause.key}': {cause.reason}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{key}'")
         elif e["type"] == "literal_error":
             allowed = e.get("ctx", {}).get("expected", "")
@@ -214,15 +236,34 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the
+    last, so a second `training:` section would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, **fields
 ) -> Config:
     tree: dict = {}
     if path is not None:
         try:
-            tree = yaml.safe_load(Path(path).read_text("utf-8")) or {}
+            tree = yaml.load(Path(path).read_text("utf-8"), _UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top")
     tree = _merge(tree, fields)

@@ -24,7 +24,8 @@ def demo_config(output_dir: Path, overrides: list[str]):
         method="lora",
         max_length=256,
         output_dir=str(output_dir),
-        overwrite_output_dir=True,  # `make demo` again replaces the last demo run
+        # `make demo` again replaces the last demo run, unless asked to resume it.
+        overwrite_output_dir=not any(o.startswith("resume=") for o in overrides),
         data={"train": str(bundled("demo_train.jsonl"))},
         lora={"r": 16, "alpha": 32, "dropout": 0.0},
         training={"lr": 3e-4, "epochs": 3, "batch_size": 8, "warmup_ratio": 0.1},

@@ -51,7 +51,9 @@ def encode_all(conversations, encoder: Encoder, on_invalid: str, rejects: Reject
         except DataError as e:
             if on_invalid == "error":
                 raise
-            rejects.add(conv.source, str(e), {"messages": [m.__dict__ for m in conv.messages]})
+            # The reason without the location: the rejects file has its own source column.
+            reason = f"field '{e.field}': {e.reason}" if e.field else e.reason
+            rejects.add(conv.source, reason, {"messages": [m.__dict__ for m in conv.messages]})
     return examples
 
 
