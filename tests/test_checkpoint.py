@@ -16,7 +16,7 @@ from sftforge.checkpoint import (
     write_atomically,
 )
 from sftforge.config import ConfigError, load_config
-from sftforge.preflight import PreflightError, check_free_disk
+from sftforge.preflight import PreflightError, check_free_disk, resume_point
 from sftforge.train import NonFiniteError, train
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
@@ -134,6 +134,13 @@ def test_resume_auto_without_a_checkpoint_starts_afresh(tmp_path, tiny_model_dir
     out = train(run_config(tmp_path, tiny_model_dir, "resume=auto", "training.max_steps=2"))
 
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_resume_auto_never_starts_afresh_over_a_finished_run_without_checkpoints(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+
+    with pytest.raises(PreflightError, match="holds a previous run .* but no checkpoint"):
+        resume_point("auto", False, tmp_path)
 
 
 def test_resume_refuses_changed_settings_or_data_naming_them(tmp_path, tiny_model_dir):

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,7 +165,8 @@ def run_identity(config, prep) -> dict:
     steps, and a fingerprint of the tokenized data."""
     digest = hashlib.sha256()
     for example in prep.examples:
-        digest.update(repr((example.input_ids, example.labels)).encode())
+        digest.update(array("q", example.input_ids).tobytes())
+        digest.update(array("q", example.labels).tobytes())
     shaping = config.model_dump(exclude=RESUMABLE_CHANGES)
     return {"config": shaping, "data_sha256": digest.hexdigest(), "examples": len(prep.examples)}
 

@@ -80,7 +80,16 @@ def resume_point(resume: str | None, overwrite: bool, output_dir: Path) -> Path 
             clear_previous_run(output_dir)
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)  # none yet: a fresh start, as a preempted job wants
+        latest = latest_checkpoint(output_dir)
+        found = previous_run(output_dir)
+        if latest is None and found:
+            shown = ", ".join(str(p.relative_to(output_dir)) for p in found[:4])
+            raise PreflightError(
+                f"resume=auto: output_dir {output_dir} holds a previous run ({shown}) but no "
+                "checkpoint to go on from; choose another output_dir, or start afresh there "
+                "with overwrite_output_dir=true (deletes it) instead of resume"
+            )
+        return latest  # None: a fresh start, as a preempted job that never saved wants
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise PreflightError(
