@@ -16,8 +16,9 @@ from sftforge.checkpoint import (
     write_atomically,
 )
 from sftforge.config import ConfigError, load_config
+from sftforge.guards import NonFiniteError
 from sftforge.preflight import PreflightError, check_free_disk, resume_point
-from sftforge.train import NonFiniteError, train
+from sftforge.train import train
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 FINISHED = ("adapter_model.safetensors", "model.safetensors", "summary.json")
@@ -288,3 +289,16 @@ def test_checkpoint_files_get_no_permission_the_umask_withholds(tmp_path, umask)
     assert len(written) == 6
     widened = [(p.name, oct(p.stat().st_mode & 0o777)) for p in written if p.stat().st_mode & umask]
     assert widened == []
+
+
+def test_resumed_metrics_keep_the_steps_done_and_drop_later_or_cut_rows(tmp_path):
+    from sftforge.train import open_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": step, "loss": 1.0}) for step in range(1, 6)]
+    path.write_text("\n".join(rows) + '\n{"step": 6, "lo')
+
+    with open_metrics(path, done=4) as metrics:
+        metrics.write(json.dumps({"step": 5, "loss": 0.5}) + "\n")
+
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sftforge.cli import explain, main
-from sftforge.train import NonFiniteError, RunInterrupted
+from sftforge.guards import NonFiniteError, RunInterrupted
 
 
 def test_a_missing_data_file_is_one_paragraph_and_exit_code_2(tmp_path, capsys):

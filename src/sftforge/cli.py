@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def explain(error: Exception) -> tuple[str, int]:
     """One paragraph (what, where, what to do) and the exit code for a failure."""
-    from .train import NonFiniteError, RunInterrupted
+    from .guards import NonFiniteError, RunInterrupted
 
     if isinstance(error, RunInterrupted):
         return str(error), 128 + error.signal_number

@@ -9,14 +9,10 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -36,6 +32,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .flops import flop_model
+from .guards import NonFiniteError, RunInterrupted, nonfinite_step, nonfinite_stop, stop_requests
 from .loss import summed_token_loss
 from .model import causal_lm, compile_decoder_layers, pick_device, verify_packing_isolation
 from .preflight import (
@@ -45,7 +42,7 @@ from .preflight import (
     checkpoint_bytes,
     resume_point,
 )
-from .prepare import Prepared, prepare
+from .prepare import prepare
 
 
 def set_seed(seed: int) -> None:
@@ -138,16 +135,6 @@ def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[floa
             (loss_sum / step_trained).backward()
             total += loss_sum.item()
     return total / step_trained, step_trained
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-class RunInterrupted(RuntimeError):
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.signal_number = signal_number
 
 
 @dataclass
@@ -315,33 +302,10 @@ def train(config: Config) -> Path:
 
 def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     """The gradients' total norm, clipping them to `max_norm` when set."""
-    grads = [p.grad for p in params if p.grad is not None]
     if max_norm:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def nonfinite_step(step: int, loss: float, grad_norm: float, indices, prep: Prepared) -> str:
-    sources = ", ".join(str(prep.examples[i].source) for i in indices[:5])
-    more = f" and {len(indices) - 5} more" if len(indices) > 5 else ""
-    return (
-        f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite "
-        f"(the step's examples: {sources}{more})"
-    )
-
-
-def nonfinite_stop(what: str, output_dir: Path) -> str:
-    last = latest_checkpoint(output_dir)
-    kept = (
-        f"the last good checkpoint is {last} (resume=auto continues from it)"
-        if last
-        else "no checkpoint was written before it"
-    )
-    return (
-        f"{what}; the run stopped without applying it, and {kept}. Try a lower training.lr "
-        "or training.precision=fp32, or look at those records; training.skip_nonfinite_steps=N "
-        "skips up to N such steps instead"
-    )
 
 
 def step_record(step, epoch, loss, lr, grad_norm, progress: Progress, t) -> dict:
@@ -365,43 +329,20 @@ def step_record(step, epoch, loss, lr, grad_norm, progress: Progress, t) -> dict
 
 
 def open_metrics(path: Path, done: int):
-    """metrics.jsonl for appending, keeping only the rows of the `done` steps resumed from."""
-    rows = []
+    """metrics.jsonl for writing, keeping the rows of the `done` steps resumed from (a killed
+    run may have left later rows, the last one cut short)."""
+    kept = []
     if done and path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= done]
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= done:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                break
     metrics = path.open("w")
-    for line in rows:
+    for line in kept:
         metrics.write(line + "\n")
     return metrics
-
-
-@contextmanager
-def stop_requests():
-    """Turn the first SIGINT or SIGTERM into a request to stop after the current step (the
-    loop then checkpoints); a second one stops at once, as usual."""
-    stop = SimpleNamespace(signal=None)
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # signal handlers can only be set from the main thread
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def request(number, frame):
-        stop.signal = signal.Signals(number)
-        print(
-            f"\n{stop.signal.name}: finishing this step, then saving a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
-        )
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-    for s in previous:
-        signal.signal(s, request)
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _fast_adamw(device: torch.device) -> dict:
