@@ -110,16 +110,32 @@ def test_checkpoints_hold_weights_optimizer_rng_and_data_position(tmp_path, tiny
 
     assert [p.name for p in step_checkpoints(out)] == ["step-000002", "step-000004"]
     checkpoint = step_checkpoints(out)[0]
-    assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "optimizer.safetensors",
-        "rng.safetensors",
-        "state.json",
-        "trainable.safetensors",
-    ]
+    resume_files = {"optimizer.safetensors", "rng.safetensors", "state.json"}
+    assert resume_files | {"trainable.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert not [p for p in checkpoint.iterdir() if p.suffix in (".bin", ".pt", ".pkl")]
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["step"] == 2
     assert state["progress"]["tokens"] > 0
     assert {"python_rng", "numpy_rng", "optimizer", "identity", "before"} <= set(state)
+
+
+def test_a_checkpoint_loads_for_inference_with_the_weights_it_resumes_from(
+    tmp_path, tiny_model_dir
+):
+    from safetensors.torch import load_file
+
+    from sftforge.export import load_for_inference
+
+    out = train(run_config(tmp_path, tiny_model_dir))
+    checkpoint = step_checkpoints(out)[0]
+
+    model, tokenizer = load_for_inference(str(checkpoint))
+
+    exact = load_file(checkpoint / "trainable.safetensors")
+    loaded = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    assert loaded and set(loaded) == set(exact)
+    assert all(torch.equal(loaded[name], exact[name]) for name in loaded)
+    assert tokenizer.chat_template
 
 
 def test_a_new_run_refuses_an_output_dir_holding_a_previous_run(tmp_path, tiny_model_dir):

@@ -1,6 +1,7 @@
 """Resumable checkpoints, written whole or not at all.
 
     <output_dir>/checkpoints/step-000120/
+        (the model or adapter, tokenizer, chat template: loadable like the final model)
         trainable.safetensors   the trainable weights, bit for bit (adapters, or the whole model)
         optimizer.safetensors   the optimizer's per-parameter state (AdamW's moments and steps)
         rng.safetensors         torch's generator states (CPU, and each CUDA device)
@@ -27,6 +28,7 @@ import random
 import re
 import shutil
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,11 +94,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict,
     keep: int,
+    save_model: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`.
+    `save_model(folder)` adds the loadable model or adapter (with tokenizer and template),
+    so that a checkpoint can be evaluated or served as it is."""
     final = checkpoint_root(output_dir) / f"step-{step:06d}"
 
     def write(folder: Path) -> None:
+        if save_model is not None:
+            save_model(folder)
         save_file(trainable_state(model), folder / "trainable.safetensors")
         optimizer_tensors, optimizer_layout = flatten_optimizer_state(optimizer)
         save_file(optimizer_tensors, folder / "optimizer.safetensors")

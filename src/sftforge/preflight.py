@@ -100,10 +100,11 @@ def resume_point(resume: str | None, overwrite: bool, output_dir: Path) -> Path 
 
 
 def checkpoint_bytes(params: list[torch.nn.Parameter], optimizer_moments: int = 2) -> int:
-    """Trainable weights plus the optimizer's per-parameter state (AdamW: two moments)."""
+    """The trainable weights twice (the loadable model or adapter, and the exact copy resume
+    reads) plus the optimizer's per-parameter state (AdamW: two fp32 moments)."""
     weights = sum(p.numel() * p.element_size() for p in params)
     moments = sum(p.numel() * 4 for p in params) * optimizer_moments
-    return weights + moments
+    return 2 * weights + moments
 
 
 def check_free_disk(output_dir: Path, needed: int, what: str) -> None:

@@ -31,6 +31,7 @@ from .checkpoint import (
     save_final,
 )
 from .config import Config
+from .export import save_run
 from .flops import flop_model
 from .guards import NonFiniteError, RunInterrupted, nonfinite_step, nonfinite_stop, stop_requests
 from .loss import summed_token_loss
@@ -217,7 +218,15 @@ def train(config: Config) -> Path:
 
     def save(step: int) -> Path:
         state = {"identity": identity, "before": before, "progress": asdict(progress)}
-        return save_checkpoint(output_dir, step, model, optimizer, state, t.keep_checkpoints)
+        return save_checkpoint(
+            output_dir,
+            step,
+            model,
+            optimizer,
+            state,
+            t.keep_checkpoints,
+            save_model=lambda folder: save_run(model, prep, config, folder),
+        )
 
     started = time.perf_counter() - progress.elapsed_s
     eval_seconds = 0.0  # excluded from throughput: tokens/s measures training alone
