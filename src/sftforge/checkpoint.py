@@ -55,7 +55,6 @@ class CheckpointError(ValueError):
 class Resumed:
     step: int  # optimizer steps already done
     state: dict  # the rest of state.json: counters, "before", fingerprints
-    path: Path
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -134,7 +133,7 @@ def load_checkpoint(
     load_trainable_state(model, load_file(path / "trainable.safetensors"), path)
     restore_optimizer_state(optimizer, load_file(path / "optimizer.safetensors"), state)
     restore_rng_states(load_file(path / "rng.safetensors"), state)
-    return Resumed(step=state["step"], state=state, path=path)
+    return Resumed(step=state["step"], state=state)
 
 
 # ---- the best and the final model, also never half-written ---

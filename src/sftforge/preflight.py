@@ -16,7 +16,6 @@ from .conversation import DataError, Message
 from .readers import data_files
 from .templates import TemplateError
 
-FINISHED_MARKERS = ("summary.json",)
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
@@ -51,18 +50,18 @@ def previous_run(output_dir: Path) -> list[Path]:
         return []
     found = step_checkpoints(output_dir)
     found += [p for p in output_dir.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
-    found += [output_dir / name for name in FINISHED_MARKERS if (output_dir / name).exists()]
-    if (output_dir / "best").is_dir():
-        found.append(output_dir / "best")
+    found += [
+        output_dir / name for name in ("summary.json", "best") if (output_dir / name).exists()
+    ]
     return found
 
 
 def clear_previous_run(output_dir: Path) -> None:
     """Delete an earlier run's checkpoints and model (asked for with overwrite_output_dir)."""
-    for path in previous_run(output_dir):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
     if (output_dir / CHECKPOINTS).is_dir():
         shutil.rmtree(output_dir / CHECKPOINTS)
+    for path in previous_run(output_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def resume_point(resume: str | None, overwrite: bool, output_dir: Path) -> Path | None:
@@ -99,11 +98,11 @@ def resume_point(resume: str | None, overwrite: bool, output_dir: Path) -> Path 
     return path
 
 
-def checkpoint_bytes(params: list[torch.nn.Parameter], optimizer_moments: int = 2) -> int:
+def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:
     """The trainable weights twice (the loadable model or adapter, and the exact copy resume
     reads) plus the optimizer's per-parameter state (AdamW: two fp32 moments)."""
     weights = sum(p.numel() * p.element_size() for p in params)
-    moments = sum(p.numel() * 4 for p in params) * optimizer_moments
+    moments = 2 * sum(p.numel() * 4 for p in params)
     return 2 * weights + moments
 
 
