@@ -1,3 +1,4 @@
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -5,6 +6,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from model_families import (  # noqa: E402
+    build_sentencepiece_tokenizer,
+    save_model_with_tokenizer,
+    tiny_llama,
+)
 
 
 @pytest.fixture(scope="session")
@@ -20,45 +26,65 @@ def smollm2_tokenizer_path(smollm2_path) -> str:
     return smollm2_path
 
 
-@pytest.fixture()
-def smollm2_tokenizer(smollm2_tokenizer_path):
-    """A fresh tokenizer per test: tests may add special tokens to it."""
+@pytest.fixture(scope="session")
+def shared_smollm2_tokenizer(smollm2_tokenizer_path):
+    """SmolLM2's tokenizer, loaded once: for tests that only read it."""
     from sftforge.model import load_tokenizer
 
     return load_tokenizer(smollm2_tokenizer_path)
 
 
+@pytest.fixture()
+def smollm2_tokenizer(shared_smollm2_tokenizer):
+    """A copy of SmolLM2's tokenizer per test: tests may add special tokens to it."""
+    return copy.deepcopy(shared_smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer_path(tmp_path_factory) -> str:
+    """A Llama-2-style SentencePiece tokenizer (see model_families.py)."""
+    return str(build_sentencepiece_tokenizer(tmp_path_factory.mktemp("sentencepiece")))
+
+
+@pytest.fixture(scope="session")
+def shared_sentencepiece_tokenizer(sentencepiece_tokenizer_path):
+    from sftforge.model import load_tokenizer
+
+    return load_tokenizer(sentencepiece_tokenizer_path)
+
+
+@pytest.fixture()
+def sentencepiece_tokenizer(shared_sentencepiece_tokenizer):
+    return copy.deepcopy(shared_sentencepiece_tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory():
-    """A tiny randomly initialised Llama with SmolLM2's vocabulary size, for fast tests."""
+    """make(vocab_size=49152, seed=0, tie=True): a tiny randomly initialised Llama."""
 
-    def make(vocab_size: int = 49152, seed: int = 0):
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            attn_implementation="sdpa",
-        )
-        return LlamaForCausalLM(config)
+    def make(vocab_size: int = 49152, seed: int = 0, tie: bool = True):
+        return tiny_llama(vocab_size, tie=tie, seed=seed)
 
     return make
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_model_factory, smollm2_tokenizer_path) -> str:
+def tiny_model_dir(tmp_path_factory, shared_smollm2_tokenizer) -> str:
     """A saved tiny random Llama with the real SmolLM2 tokenizer and chat template."""
-    from sftforge.model import load_tokenizer
-
     path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model_factory().save_pretrained(path, safe_serialization=True)
-    load_tokenizer(smollm2_tokenizer_path).save_pretrained(path)
-    return str(path)
+    return save_model_with_tokenizer(tiny_llama(49152), shared_smollm2_tokenizer, path)
+
+
+@pytest.fixture(scope="session")
+def untied_sentencepiece_model_dir(tmp_path_factory, shared_sentencepiece_tokenizer) -> str:
+    """A tiny random Llama with an untied output head and the SentencePiece tokenizer: BOS
+    <s> added, eos </s>, no pad token, Llama-2-chat's template."""
+    tokenizer = shared_sentencepiece_tokenizer
+    model = tiny_llama(
+        len(tokenizer),
+        tie=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama-untied-sentencepiece")
+    return save_model_with_tokenizer(model, tokenizer, path)

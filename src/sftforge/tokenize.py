@@ -4,12 +4,21 @@ How text becomes tokens, and why:
 - Special tokens are recognised only where the *template* wrote them. A user who types
   `<|im_end|>` gets the characters, not the token.
 - Between special tokens, text is tokenized as one run, as a tokenizer does for a whole
-  prompt, except at the start and end of every trained span: the prompt a model sees at
+  prompt, except at the start and end of every assistant turn: the prompt a model sees at
   inference ends at the generation prompt and is tokenized alone, so training must not let
   BPE merge the template's last characters with the first characters of the answer.
+- A run is tokenized as it would be in its place in the whole text. SentencePiece-style
+  tokenizers (Llama 2, Mistral) put a prefix space before text at the start of a string
+  (and, by their settings, after a special token), so a run that continues text cut at a
+  turn boundary, or follows a special token where the tokenizer adds none, is tokenized
+  behind an anchor whose tokens are then dropped. Which runs need that is learned once,
+  from the tokenizer itself.
 - Labels are the input ids on trained tokens and -100 elsewhere (not shifted: the loss does
-  that). Each example is then checked: the trained tokens must decode to exactly the
-  assistant text plus its end-of-turn marker. A mask that cannot be proven is an error.
+  that). Each example is then checked: the tokens decode to the rendered text, and the
+  tokens before and through each trained span decode to the text before and through it, so
+  the trained tokens are exactly the assistant text plus its end-of-turn marker. (Decoding
+  in context: a SentencePiece decoder drops the leading space of whatever it decodes first.)
+  A mask that cannot be proven is an error.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ from .templates import ChatTemplate, TemplateError, render_conversation, render_
 IGNORE_INDEX = -100
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn", "all_tokens")
 TRUNCATION = ("drop", "truncate")
+# Text tokenized in front of a run that must not get a string's prefix space; its tokens are
+# dropped. A newline: SentencePiece vocabularies hold it as a byte, merged with nothing.
+ANCHOR = "\n"
 
 
 @dataclass
@@ -89,6 +101,7 @@ class Encoder:
                 self.special_ids[tok] = tokenizer.convert_tokens_to_ids(tok)
         by_length = sorted(self.special_ids, key=len, reverse=True)
         self._special_pattern = re.compile("|".join(re.escape(t) for t in by_length) or "(?!)")
+        self._prefix_at_start, self._prefix_after_special = self._probe_prefix_space()
 
     # ---- public -------------------------------------------------------------------------
 
@@ -177,17 +190,18 @@ class Encoder:
         """Ids of the rendered parts, cut at every span boundary; and the token ranges of
         `spans` (the trained ones)."""
         atoms = self._atoms(parts, cut_spans, spans)
-        plain = [a.text for a in atoms if not a.special]
-        encoded = iter(
-            self.tokenizer(plain, add_special_tokens=False, split_special_tokens=True).input_ids
-            if plain
-            else []
-        )
+        plain = [k for k, a in enumerate(atoms) if not a.special]
+        anchored = {k for k in plain if self._continues_text(atoms, k)}
+        texts = [ANCHOR + atoms[k].text if k in anchored else atoms[k].text for k in plain]
+        encoded = dict(zip(plain, self._ids(texts) if texts else [], strict=True))
         ids: list[int] = []
         trained_ranges: list[tuple[int, int]] = []
-        for atom in atoms:
+        for k, atom in enumerate(atoms):
             start = len(ids)
-            ids.extend([self.special_ids[atom.text]] if atom.special else next(encoded))
+            if atom.special:
+                ids.append(self.special_ids[atom.text])
+            else:
+                ids.extend(self._drop_anchor(encoded[k]) if k in anchored else encoded[k])
             if atom.trained and len(ids) > start:
                 if trained_ranges and trained_ranges[-1][1] == start:
                     trained_ranges[-1] = (trained_ranges[-1][0], len(ids))
@@ -195,13 +209,50 @@ class Encoder:
                     trained_ranges.append((start, len(ids)))
         return ids, trained_ranges
 
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        """Plain text to ids: no special tokens added, none recognised in the text."""
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    def _continues_text(self, atoms: list[_Atom], k: int) -> bool:
+        """Whether plain atom k must be tokenized as text that continues (no prefix space),
+        where tokenizing it alone would give it the prefix space of a string's start."""
+        if not self._prefix_at_start or k == 0:
+            return False  # the text's very start is tokenized as the tokenizer does any string
+        if atoms[k - 1].special:
+            return not self._prefix_after_special
+        return True  # text cut at a turn boundary goes on from the text before the cut
+
+    def _drop_anchor(self, ids: list[int]) -> list[int]:
+        """The ids of anchored text without the anchor's own. Should the anchor have merged
+        with the text, the ids are kept whole: the mask proof then names the example."""
+        n = len(self._anchor_ids)
+        return ids[n:] if ids[:n] == self._anchor_ids else ids
+
+    def _probe_prefix_space(self) -> tuple[bool, bool]:
+        """(does tokenizing text alone add a prefix space?, does the tokenizer add one after a
+        special token too?), asked of the tokenizer itself. SentencePiece-style tokenizers add
+        one at the start of a string; some (legacy Llama) after every special token too;
+        byte-level BPE tokenizers add none."""
+        self._anchor_ids = self._ids([ANCHOR])[0]
+        probe = "Hello world"
+        alone, anchored = self._ids([probe, ANCHOR + probe])
+        if self._drop_anchor(anchored) == alone:
+            return False, False
+        marker = next(iter(self.special_ids), None)
+        if marker is None:
+            return True, False
+        after = self.tokenizer(marker + probe, add_special_tokens=False).input_ids
+        return True, after[1:] == alone
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
             ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
     def _check(self, ids, trained_ranges, text, spans, conversation: Conversation) -> None:
-        """Prove the mask: trained tokens decode to exactly the assistant spans' text."""
+        """Prove the mask: the tokens before each trained span decode to the text before it,
+        and the tokens through it to the text through it, so the trained tokens are exactly
+        the span's text, in context."""
         problem = None
         if self._decode(ids) != text:
             problem = "the tokens do not decode back to the rendered text"
@@ -209,11 +260,10 @@ class Encoder:
             problem = f"expected {len(spans)} trained spans, found {len(trained_ranges)}"
         else:
             for (t0, t1), (c0, c1) in zip(trained_ranges, spans, strict=True):
-                if self._decode(ids[t0:t1]) != text[c0:c1]:
-                    problem = (
-                        f"trained tokens decode to {self._decode(ids[t0:t1])!r}, "
-                        f"expected {text[c0:c1]!r}"
-                    )
+                before, through = self._decode(ids[:t0]), self._decode(ids[:t1])
+                if before != text[:c0] or through != text[:c1]:
+                    trained = through[len(before) :] if through.startswith(before) else through
+                    problem = f"trained tokens decode to {trained!r}, expected {text[c0:c1]!r}"
                     break
         if problem:
             raise DataError(

@@ -1,0 +1,108 @@
+"""Stand-ins for model families other than SmolLM2's, built locally in well under a second.
+
+SmolLM2 is a forgiving case: a byte-level BPE tokenizer that adds no BOS, whose eos is its
+end-of-turn token and its pad, and a head tied to the embeddings. The fixtures here bring
+what it lacks:
+
+- a SentencePiece-style tokenizer as transformers 5 builds it for Llama 2 and Mistral: BPE
+  with byte fallback, a `▁` prefix space before the start of a string, `<unk>`/`<s>`/`</s>`,
+  a BOS added to every encoded string, and Llama-2-chat's own chat template (which trims
+  messages and ends assistant turns with eos);
+- tiny Llama models with a tied or an untied output head.
+
+The tokenizer is trained on the bundled demo data and reference corpus, so its vocabulary
+covers common words and falls back to bytes for the rest (emoji, CJK, most punctuation).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "src" / "sftforge" / "assets"
+
+# Llama-2-chat's template as its tokenizer_config.json ships it (meta-llama/Llama-2-7b-chat-hf):
+# BOS before every [INST], the system prompt folded into the first user turn, every message
+# stripped, assistant turns closed by eos.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+SPECIAL = ("<unk>", "<s>", "</s>")
+
+
+def training_text() -> list[str]:
+    lines = []
+    for name in ("demo_train.jsonl", "demo_eval.jsonl"):
+        for line in (ASSETS / name).read_text("utf-8").splitlines():
+            record = json.loads(line)
+            lines.extend(m["content"] for m in record.get("messages", []))
+    lines.extend((ASSETS / "reference_corpus.txt").read_text("utf-8").splitlines())
+    # Chat markup the templates write, so it is not all bytes; no newline is ever learnt.
+    lines += ["[INST] [/INST] <<SYS>> <</SYS>> ### Instruction: ### Response: USER: ASSISTANT:"]
+    return [line for text in lines for line in text.splitlines() if line.strip()]
+
+
+def build_sentencepiece_tokenizer(directory: Path, vocab_size: int = 3000) -> Path:
+    """A Llama-2-style tokenizer saved under `directory` (tokenizer.json and config)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL), show_progress=False
+    )
+    learner.train_from_iterator(training_text(), trainer)
+    learnt = json.loads(learner.to_str())["model"]
+    # Llama's layout: <unk> <s> </s>, then the 256 byte-fallback tokens, then the pieces.
+    vocab = {token: i for i, token in enumerate(SPECIAL)}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for piece, _ in sorted(learnt["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_llama(vocab_size: int, tie: bool = True, seed: int = 0, **special_ids):
+    """A tiny random Llama: hidden 32, 2 layers, 4 heads (2 kv heads); `special_ids` sets
+    bos_token_id / eos_token_id / pad_token_id on its config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        attn_implementation="sdpa",
+        **special_ids,
+    )
+    return LlamaForCausalLM(config)
+
+
+def save_model_with_tokenizer(model, tokenizer, directory: Path) -> str:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
