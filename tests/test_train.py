@@ -55,33 +55,71 @@ def test_full_fine_tuning_leaves_model_tokenizer_template_config_and_metrics(
     assert reloaded.generation_config.eos_token_id in (2, [2])
 
 
-def test_lora_with_a_template_that_adds_tokens_trains_and_saves_their_rows(
-    tmp_path, tiny_model_dir
-):
+def rows_at_start(base_dir: str, added: int):
+    """The rows a run starts new tokens from: the mean of the base's rows, in the input
+    embeddings and in the output head (the same tensor when tied)."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    inputs = base.get_input_embeddings().weight.detach()
+    outputs = base.get_output_embeddings().weight.detach()
+    return base, inputs.mean(0).expand(added, -1), outputs.mean(0).expand(added, -1)
+
+
+def assert_new_rows_trained_and_old_rows_kept(base_dir: str, out, new_tokens: list[str]):
     from peft import PeftModel
 
     from sftforge.export import merge_adapter
 
-    out = train(config(tmp_path, tiny_model_dir, "template=llama3", "training.lr=1e-2"))
     tokenizer = AutoTokenizer.from_pretrained(out)
-    new_ids = tokenizer.convert_tokens_to_ids(["<|start_header_id|>", "<|eot_id|>"])
-    assert min(new_ids) >= 49152, "llama3 tokens were added to the vocabulary"
-    assert "<|start_header_id|>" in tokenizer.chat_template
+    new_ids = tokenizer.convert_tokens_to_ids(new_tokens)
+    base, inputs_start, outputs_start = rows_at_start(base_dir, len(new_ids))
+    known = base.get_input_embeddings().weight.shape[0]
+    assert min(new_ids) >= known, "the template's tokens were added to the vocabulary"
+    old_inputs = base.get_input_embeddings().weight.detach().clone()
+    old_outputs = base.get_output_embeddings().weight.detach().clone()
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    base.resize_token_embeddings(len(tokenizer))
-    rows_before = base.get_input_embeddings().weight[new_ids].clone()
+    merge_adapter(out, out.parent / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out.parent / "merged")
+    inputs, outputs = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    # Trained away from where the run started them, each row its own way...
+    for start, rows in ((inputs_start, inputs[new_ids]), (outputs_start, outputs[new_ids])):
+        moved = (rows - start).abs().amax(1)
+        assert bool((moved > 1e-3).all()), f"new rows moved only {moved.tolist()}"
+    # ... while LoRA left every row of the base vocabulary as it was.
+    torch.testing.assert_close(inputs[:known], old_inputs, atol=0, rtol=0)
+    torch.testing.assert_close(outputs[:known], old_outputs, atol=0, rtol=0)
+
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     tuned = PeftModel.from_pretrained(base, out)
-    merged_dir = tmp_path / "merged"
-    merge_adapter(out, merged_dir)
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
-    rows_after = merged.get_input_embeddings().weight[new_ids]
-    assert not torch.allclose(rows_before, rows_after), "new token rows were not trained"
-
     ids = torch.tensor([[1, 2, 3, new_ids[0], 5]])
     torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, atol=1e-4, rtol=1e-4)
+    return tokenizer, merged, new_ids
+
+
+def test_lora_trains_the_rows_of_tokens_a_template_adds_under_a_tied_head(tmp_path, tiny_model_dir):
+    out = train(config(tmp_path, tiny_model_dir, "template=llama3", "training.lr=1e-2"))
+    tokens = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+    tokenizer, merged, new_ids = assert_new_rows_trained_and_old_rows_kept(
+        tiny_model_dir, out, tokens
+    )
+
+    assert "<|start_header_id|>" in tokenizer.chat_template
     eos = merged.generation_config.eos_token_id
-    assert new_ids[1] in (eos if isinstance(eos, list) else [eos]), "generation stops at <|eot_id|>"
+    assert new_ids[2] in (eos if isinstance(eos, list) else [eos]), "generation stops at eot"
+
+
+def test_lora_trains_the_rows_of_tokens_a_template_adds_in_an_untied_head_too(
+    tmp_path, untied_sentencepiece_model_dir
+):
+    # The untied head's rows of new tokens must learn too: left at their common start, the
+    # model could never tell <|im_start|> from <|im_end|> when it writes them.
+    out = train(
+        config(tmp_path, untied_sentencepiece_model_dir, "template=chatml", "training.lr=1e-2")
+    )
+
+    assert_new_rows_trained_and_old_rows_kept(
+        untied_sentencepiece_model_dir, out, ["<|im_start|>", "<|im_end|>"]
+    )
 
 
 def test_skip_policy_trains_on_the_valid_records_and_writes_every_reject(tmp_path, tiny_model_dir):

@@ -247,28 +247,57 @@ def compile_decoder_layers(model) -> None:
 def add_missing_special_tokens(tokenizer, model, tokens: tuple[str, ...]) -> list[int]:
     """Give every special token a template writes its own id; return the ids that are new.
 
-    New rows are initialised to the mean of the existing embeddings (a neutral start) and
-    must be trained, which `attach_lora` arranges even under LoRA."""
+    Their rows start at the mean of the existing rows, in the input embeddings and in an
+    untied output head: a neutral start, the same on every run (transformers' mean_resizing
+    draws them at random around that mean). They must be trained, which `attach_lora`
+    arranges even under LoRA."""
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if not missing:
         return []
+    known = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    new_ids = tokenizer.convert_tokens_to_ids(missing)
     if model is not None:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return tokenizer.convert_tokens_to_ids(missing)
+        if model.get_input_embeddings().weight.shape[0] <= max(new_ids):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        start_rows_at_the_mean(model, new_ids, known)
+    return new_ids
+
+
+@torch.no_grad()
+def start_rows_at_the_mean(model, ids: list[int], known: int) -> None:
+    """Set the rows `ids` of the input embeddings and of the output head (once, when tied)
+    to the mean of the rows of the `known` tokens the tokenizer had before."""
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    weights = {id(layer.weight): layer.weight for layer in layers if layer is not None}
+    for weight in weights.values():
+        weight[ids] = weight[:known].mean(0).to(weight.dtype)
+
+
+def has_tied_head(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is None or head.weight is model.get_input_embeddings().weight
 
 
 def attach_lora(model, r: int, alpha: int, dropout: float, target_modules, new_token_ids):
     from peft import LoraConfig, get_peft_model
 
+    trainable_tokens = None
+    if new_token_ids:
+        # Rows of tokens the template added must learn, or the model never sees them mean
+        # anything: train just those rows, of the embeddings and, when it is not tied to
+        # them, of the output head (else every new token keeps the same output row, and the
+        # model cannot tell them apart when it writes them).
+        names = {module: name for name, module in model.named_modules()}
+        trainable_tokens = {names[model.get_input_embeddings()]: list(new_token_ids)}
+        if not has_tied_head(model):
+            trainable_tokens[names[model.get_output_embeddings()]] = list(new_token_ids)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
         task_type="CAUSAL_LM",
-        # Rows of tokens the template added must learn, or the model never sees them mean
-        # anything: train just those rows (tied embeddings are handled by peft).
-        trainable_token_indices=list(new_token_ids) or None,
+        trainable_token_indices=trainable_tokens,
     )
     return get_peft_model(model, config)
