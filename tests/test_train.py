@@ -188,6 +188,15 @@ def test_schedule_warms_up_then_decays(schedule):
         assert lrs[-1] < 0.05
 
 
+def step_rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_and_gradient_norms(rows: list[dict]) -> list[float]:
+    """Each step's loss and gradient norm (before clipping), in one flat list."""
+    return [value for row in rows for value in (row["loss"], row["grad_norm"])]
+
+
 def test_packed_budgeted_checkpointed_pure_bf16_lora_run_trains_and_reports_mfu(
     tmp_path, tiny_model_dir
 ):
@@ -197,39 +206,73 @@ def test_packed_budgeted_checkpointed_pure_bf16_lora_run_trains_and_reports_mfu(
             tiny_model_dir,
             "training.precision=pure_bf16",
             "training.packing=true",
+            "max_length=256",
             "training.micro_batch_tokens=256",
             "training.grad_accum=2",
             "training.peak_tflops=1.0",
             "training.gradient_checkpointing=true",
         )
     )
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = step_rows(out)
     assert all(m["loss"] > 0 and m["tflops"] > 0 and m["mfu"] > 0 for m in metrics)
-    # 8 examples of ~90 tokens packed into rows of 128 need several micro-batches of 256.
-    assert all(m["micro_batches"] >= 2 for m in metrics)
+    # Steps of 8, 4 (the epoch's last 4 of 12) and 8 examples of 78-105 tokens, packed two
+    # to a row of 256; a budget of 256 tokens takes one such row per micro-batch.
+    assert [m["rows"] for m in metrics] == [4, 2, 4]
+    assert [m["micro_batches"] for m in metrics] == [4, 2, 4]
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA"
 
 
-def full_fp32_losses(tmp_path, model, *overrides) -> list[float]:
+def run_rows(tmp_path, model, *overrides) -> list[dict]:
     # Each call starts afresh in the same output_dir.
-    settings = ("method=full", "training.precision=fp32", "overwrite_output_dir=true")
-    out = train(config(tmp_path, model, *settings, *overrides))
-    return [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    return step_rows(train(config(tmp_path, model, "overwrite_output_dir=true", *overrides)))
 
 
-def test_layout_and_checkpointing_do_not_change_the_losses(tmp_path, tiny_model_dir):
-    # A step's examples do not depend on how they are cut into micro-batches or packed.
-    def losses(*overrides):
-        return full_fp32_losses(tmp_path, tiny_model_dir, "training.max_steps=2", *overrides)
+def test_layout_and_checkpointing_change_neither_losses_nor_gradients(tmp_path, tiny_model_dir):
+    # A step's examples do not depend on how they are cut into micro-batches or packed, and
+    # the gradient norm before clipping shows any error in the gradients' scale.
+    def rows(*overrides):
+        settings = ("method=full", "training.precision=fp32", "max_length=512")
+        return run_rows(tmp_path, tiny_model_dir, *settings, "training.max_steps=2", *overrides)
 
-    plain = losses()
-    assert losses("training.packing=true") == pytest.approx(plain, abs=1e-5)
-    assert losses("training.micro_batch_tokens=100") == pytest.approx(plain, abs=1e-5)
-    assert losses("training.gradient_checkpointing=true") == pytest.approx(plain, abs=1e-5)
+    plain = rows()
+    packed = rows("training.packing=true")
+    budgeted = rows("training.micro_batch_tokens=100")
+    checkpointed = rows("training.gradient_checkpointing=true")
+
+    assert [r["rows"] for r in plain] == [4, 4]
+    assert [r["rows"] for r in packed] == [1, 1], "the four examples of a step share a row"
+    assert [r["micro_batches"] for r in budgeted] == [4, 4]
+    reference = losses_and_gradient_norms(plain)
+    for other in (packed, budgeted, checkpointed):
+        assert losses_and_gradient_norms(other) == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("pure_bf16", 1e-2)])
+def test_packing_with_lora_checkpointing_and_budgets_gives_the_unpacked_steps(
+    tmp_path, tiny_model_dir, precision, tolerance
+):
+    settings = (
+        f"training.precision={precision}",
+        "training.gradient_checkpointing=true",
+        "training.micro_batch_tokens=512",
+        "max_length=512",
+        "training.max_steps=2",
+        "lora.dropout=0",
+    )
+    unpacked = run_rows(tmp_path, tiny_model_dir, *settings)
+    packed = run_rows(tmp_path, tiny_model_dir, *settings, "training.packing=true")
+
+    assert [r["rows"] for r in packed] == [1, 1] and [r["rows"] for r in unpacked] == [4, 4]
+    expected = losses_and_gradient_norms(unpacked)
+    assert losses_and_gradient_norms(packed) == pytest.approx(expected, rel=tolerance)
 
 
 @pytest.mark.slow
-def test_compiled_decoder_layers_train_to_the_same_losses(tmp_path, tiny_model_dir):
-    compiled = full_fp32_losses(tmp_path, tiny_model_dir, "training.compile=true")
-    assert compiled == pytest.approx(full_fp32_losses(tmp_path, tiny_model_dir), abs=1e-4)
+def test_compiled_decoder_layers_train_to_the_same_losses_and_gradients(tmp_path, tiny_model_dir):
+    settings = ("method=full", "training.precision=fp32")
+    compiled = run_rows(tmp_path, tiny_model_dir, *settings, "training.compile=true")
+    eager = run_rows(tmp_path, tiny_model_dir, *settings)
+    assert losses_and_gradient_norms(compiled) == pytest.approx(
+        losses_and_gradient_norms(eager), rel=1e-4
+    )

@@ -237,6 +237,12 @@ def verify_packing_isolation(model, device: torch.device) -> None:
         )
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant, as torch
+    recommends). Tested to give the gradients of a run without it."""
+    causal_lm(model).gradient_checkpointing_enable({"use_reentrant": False})
+
+
 def compile_decoder_layers(model) -> None:
     """torch.compile each decoder layer in place (shapes vary with each batch: dynamic)."""
     lm = causal_lm(model)

@@ -35,7 +35,12 @@ from .export import save_run
 from .flops import flop_model
 from .guards import NonFiniteError, RunInterrupted, nonfinite_step, nonfinite_stop, stop_requests
 from .loss import summed_token_loss
-from .model import causal_lm, compile_decoder_layers, pick_device, verify_packing_isolation
+from .model import (
+    compile_decoder_layers,
+    enable_gradient_checkpointing,
+    pick_device,
+    verify_packing_isolation,
+)
 from .preflight import (
     check_data_files,
     check_free_disk,
@@ -192,7 +197,7 @@ def train(config: Config) -> Path:
     if t.packing:
         verify_packing_isolation(model, device)
     if t.gradient_checkpointing:
-        causal_lm(model).gradient_checkpointing_enable({"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if t.compile:
         print(
             "warning: training.compile is experimental: on SmolLM2 LoRA bf16 its loss curve "
@@ -273,6 +278,7 @@ def train(config: Config) -> Path:
             progress.elapsed_s = time.perf_counter() - started - eval_seconds
             record = step_record(step + 1, epoch + 1, step_loss, lr, grad_norm, progress, t)
             record["micro_batches"] = len(batches)
+            record["rows"] = sum(len(b.input_ids) for b in batches)  # < examples when packed
             if not finite:
                 record["skipped"] = True
             if assessment.held_out and _eval_due(step + 1, total_steps, config.eval.every):
