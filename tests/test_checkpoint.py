@@ -2,6 +2,7 @@
 (non-finite loss, bad settings, no room) fails early and leaves no finished-looking model."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,27 @@ def run_config(tmp_path, model_dir, *overrides, data=None):
             *overrides,
         ],
     )
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory) -> Path:
+    return demo_subset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, shared_data) -> Path:
+    """One finished 4-step LoRA run with checkpoints at steps 2 and 4, for the tests that only
+    read it (or a copy of it)."""
+    root = tmp_path_factory.mktemp("finished")
+    return train(run_config(root, tiny_model_dir, "training.keep_checkpoints=5", data=shared_data))
+
+
+def copy_of(run: Path, tmp_path) -> Path:
+    """A copy of a run to change; its config (and so its identity) is that of `run_config`
+    with the same data, whatever output_dir it names."""
+    copied = tmp_path / "out"
+    shutil.copytree(run, copied)
+    return copied
 
 
 def tiny_optimizer_and_model():
@@ -96,17 +118,18 @@ def test_hidden_and_foreign_folders_are_never_taken_for_checkpoints(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-000003"
 
 
-def test_a_checkpoint_with_a_file_missing_is_refused(tmp_path, tiny_model_dir):
-    train(run_config(tmp_path, tiny_model_dir))
-    checkpoint = latest_checkpoint(tmp_path / "out")
+def test_a_checkpoint_with_a_file_missing_is_refused(
+    tmp_path, tiny_model_dir, finished_run, shared_data
+):
+    checkpoint = latest_checkpoint(copy_of(finished_run, tmp_path))
     (checkpoint / "optimizer.safetensors").unlink()
 
     with pytest.raises(CheckpointError, match="not a complete checkpoint .missing optimizer"):
-        train(run_config(tmp_path, tiny_model_dir, f"resume={checkpoint}"))
+        train(run_config(tmp_path, tiny_model_dir, f"resume={checkpoint}", data=shared_data))
 
 
-def test_checkpoints_hold_weights_optimizer_rng_and_data_position(tmp_path, tiny_model_dir):
-    out = train(run_config(tmp_path, tiny_model_dir, "training.keep_checkpoints=5"))
+def test_checkpoints_hold_weights_optimizer_rng_and_data_position(finished_run):
+    out = finished_run
 
     assert [p.name for p in step_checkpoints(out)] == ["step-000002", "step-000004"]
     checkpoint = step_checkpoints(out)[0]
@@ -119,15 +142,12 @@ def test_checkpoints_hold_weights_optimizer_rng_and_data_position(tmp_path, tiny
     assert {"python_rng", "numpy_rng", "optimizer", "identity", "before"} <= set(state)
 
 
-def test_a_checkpoint_loads_for_inference_with_the_weights_it_resumes_from(
-    tmp_path, tiny_model_dir
-):
+def test_a_checkpoint_loads_for_inference_with_the_weights_it_resumes_from(finished_run):
     from safetensors.torch import load_file
 
     from sftforge.export import load_for_inference
 
-    out = train(run_config(tmp_path, tiny_model_dir))
-    checkpoint = step_checkpoints(out)[0]
+    checkpoint = step_checkpoints(finished_run)[0]
 
     model, tokenizer = load_for_inference(str(checkpoint))
 
@@ -138,8 +158,10 @@ def test_a_checkpoint_loads_for_inference_with_the_weights_it_resumes_from(
     assert tokenizer.chat_template
 
 
-def test_a_new_run_refuses_an_output_dir_holding_a_previous_run(tmp_path, tiny_model_dir):
-    train(run_config(tmp_path, tiny_model_dir))
+def test_a_new_run_refuses_an_output_dir_holding_a_previous_run(
+    tmp_path, tiny_model_dir, finished_run
+):
+    copy_of(finished_run, tmp_path)
 
     with pytest.raises(PreflightError, match="holds a previous run .*resume=auto.*overwrite"):
         train(run_config(tmp_path, tiny_model_dir))
@@ -160,17 +182,179 @@ def test_resume_auto_never_starts_afresh_over_a_finished_run_without_checkpoints
         resume_point("auto", False, tmp_path)
 
 
-def test_resume_refuses_changed_settings_or_data_naming_them(tmp_path, tiny_model_dir):
-    train(run_config(tmp_path, tiny_model_dir))
+def test_resume_refuses_changed_settings_or_data_naming_them(
+    tmp_path, tiny_model_dir, finished_run, shared_data
+):
+    copy_of(finished_run, tmp_path)
 
     with pytest.raises(CheckpointError, match=r"training.lr \(None -> 0.001\)"):
-        train(run_config(tmp_path, tiny_model_dir, "resume=auto", "training.lr=1e-3"))
+        train(
+            run_config(
+                tmp_path, tiny_model_dir, "resume=auto", "training.lr=1e-3", data=shared_data
+            )
+        )
     (tmp_path / "other").mkdir()
     other_data = demo_subset(tmp_path / "other", n=10)
     with pytest.raises(CheckpointError, match="the training data differ"):
         train(run_config(tmp_path, tiny_model_dir, "resume=auto", data=other_data))
-    # Where and how often things are written may change.
-    train(run_config(tmp_path, tiny_model_dir, "resume=auto", "training.save_every=1"))
+
+
+def test_resume_may_change_how_often_checkpoints_are_written_and_takes_the_same_steps(
+    tmp_path, tiny_model_dir, finished_run, shared_data
+):
+    out = copy_of(finished_run, tmp_path)
+    step_2 = step_checkpoints(out)[0]
+    assert step_2.name == "step-000002"
+
+    train(
+        run_config(
+            tmp_path,
+            tiny_model_dir,
+            f"resume={step_2}",
+            "training.save_every=1",
+            "training.keep_checkpoints=5",
+            data=shared_data,
+        )
+    )
+
+    # Steps 3 and 4 were taken again, each now followed by a checkpoint, to the same weights.
+    assert [p.name for p in step_checkpoints(out)] == [f"step-00000{n}" for n in (2, 3, 4)]
+    assert same_steps(out, finished_run)
+    assert same_tensors(
+        out / "adapter_model.safetensors", finished_run / "adapter_model.safetensors"
+    )
+
+
+def same_steps(run: Path, reference: Path) -> bool:
+    """The same steps with the same results: every logged figure but the clock's."""
+    timed = ("tokens_per_s", "trained_tokens_per_s", "tflops", "elapsed_s", "mfu")
+
+    def rows(path: Path) -> list[dict]:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in timed} for line in lines]
+
+    return rows(run) == rows(reference)
+
+
+def same_tensors(path: Path, reference: Path) -> bool:
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(path), load_file(reference)
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# -- a run with everything on: packing, token budgets, held-out eval, save_best, bf16 --------
+
+OFF_TOPIC = [
+    ("What is the capital of France?", "Paris is the capital of France, on the Seine."),
+    ("Name a large mammal.", "The blue whale is the largest mammal that ever lived."),
+]
+
+
+def diverging_config(root: Path, model_dir: str, *overrides, data: Path, held_out: Path):
+    """Full fine-tuning at a learning rate high enough that the held-out loss is lowest after
+    step 1 and higher at every later step: the best weights are not the last ones."""
+    return run_config(
+        root,
+        model_dir,
+        "method=full",
+        "training.precision=bf16",
+        "training.packing=true",
+        "training.micro_batch_tokens=256",
+        "max_length=256",
+        "training.lr=0.3",
+        "training.schedule=constant",
+        "training.warmup_ratio=0",
+        "training.keep_checkpoints=5",
+        f"eval.held_out={held_out}",
+        "eval.every=1",
+        "eval.save_best=true",
+        "eval.samples=0",
+        *overrides,
+        data=data,
+    )
+
+
+@pytest.fixture(scope="module")
+def diverging_run(tmp_path_factory, tiny_model_dir) -> Path:
+    root = tmp_path_factory.mktemp("diverging")
+    held_out = root / "held_out.jsonl"
+    held_out.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for u, a in OFF_TOPIC
+        )
+    )
+    config = diverging_config(root, tiny_model_dir, data=demo_subset(root), held_out=held_out)
+    return train(config)
+
+
+def eval_losses(run: Path) -> list[float]:
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["eval_loss"] for line in rows]
+
+
+def held_out_loss(model_dir: Path, held_out: Path) -> float:
+    from sftforge.data import load_conversations
+    from sftforge.evaluate import mean_token_loss
+    from sftforge.export import load_for_inference
+    from sftforge.templates import resolve_template
+    from sftforge.tokenize import Encoder
+
+    model, tokenizer = load_for_inference(str(model_dir))
+    encoder = Encoder(tokenizer, resolve_template("auto", tokenizer))
+    held = load_conversations(held_out).conversations
+    return mean_token_loss(model, [encoder.encode(c) for c in held], torch.device("cpu"), 0)
+
+
+def test_save_best_keeps_the_weights_of_the_lowest_held_out_loss_not_the_last(diverging_run):
+    losses = eval_losses(diverging_run)
+    rows = [json.loads(line) for line in (diverging_run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses.index(min(losses)) == 0 and len(losses) == 4  # best after step 1 of 4
+    assert all(r["rows"] == 1 for r in rows), "each step's two examples share a row"
+    held_out = diverging_run.parent / "held_out.jsonl"
+    assert held_out_loss(diverging_run / "best", held_out) == pytest.approx(min(losses), rel=1e-3)
+    assert held_out_loss(diverging_run, held_out) == pytest.approx(losses[-1], rel=1e-3)
+    assert losses[-1] > 1.02 * min(losses)  # the final weights are measurably not the best
+
+
+def test_resume_restores_the_best_held_out_loss_with_packing_budgets_and_bf16(
+    tmp_path, tiny_model_dir, diverging_run
+):
+    # What a kill after step 3 leaves: the checkpoint of step 2, the best weights so far
+    # (step 1's, kept beside the checkpoints), and metrics up to step 3.
+    out = tmp_path / "out"
+    shutil.copytree(
+        diverging_run / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002"
+    )
+    shutil.copytree(diverging_run / "best", out / "checkpoints" / "best")
+    rows = (diverging_run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(rows[:3]))
+    first = diverging_run.parent
+
+    train(
+        diverging_config(
+            tmp_path,
+            tiny_model_dir,
+            "resume=auto",
+            data=first / "data.jsonl",
+            held_out=first / "held_out.jsonl",
+        )
+    )
+
+    assert same_steps(out, diverging_run)
+    assert same_tensors(out / "model.safetensors", diverging_run / "model.safetensors")
+    # Steps 3 and 4 were worse than the best restored from the checkpoint: best/ is still
+    # step 1's (a resume that forgot it would have saved step 3's).
+    assert same_tensors(
+        out / "best" / "model.safetensors", diverging_run / "best" / "model.safetensors"
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads((diverging_run / "summary.json").read_text())
 
 
 def test_resume_of_a_path_that_is_not_a_checkpoint_says_where_they_are(tmp_path, tiny_model_dir):
@@ -202,31 +386,35 @@ def test_max_length_below_the_templates_own_tokens_is_a_config_error(tmp_path, t
 POISON = "Quetzalcoatl xylophone zugzwang"
 
 
-@pytest.fixture(scope="module")
-def poisoned_model_dir(tmp_path_factory, tiny_model_factory, smollm2_tokenizer_path):
-    """A tiny model whose (untied) input embeddings are NaN for the tokens of POISON: any
-    step that holds the poisoned record has a NaN loss, every other step is finite."""
-    from transformers import LlamaForCausalLM
-
-    from sftforge.model import load_tokenizer
-
-    tokenizer = load_tokenizer(smollm2_tokenizer_path)
+def model_poisoned_with(value: float, tmp_path_factory, tiny_model_factory, tokenizer) -> str:
+    """A tiny model whose (untied) input embeddings are `value` for the tokens of POISON:
+    only the steps that hold the poisoned record see them."""
     clean = {i for line in DEMO.read_text().splitlines()[:8] for i in tokenizer.encode(line)}
     poisoned = [i for i in tokenizer.encode(" " + POISON) if i not in clean]
-    source = tiny_model_factory()
-    config = source.config
-    config.tie_word_embeddings = False
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(source.state_dict(), strict=False)
-    with torch.no_grad():
-        model.lm_head.weight.copy_(source.lm_head.weight)
-        model.get_input_embeddings().weight[poisoned] = float("nan")
-    path = tmp_path_factory.mktemp("poisoned")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    model.save_pretrained(path, state_dict=state)
-    tokenizer.save_pretrained(path)
     assert poisoned
+    model = tiny_model_factory(tie=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[poisoned] = value
+    path = tmp_path_factory.mktemp("poisoned")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def poisoned_model_dir(tmp_path_factory, tiny_model_factory, shared_smollm2_tokenizer):
+    """Any step holding the poisoned record has a NaN loss; every other step is finite."""
+    return model_poisoned_with(
+        float("nan"), tmp_path_factory, tiny_model_factory, shared_smollm2_tokenizer
+    )
+
+
+@pytest.fixture(scope="module")
+def overflowing_model_dir(tmp_path_factory, tiny_model_factory, shared_smollm2_tokenizer):
+    """Embeddings of 3e38 for the poisoned record's tokens: finite, but their square is not.
+    RMSNorm scales them to 0 (1 / sqrt(inf)), so the forward and the loss stay finite; its
+    backward meets inf * 0 and the gradient is NaN."""
+    return model_poisoned_with(3e38, tmp_path_factory, tiny_model_factory, shared_smollm2_tokenizer)
 
 
 def data_with_a_poisoned_record(tmp_path) -> Path:
@@ -263,6 +451,33 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_records_and_leaves_no_mode
     out = tmp_path / "out"
     # With seed 1 the poisoned record is drawn fourth: steps 1-3 were good and saved.
     assert message.startswith("step 4: the loss (nan)")
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000003'}" in message
+    assert not any((out / name).exists() for name in FINISHED)
+
+
+def test_a_finite_loss_with_a_nan_gradient_stops_the_run_before_the_update(
+    tmp_path, overflowing_model_dir
+):
+    data = data_with_a_poisoned_record(tmp_path)
+    config = run_config(
+        tmp_path,
+        overflowing_model_dir,
+        "training.batch_size=1",
+        "training.max_steps=8",
+        "training.save_every=1",
+        "training.keep_checkpoints=5",
+        "training.seed=1",
+        "method=full",
+        data=data,
+    )
+
+    with pytest.raises(NonFiniteError) as stopped:
+        train(config)
+
+    message = str(stopped.value)
+    assert message.startswith("step 4: the gradient norm (nan) is not finite, though the loss (")
+    assert f"{data}:8" in message
+    out = tmp_path / "out"
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000003'}" in message
     assert not any((out / name).exists() for name in FINISHED)
 

@@ -4,6 +4,7 @@ records and the last good checkpoint)."""
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -56,10 +57,11 @@ def stop_requests():
 def nonfinite_step(step: int, loss: float, grad_norm: float, indices, prep) -> str:
     sources = ", ".join(str(prep.examples[i].source) for i in indices[:5])
     more = f" and {len(indices) - 5} more" if len(indices) > 5 else ""
-    return (
-        f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite "
-        f"(the step's examples: {sources}{more})"
-    )
+    if not math.isfinite(loss):
+        what = f"the loss ({loss}) is not finite"
+    else:
+        what = f"the gradient norm ({grad_norm}) is not finite, though the loss ({loss:.4g}) is"
+    return f"step {step}: {what} (the step's examples: {sources}{more})"
 
 
 def nonfinite_stop(what: str, output_dir: Path) -> str:
