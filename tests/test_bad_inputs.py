@@ -460,14 +460,19 @@ GENERATORS = {
 }
 
 
-def input_path(case: Case, root: Path) -> Path:
-    """The case's input: the committed file, or one built under `root`."""
-    if case.input not in GENERATORS:
-        return BAD_INPUTS / case.input
-    path = root / case.input
-    path.parent.mkdir(parents=True, exist_ok=True)
-    GENERATORS[case.input](path)
-    return path
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    """Every generated input, built once for the module (the tests only read them)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    for name, make in GENERATORS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        make(root / name)
+    return root
+
+
+def input_path(case: Case, generated: Path) -> Path:
+    """The case's input: the committed file, or the one built under `generated`."""
+    return generated / case.input if case.input in GENERATORS else BAD_INPUTS / case.input
 
 
 # The folders (the first part of Case.input) that hold each kind of case.
@@ -503,9 +508,9 @@ def test_every_generated_input_has_a_case():
 
 
 @pytest.mark.parametrize("name", names("data"))
-def test_data_case_raises_naming_its_location_and_problem(name, tmp_path):
+def test_data_case_raises_naming_its_location_and_problem(name, generated):
     case = CASES[name]
-    path = input_path(case, tmp_path)
+    path = input_path(case, generated)
     if accepted(case):
         assert len(load_conversations(path).conversations) == case.valid
         return
@@ -517,9 +522,9 @@ def test_data_case_raises_naming_its_location_and_problem(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", names("data"))
-def test_data_case_with_skip_rejects_exactly_the_bad_records(name, tmp_path):
+def test_data_case_with_skip_rejects_exactly_the_bad_records(name, generated):
     case = CASES[name]
-    path = input_path(case, tmp_path)
+    path = input_path(case, generated)
     if case.valid is None:  # nothing in the file can be rejected on its own: skip aborts too
         with pytest.raises(DataError) as error:
             load_conversations(path, on_invalid="skip")
@@ -549,8 +554,8 @@ def test_csv_record_spanning_lines_keeps_its_text_and_its_first_line():
     assert str(last.source) == f"{path}:6"
 
 
-def test_a_50_mb_line_is_rejected_fast_without_being_held_in_memory(tmp_path):
-    path = input_path(CASES["a 50 MB line"], tmp_path)
+def test_a_50_mb_line_is_rejected_fast_without_being_held_in_memory(generated):
+    path = input_path(CASES["a 50 MB line"], generated)
 
     tracemalloc.start()
     started = time.perf_counter()
@@ -665,7 +670,7 @@ def test_cli_reports_a_bad_config_without_a_traceback(name, capsys):
 
 
 def test_skip_over_the_whole_corpus_rejects_every_bad_record_and_trains_on_the_rest(
-    tmp_path, tiny_model_dir
+    tmp_path, tiny_model_dir, generated
 ):
     """Every record-level case at once: one reject line per bad record, the rest train.
 
@@ -679,7 +684,8 @@ def test_skip_over_the_whole_corpus_rejects_every_bad_record_and_trains_on_the_r
     cases = [CASES[n] for n in names("data") if CASES[n].valid is not None]
     for case in cases:
         if case.input in GENERATORS:
-            input_path(case, corpus)
+            (corpus / case.input).parent.mkdir(parents=True, exist_ok=True)
+            (corpus / case.input).symlink_to(input_path(case, generated))
     out = tmp_path / "run"
     config = load_config(
         None,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_report import assert_report_shows_the_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftforge.batches import collate
@@ -48,7 +49,9 @@ def greedy_reply(model, tokenizer, question: str) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-def test_lora_run_learns_and_the_adapter_reloads_with_peft(tmp_path, smollm2_path, data_file):
+def test_packed_lora_run_learns_and_reports_it_and_the_adapter_reloads_with_peft(
+    tmp_path, smollm2_path, data_file
+):
     from peft import PeftModel
 
     config = load_config(
@@ -61,7 +64,12 @@ def test_lora_run_learns_and_the_adapter_reloads_with_peft(tmp_path, smollm2_pat
             "training.max_steps=6",
             "training.batch_size=8",
             "training.warmup_ratio=0",
+            "training.packing=true",
             "max_length=256",
+            "eval.held_out=4",
+            "eval.scorer={kind: json}",
+            "eval.max_new_tokens=40",
+            "eval.samples=4",
         ],
     )
     out = train(config)
@@ -76,11 +84,15 @@ def test_lora_run_learns_and_the_adapter_reloads_with_peft(tmp_path, smollm2_pat
     assert reply.startswith('{"person": '), reply
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 6
-    report = (out / "report.html").read_text()
-    for section in ("summary", "loss", "lr", "accuracy", "forgetting", "samples", "data"):
-        assert f'id="{section}"' in report
-    forgetting = json.loads((out / "summary.json").read_text())["forgetting"]
-    assert 0.8 < forgetting["corpus_ratio"] < 1.5
+    # 12 training examples of 78-105 tokens, 8 a step, packed into rows of 256: two or three
+    # examples share a row.
+    assert all(m["rows"] <= 4 for m in metrics), [m["rows"] for m in metrics]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"]["count"] == 4
+    assert summary["accuracy"]["after"] > summary["accuracy"]["before"]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert 0.8 < summary["forgetting"]["corpus_ratio"] < 1.5
+    assert_report_shows_the_run(out)
 
 
 def test_full_fine_tune_saves_a_model_that_plain_transformers_loads(tmp_path, data_file):
@@ -94,7 +106,10 @@ def test_full_fine_tune_saves_a_model_that_plain_transformers_loads(tmp_path, da
             "training.max_steps=4",
             "training.batch_size=8",
             "training.warmup_ratio=0",
+            "training.gradient_checkpointing=true",
             "max_length=256",
+            "eval.forgetting=false",
+            "eval.samples=0",
         ],
     )
     out = train(config)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_report import assert_report_shows_the_run
 
 from sftforge.batches import collate
 from sftforge.cli import main
 from sftforge.conversation import Conversation, Message, Source
+from sftforge.data import load_conversations
 from sftforge.evaluate import mean_token_loss
 from sftforge.forgetting import corpus_examples, perplexity
 from sftforge.split import split_held_out
@@ -142,9 +144,7 @@ def test_training_run_measures_before_after_and_writes_the_report(tmp_path, tiny
     assert summary["forgetting"]["corpus_ratio"] > 0
     assert len(summary["samples"]) == 2
     assert summary["data"]["held_out"] == 4 and summary["data"]["examples"] == 12
-    html = (out / "report.html").read_text()
-    for section in ("summary", "loss", "lr", "accuracy", "forgetting", "samples", "data"):
-        assert f'id="{section}"' in html
+    assert_report_shows_the_run(out)
 
 
 def test_eval_command_writes_per_example_results(tmp_path, tiny_model_dir):
@@ -171,26 +171,64 @@ def test_eval_command_writes_per_example_results(tmp_path, tiny_model_dir):
     assert rows[0]["source"].endswith("data.jsonl:1") and rows[0]["score"] == 0.0
 
 
-def test_compare_command_puts_both_answers_side_by_side(tmp_path, tiny_model_dir, capsys):
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA run on the tiny model, trained hard enough that its answers change."""
+    root = tmp_path_factory.mktemp("tuned")
+    code = main(
+        [
+            "train",
+            f"model={tiny_model_dir}",
+            f"data.train={small_data(root, 12)}",
+            f"output_dir={root / 'run'}",
+            "training.max_steps=4",
+            "training.batch_size=4",
+            "training.lr=5e-2",
+            "max_length=128",
+            "eval.forgetting=false",
+        ]
+    )
+    assert code == 0
+    return root / "run"
+
+
+def answers_of(model: str, data: str, out: Path) -> list[str]:
+    args = ["eval", model, "--data", data, "--output", str(out), "--max-new-tokens", "6"]
+    assert main(args) == 0
+    return [json.loads(x)["answer"] for x in out.read_text().splitlines()]
+
+
+def test_compare_puts_the_base_and_the_tuned_answers_in_their_own_columns(
+    tmp_path, tiny_model_dir, tuned_run, capsys
+):
+    data = small_data(tmp_path, 3)
     out = tmp_path / "cmp.jsonl"
     code = main(
         [
             "compare",
             tiny_model_dir,
-            tiny_model_dir,
+            str(tuned_run),
             "--data",
-            small_data(tmp_path, 2),
+            data,
             "--scorer",
             "exact",
             "--output",
             str(out),
             "--max-new-tokens",
-            "4",
+            "6",
         ]
     )
     assert code == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert rows[0]["base"] == rows[0]["tuned"]  # same model, greedy: same answer
+    base = answers_of(tiny_model_dir, data, tmp_path / "base.jsonl")
+    tuned = answers_of(str(tuned_run), data, tmp_path / "tuned.jsonl")
+
+    assert [r["base"] for r in rows] == base
+    assert [r["tuned"] for r in rows] == tuned
+    assert base != tuned, "training changed the answers, so swapped columns would show"
+    assert [r["reference"] for r in rows] == [
+        c.messages[-1].content for c in load_conversations(data).conversations
+    ]
     printed = capsys.readouterr().out
     assert "BASE" in printed and "TUNED" in printed and "exact: base" in printed
 

@@ -30,6 +30,7 @@ def config(tmp_path, model, *overrides):
             "training.max_steps=3",
             "training.batch_size=4",
             "max_length=128",
+            "eval.forgetting=false",
             *overrides,
         ],
     )
@@ -151,22 +152,38 @@ def test_examples_longer_than_max_length_are_dropped_and_reported(tmp_path, tiny
     assert report["examples"] + len(report["dropped_too_long"]) == 12
 
 
-def test_cli_train_with_flags_and_overrides(tmp_path, tiny_model_dir, capsys):
+def test_cli_train_takes_flags_and_key_value_overrides(tmp_path, tiny_model_dir, capsys):
     code = main(
         [
             "train",
             "training.max_steps=2",
-            "max_length=128",
+            "max_length=96",
+            "lora.r=4",
+            "eval.forgetting=false",
             "--model",
             tiny_model_dir,
             "--data",
             subset(tmp_path),
             "--output",
             str(tmp_path / "cli"),
+            "--method",
+            "lora",
         ]
     )
     assert code == 0
-    assert (tmp_path / "cli" / "adapter_model.safetensors").is_file()
+    out = tmp_path / "cli"
+    saved = load_config(out / "sftforge.yaml")
+    assert (saved.model, saved.data.train, saved.output_dir) == (
+        tiny_model_dir,
+        subset(tmp_path),
+        str(out),
+    )
+    assert (saved.training.max_steps, saved.max_length, saved.lora.r) == (2, 96, 4)
+    assert [row["step"] for row in step_rows(out)] == [1, 2]
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    # max_length=96 dropped the longer demo examples, and the run said so.
+    assert json.loads((out / "data_report.json").read_text())["dropped_too_long"]
+    assert "max_length 96" in capsys.readouterr().out
 
 
 def test_cli_reports_a_bad_record_with_its_line_and_exits_2(tmp_path, tiny_model_dir, capsys):
