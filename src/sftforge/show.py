@@ -19,8 +19,9 @@ def format_example(tokenizer, example: Example, color: bool) -> str:
     Plain: tokens separated by '|', trained runs wrapped in [[ ]]."""
     pieces = []
     in_trained = False
-    for k, (tok, label) in enumerate(zip(example.input_ids, example.labels, strict=True)):
-        text = visible(tokenizer.decode([tok], skip_special_tokens=False))
+    texts = token_texts(tokenizer, example.input_ids)
+    for k, label in enumerate(example.labels):
+        text = visible(texts[k])
         trained = label != IGNORE_INDEX
         if color:
             style = (_TRAINED if trained else _PROMPT) + (_ALT if k % 2 else "")
@@ -35,6 +36,21 @@ def format_example(tokenizer, example: Example, color: bool) -> str:
     if in_trained and not color:
         pieces.append("]]")
     return "".join(pieces)
+
+
+def token_texts(tokenizer, ids: list[int], context: int = 4) -> list[str]:
+    """The text of each token where it stands: decoded after a few tokens of context, since a
+    SentencePiece decoder drops the leading space of the first token it decodes."""
+    texts = []
+    for k in range(len(ids)):
+        window = ids[max(0, k - context) : k + 1]
+        before = _decode(tokenizer, window[:-1])
+        texts.append(_decode(tokenizer, window)[len(before) :])
+    return texts
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def example_counts(example: Example) -> str:
