@@ -59,6 +59,15 @@ def sentencepiece_tokenizer(shared_sentencepiece_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def shared_legacy_sentencepiece_tokenizer(tmp_path_factory):
+    """The same tokenizer with `legacy: true`: a prefix space after special tokens too."""
+    from sftforge.model import load_tokenizer
+
+    path = build_sentencepiece_tokenizer(tmp_path_factory.mktemp("legacy"), legacy=True)
+    return load_tokenizer(str(path))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_factory():
     """make(vocab_size=49152, seed=0, tie=True): a tiny randomly initialised Llama."""
 

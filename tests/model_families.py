@@ -5,9 +5,10 @@ end-of-turn token and its pad, and a head tied to the embeddings. The fixtures h
 what it lacks:
 
 - a SentencePiece-style tokenizer as transformers 5 builds it for Llama 2 and Mistral: BPE
-  with byte fallback, a `▁` prefix space before the start of a string, `<unk>`/`<s>`/`</s>`,
-  a BOS added to every encoded string, and Llama-2-chat's own chat template (which trims
-  messages and ends assistant turns with eos);
+  with byte fallback, a `▁` prefix space before the start of a string (and, in its legacy
+  form, after every special token), `<unk>`/`<s>`/`</s>`, a BOS added to every encoded
+  string, and Llama-2-chat's own chat template (which trims messages and ends assistant
+  turns with eos);
 - tiny Llama models with a tied or an untied output head.
 
 The tokenizer is trained on the bundled demo data and reference corpus, so its vocabulary
@@ -55,8 +56,14 @@ def training_text() -> list[str]:
     return [line for text in lines for line in text.splitlines() if line.strip()]
 
 
-def build_sentencepiece_tokenizer(directory: Path, vocab_size: int = 3000) -> Path:
-    """A Llama-2-style tokenizer saved under `directory` (tokenizer.json and config)."""
+def build_sentencepiece_tokenizer(
+    directory: Path, vocab_size: int = 3000, legacy: bool = False
+) -> Path:
+    """A Llama-2-style tokenizer saved under `directory` (tokenizer.json and config).
+
+    `legacy=True` is what a tokenizer_config.json with `"legacy": true` (Mistral 7B v0.1, for
+    one) gets in transformers 5: a `▁` prefix space after every special token too, as
+    sentencepiece itself gives each string it encodes."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizer
 
@@ -74,7 +81,7 @@ def build_sentencepiece_tokenizer(directory: Path, vocab_size: int = 3000) -> Pa
     for piece, _ in sorted(learnt["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(piece, len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, legacy=legacy)
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
     return directory

@@ -1,15 +1,15 @@
-"""Loss masks: which tokens are trained, for every built-in template, on two tokenizers.
+"""Loss masks: which tokens are trained, for every built-in template, on three tokenizers.
 
 The promise (see tokenize.py): the trained tokens of every assistant turn are exactly the
 text the template writes for that turn, from the end of the generation prompt through the
 end-of-turn token, and the tokens before a turn are exactly what the model is given at
 inference: for a first turn, what transformers' own `apply_chat_template(...,
 add_generation_prompt=True)` gives. These tests check that on random conversations
-(hypothesis) and on hand-written ones, with two tokenizers that tokenize segments
-differently:
+(hypothesis) and on hand-written ones, with tokenizers that tokenize segments differently:
 - SmolLM2-135M-Instruct's byte-level BPE (no BOS, eos = <|im_end|>, ChatML template);
 - a SentencePiece-style tokenizer as transformers 5 builds Llama 2's and Mistral's (`▁` prefix
-  space at a string's start, byte fallback, BOS <s>, eos </s>, Llama-2-chat's template).
+  space at a string's start, byte fallback, BOS <s>, eos </s>, Llama-2-chat's template);
+- the same in its legacy form (a `▁` after every special token too).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sftforge.templates import BUILTIN_TEMPLATES, render_prompt, resolve_templat
 from sftforge.tokenize import IGNORE_INDEX, Encoder, EncodingReport, Example, fit_to_length
 
 TEMPLATES = [*BUILTIN_TEMPLATES, "auto"]
-TOKENIZERS = ["smollm2", "sentencepiece"]
+TOKENIZERS = ["smollm2", "sentencepiece", "sentencepiece_legacy"]
 
 # What each template writes for an assistant turn around its content, given the tokenizer's
 # eos: the trained text. `auto` is the tokenizer's own template.
@@ -44,6 +44,7 @@ TURN_TEXT = {
 OWN_TURN_TEXT = {
     "smollm2": lambda c, eos: c + "<|im_end|>",  # ChatML
     "sentencepiece": lambda c, eos: " " + c.strip() + " " + eos,  # Llama-2-chat strips
+    "sentencepiece_legacy": lambda c, eos: " " + c.strip() + " " + eos,
 }
 
 PROPERTY_SETTINGS = settings(
@@ -57,13 +58,19 @@ PROPERTY_SETTINGS = settings(
 
 
 @pytest.fixture(scope="module")
-def encoder_for(shared_smollm2_tokenizer, shared_sentencepiece_tokenizer):
+def encoder_for(
+    shared_smollm2_tokenizer, shared_sentencepiece_tokenizer, shared_legacy_sentencepiece_tokenizer
+):
     """encoder_for(tokenizer_name, template_name, train_on) -> Encoder, set up the way
     `sftforge train` does it: the template's special tokens added, and the template set as
     the tokenizer's chat template (as saved with the model)."""
     import copy
 
-    shared = {"smollm2": shared_smollm2_tokenizer, "sentencepiece": shared_sentencepiece_tokenizer}
+    shared = {
+        "smollm2": shared_smollm2_tokenizer,
+        "sentencepiece": shared_sentencepiece_tokenizer,
+        "sentencepiece_legacy": shared_legacy_sentencepiece_tokenizer,
+    }
     prepared = {}
 
     def make(tokenizer_name: str, name: str, train_on: str = "all_assistant_turns") -> Encoder:
@@ -238,7 +245,7 @@ def blank_user_after_system(conversation: Conversation) -> bool:
 def skip_unprovable(tokenizer_name: str, name: str, conversation: Conversation) -> None:
     """Leave out what a tokenizer or template cannot represent: sftforge refuses those records
     naming them, as tested by hand below."""
-    if tokenizer_name != "sentencepiece":
+    if not tokenizer_name.startswith("sentencepiece"):
         return
     # SentencePiece writes spaces as '▁': a '▁' in the text decodes back as a space.
     assume(not any("▁" in m.content for m in conversation.messages))

@@ -1,10 +1,12 @@
 """Training runs on a tiny random model: what a run leaves behind, and that it reloads."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from model_families import LLAMA2_CHAT_TEMPLATE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftforge.cli import main
@@ -121,6 +123,21 @@ def test_lora_trains_the_rows_of_tokens_a_template_adds_in_an_untied_head_too(
     assert_new_rows_trained_and_old_rows_kept(
         untied_sentencepiece_model_dir, out, ["<|im_start|>", "<|im_end|>"]
     )
+
+
+def test_a_llama2_style_model_trains_with_its_own_template_and_stops_at_eos(
+    tmp_path, untied_sentencepiece_model_dir
+):
+    # BOS written by the template, eos </s> closing each answer, no pad token, untied head.
+    out = train(config(tmp_path, untied_sentencepiece_model_dir, "training.max_steps=2"))
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == LLAMA2_CHAT_TEMPLATE
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(untied_sentencepiece_model_dir))
+    assert json.loads((out / "data_report.json").read_text())["examples"] == 12
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.eos_token_id]
+    assert all(math.isfinite(row["loss"]) for row in step_rows(out))
 
 
 def test_skip_policy_trains_on_the_valid_records_and_writes_every_reject(tmp_path, tiny_model_dir):

@@ -14,11 +14,10 @@ How text becomes tokens, and why:
   behind an anchor whose tokens are then dropped. Which runs need that is learned once,
   from the tokenizer itself.
 - Labels are the input ids on trained tokens and -100 elsewhere (not shifted: the loss does
-  that). Each example is then checked: the tokens decode to the rendered text, and the
-  tokens before and through each trained span decode to the text before and through it, so
-  the trained tokens are exactly the assistant text plus its end-of-turn marker. (Decoding
-  in context: a SentencePiece decoder drops the leading space of whatever it decodes first.)
-  A mask that cannot be proven is an error.
+  that). Each example is then checked: every run of text decodes back from its tokens where
+  they stand (in context: a SentencePiece decoder drops the leading space of whatever it
+  decodes first), and the trained tokens are exactly the runs of the assistant turns, whose
+  text is the answer plus its end-of-turn marker. A mask that cannot be proven is an error.
 """
 
 from __future__ import annotations
@@ -83,6 +82,8 @@ class _Atom:
     special: bool
     trained: bool
     segment: int  # index of the stretch between two cuts that this text lies in
+    tokens: tuple[int, int] = (0, 0)  # [start, end) of its ids, once tokenized
+    string_start: bool = False  # tokenized as a string of its own, prefix space and all
 
 
 class Encoder:
@@ -121,11 +122,11 @@ class Encoder:
             spans = cuts[-1:]
         elif self.train_on == "all_tokens":
             spans = [(0, len(rendered.text))]
-        ids, trained_ranges = self._tokenize(rendered.parts, cuts, spans)
+        ids, trained_ranges, atoms = self._tokenize(rendered.parts, cuts, spans)
         labels = [IGNORE_INDEX] * len(ids)
         for start, end in trained_ranges:
             labels[start:end] = ids[start:end]
-        self._check(ids, trained_ranges, rendered.text, spans, conversation)
+        self._check(ids, atoms, trained_ranges, rendered.text, spans, conversation)
         if self.train_on != "all_tokens":
             special = set(self.special_ids.values())
             self.end_of_turn_ids.update(
@@ -136,7 +137,7 @@ class Encoder:
     def encode_prompt(self, messages: list[Message] | tuple[Message, ...]) -> list[int]:
         """The ids a model is given at inference: history plus generation prompt."""
         rendered = render_prompt(messages, self.template, set(self.special_ids))
-        ids, _ = self._tokenize(rendered.parts, rendered.assistant_spans, [])
+        ids, _, _ = self._tokenize(rendered.parts, rendered.assistant_spans, [])
         return ids
 
     # ---- internals ----------------------------------------------------------------------
@@ -186,9 +187,9 @@ class Encoder:
             atoms.append(_Atom(text[pos:], False, trained, segment))
         return atoms
 
-    def _tokenize(self, parts, cut_spans, spans) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids of the rendered parts, cut at every span boundary; and the token ranges of
-        `spans` (the trained ones)."""
+    def _tokenize(self, parts, cut_spans, spans):
+        """Ids of the rendered parts, cut at every span boundary; the token ranges of
+        `spans` (the trained ones); and the atoms, each knowing its tokens."""
         atoms = self._atoms(parts, cut_spans, spans)
         plain = [k for k, a in enumerate(atoms) if not a.special]
         anchored = {k for k in plain if self._continues_text(atoms, k)}
@@ -202,12 +203,14 @@ class Encoder:
                 ids.append(self.special_ids[atom.text])
             else:
                 ids.extend(self._drop_anchor(encoded[k]) if k in anchored else encoded[k])
+                atom.string_start = self._prefix_at_start and k not in anchored
+            atom.tokens = (start, len(ids))
             if atom.trained and len(ids) > start:
                 if trained_ranges and trained_ranges[-1][1] == start:
                     trained_ranges[-1] = (trained_ranges[-1][0], len(ids))
                 else:
                     trained_ranges.append((start, len(ids)))
-        return ids, trained_ranges
+        return ids, trained_ranges, atoms
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Plain text to ids: no special tokens added, none recognised in the text."""
@@ -238,10 +241,11 @@ class Encoder:
         alone, anchored = self._ids([probe, ANCHOR + probe])
         if self._drop_anchor(anchored) == alone:
             return False, False
-        marker = next(iter(self.special_ids), None)
+        tokenizer = self.tokenizer
+        marker = tokenizer.eos_token or tokenizer.bos_token or next(iter(self.special_ids), None)
         if marker is None:
             return True, False
-        after = self.tokenizer(marker + probe, add_special_tokens=False).input_ids
+        after = tokenizer(marker + probe, add_special_tokens=False).input_ids
         return True, after[1:] == alone
 
     def _decode(self, ids: list[int]) -> str:
@@ -249,21 +253,43 @@ class Encoder:
             ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
-    def _check(self, ids, trained_ranges, text, spans, conversation: Conversation) -> None:
-        """Prove the mask: the tokens before each trained span decode to the text before it,
-        and the tokens through it to the text through it, so the trained tokens are exactly
-        the span's text, in context."""
+    def _decode_in_place(self, ids: list[int], start: int, end: int) -> str:
+        """The text ids[start:end] stand for where they are: decoded after a few tokens of
+        context (a SentencePiece decoder drops the leading space of whatever comes first)."""
+        context = max(0, start - 4)
+        return self._decode(ids[context:end])[len(self._decode(ids[context:start])) :]
+
+    def _decodes_to(self, shown: str, atom: _Atom) -> bool:
+        """Whether an atom's tokens, decoded in place, give back its text. A string's start
+        may differ by the prefix space the tokenizer itself puts there (the same at
+        inference): added after a special token (legacy Llama), or absorbing a space the
+        text began with."""
+        if shown == atom.text:
+            return True
+        if not atom.string_start:
+            return False
+        return shown == " " + atom.text or " " + shown == atom.text
+
+    def _check(self, ids, atoms, trained_ranges, text, spans, conversation) -> None:
+        """Prove the mask: every run of text decodes back from its tokens where they stand,
+        and the runs of the tokens trained are exactly the text of the assistant spans."""
         problem = None
-        if self._decode(ids) != text:
-            problem = "the tokens do not decode back to the rendered text"
-        elif len(trained_ranges) != len(spans):
+        for atom in atoms:
+            shown = self._decode_in_place(ids, *atom.tokens)
+            if not self._decodes_to(shown, atom):
+                problem = (
+                    f"the tokens of {atom.text[:60]!r} decode to {shown[:60]!r}: they do not "
+                    "decode back to the rendered text (a character the tokenizer cannot write?)"
+                )
+                break
+        if problem is None and len(trained_ranges) != len(spans):
             problem = f"expected {len(spans)} trained spans, found {len(trained_ranges)}"
-        else:
+        if problem is None:
             for (t0, t1), (c0, c1) in zip(trained_ranges, spans, strict=True):
-                before, through = self._decode(ids[:t0]), self._decode(ids[:t1])
-                if before != text[:c0] or through != text[:c1]:
-                    trained = through[len(before) :] if through.startswith(before) else through
-                    problem = f"trained tokens decode to {trained!r}, expected {text[c0:c1]!r}"
+                inside = [a for a in atoms if t0 <= a.tokens[0] and a.tokens[1] <= t1]
+                trained = "".join(a.text for a in inside)
+                if trained != text[c0:c1]:
+                    problem = f"trained tokens hold {trained!r}, expected {text[c0:c1]!r}"
                     break
         if problem:
             raise DataError(
