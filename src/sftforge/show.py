@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .tokenize import IGNORE_INDEX, Example
+from .tokenize import IGNORE_INDEX, Example, texts_in_place
 
 _TRAINED = "\x1b[30;42m"  # black on green
 _PROMPT = "\x1b[2m"  # dim
@@ -38,19 +38,9 @@ def format_example(tokenizer, example: Example, color: bool) -> str:
     return "".join(pieces)
 
 
-def token_texts(tokenizer, ids: list[int], context: int = 4) -> list[str]:
-    """The text of each token where it stands: decoded after a few tokens of context, since a
-    SentencePiece decoder drops the leading space of the first token it decodes."""
-    texts = []
-    for k in range(len(ids)):
-        window = ids[max(0, k - context) : k + 1]
-        before = _decode(tokenizer, window[:-1])
-        texts.append(_decode(tokenizer, window)[len(before) :])
-    return texts
-
-
-def _decode(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """The text of each token where it stands (a SentencePiece token keeps its space)."""
+    return texts_in_place(tokenizer, ids, [(k, k + 1) for k in range(len(ids))])
 
 
 def example_counts(example: Example) -> str:

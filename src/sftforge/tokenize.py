@@ -253,12 +253,6 @@ class Encoder:
             ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
-    def _decode_in_place(self, ids: list[int], start: int, end: int) -> str:
-        """The text ids[start:end] stand for where they are: decoded after a few tokens of
-        context (a SentencePiece decoder drops the leading space of whatever comes first)."""
-        context = max(0, start - 4)
-        return self._decode(ids[context:end])[len(self._decode(ids[context:start])) :]
-
     def _decodes_to(self, shown: str, atom: _Atom) -> bool:
         """Whether an atom's tokens, decoded in place, give back its text. A string's start
         may differ by the prefix space the tokenizer itself puts there (the same at
@@ -274,8 +268,8 @@ class Encoder:
         """Prove the mask: every run of text decodes back from its tokens where they stand,
         and the runs of the tokens trained are exactly the text of the assistant spans."""
         problem = None
-        for atom in atoms:
-            shown = self._decode_in_place(ids, *atom.tokens)
+        shown_texts = texts_in_place(self.tokenizer, ids, [atom.tokens for atom in atoms])
+        for atom, shown in zip(atoms, shown_texts, strict=True):
             if not self._decodes_to(shown, atom):
                 problem = (
                     f"the tokens of {atom.text[:60]!r} decode to {shown[:60]!r}: they do not "
@@ -297,6 +291,26 @@ class Encoder:
                 f"loss mask cannot be proven right with template '{self.template.name}': {problem}",
                 field="messages",
             )
+
+
+def texts_in_place(tokenizer, ids: list[int], ranges: list[tuple[int, int]]) -> list[str]:
+    """The text each range of `ids` stands for where it is, decoded after a few tokens of
+    context (a SentencePiece decoder drops the leading space of whatever it decodes first);
+    all in one call to the tokenizer's decoder."""
+    windows = []
+    for start, end in ranges:
+        first = max(0, start - 4)
+        windows += [ids[first:end], ids[first:start]]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        decoded = backend.decode_batch(windows, skip_special_tokens=False)
+    else:
+        decoded = [
+            tokenizer.decode(w, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            for w in windows
+        ]
+    pairs = zip(decoded[::2], decoded[1::2], strict=True)
+    return [through[len(before) :] for through, before in pairs]
 
 
 def _merge_text_runs(atoms: list[_Atom]) -> list[_Atom]:
