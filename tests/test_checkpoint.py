@@ -455,7 +455,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_records_and_leaves_no_mode
     assert not any((out / name).exists() for name in FINISHED)
 
 
-def test_a_finite_loss_with_a_nan_gradient_stops_the_run_before_the_update(
+def test_a_finite_loss_with_a_nan_gradient_stops_the_run_saying_which_was_not_finite(
     tmp_path, overflowing_model_dir
 ):
     data = data_with_a_poisoned_record(tmp_path)
