@@ -281,7 +281,7 @@ def train(config: Config) -> Path:
             record["rows"] = sum(len(b.input_ids) for b in batches)  # < examples when packed
             if not finite:
                 record["skipped"] = True
-            if assessment.held_out and _eval_due(step + 1, total_steps, config.eval.every):
+            if assessment.held_out and _due(step + 1, total_steps, config.eval.every):
                 eval_start = time.perf_counter()
                 record["eval_loss"] = assessment.loss(model)
                 if config.eval.save_best and record["eval_loss"] < progress.best_eval:
@@ -292,7 +292,7 @@ def train(config: Config) -> Path:
             metrics.flush()
             if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
                 bar.set_postfix(_progress(record), refresh=False)
-            if _checkpoint_due(step + 1, total_steps, t.save_every) or stop.signal:
+            if _due(step + 1, total_steps, t.save_every) or stop.signal:
                 save(step + 1)
             if stop.signal and step + 1 < total_steps:
                 bar.close()
@@ -395,9 +395,6 @@ def _progress(record: dict) -> dict:
     return shown
 
 
-def _eval_due(step: int, total: int, every: int | None) -> bool:
-    return step == total or (every is not None and step % every == 0)
-
-
-def _checkpoint_due(step: int, total: int, every: int | None) -> bool:
+def _due(step: int, total: int, every: int | None) -> bool:
+    """Whether something done every `every` steps, and after the last, is due after `step`."""
     return step == total or (every is not None and step % every == 0)
