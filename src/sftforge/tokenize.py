@@ -102,6 +102,7 @@ class Encoder:
                 self.special_ids[tok] = tokenizer.convert_tokens_to_ids(tok)
         by_length = sorted(self.special_ids, key=len, reverse=True)
         self._special_pattern = re.compile("|".join(re.escape(t) for t in by_length) or "(?!)")
+        self._anchor_ids = self._ids([ANCHOR])[0]
         self._prefix_at_start, self._prefix_after_special = self._probe_prefix_space()
 
     # ---- public -------------------------------------------------------------------------
@@ -236,7 +237,6 @@ class Encoder:
         special token too?), asked of the tokenizer itself. SentencePiece-style tokenizers add
         one at the start of a string; some (legacy Llama) after every special token too;
         byte-level BPE tokenizers add none."""
-        self._anchor_ids = self._ids([ANCHOR])[0]
         probe = "Hello world"
         alone, anchored = self._ids([probe, ANCHOR + probe])
         if self._drop_anchor(anchored) == alone:
@@ -247,11 +247,6 @@ class Encoder:
             return True, False
         after = tokenizer(marker + probe, add_special_tokens=False).input_ids
         return True, after[1:] == alone
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(
-            ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
 
     def _decodes_to(self, shown: str, atom: _Atom) -> bool:
         """Whether an atom's tokens, decoded in place, give back its text. A string's start
