@@ -509,7 +509,7 @@ def test_checkpoint_files_get_no_permission_the_umask_withholds(tmp_path, umask)
 
 
 def test_resumed_metrics_keep_the_steps_done_and_drop_later_or_cut_rows(tmp_path):
-    from sftforge.train import open_metrics
+    from sftforge.metrics import open_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": step, "loss": 1.0}) for step in range(1, 6)]

@@ -12,15 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftforge.conversation import DataError, Message, Source
 from sftforge.data import (
-    FORMATS,
     LoadResult,
     Rejects,
     conversation_from_record,
     detect_format,
     load_conversations,
 )
+from sftforge.formats import FORMATS, DataError, Message, Source
 
 DATA = Path(__file__).parent / "data"
 BAD_RECORDS = Path(__file__).parent / "bad_inputs" / "records"  # see test_bad_inputs.py
@@ -226,7 +225,7 @@ def test_detect_format_failure_names_keys_and_known_formats():
 
     message = str(error.value)
     assert "(question, answer)" in message
-    for format in FORMATS[1:]:
+    for format in FORMATS:
         assert format in message
 
 

@@ -11,11 +11,10 @@ from run_report import assert_report_shows_the_run
 
 from sftforge.batches import collate
 from sftforge.cli import main
-from sftforge.conversation import Conversation, Message, Source
-from sftforge.data import load_conversations
+from sftforge.data import load_conversations, split_held_out
 from sftforge.evaluate import mean_token_loss
 from sftforge.forgetting import corpus_examples, perplexity
-from sftforge.split import split_held_out
+from sftforge.formats import Conversation, Message, Source
 from sftforge.sweep import parse_sweep, recommend
 from sftforge.tokenize import IGNORE_INDEX, Example
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sftforge.conversation import Conversation, DataError, Message, Source
+from sftforge.formats import Conversation, DataError, Message, Source
 from sftforge.model import add_missing_special_tokens
 from sftforge.templates import BUILTIN_TEMPLATES, render_prompt, resolve_template
 from sftforge.tokenize import IGNORE_INDEX, Encoder, EncodingReport, Example, fit_to_length

@@ -10,16 +10,15 @@ import sys
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sftforge.config import dump_config, load_config
-from sftforge.conversation import Message, Source
 from sftforge.data import Rejects, conversation_from_record
 from sftforge.export import load_base_with_adapter, merge_adapter, save_run
+from sftforge.formats import Message, Source
 from sftforge.model import (
     PickleWeightsError,
     add_missing_special_tokens,
@@ -28,7 +27,7 @@ from sftforge.model import (
 )
 from sftforge.scoring import ScoringError, make_scorer
 from sftforge.templates import ChatTemplate, TemplateError, resolve_template
-from sftforge.tokenize import IGNORE_INDEX, Encoder, EncodingReport
+from sftforge.tokenize import IGNORE_INDEX, Encoder
 
 # ---- pickle weights ---------------------------------------------------------------------
 
@@ -478,14 +477,11 @@ def widened(root: Path, mask: int) -> list[str]:
 
 def saved_run(adapter_model, tokenizer, directory: Path) -> None:
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prep = SimpleNamespace(
-        tokenizer=tokenizer,
-        encoder=SimpleNamespace(end_of_turn_ids={im_end}),
-        pad_id=tokenizer.pad_token_id,
-        report=EncodingReport(),
-        base_model_path="base",
+    config = load_config(None, ["data.train=x"])
+    data_report = {"base_model": "base"}
+    save_run(
+        directory, adapter_model, tokenizer, (im_end,), tokenizer.pad_token_id, config, data_report
     )
-    save_run(adapter_model, prep, load_config(None, ["data.train=x"]), directory)
 
 
 @pytest.mark.parametrize("mask", [0o077, 0o022, 0o027])

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from sftforge.config import ScorerConfig
 from sftforge.scoring import (
     SCORER_KINDS,
-    ScorerSpec,
     ScoreSummary,
     ScoringError,
     json_field_scores,
@@ -34,7 +34,7 @@ def plugins_on_path(monkeypatch):
     [("Paris", 1.0), ("  Paris\n", 1.0), ("paris", 0.0), ("Par is", 0.0), ("Paris.", 0.0)],
 )
 def test_exact_ignores_only_surrounding_whitespace(answer, expected):
-    assert score(ScorerSpec("exact"), answer, " Paris ") == expected
+    assert score(ScorerConfig(kind="exact"), answer, " Paris ") == expected
 
 
 @pytest.mark.parametrize(
@@ -47,13 +47,13 @@ def test_exact_ignores_only_surrounding_whitespace(answer, expected):
     ],
 )
 def test_normalized_ignores_case_and_whitespace_runs_but_not_punctuation(answer, expected):
-    assert score(ScorerSpec("normalized"), answer, "New York City") == expected
+    assert score(ScorerConfig(kind="normalized"), answer, "New York City") == expected
 
 
 def test_normalize_casefolds_unicode():
     assert normalize("  Straße\u00a0 ist\n\nLANG ") == "strasse ist lang"
-    assert score(ScorerSpec("normalized"), "STRASSE", "Straße") == 1.0
-    assert score(ScorerSpec("exact"), "STRASSE", "Straße") == 0.0
+    assert score(ScorerConfig(kind="normalized"), "STRASSE", "Straße") == 1.0
+    assert score(ScorerConfig(kind="exact"), "STRASSE", "Straße") == 0.0
 
 
 # json
@@ -62,7 +62,7 @@ def test_normalize_casefolds_unicode():
 def test_json_objects_with_different_key_order_are_equal():
     assert (
         score(
-            ScorerSpec("json"),
+            ScorerConfig(kind="json"),
             '{"b": [1, 2], "a": {"y": 1, "x": 2}}',
             '{"a": {"x": 2, "y": 1}, "b": [1, 2]}',
         )
@@ -82,24 +82,24 @@ def test_json_objects_with_different_key_order_are_equal():
     ],
 )
 def test_json_without_fields_fails_anything_but_the_same_value(answer):
-    assert score(ScorerSpec("json"), answer, '{"age": 30}') == 0.0
+    assert score(ScorerConfig(kind="json"), answer, '{"age": 30}') == 0.0
 
 
 def test_json_accepts_surrounding_whitespace_and_non_object_values():
-    assert score(ScorerSpec("json"), '\n {"age": 30}\n', '{"age": 30}') == 1.0
-    assert score(ScorerSpec("json"), "[1, 2.0]", "[1, 2]") == 1.0
-    assert score(ScorerSpec("json"), "null", "null") == 1.0
-    assert score(ScorerSpec("json"), "[2, 1]", "[1, 2]") == 0.0
+    assert score(ScorerConfig(kind="json"), '\n {"age": 30}\n', '{"age": 30}') == 1.0
+    assert score(ScorerConfig(kind="json"), "[1, 2.0]", "[1, 2]") == 1.0
+    assert score(ScorerConfig(kind="json"), "null", "null") == 1.0
+    assert score(ScorerConfig(kind="json"), "[2, 1]", "[1, 2]") == 0.0
 
 
 def test_json_true_is_not_one():
     # Python has True == 1; JSON does not.
-    assert score(ScorerSpec("json"), '{"ok": 1}', '{"ok": true}') == 0.0
-    assert score(ScorerSpec("json"), "[0]", "[false]") == 0.0
+    assert score(ScorerConfig(kind="json"), '{"ok": 1}', '{"ok": true}') == 0.0
+    assert score(ScorerConfig(kind="json"), "[0]", "[false]") == 0.0
 
 
 def test_json_fields_compare_only_the_listed_keys():
-    spec = ScorerSpec("json", fields=("name", "age"))
+    spec = ScorerConfig(kind="json", fields=("name", "age"))
     reference = '{"name": "Ada", "age": 36, "city": "London"}'
     assert score(spec, '{"age": 36, "name": "Ada", "mood": "fine"}', reference) == 1.0
     assert score(spec, '{"name": "Ada", "age": "36"}', reference) == 0.0
@@ -123,9 +123,13 @@ def test_json_field_scores_reports_each_field():
 @pytest.mark.parametrize(
     ("spec", "reference", "message"),
     [
-        (ScorerSpec("json"), "{'age': 30}", "reference is not valid JSON"),
-        (ScorerSpec("json", fields=("age",)), "[30]", "not an object"),
-        (ScorerSpec("json", fields=("age", "name")), '{"age": 30}', r"lacks fields \['name'\]"),
+        (ScorerConfig(kind="json"), "{'age': 30}", "reference is not valid JSON"),
+        (ScorerConfig(kind="json", fields=("age",)), "[30]", "not an object"),
+        (
+            ScorerConfig(kind="json", fields=("age", "name")),
+            '{"age": 30}',
+            r"lacks fields \['name'\]",
+        ),
     ],
 )
 def test_json_reference_that_cannot_be_scored_against_is_an_error(spec, reference, message):
@@ -137,13 +141,15 @@ def test_json_reference_that_cannot_be_scored_against_is_an_error(spec, referenc
 
 
 def test_contains_finds_the_stripped_reference_in_the_answer():
-    assert score(ScorerSpec("contains"), "The capital is Paris, of course.", " Paris\n") == 1.0
-    assert score(ScorerSpec("contains"), "The capital is PARIS.", "Paris") == 0.0
-    assert score(ScorerSpec("contains"), "The capital is Lyon.", "Paris") == 0.0
+    assert (
+        score(ScorerConfig(kind="contains"), "The capital is Paris, of course.", " Paris\n") == 1.0
+    )
+    assert score(ScorerConfig(kind="contains"), "The capital is PARIS.", "Paris") == 0.0
+    assert score(ScorerConfig(kind="contains"), "The capital is Lyon.", "Paris") == 0.0
 
 
 def test_contains_ignore_case():
-    spec = ScorerSpec("contains", ignore_case=True)
+    spec = ScorerConfig(kind="contains", ignore_case=True)
     assert score(spec, "The capital is PARIS.", "paris") == 1.0
     assert score(spec, "DIE GROSSE STRASSE", "Straße") == 1.0
     assert score(spec, "The capital is Lyon.", "paris") == 0.0
@@ -151,28 +157,28 @@ def test_contains_ignore_case():
 
 def test_contains_with_an_empty_reference_is_an_error_not_a_pass():
     with pytest.raises(ScoringError, match="reference is empty"):
-        score(ScorerSpec("contains"), "anything", "  ")
+        score(ScorerConfig(kind="contains"), "anything", "  ")
 
 
 # regex
 
 
 def test_regex_uses_the_reference_as_the_pattern_when_none_is_given():
-    assert score(ScorerSpec("regex"), "It costs 42 dollars", r"\b42\b") == 1.0
-    assert score(ScorerSpec("regex"), "It costs 420 dollars", r"\b42\b") == 0.0
+    assert score(ScorerConfig(kind="regex"), "It costs 42 dollars", r"\b42\b") == 1.0
+    assert score(ScorerConfig(kind="regex"), "It costs 420 dollars", r"\b42\b") == 0.0
 
 
 def test_regex_pattern_replaces_the_reference():
-    spec = ScorerSpec("regex", pattern=r"^\d{4}-\d{2}-\d{2}$")
+    spec = ScorerConfig(kind="regex", pattern=r"^\d{4}-\d{2}-\d{2}$")
     assert score(spec, "2024-05-01", "unused reference") == 1.0
     assert score(spec, "May 1st 2024", "2024-05-01") == 0.0
 
 
 def test_bad_regex_is_an_error_naming_the_pattern():
     with pytest.raises(ScoringError, match=r"'\(unclosed'"):
-        make_scorer(ScorerSpec("regex", pattern="(unclosed"))
+        make_scorer(ScorerConfig(kind="regex", pattern="(unclosed"))
     with pytest.raises(ScoringError, match=r"'\[a-'"):
-        score(ScorerSpec("regex"), "answer", "[a-")
+        score(ScorerConfig(kind="regex"), "answer", "[a-")
 
 
 # python
@@ -182,18 +188,18 @@ def test_python_scorer_may_return_bool_or_partial_credit(plugins_on_path):
     starts = make_scorer({"kind": "python", "function": "scorer_plugins:starts_with_reference"})
     assert starts("Yes, because...", "Yes", {}) == 1.0
     assert starts("No.", "Yes", {}) == 0.0
-    overlap = make_scorer(ScorerSpec("python", function="scorer_plugins:word_overlap"))
+    overlap = make_scorer(ScorerConfig(kind="python", function="scorer_plugins:word_overlap"))
     assert overlap("red green", "red green blue yellow", {}) == 0.5
 
 
 def test_python_scorer_receives_the_eval_record(plugins_on_path):
-    spec = ScorerSpec("python", function="scorer_plugins:mentions_record_keyword")
+    spec = ScorerConfig(kind="python", function="scorer_plugins:mentions_record_keyword")
     assert score(spec, "it is photosynthesis", "ignored", {"keyword": "photosynthesis"}) == 1.0
     assert score(spec, "it is respiration", "ignored", {"keyword": "photosynthesis"}) == 0.0
 
 
 def test_python_scorer_out_of_range_is_an_error_naming_function_and_value(plugins_on_path):
-    scorer = make_scorer(ScorerSpec("python", function="scorer_plugins:out_of_range"))
+    scorer = make_scorer(ScorerConfig(kind="python", function="scorer_plugins:out_of_range"))
     with pytest.raises(ScoringError, match=r"scorer_plugins:out_of_range.*2\.0"):
         scorer("answer", "reference", {})
 
@@ -209,7 +215,7 @@ def test_python_scorer_out_of_range_is_an_error_naming_function_and_value(plugin
 )
 def test_python_scorer_that_cannot_load_fails_when_built(plugins_on_path, function, message):
     with pytest.raises(ScoringError, match=message):
-        make_scorer(ScorerSpec("python", function=function))
+        make_scorer(ScorerConfig(kind="python", function=function))
 
 
 # specs
@@ -231,7 +237,7 @@ def test_option_for_another_kind_is_an_error():
     with pytest.raises(ScoringError, match="'pattern' is for kind 'regex', not 'exact'"):
         make_scorer({"kind": "exact", "pattern": "x"})
     with pytest.raises(ScoringError, match="'ignore_case' is for kind 'contains'"):
-        make_scorer(ScorerSpec("normalized", ignore_case=True))
+        make_scorer(ScorerConfig(kind="normalized", ignore_case=True))
 
 
 def test_dict_spec_works_like_scorer_spec_and_takes_a_list_of_fields():

@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .config import Config
-from .conversation import Conversation, Message
+from .data import TrainingData
 from .evaluate import generate_answers, mean_token_loss, prompt_and_reference
 from .forgetting import ForgettingMeter, corpus_examples, general_prompt_examples
+from .formats import Conversation, Message
 from .scoring import make_scorer
 from .tokenize import Encoder, Example
-
-if TYPE_CHECKING:
-    from .prepare import Prepared
 
 
 @dataclass
@@ -26,7 +23,6 @@ class Assessment:
     references: list[str]
     sources: list[str]
     encoder: Encoder
-    pad_id: int
     device: object
     scorer: object | None = None
     scorer_kind: str | None = None
@@ -36,7 +32,7 @@ class Assessment:
     def loss(self, model) -> float | None:
         if not self.held_out:
             return None
-        return mean_token_loss(model, self.held_out, self.device, self.pad_id)
+        return mean_token_loss(model, self.held_out, self.device, self.encoder.pad_id)
 
     def measure(self, model, eval_loss: float | None = None) -> dict:
         """Eval loss (unless already measured on this model), answers, scores, forgetting."""
@@ -51,7 +47,7 @@ class Assessment:
                 ]
                 result["accuracy"] = sum(result["scores"]) / len(result["scores"])
         if self.forgetting is not None:
-            result["forgetting"] = self.forgetting.measure(model, self.device, self.pad_id)
+            result["forgetting"] = self.forgetting.measure(model, self.device, self.encoder.pad_id)
         return result
 
     def compare(self, before: dict, after: dict, samples: int) -> dict:
@@ -89,8 +85,7 @@ def build_assessment(
     config: Config,
     encoder: Encoder,
     held_out: list[Conversation],
-    held_out_examples,
-    pad_id,
+    held_out_examples: list[Example],
     device,
 ) -> Assessment:
     ev = config.eval
@@ -104,16 +99,13 @@ def build_assessment(
             general_prompt_examples(encoder, ev.general_prompts),
             ev.corpus or "bundled reference corpus",
         )
-    scorer = None
-    if ev.scorer is not None:
-        scorer = make_scorer({"kind": ev.scorer.kind} | ev.scorer.model_dump(exclude_defaults=True))
+    scorer = make_scorer(ev.scorer) if ev.scorer is not None else None
     return Assessment(
         held_out=held_out_examples,
         prompts=[p for p, _ in pairs],
         references=[r for _, r in pairs],
         sources=[str(c.source) for c in answered],
         encoder=encoder,
-        pad_id=pad_id,
         device=device,
         scorer=scorer,
         scorer_kind=ev.scorer.kind if ev.scorer is not None else None,
@@ -122,17 +114,15 @@ def build_assessment(
     )
 
 
-def finish_report(
-    config: Config, prep: Prepared, assessment: Assessment, summary: dict, output_dir: Path
-) -> None:
+def finish_report(config: Config, data: TrainingData, summary: dict, output_dir: Path) -> None:
     """Write summary.json and report.html, and print the headline figures."""
     from .report import RunReport, write_report
 
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    data_stats = dict(prep.report.__dict__) | {
-        "held_out": len(prep.held_out),
-        "rejected": len(prep.loaded.rejects) if prep.loaded else 0,
-        "duplicates": prep.loaded.duplicates if prep.loaded else 0,
+    data_stats = dict(data.report.__dict__) | {
+        "held_out": len(data.held_out),
+        "rejected": len(data.loaded.rejects),
+        "duplicates": data.loaded.duplicates,
     }
     (output_dir / "summary.json").write_text(json.dumps(summary | {"data": data_stats}, indent=2))
     notes = []

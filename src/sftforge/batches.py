@@ -117,6 +117,15 @@ def epoch_steps(n_examples: int, examples_per_step: int, seed: int, epoch: int) 
     return [order[s : s + examples_per_step] for s in range(0, n_examples, examples_per_step)]
 
 
+def step_stream(n_examples: int, examples_per_step: int, seed: int):
+    """Endless (epoch, example indices of one optimizer step), reshuffled every epoch."""
+    epoch = 0
+    while True:
+        for indices in epoch_steps(n_examples, examples_per_step, seed, epoch):
+            yield epoch, indices
+        epoch += 1
+
+
 def plan_micro_batches(
     lengths: list[int],
     step: list[int],

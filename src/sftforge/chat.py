@@ -13,8 +13,7 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
-from .conversation import Message
-from .evaluate import stop_token_ids
+from .formats import Message
 from .tokenize import Encoder
 
 
@@ -35,14 +34,14 @@ class _Streamer(TextStreamer):
 @torch.no_grad()
 def reply(model, encoder: Encoder, history: list[Message], out: TextIO, max_new_tokens: int) -> str:
     ids = torch.tensor([encoder.encode_prompt(history)], device=next(model.parameters()).device)
-    stops = sorted(stop_token_ids(encoder, model))
+    stops = list(encoder.stop_ids)
     generated = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=stops,
-        pad_token_id=stops[0],
+        pad_token_id=encoder.pad_id,
         streamer=_Streamer(encoder.tokenizer, out),
     )[0, ids.shape[1] :].tolist()
     cut = next((i for i, t in enumerate(generated) if t in stops), len(generated))

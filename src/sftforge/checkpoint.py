@@ -31,16 +31,12 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .export import save_run
-
-if TYPE_CHECKING:
-    from .config import Config
-    from .prepare import Prepared
+from .config import Config
+from .tokenize import Example
 
 CHECKPOINTS = "checkpoints"
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
@@ -139,10 +135,10 @@ def load_checkpoint(
 # ---- the best and the final model, also never half-written ---
 
 
-def save_best(model, prep: Prepared, config: Config, output_dir: Path) -> None:
-    """The best weights so far, kept beside the checkpoints until the run finishes."""
-    target = checkpoint_root(output_dir) / "best"
-    write_atomically(target, lambda folder: save_run(model, prep, config, folder))
+def save_best(output_dir: Path, save_model: Callable[[Path], None]) -> None:
+    """The best weights so far (written by `save_model(folder)`), kept beside the checkpoints
+    until the run finishes."""
+    write_atomically(checkpoint_root(output_dir) / "best", save_model)
 
 
 def publish_best(output_dir: Path) -> None:
@@ -153,47 +149,29 @@ def publish_best(output_dir: Path) -> None:
         os.rename(kept, output_dir / "best")
 
 
-def save_final(model, prep: Prepared, config: Config, output_dir: Path) -> None:
-    """The model (or adapter), written aside and moved into output_dir with its weights
-    last: a folder whose weights are there holds a complete model."""
+def save_final(output_dir: Path, save_model: Callable[[Path], None]) -> None:
+    """The model (or adapter), written aside by `save_model(folder)` and moved into
+    output_dir with its weights last: a folder whose weights are there holds a complete
+    model."""
     staging = output_dir / ".final.writing"
     if staging.exists():
         shutil.rmtree(staging)
-    save_run(model, prep, config, staging)
+    save_model(staging)
     publish_files(staging, output_dir)
 
 
 # ---- is it the same run? -------------------------------------------------------------------
 
 
-def run_identity(config, prep) -> dict:
-    """What must not change between a checkpoint and its resume: the config that shapes the
-    steps, and a fingerprint of the tokenized data."""
+def run_identity(config: Config, examples: list[Example]) -> dict:
+    """What must not change between a checkpoint and its resume: the settings that shape the
+    steps (every config field not marked resumable), and a fingerprint of the tokenized data."""
     digest = hashlib.sha256()
-    for example in prep.examples:
+    for example in examples:
         digest.update(array("q", example.input_ids).tobytes())
         digest.update(array("q", example.labels).tobytes())
-    shaping = config.model_dump(exclude=RESUMABLE_CHANGES)
-    return {"config": shaping, "data_sha256": digest.hexdigest(), "examples": len(prep.examples)}
-
-
-# Keys that may differ on resume: they change where and how often things are written or
-# shown, never which steps are taken or what they compute.
-RESUMABLE_CHANGES = {
-    "resume": True,
-    "overwrite_output_dir": True,
-    "output_dir": True,
-    "cache_dir": True,
-    "training": {
-        "save_every",
-        "keep_checkpoints",
-        "skip_nonfinite_steps",
-        "log_every",
-        "peak_tflops",
-        "device",
-    },
-    "eval": {"every", "save_best", "samples", "max_prompts"},
-}
+    shaping = config.run_shaping_settings()
+    return {"config": shaping, "data_sha256": digest.hexdigest(), "examples": len(examples)}
 
 
 def check_same_run(saved: dict, current: dict, path: Path) -> None:

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import load_config
+from .config import DataFormat, Method, ScorerKind, TrainOn, Truncation, choices, load_config
 
 
 def _train(args) -> None:
@@ -32,19 +32,18 @@ def _train(args) -> None:
 
 def _inspect(args) -> None:
     from .data import load_conversations
-    from .model import add_missing_special_tokens, load_tokenizer, resolve_model_path
+    from .model import load_tokenizer, resolve_model_path
+    from .prepare import text_side
     from .show import example_counts, format_example
-    from .templates import resolve_template
-    from .tokenize import Encoder, EncodingReport, fit_to_length
+    from .tokenize import EncodingReport, fit_to_length
 
     tokenizer = load_tokenizer(resolve_model_path(args.model))
-    template = resolve_template(args.template, tokenizer)
-    add_missing_special_tokens(tokenizer, None, template.extra_tokens)
+    encoder, _ = text_side(tokenizer, args.template, args.train_on)
     loaded = load_conversations(args.data, format=args.format, on_invalid="error")
-    encoder = Encoder(tokenizer, template, args.train_on)
     color = sys.stdout.isatty() and not args.plain
     report = EncodingReport()
-    print(f"template: {template.name}; trained tokens shown {'in green' if color else 'in [[ ]]'}")
+    shown = "in green" if color else "in [[ ]]"
+    print(f"template: {encoder.template.name}; trained tokens shown {shown}")
     examples = [encoder.encode(c) for c in loaded.conversations]
     for conv, example in zip(loaded.conversations[: args.n], examples, strict=False):
         print(f"\n--- {conv.source}  ({example_counts(example)})")
@@ -84,12 +83,11 @@ def _answers(model_spec: str, args, scorer) -> list[dict]:
     from .evaluate import answer_and_score
     from .export import load_for_inference
     from .model import pick_device
-    from .templates import resolve_template
-    from .tokenize import Encoder
+    from .prepare import text_side
 
     model, tokenizer = load_for_inference(model_spec, allow_pickle=args.allow_pickle)
+    encoder, _ = text_side(tokenizer, args.template, model=model)
     model.to(pick_device(args.device))
-    encoder = Encoder(tokenizer, resolve_template(args.template, tokenizer))
     conversations = load_conversations(args.data).conversations[: args.limit]
     return answer_and_score(model, encoder, conversations, scorer, args.max_new_tokens)
 
@@ -153,12 +151,11 @@ def _chat(args) -> None:
     from .chat import chat
     from .export import load_for_inference
     from .model import pick_device
-    from .templates import resolve_template
-    from .tokenize import Encoder
+    from .prepare import text_side
 
     model, tokenizer = load_for_inference(args.model, allow_pickle=args.allow_pickle)
+    encoder, _ = text_side(tokenizer, args.template, model=model)
     model.to(pick_device(args.device))
-    encoder = Encoder(tokenizer, resolve_template(args.template, tokenizer))
     chat(model, encoder, system=args.system, max_new_tokens=args.max_new_tokens)
 
 
@@ -196,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="embedded name, HF directory, hub id or .gguf file")
     p.add_argument("--data", help="data file or folder")
     p.add_argument("--output", help="output directory")
-    p.add_argument("--method", choices=["full", "lora"])
+    p.add_argument("--method", choices=choices(Method))
     p.set_defaults(run=_train)
 
     p = sub.add_parser(
@@ -205,15 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="data file or folder")
     p.add_argument("--model", default="smollm2-135m", help="model whose tokenizer to use")
     p.add_argument("--template", default="auto")
-    p.add_argument("--format", default="auto")
-    p.add_argument(
-        "--train-on",
-        default="all_assistant_turns",
-        choices=["all_assistant_turns", "last_assistant_turn", "all_tokens"],
-    )
+    p.add_argument("--format", default="auto", choices=choices(DataFormat))
+    p.add_argument("--train-on", default="all_assistant_turns", choices=choices(TrainOn))
     p.add_argument("-n", type=int, default=3, help="examples to show")
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--truncation", default="drop", choices=["drop", "truncate"])
+    p.add_argument("--truncation", default="drop", choices=choices(Truncation))
     p.add_argument("--plain", action="store_true", help="no colour, even on a terminal")
     p.set_defaults(run=_inspect)
 
@@ -226,9 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_generation_options(p, default_output: str) -> None:
         p.add_argument("--data", required=True, help="held-out file: prompt + reference answer")
-        p.add_argument(
-            "--scorer", choices=["exact", "normalized", "json", "contains", "regex", "python"]
-        )
+        p.add_argument("--scorer", choices=choices(ScorerKind))
         p.add_argument("--fields", help="json scorer: comma-separated fields that must match")
         p.add_argument("--pattern", help="regex scorer: pattern (default: the reference)")
         p.add_argument("--function", help="python scorer: module:function")

@@ -1,15 +1,42 @@
 """One typed config: a YAML file plus `key=value` overrides (`training.lr=1e-4`).
 
-A mistake names the key and, where the values are a fixed set, the allowed ones.
+A mistake names the key and, where the values are a fixed set, the allowed ones. Each set of
+allowed values is defined here once (the data formats come from the table in formats.py), and
+the rest of the code reads it from here with `choices(...)`. A field marked `resumable` may
+change when a run resumes; every other field shapes the steps, and a resume refuses a change.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .formats import FORMATS
+
+# The allowed values of the config's fixed-choice keys.
+DataFormat = Literal[("auto", *sorted(FORMATS))]  # auto: detected from each file's keys
+OnInvalid = Literal["error", "skip"]
+Method = Literal["full", "lora"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+TrainOn = Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"]
+Truncation = Literal["drop", "truncate"]
+Schedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "fp32", "bf16", "pure_bf16"]
+ScorerKind = Literal["exact", "normalized", "json", "contains", "regex", "python"]
+
+
+def choices(values) -> tuple[str, ...]:
+    """The allowed values of one of the Literal types above, in order."""
+    return get_args(values)
+
+
+def resumable(default, **field_options):
+    """A config field that may differ when a run resumes: it changes where and how often
+    things are written or shown, never which steps are taken or what they compute."""
+    return Field(default, json_schema_extra={"resumable": True}, **field_options)
 
 
 class ConfigKeyError(ValueError):
@@ -28,11 +55,11 @@ class DataConfig(Strict):
     train: str | list[str] = Field(
         default="", description="file, folder, or list of them (JSON, JSONL, Parquet, CSV)"
     )
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    format: DataFormat = "auto"
     columns: dict[str, str] = Field(
         default_factory=dict, description="our field -> the dataset's column, e.g. output: response"
     )
-    on_invalid: Literal["error", "skip"] = "error"
+    on_invalid: OnInvalid = "error"
     rejects: str | None = Field(
         default=None, description="where skipped records go; default <output_dir>/rejects.jsonl"
     )
@@ -66,33 +93,33 @@ class TrainingConfig(Strict):
         default=False, description="recompute activations in the backward: less memory, slower"
     )
     compile: bool = Field(default=False, description="torch.compile each decoder layer")
-    peak_tflops: float | None = Field(
-        default=None,
+    peak_tflops: float | None = resumable(
+        None,
         gt=0,
         description="the device's matmul peak in TFLOP/s at the training precision; "
         "shows MFU (bench/matmul_peak.py measures it)",
     )
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     seed: int = 42
-    precision: Literal["auto", "fp32", "bf16", "pure_bf16"] = Field(
+    precision: Precision = Field(
         default="auto",
         description="auto: bf16 autocast (fp32 master weights) where the device runs bf16 "
         "fast; pure_bf16 (LoRA only): frozen weights stored in bf16, adapters in fp32",
     )
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps")
-    log_every: int = Field(default=1, gt=0)
-    save_every: int | None = Field(
-        default=500,
+    device: str = resumable("auto", description="auto, cpu, cuda, cuda:1, mps")
+    log_every: int = resumable(1, gt=0)
+    save_every: int | None = resumable(
+        500,
         gt=0,
         description="write a resumable checkpoint every N optimizer steps (and at the end); "
         "null: only at the end",
     )
-    keep_checkpoints: int = Field(default=2, gt=0, description="keep the newest K checkpoints")
-    skip_nonfinite_steps: int = Field(
-        default=0,
+    keep_checkpoints: int = resumable(2, gt=0, description="keep the newest K checkpoints")
+    skip_nonfinite_steps: int = resumable(
+        0,
         ge=0,
         description="skip up to N optimizer steps whose loss or gradient is NaN/inf; "
         "0 stops the run at the first one",
@@ -100,11 +127,16 @@ class TrainingConfig(Strict):
 
 
 class ScorerConfig(Strict):
-    kind: Literal["exact", "normalized", "json", "contains", "regex", "python"] = "exact"
-    fields: list[str] = Field(default_factory=list, description="json: fields that must match")
+    """How a generated answer is scored against its reference (scoring.py builds the scorer;
+    an option the kind does not read is an error there)."""
+
+    kind: ScorerKind = "exact"
+    fields: list[str] = Field(
+        default_factory=list, description="json: keys that must equal the reference's"
+    )
     pattern: str | None = Field(default=None, description="regex: default is the reference")
-    function: str | None = Field(default=None, description="python: module:function")
-    ignore_case: bool = False
+    function: str | None = Field(default=None, description="python: package.module:function")
+    ignore_case: bool = Field(default=False, description="contains: compare casefolded")
 
 
 class EvalConfig(Strict):
@@ -112,12 +144,12 @@ class EvalConfig(Strict):
         default=None,
         description="fraction (0.1), count (20) or file of held-out examples; never trained on",
     )
-    every: int | None = Field(default=None, gt=0, description="eval loss every N steps")
-    save_best: bool = Field(default=False, description="keep the weights with best eval loss")
+    every: int | None = resumable(None, gt=0, description="eval loss every N steps")
+    save_best: bool = resumable(False, description="keep the weights with best eval loss")
     scorer: ScorerConfig | None = Field(default=None, description="score generated answers")
-    max_prompts: int = Field(default=64, gt=0, description="held-out prompts to generate for")
+    max_prompts: int = resumable(64, gt=0, description="held-out prompts to generate for")
     max_new_tokens: int = Field(default=128, gt=0)
-    samples: int = Field(default=8, ge=0, description="before/after generations in the report")
+    samples: int = resumable(8, ge=0, description="before/after generations in the report")
     forgetting: bool = Field(default=True, description="perplexity on general text, before/after")
     corpus: str | None = Field(default=None, description="general text; default: bundled")
     general_prompts: str | None = Field(default=None, description="default: bundled")
@@ -130,27 +162,25 @@ class Config(Strict):
         default=False,
         description="load .bin/.pt (pickle) weights; unpickling runs arbitrary code",
     )
-    resume: str | None = Field(
-        default=None,
+    resume: str | None = resumable(
+        None,
         description="auto: the newest complete checkpoint in output_dir; or a checkpoint path",
     )
-    overwrite_output_dir: bool = Field(
-        default=False,
+    overwrite_output_dir: bool = resumable(
+        False,
         description="start afresh in an output_dir holding a previous run, deleting its "
         "checkpoints and model",
     )
-    cache_dir: str | None = None
-    method: Literal["full", "lora"] = "lora"
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+    cache_dir: str | None = resumable(None)
+    method: Method = "lora"
+    attention: Attention = Field(
         default="auto", description="auto: SDPA; flash_attention_2 on CUDA for packed rows"
     )
     template: str = Field(default="auto", description="auto, a built-in name, or a Jinja file")
-    train_on: Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"] = (
-        "all_assistant_turns"
-    )
+    train_on: TrainOn = "all_assistant_turns"
     max_length: int = Field(default=1024, gt=1)
-    truncation: Literal["drop", "truncate"] = "drop"
-    output_dir: str = "runs/sftforge"
+    truncation: Truncation = "drop"
+    output_dir: str = resumable("runs/sftforge")
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -178,11 +208,28 @@ class Config(Strict):
             )
         return self
 
+    def run_shaping_settings(self) -> dict:
+        """The settings a resume must find unchanged: every field not marked resumable."""
+        return self.model_dump(exclude=_resumable_fields(type(self)))
+
     @property
     def learning_rate(self) -> float:
         if self.training.lr is not None:
             return self.training.lr
         return 2e-4 if self.method == "lora" else 2e-5
+
+
+def _resumable_fields(section: type[BaseModel]) -> dict:
+    """The fields marked `resumable`, as a model_dump exclude tree."""
+    tree: dict = {}
+    for name, info in section.model_fields.items():
+        marks = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        is_section = isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+        if marks.get("resumable"):
+            tree[name] = True
+        elif is_section and (inner := _resumable_fields(info.annotation)):
+            tree[name] = inner
+    return tree
 
 
 class ConfigError(ValueError):

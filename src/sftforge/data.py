@@ -1,45 +1,33 @@
-"""Records in -> validated Conversations out.
+"""Files in -> validated Conversations -> Examples out: the data stage of a run.
 
 `load_conversations` reads files, folders or a `datasets.Dataset` (see `readers.py`), works
-out each file's format from its first valid record, converts every record and validates it.
-Every problem is a `DataError` naming the record's file:line (or file[row N]) and field.
-By default the first one is raised; with `on_invalid="skip"` every rejected record is kept
-in `Rejects` (and optionally written as JSONL) so nothing is ever dropped silently.
+out each file's format from its first valid record (the table in `formats.py`), converts
+every record and validates it. Every problem is a `DataError` naming the record's file:line
+(or file[row N]) and field. By default the first one is raised; with `on_invalid="skip"`
+every rejected record is kept in `Rejects` (and optionally written as JSONL) so nothing is
+ever dropped silently.
 
-To support a new format: add a `_from_<format>` converter in formats.py, list it in `CONVERTERS`,
-add it to `FORMATS`, and add the keys that identify it to `KEYS_OF_FORMAT`.
+`load_examples` is the whole stage for a run: load, split off the held-out examples (before
+anything else, deterministically), encode each conversation (tokenize.py) and apply the
+max_length policy, with one rejects file for every stage.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftforge.conversation import Conversation, DataError, Source
-from sftforge.formats import CONVERTERS, keys_of, type_name
+from sftforge.config import Config, DataFormat, OnInvalid, choices
+from sftforge.formats import FIELDS, FORMATS, Conversation, DataError, Source, keys_of, type_name
 from sftforge.readers import RawRecord, read_sources
+from sftforge.tokenize import Encoder, EncodingReport, Example, fit_to_length
 
 if TYPE_CHECKING:
     import datasets
-
-FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
-ON_INVALID = ("error", "skip")
-
-# The keys that identify each format, tried in this order because real datasets carry extra
-# columns: Alpaca ships a pre-rendered `text` next to instruction/output, chat sets often too.
-KEYS_OF_FORMAT = {
-    "messages": ("messages",),
-    "sharegpt": ("conversations",),
-    "prompt_completion": ("prompt", "completion"),
-    "alpaca": ("instruction", "output"),
-    "text": ("text",),
-}
-# The fields a `columns` mapping may rename a dataset's columns to.
-FIELDS = ("instruction", "input", "output", "system", "messages", "conversations", "prompt")
-FIELDS += ("completion", "text")
 
 
 @dataclass(frozen=True)
@@ -119,8 +107,8 @@ def load_conversations(
     A file that holds no record to reject (empty, a broken JSON array, UTF-16) raises a
     DataError either way; a JSON line over readers.MAX_RECORD_BYTES is a rejected record.
     """
-    _check_choice("format", format, FORMATS)
-    _check_choice("on_invalid", on_invalid, ON_INVALID)
+    _check_choice("format", format, choices(DataFormat))
+    _check_choice("on_invalid", on_invalid, choices(OnInvalid))
     _check_columns(columns)
     result = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
     for name, raw_records in read_sources(data):
@@ -148,7 +136,7 @@ def conversation_from_record(
     record: dict, source: Source, format: str, columns: dict[str, str] | None = None
 ) -> Conversation:
     """Convert and validate one record; raises DataError naming `source` and the field."""
-    _check_choice("format", format, FORMATS)
+    _check_choice("format", format, choices(DataFormat))
     _check_columns(columns)
     record = _record_from(RawRecord(source, record), columns)
     if format == "auto":
@@ -164,15 +152,119 @@ def detect_format(record: dict, columns: dict[str, str] | None = None) -> str:
 
 
 def _detect_format(record: dict, source: Source) -> str:
-    for format, keys in KEYS_OF_FORMAT.items():
-        if all(key in record for key in keys):
-            return format
-    known = ", ".join(f"{format} ({', '.join(keys)})" for format, keys in KEYS_OF_FORMAT.items())
+    for name, format in FORMATS.items():
+        if all(key in record for key in format.keys):
+            return name
+    known = ", ".join(f"{name} ({', '.join(f.keys)})" for name, f in FORMATS.items())
     raise DataError(
         source,
         f"cannot detect the format from keys {keys_of(record)}; known formats: {known}; "
         "pass format=... or map your column names with columns={'output': 'response', ...}",
     )
+
+
+@dataclass
+class TrainingData:
+    """A run's examples: what is trained on, what is held out, and how they were obtained."""
+
+    examples: list[Example]  # what is trained on
+    report: EncodingReport
+    loaded: LoadResult
+    held_out: list[Conversation] = field(default_factory=list)  # never trained on
+    held_out_examples: list[Example] = field(default_factory=list)
+
+
+def load_examples(config: Config, encoder: Encoder, output_dir: Path) -> TrainingData:
+    """Load, split, encode and fit every example of a run; rejected records (with
+    on_invalid=skip) go to one file, whatever stage rejected them."""
+    rejects_path = Path(config.data.rejects or output_dir / "rejects.jsonl")
+    loaded, train, held_out = _load_and_split(config, rejects_path)
+    on_invalid = config.data.on_invalid
+    rejected_before = len(loaded.rejects)
+    encoded = encode_all(train, encoder, on_invalid, loaded.rejects)
+    held_encoded = encode_all(held_out, encoder, on_invalid, loaded.rejects)
+    if len(loaded.rejects) > rejected_before:
+        loaded.rejects.write_jsonl(rejects_path)
+        print(
+            f"rejected by the chat template: {len(loaded.rejects) - rejected_before} "
+            f"(written to {rejects_path})"
+        )
+    report = EncodingReport()
+    examples = fit_to_length(encoded, config.max_length, config.truncation, report)
+    print(report.summary(config.max_length))
+    if not examples:
+        raise DataError(str(config.data.train), "no example is left to train on")
+    held_examples = fit_to_length(held_encoded, config.max_length, "truncate", EncodingReport())
+    kept = {e.source for e in held_examples}
+    held_out = [c for c in held_out if str(c.source) in kept]
+    return TrainingData(examples, report, loaded, held_out, held_examples)
+
+
+def encode_all(
+    conversations: list[Conversation], encoder: Encoder, on_invalid: str, rejects: Rejects
+) -> list[Example]:
+    examples = []
+    for conversation in conversations:
+        try:
+            examples.append(encoder.encode(conversation))
+        except DataError as e:
+            if on_invalid == "error":
+                raise
+            # The reason without the location: the rejects file has its own source column.
+            record = {"messages": [m.__dict__ for m in conversation.messages]}
+            rejects.add(conversation.source, _reason(e), record)
+    return examples
+
+
+def _load_and_split(
+    config: Config, rejects_path: Path
+) -> tuple[LoadResult, list[Conversation], list[Conversation]]:
+    """(all loaded, train conversations, held-out conversations), split before anything else."""
+    data = config.data
+    options = {
+        "format": data.format,
+        "columns": data.columns or None,
+        "on_invalid": data.on_invalid,
+    }
+    skip = data.on_invalid == "skip"
+    loaded = load_conversations(data.train, rejects_path=rejects_path if skip else None, **options)
+    print(loaded.summary())
+    held_out_spec = config.eval.held_out
+    if held_out_spec is None:
+        return loaded, loaded.conversations, []
+    if isinstance(held_out_spec, str):
+        held = load_conversations(held_out_spec, **options)
+        print(f"held-out file {held_out_spec}: {len(held.conversations)} examples")
+        return loaded, loaded.conversations, held.conversations
+    seed = config.training.seed
+    train, held = split_held_out(loaded.conversations, held_out_spec, seed)
+    print(f"held out {len(held)} of {len(loaded.conversations)} examples (seed {seed})")
+    return loaded, train, held
+
+
+def split_held_out(
+    conversations: list[Conversation], held_out: float | int, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, held_out). A float in (0, 1) is a fraction, an int a count.
+
+    The same conversations and seed always give the same split; the held-out records keep
+    their file order so reports are easy to read against the data."""
+    n = len(conversations)
+    if isinstance(held_out, float):
+        if not 0 < held_out < 1:
+            raise ValueError(f"eval.held_out as a fraction must be in (0, 1), not {held_out}")
+        count = max(1, round(held_out * n))
+    else:
+        count = held_out
+    if not 0 < count < n:
+        raise ValueError(
+            f"eval.held_out={held_out} would hold out {count} of {n} examples; "
+            "leave at least one to train on and hold out at least one"
+        )
+    chosen = set(random.Random(f"held-out/{seed}").sample(range(n), count))
+    train = [c for i, c in enumerate(conversations) if i not in chosen]
+    held = [c for i, c in enumerate(conversations) if i in chosen]
+    return train, held
 
 
 def _record_from(raw: RawRecord, columns: dict[str, str] | None) -> dict:
@@ -197,7 +289,7 @@ def _convert(
     record: dict, source: Source, format: str, columns: dict[str, str] | None
 ) -> Conversation:
     try:
-        return CONVERTERS[format](record, source)
+        return FORMATS[format].convert(record, source)
     except DataError as err:
         # Name the field as the user's dataset spells it, not as we renamed it.
         if columns and err.field:

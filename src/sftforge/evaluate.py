@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .batches import collate
-from .conversation import Conversation, Message
+from .formats import Conversation, Message
 from .loss import summed_token_loss, trained_token_count
 from .tokenize import Encoder, Example
 
@@ -41,13 +41,11 @@ def generate_answers(
     max_new_tokens: int = 128,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers, batched with left padding and the KV cache."""
+    """Greedy answers, batched with left padding and the KV cache, stopping at the
+    encoder's stop tokens."""
     tokenizer = encoder.tokenizer
     device = next(model.parameters()).device
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
-    stops = sorted(stop_token_ids(encoder, model))
+    stops, pad_id = list(encoder.stop_ids), encoder.pad_id
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -72,16 +70,6 @@ def generate_answers(
             answers.append(tokenizer.decode(row[:cut], skip_special_tokens=False))
     model.train(was_training)
     return answers
-
-
-def stop_token_ids(encoder: Encoder, model=None) -> set[int]:
-    """eos, the end-of-turn tokens seen in training, and the model's generation eos ids."""
-    ids = set(encoder.end_of_turn_ids)
-    saved = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(saved if isinstance(saved, list) else [saved] if saved is not None else [])
-    if encoder.tokenizer.eos_token_id is not None:
-        ids.add(encoder.tokenizer.eos_token_id)
-    return ids
 
 
 def answer_and_score(

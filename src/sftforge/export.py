@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -53,31 +54,30 @@ def merge_adapter(adapter_dir: Path, output_dir: Path, allow_pickle: bool = Fals
         shutil.copyfile(generation_config, output_dir / "generation_config.json")
 
 
-def save_run(model, prep, config, output_dir: Path) -> None:
-    """Model (or adapter), tokenizer with its chat template, generation stop tokens, and the
-    resolved config: everything inference needs to render and stop exactly as in training."""
+def save_run(
+    folder: Path,
+    model,
+    tokenizer,
+    stop_ids: tuple[int, ...],
+    pad_id: int,
+    config,
+    data_report: dict,
+) -> None:
+    """Model (or adapter), tokenizer with its chat template, generation stop tokens, the
+    resolved config and the data report: everything inference needs to render and stop
+    exactly as in training. The live model is left as it was: the generation config is
+    written from a copy."""
     from .config import dump_config
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    is_adapter = hasattr(model, "peft_config")
-    base = model.get_base_model() if is_adapter else model
-    end_ids = sorted(end_of_turn_ids(prep))
-    if base.generation_config is not None and end_ids:
+    folder.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    model.save_pretrained(folder, safe_serialization=True)
+    if base.generation_config is not None:
+        generation = copy.deepcopy(base.generation_config)
         # Generation must stop at the template's end-of-turn token, whichever it is.
-        base.generation_config.eos_token_id = end_ids
-        base.generation_config.pad_token_id = prep.pad_id
-    model.save_pretrained(output_dir, safe_serialization=True)
-    if is_adapter and base.generation_config is not None:
-        base.generation_config.save_pretrained(output_dir)
-    prep.tokenizer.save_pretrained(output_dir)
-    dump_config(config, output_dir / "sftforge.yaml")
-    (output_dir / "data_report.json").write_text(
-        json.dumps(prep.report.__dict__ | {"base_model": prep.base_model_path}, indent=2)
-    )
-
-
-def end_of_turn_ids(prep) -> set[int]:
-    """Tokens that end a turn: the eos token and every special token that closed a trained
-    assistant turn (e.g. <|im_end|> when a base model whose eos is </s> learns ChatML)."""
-    eos = prep.tokenizer.eos_token_id
-    return prep.encoder.end_of_turn_ids | ({eos} if eos is not None else set())
+        generation.eos_token_id = list(stop_ids)
+        generation.pad_token_id = pad_id
+        generation.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    dump_config(config, folder / "sftforge.yaml")
+    (folder / "data_report.json").write_text(json.dumps(data_report, indent=2))

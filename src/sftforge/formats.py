@@ -1,16 +1,80 @@
-"""One converter per data format: a parsed record -> a validated Conversation.
+"""Records -> Conversations: the one shape every demonstration takes, and the table of data
+formats that become it.
 
-Every problem is a DataError naming the record's source and the field. To support a new
-format, add a `_from_<format>` converter here, list it in CONVERTERS, and add its keys to
-`KEYS_OF_FORMAT` in data.py.
+A Conversation always knows where it came from (its Source: file and line, or row), so any
+later error can name the record that caused it. Every problem with a record is a DataError
+naming that source and the field.
+
+To support a new format, write a `_from_<format>` converter and add one entry to `FORMATS`:
+the keys that detect it, any optional keys it reads, and the converter. The config, the
+detection and the `columns` mapping all read that table.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sftforge.conversation import Conversation, DataError, Message, Source
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record came from: a file and a 1-based line (JSONL/CSV) or 0-based row index."""
+
+    path: str
+    line: int | None = None  # 1-based line number in a text file (JSON lines, CSV)
+    row: int | None = None  # 0-based index in a JSON array, Parquet file or `datasets` dataset
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.path}:{self.line}"
+        if self.row is not None:
+            return f"{self.path}[row {self.row}]"
+        return self.path
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A validated demonstration.
+
+    `messages` is a chat (system?, user, assistant, user, assistant, ...).
+    `text` is set instead for raw-text records, which are trained on every token and not
+    rendered through a chat template.
+    """
+
+    source: Source
+    messages: tuple[Message, ...] = ()
+    text: str | None = None
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def is_raw_text(self) -> bool:
+        return self.text is not None
+
+    def assistant_indices(self) -> list[int]:
+        return [i for i, m in enumerate(self.messages) if m.role == "assistant"]
+
+
+class DataError(ValueError):
+    """A record that cannot become a valid Conversation. Names its source and field."""
+
+    def __init__(self, source: Source | str, reason: str, field: str | None = None):
+        self.source = source
+        self.reason = reason
+        self.field = field
+        where = f"{source}"
+        what = f" field '{field}':" if field else ""
+        super().__init__(f"{where}:{what} {reason}")
+
+
+# -- the formats ----------------------------------------------------------------------
 
 CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 # ShareGPT dumps often mix the chat names into the ShareGPT ones, so both are accepted.
@@ -81,13 +145,24 @@ def _from_text(record: dict, source: Source) -> Conversation:
     return Conversation(source=source, text=text, meta={"format": "text"})
 
 
-CONVERTERS = {
-    "alpaca": _from_alpaca,
-    "messages": _from_messages,
-    "sharegpt": _from_sharegpt,
-    "prompt_completion": _from_prompt_completion,
-    "text": _from_text,
+@dataclass(frozen=True)
+class Format:
+    keys: tuple[str, ...]  # a record holding all of these keys is of this format
+    convert: Callable[[dict, Source], Conversation]
+    optional: tuple[str, ...] = ()  # other keys the converter reads when present
+
+
+# The data formats, tried in this order when detecting one, because real datasets carry extra
+# columns: Alpaca ships a pre-rendered `text` next to instruction/output, chat sets often too.
+FORMATS: dict[str, Format] = {
+    "messages": Format(("messages",), _from_messages),
+    "sharegpt": Format(("conversations",), _from_sharegpt),
+    "prompt_completion": Format(("prompt", "completion"), _from_prompt_completion),
+    "alpaca": Format(("instruction", "output"), _from_alpaca, optional=("input", "system")),
+    "text": Format(("text",), _from_text),
 }
+# The fields a `columns` mapping may rename a dataset's columns to.
+FIELDS = tuple(dict.fromkeys(key for f in FORMATS.values() for key in (*f.keys, *f.optional)))
 
 
 def _turns(

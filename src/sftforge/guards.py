@@ -54,14 +54,15 @@ def stop_requests():
             signal.signal(s, handler)
 
 
-def nonfinite_step(step: int, loss: float, grad_norm: float, indices, prep) -> str:
-    sources = ", ".join(str(prep.examples[i].source) for i in indices[:5])
-    more = f" and {len(indices) - 5} more" if len(indices) > 5 else ""
+def nonfinite_step(step: int, loss: float, grad_norm: float, sources: list[str]) -> str:
+    """What went wrong in `step`, naming the records (`sources`) of its examples."""
+    shown = ", ".join(sources[:5])
+    more = f" and {len(sources) - 5} more" if len(sources) > 5 else ""
     if not math.isfinite(loss):
         what = f"the loss ({loss}) is not finite"
     else:
         what = f"the gradient norm ({grad_norm}) is not finite, though the loss ({loss:.4g}) is"
-    return f"step {step}: {what} (the step's examples: {sources}{more})"
+    return f"step {step}: {what} (the step's examples: {shown}{more})"
 
 
 def nonfinite_stop(what: str, output_dir: Path) -> str:

@@ -1,5 +1,6 @@
 """Load a base model and tokenizer (HF directory, hub id, GGUF file or the embedded default),
-make the chat template's special tokens real tokens, and attach LoRA adapters.
+make the chat template's special tokens real tokens, and attach LoRA adapters; and the device
+and precision it trains on.
 
 Weights are read from safetensors only (pickle only with allow_pickle, after a warning), and
 remote code runs only when asked for.
@@ -12,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +38,50 @@ def pick_device(choice: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast (fp32 master weights) where the hardware runs bf16 fast, else none."""
+    if precision == "fp32":
+        return None
+    if precision in ("bf16", "pure_bf16"):
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def fast_adamw_options(device: torch.device) -> dict:
+    """The fused AdamW kernel where torch has one for the device, else the foreach one."""
+    if device.type in ("cuda", "cpu", "mps"):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+@contextmanager
+def adapter_input_casts(model, enabled: bool):
+    """Switch peft's cast of adapter inputs to the adapter dtype on or off (its layers'
+    documented `cast_input_dtype_enabled` flag), restoring it afterwards. (peft's own
+    `disable_input_dtype_casting` fails on models with trainable-token layers.)"""
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    before = [m.cast_input_dtype_enabled for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = enabled
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before, strict=True):
+            m.cast_input_dtype_enabled = value
 
 
 def embedded_gguf_path(name: str) -> Path:

@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint, step_checkpoints
 from .config import ConfigError
-from .conversation import DataError, Message
+from .formats import DataError, Message
 from .readers import data_files
 from .templates import TemplateError
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sftforge.conversation import DataError, Source
+from sftforge.formats import DataError, Source
 
 EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
 

@@ -1,8 +1,8 @@
 """Scorers for `sftforge eval`: how well one generated answer matches its reference.
 
 A scorer is a plain function `(answer, reference, record) -> score in [0, 1]`; `record` is the
-eval record (a dict) the prompt came from. `make_scorer` builds one from a `ScorerSpec` or a dict
-with the same keys. Built-in kinds score 1.0 or 0.0; only a python scorer gives partial credit.
+eval record (a dict) the prompt came from. `make_scorer` builds one from the config's
+`ScorerConfig` (`eval.scorer`) or a dict with the same keys. Built-in kinds score 1.0 or 0.0; only a python scorer gives partial credit.
 
 A bad spec or a bad reference raises `ScoringError`: both are bugs in the eval set, not mistakes
 of the model, so they stop the run instead of quietly scoring 0.
@@ -14,9 +14,11 @@ import importlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-SCORER_KINDS = ("exact", "normalized", "json", "contains", "regex", "python")
+from .config import ScorerConfig, ScorerKind, choices
+
+SCORER_KINDS = choices(ScorerKind)
 
 # The options each kind reads. Setting one the kind ignores is an error, so a slip such as
 # {"kind": "exact", "pattern": ...} cannot silently score by the wrong rule.
@@ -37,15 +39,6 @@ class ScoringError(ValueError):
     """A scorer spec, or an eval-set reference, that cannot be scored against."""
 
 
-@dataclass(frozen=True)
-class ScorerSpec:
-    kind: str = "exact"
-    fields: tuple[str, ...] = ()  # json: keys that must equal the reference's; (): whole value
-    pattern: str | None = None  # regex: searched for in the answer; None: reference is the pattern
-    function: str | None = None  # python: "package.module:function"
-    ignore_case: bool = False  # contains: compare casefolded
-
-
 @dataclass
 class ScoreSummary:
     count: int
@@ -62,7 +55,7 @@ def normalize(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
-def json_field_scores(answer: str, reference: str, fields: tuple[str, ...]) -> dict[str, bool]:
+def json_field_scores(answer: str, reference: str, fields: list[str]) -> dict[str, bool]:
     """Per field: is it in the answer's JSON object, with the reference's value?
 
     An answer that is not a JSON object (or not JSON at all) gets False for every field.
@@ -85,7 +78,7 @@ def summarize(scores: list[float]) -> ScoreSummary:
     return ScoreSummary(count=len(scores), mean=mean, correct=sum(s >= 1.0 for s in scores))
 
 
-def make_scorer(spec: ScorerSpec | dict) -> Scorer:
+def make_scorer(spec: ScorerConfig | dict) -> Scorer:
     """Build the scorer a spec describes. A bad spec fails here, before any generation runs.
 
     - exact: answer and reference equal once surrounding whitespace is stripped (it never counts).
@@ -110,24 +103,25 @@ def make_scorer(spec: ScorerSpec | dict) -> Scorer:
     return _python_scorer(spec.function)
 
 
-def _spec_from_dict(options: dict) -> ScorerSpec:
-    allowed = [f.name for f in fields(ScorerSpec)]
+def _spec_from_dict(options: dict) -> ScorerConfig:
+    allowed = list(ScorerConfig.model_fields)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ScoringError(f"unknown scorer option(s) {unknown}; allowed: {allowed}")
-    if isinstance(options.get("fields"), list):  # YAML and JSON give lists
-        options = {**options, "fields": tuple(options["fields"])}
-    return ScorerSpec(**options)
-
-
-def _check_spec(spec: ScorerSpec) -> None:
-    if spec.kind not in SCORER_KINDS:
-        raise ScoringError(f"unknown scorer kind {spec.kind!r}; allowed: {', '.join(SCORER_KINDS)}")
-    names = spec.fields
-    if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
+    kind = options.get("kind", "exact")
+    if kind not in SCORER_KINDS:
+        raise ScoringError(f"unknown scorer kind {kind!r}; allowed: {', '.join(SCORER_KINDS)}")
+    names = options.get("fields", [])
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise ScoringError(f"scorer option 'fields' must be a list of key names, got {names!r}")
-    for option in ("fields", "pattern", "function", "ignore_case"):
-        is_set = getattr(spec, option) != getattr(ScorerSpec, option)
+    return ScorerConfig.model_validate(options)
+
+
+def _check_spec(spec: ScorerConfig) -> None:
+    for option, info in ScorerConfig.model_fields.items():
+        is_set = option != "kind" and getattr(spec, option) != info.get_default(
+            call_default_factory=True
+        )
         if is_set and option not in OPTIONS_BY_KIND[spec.kind]:
             users = [kind for kind, options in OPTIONS_BY_KIND.items() if option in options]
             raise ScoringError(f"option {option!r} is for kind {users[0]!r}, not {spec.kind!r}")
@@ -162,7 +156,7 @@ def _same_json(a: object, b: object) -> bool:
     return a == b
 
 
-def _json_scorer(field_names: tuple[str, ...]) -> Scorer:
+def _json_scorer(field_names: list[str]) -> Scorer:
     def score(answer: str, reference: str, record: dict) -> Score:
         if field_names:
             return float(all(json_field_scores(answer, reference, field_names).values()))

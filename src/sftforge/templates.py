@@ -1,4 +1,5 @@
-"""Conversation -> rendered text, with the exact character span of every assistant turn.
+"""Conversation -> rendered text, cut into pieces at every assistant turn's start and end,
+each piece marked trained or not.
 
 A chat template is Jinja. We render it in a sandbox and never guess where the assistant's
 answer starts: the span of assistant turn i begins where the template's *generation prompt*
@@ -10,10 +11,15 @@ To tell template text from message text we render the conversation twice: once w
 message's content replaced by a unique sentinel, once for real. The sentinel render cuts the
 text into template pieces and content slots; the real render must equal those pieces with
 each content inserted (verbatim, or trimmed as some official templates do).
+
+The hand-off to tokenize.py is a list of Pieces: template markup (which may hold special
+tokens) or message text (which never does), cut at every assistant span's edges, each
+knowing whether it is trained and which stretch between two cuts it lies in.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,7 +30,8 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .conversation import Conversation, Message
+from .config import TrainOn
+from .formats import Conversation, Message
 
 BUILTIN_TEMPLATES = (
     "chatml",
@@ -161,11 +168,22 @@ class Part:
     start: int  # character offset in the rendered text
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rendered text between two cuts (the edges of assistant spans), as tokenize takes it."""
+
+    text: str
+    is_content: bool  # message text (never read for special tokens), or template markup
+    trained: bool
+    segment: int  # the stretch between two cuts it lies in: never tokenized across a cut
+
+
 @dataclass
 class RenderedConversation:
     text: str
-    parts: list[Part]  # cover `text` exactly, in order
+    pieces: list[Piece]  # cover `text` exactly, in order
     assistant_spans: list[tuple[int, int]]  # [start, end) per assistant turn: answer + end marker
+    trained_spans: list[tuple[int, int]]  # the spans whose text is trained
 
 
 def _as_dicts(messages) -> list[dict]:
@@ -289,7 +307,8 @@ def _render(
     template: ChatTemplate,
     end_markers: set[str],
     add_generation_prompt: bool,
-) -> RenderedConversation:
+) -> tuple[str, list[Part], list[tuple[int, int]]]:
+    """The rendered text, its parts, and the span of each assistant turn."""
     sentinel_msgs = _with_sentinels(messages)
     full = template.render(sentinel_msgs, add_generation_prompt=add_generation_prompt)
     real = template.render(_as_dicts(messages), add_generation_prompt=add_generation_prompt)
@@ -305,22 +324,56 @@ def _render(
     parts = [
         Part(el.real_text, el.slot is not None, el.real_start) for el in elements if el.real_text
     ]
-    return RenderedConversation(real, parts, spans)
+    return real, parts, spans
+
+
+def _trained_spans(text: str, assistant_spans: list[tuple[int, int]], train_on: str):
+    if train_on == "all_tokens":
+        return [(0, len(text))]
+    if train_on == "last_assistant_turn":
+        return assistant_spans[-1:]
+    return assistant_spans
+
+
+def _cut(parts: list[Part], assistant_spans, trained_spans) -> list[Piece]:
+    """The parts cut at every span edge, each piece marked trained when a trained span holds
+    it. Every assistant turn is cut from its prompt, trained or not: at inference the prompt
+    ends at the generation prompt and is tokenized alone."""
+    cuts = sorted({p for span in [*assistant_spans, *trained_spans] for p in span})
+    pieces = []
+    for part in parts:
+        start, end = part.start, part.start + len(part.text)
+        inner = [c for c in cuts if start < c < end]
+        for a, b in zip([start, *inner], [*inner, end], strict=True):
+            trained = any(s <= a and b <= e for s, e in trained_spans)
+            segment = bisect.bisect_right(cuts, a)
+            pieces.append(
+                Piece(part.text[a - start : b - start], part.is_content, trained, segment)
+            )
+    return pieces
 
 
 def render_conversation(
-    conversation: Conversation, template: ChatTemplate, end_markers: set[str]
+    conversation: Conversation,
+    template: ChatTemplate,
+    end_markers: set[str],
+    train_on: TrainOn = "all_assistant_turns",
 ) -> RenderedConversation:
-    """Render a chat with the exact span of each assistant turn (answer + end marker).
+    """Render a chat cut into pieces, with the exact span of each assistant turn (answer +
+    end marker) and the spans `train_on` trains.
 
     `end_markers` are the strings that count as an end-of-turn token (the tokenizer's special
     tokens)."""
-    return _render(conversation.messages, template, end_markers, add_generation_prompt=False)
+    text, parts, spans = _render(conversation.messages, template, end_markers, False)
+    trained = _trained_spans(text, spans, train_on)
+    return RenderedConversation(text, _cut(parts, spans, trained), spans, trained)
 
 
 def render_prompt(
     messages: list[Message] | tuple[Message, ...], template: ChatTemplate, end_markers: set[str]
 ) -> RenderedConversation:
     """The text a model is given at inference: the history plus the generation prompt, with
-    the spans of the history's assistant turns (tokenized as the model generated them)."""
-    return _render(tuple(messages), template, end_markers, add_generation_prompt=True)
+    the spans of the history's assistant turns (tokenized as the model generated them);
+    nothing trained."""
+    text, parts, spans = _render(tuple(messages), template, end_markers, True)
+    return RenderedConversation(text, _cut(parts, spans, []), spans, [])

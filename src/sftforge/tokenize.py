@@ -1,4 +1,4 @@
-"""Rendered text + assistant spans -> input_ids + labels, exact and checked.
+"""Rendered pieces -> input_ids + labels, built in lockstep, exact and checked.
 
 How text becomes tokens, and why:
 - Special tokens are recognised only where the *template* wrote them. A user who types
@@ -13,25 +13,27 @@ How text becomes tokens, and why:
   turn boundary, or follows a special token where the tokenizer adds none, is tokenized
   behind an anchor whose tokens are then dropped. Which runs need that is learned once,
   from the tokenizer itself.
-- Labels are the input ids on trained tokens and -100 elsewhere (not shifted: the loss does
-  that). Each example is then checked: every run of text decodes back from its tokens where
+- Each piece's ids and labels are appended together: labels are the input ids on trained
+  tokens and -100 elsewhere (not shifted: the loss does that). Each example is then checked: every run of text decodes back from its tokens where
   they stand (in context: a SentencePiece decoder drops the leading space of whatever it
   decodes first), and the trained tokens are exactly the runs of the assistant turns, whose
-  text is the answer plus its end-of-turn marker. A mask that cannot be proven is an error.
+  text is the answer plus its end-of-turn marker, which is one of the stop tokens. A mask
+  that cannot be proven is an error.
+- The stop tokens (what ends an assistant turn, plus eos) and the pad id are facts of the
+  template and the tokenizer: the Encoder works them out once, when it is built, and every
+  later stage (generation, saving) reads them from it.
 """
 
 from __future__ import annotations
 
-import bisect
 import re
 from dataclasses import dataclass, field
 
-from .conversation import Conversation, DataError, Message
-from .templates import ChatTemplate, TemplateError, render_conversation, render_prompt
+from .config import TrainOn, Truncation, choices
+from .formats import Conversation, DataError, Message, Source
+from .templates import ChatTemplate, Piece, TemplateError, render_conversation, render_prompt
 
 IGNORE_INDEX = -100
-TRAIN_ON = ("all_assistant_turns", "last_assistant_turn", "all_tokens")
-TRUNCATION = ("drop", "truncate")
 # Text tokenized in front of a run that must not get a string's prefix space; its tokens are
 # dropped. A newline: SentencePiece vocabularies hold it as a byte, merged with nothing.
 ANCHOR = "\n"
@@ -47,7 +49,9 @@ class Example:
 
     @property
     def trained_token_count(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        """Tokens whose prediction is trained: labelled tokens after the first, which nothing
+        comes before to predict it from (the count the loss divides by)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
 @dataclass
@@ -86,16 +90,30 @@ class _Atom:
     string_start: bool = False  # tokenized as a string of its own, prefix space and all
 
 
-class Encoder:
-    """Turns Conversations into Examples with one tokenizer and one chat template."""
+# One-turn conversations rendered once to learn the template's end-of-turn token; the second
+# for a template that wants a system message.
+_PROBES = (
+    Conversation(Source("probe"), (Message("user", "Hi"), Message("assistant", "Hello"))),
+    Conversation(
+        Source("probe"),
+        (Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello")),
+    ),
+)
 
-    def __init__(self, tokenizer, template: ChatTemplate, train_on: str = "all_assistant_turns"):
-        if train_on not in TRAIN_ON:
-            raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
+
+class Encoder:
+    """Turns Conversations into Examples with one tokenizer and one chat template, and knows
+    the stop ids and the pad id they imply."""
+
+    def __init__(
+        self, tokenizer, template: ChatTemplate, train_on: TrainOn = "all_assistant_turns"
+    ):
+        if train_on not in choices(TrainOn):
+            allowed = ", ".join(choices(TrainOn))
+            raise ValueError(f"train_on must be one of {allowed}, not {train_on!r}")
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
-        self.end_of_turn_ids: set[int] = set()  # special tokens seen closing a trained turn
         self.special_ids: dict[str, int] = dict(tokenizer.get_added_vocab())
         for tok in (tokenizer.eos_token, tokenizer.bos_token):
             if tok and tok not in self.special_ids:
@@ -104,41 +122,42 @@ class Encoder:
         self._special_pattern = re.compile("|".join(re.escape(t) for t in by_length) or "(?!)")
         self._anchor_ids = self._ids([ANCHOR])[0]
         self._prefix_at_start, self._prefix_after_special = self._probe_prefix_space()
+        eos = tokenizer.eos_token_id
+        # What ends an assistant turn: the template's end-of-turn token, and eos.
+        self.stop_ids: tuple[int, ...] = tuple(
+            sorted(self._end_of_turn_ids() | ({eos} if eos is not None else set()))
+        )
+        pad = tokenizer.pad_token_id
+        fallback = eos if eos is not None else (self.stop_ids[0] if self.stop_ids else 0)
+        self.pad_id: int = pad if pad is not None else fallback
 
     # ---- public -------------------------------------------------------------------------
 
     def encode(self, conversation: Conversation) -> Example:
         """Tokens and labels for one conversation; raises DataError naming its source."""
-        source = str(conversation.source)
         try:
             if conversation.is_raw_text:
                 return self._encode_raw_text(conversation)
-            rendered = render_conversation(conversation, self.template, set(self.special_ids))
+            rendered = render_conversation(
+                conversation, self.template, set(self.special_ids), self.train_on
+            )
         except TemplateError as e:
             raise DataError(conversation.source, str(e), field="messages") from e
-        # Every assistant turn is cut from its prompt as at inference, trained or not.
-        cuts = rendered.assistant_spans
-        spans = cuts
-        if self.train_on == "last_assistant_turn":
-            spans = cuts[-1:]
-        elif self.train_on == "all_tokens":
-            spans = [(0, len(rendered.text))]
-        ids, trained_ranges, atoms = self._tokenize(rendered.parts, cuts, spans)
-        labels = [IGNORE_INDEX] * len(ids)
-        for start, end in trained_ranges:
-            labels[start:end] = ids[start:end]
-        self._check(ids, atoms, trained_ranges, rendered.text, spans, conversation)
-        if self.train_on != "all_tokens":
-            special = set(self.special_ids.values())
-            self.end_of_turn_ids.update(
-                ids[end - 1] for _, end in trained_ranges if ids[end - 1] in special
+        atoms = self._atoms(rendered.pieces)
+        ids, labels = self._tokenize(atoms)
+        problem = self._check(ids, labels, atoms, rendered.text, rendered.trained_spans)
+        if problem:
+            raise DataError(
+                conversation.source,
+                f"loss mask cannot be proven right with template '{self.template.name}': {problem}",
+                field="messages",
             )
-        return Example(ids, labels, source)
+        return Example(ids, labels, str(conversation.source))
 
     def encode_prompt(self, messages: list[Message] | tuple[Message, ...]) -> list[int]:
         """The ids a model is given at inference: history plus generation prompt."""
         rendered = render_prompt(messages, self.template, set(self.special_ids))
-        ids, _, _ = self._tokenize(rendered.parts, rendered.assistant_spans, [])
+        ids, _ = self._tokenize(self._atoms(rendered.pieces))
         return ids
 
     # ---- internals ----------------------------------------------------------------------
@@ -160,20 +179,26 @@ class Encoder:
             )
         return Example(ids, list(ids), str(conversation.source))
 
-    def _atoms(self, parts, cut_spans, spans: list[tuple[int, int]]) -> list[_Atom]:
-        cuts = sorted({p for span in [*cut_spans, *spans] for p in span})
+    def _end_of_turn_ids(self) -> set[int]:
+        """The token that closes an assistant turn in this template, from a probe."""
+        for probe in _PROBES:
+            try:
+                rendered = render_conversation(probe, self.template, set(self.special_ids))
+            except TemplateError:
+                continue  # e.g. a template that requires a system message: try the next
+            ids, labels = self._tokenize(self._atoms(rendered.pieces))
+            return {ids[end - 1] for _, end in _trained_runs(labels)}
+        return set()
+
+    def _atoms(self, pieces: list[Piece]) -> list[_Atom]:
+        """Message text as it is; template text split at the special tokens it wrote; then
+        neighbouring plain text between the same two cuts joined into one run."""
         atoms: list[_Atom] = []
-        for part in parts:
-            start, end = part.start, part.start + len(part.text)
-            inner = [c for c in cuts if start < c < end]
-            for a, b in zip([start, *inner], [*inner, end], strict=True):
-                piece = part.text[a - start : b - start]
-                trained = any(s <= a and b <= e for s, e in spans)
-                segment = bisect.bisect_right(cuts, a)
-                if part.is_content:
-                    atoms.append(_Atom(piece, False, trained, segment))
-                else:
-                    atoms.extend(self._split_special(piece, trained, segment))
+        for piece in pieces:
+            if piece.is_content:
+                atoms.append(_Atom(piece.text, False, piece.trained, piece.segment))
+            else:
+                atoms.extend(self._split_special(piece.text, piece.trained, piece.segment))
         return _merge_text_runs(atoms)
 
     def _split_special(self, text: str, trained: bool, segment: int) -> list[_Atom]:
@@ -188,30 +213,24 @@ class Encoder:
             atoms.append(_Atom(text[pos:], False, trained, segment))
         return atoms
 
-    def _tokenize(self, parts, cut_spans, spans):
-        """Ids of the rendered parts, cut at every span boundary; the token ranges of
-        `spans` (the trained ones); and the atoms, each knowing its tokens."""
-        atoms = self._atoms(parts, cut_spans, spans)
+    def _tokenize(self, atoms: list[_Atom]) -> tuple[list[int], list[int]]:
+        """Ids and labels of the atoms, appended together; each atom learns its tokens."""
         plain = [k for k, a in enumerate(atoms) if not a.special]
         anchored = {k for k in plain if self._continues_text(atoms, k)}
         texts = [ANCHOR + atoms[k].text if k in anchored else atoms[k].text for k in plain]
         encoded = dict(zip(plain, self._ids(texts) if texts else [], strict=True))
         ids: list[int] = []
-        trained_ranges: list[tuple[int, int]] = []
+        labels: list[int] = []
         for k, atom in enumerate(atoms):
-            start = len(ids)
             if atom.special:
-                ids.append(self.special_ids[atom.text])
+                tokens = [self.special_ids[atom.text]]
             else:
-                ids.extend(self._drop_anchor(encoded[k]) if k in anchored else encoded[k])
+                tokens = self._drop_anchor(encoded[k]) if k in anchored else encoded[k]
                 atom.string_start = self._prefix_at_start and k not in anchored
-            atom.tokens = (start, len(ids))
-            if atom.trained and len(ids) > start:
-                if trained_ranges and trained_ranges[-1][1] == start:
-                    trained_ranges[-1] = (trained_ranges[-1][0], len(ids))
-                else:
-                    trained_ranges.append((start, len(ids)))
-        return ids, trained_ranges, atoms
+            atom.tokens = (len(ids), len(ids) + len(tokens))
+            ids.extend(tokens)
+            labels.extend(tokens if atom.trained else [IGNORE_INDEX] * len(tokens))
+        return ids, labels
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Plain text to ids: no special tokens added, none recognised in the text."""
@@ -259,33 +278,47 @@ class Encoder:
             return False
         return shown == " " + atom.text or " " + shown == atom.text
 
-    def _check(self, ids, atoms, trained_ranges, text, spans, conversation) -> None:
-        """Prove the mask: every run of text decodes back from its tokens where they stand,
-        and the runs of the tokens trained are exactly the text of the assistant spans."""
-        problem = None
+    def _check(self, ids, labels, atoms, text, spans) -> str | None:
+        """Prove the mask, or say why it cannot be: every run of text decodes back from its
+        tokens where they stand, the runs of trained tokens hold exactly the text of the
+        trained spans, and each trained turn ends with a stop token."""
         shown_texts = texts_in_place(self.tokenizer, ids, [atom.tokens for atom in atoms])
         for atom, shown in zip(atoms, shown_texts, strict=True):
             if not self._decodes_to(shown, atom):
-                problem = (
+                return (
                     f"the tokens of {atom.text[:60]!r} decode to {shown[:60]!r}: they do not "
                     "decode back to the rendered text (a character the tokenizer cannot write?)"
                 )
-                break
-        if problem is None and len(trained_ranges) != len(spans):
-            problem = f"expected {len(spans)} trained spans, found {len(trained_ranges)}"
-        if problem is None:
-            for (t0, t1), (c0, c1) in zip(trained_ranges, spans, strict=True):
-                inside = [a for a in atoms if t0 <= a.tokens[0] and a.tokens[1] <= t1]
-                trained = "".join(a.text for a in inside)
-                if trained != text[c0:c1]:
-                    problem = f"trained tokens hold {trained!r}, expected {text[c0:c1]!r}"
-                    break
-        if problem:
-            raise DataError(
-                conversation.source,
-                f"loss mask cannot be proven right with template '{self.template.name}': {problem}",
-                field="messages",
-            )
+        trained_runs = _trained_runs(labels)
+        if len(trained_runs) != len(spans):
+            return f"expected {len(spans)} trained spans, found {len(trained_runs)}"
+        for (t0, t1), (c0, c1) in zip(trained_runs, spans, strict=True):
+            inside = [a for a in atoms if t0 <= a.tokens[0] and a.tokens[1] <= t1]
+            trained = "".join(a.text for a in inside)
+            if trained != text[c0:c1]:
+                return f"trained tokens hold {trained!r}, expected {text[c0:c1]!r}"
+            if self.train_on != "all_tokens" and ids[t1 - 1] not in self.stop_ids:
+                end = self.tokenizer.convert_ids_to_tokens(ids[t1 - 1])
+                stops = self.tokenizer.convert_ids_to_tokens(list(self.stop_ids))
+                return (
+                    f"an assistant turn ends with {end!r}, which is not one of the stop tokens "
+                    f"{stops} (the end of a one-turn conversation, and eos): generation would "
+                    "not stop where training taught it to"
+                )
+        return None
+
+
+def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of trained labels."""
+    runs: list[tuple[int, int]] = []
+    for k, label in enumerate(labels):
+        if label == IGNORE_INDEX:
+            continue
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
 
 
 def texts_in_place(tokenizer, ids: list[int], ranges: list[tuple[int, int]]) -> list[str]:
@@ -326,8 +359,9 @@ def fit_to_length(
     examples: list[Example], max_length: int, truncation: str, report: EncodingReport
 ) -> list[Example]:
     """Apply the max_length policy; every example cut or dropped is named in the report."""
-    if truncation not in TRUNCATION:
-        raise ValueError(f"truncation must be one of {', '.join(TRUNCATION)}, not {truncation!r}")
+    if truncation not in choices(Truncation):
+        allowed = ", ".join(choices(Truncation))
+        raise ValueError(f"truncation must be one of {allowed}, not {truncation!r}")
     kept = []
     for ex in examples:
         report.max_tokens = max(report.max_tokens, len(ex.input_ids))

@@ -1,7 +1,8 @@
-"""The training run, top to bottom: prepare -> measure before -> loop -> measure after -> save.
+"""The training run in three phases: `start` (checks, model, data, optimizer, resume),
+`steps` (the loop), `finish` (measure after, save, report).
 
-`train()` reads in one sitting. The loss of each optimizer step is normalised by the number
-of trained tokens in the whole step, however it is split into micro-batches.
+The loss of each optimizer step is normalised by the number of trained tokens in the whole
+step, however it is split into micro-batches.
 """
 
 from __future__ import annotations
@@ -9,16 +10,15 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .assessment import build_assessment, finish_report
-from .batches import Batch, epoch_steps, step_batches
+from .assessment import Assessment, build_assessment, finish_report
+from .batches import Batch, step_batches, step_stream
 from .checkpoint import (
     check_same_run,
     latest_checkpoint,
@@ -31,13 +31,26 @@ from .checkpoint import (
     save_final,
 )
 from .config import Config
+from .data import TrainingData, load_examples
 from .export import save_run
-from .flops import flop_model
+from .flops import FlopModel, flop_model
 from .guards import NonFiniteError, RunInterrupted, nonfinite_step, nonfinite_stop, stop_requests
 from .loss import summed_token_loss
+from .metrics import (
+    Progress,
+    TrainingClock,
+    micro_batch_note,
+    open_metrics,
+    precision_note,
+    progress_figures,
+    step_record,
+)
 from .model import (
+    adapter_input_casts,
+    autocast_dtype,
     compile_decoder_layers,
     enable_gradient_checkpointing,
+    fast_adamw_options,
     pick_device,
     verify_packing_isolation,
 )
@@ -49,32 +62,260 @@ from .preflight import (
     resume_point,
 )
 from .prepare import prepare
+from .tokenize import Encoder
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+def train(config: Config) -> Path:
+    run = start(config)
+    last_record = steps(run)
+    return finish(run, last_record)
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+@dataclass
+class Run:
+    """Everything the steps need, set up by `start`."""
+
+    config: Config
+    output_dir: Path
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None for fp32
+    model: torch.nn.Module
+    encoder: Encoder
+    data: TrainingData
+    base_model_path: str
+    params: list[torch.nn.Parameter]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+    assessment: Assessment
+    flops: FlopModel
+    identity: dict  # what a resume must find unchanged
+    total_steps: int
+    stream: Iterator[tuple[int, list[int]]]  # (epoch, example indices) of each step to come
+    done: int = 0  # steps done before this process started (resumed)
+    before: dict | None = None  # the measurements before training
+    progress: Progress | None = None
+
+    def save_model(self, folder: Path) -> None:
+        """The loadable model or adapter, with everything inference needs."""
+        encoder = self.encoder
+        data_report = self.data.report.__dict__ | {"base_model": self.base_model_path}
+        save_run(
+            folder,
+            self.model,
+            encoder.tokenizer,
+            encoder.stop_ids,
+            encoder.pad_id,
+            self.config,
+            data_report,
+        )
+
+    def save_checkpoint(self, step: int) -> Path:
+        state = {"identity": self.identity, "before": self.before}
+        state["progress"] = asdict(self.progress)
+        keep = self.config.training.keep_checkpoints
+        return save_checkpoint(
+            self.output_dir, step, self.model, self.optimizer, state, keep, self.save_model
+        )
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (fp32 master weights) where the hardware runs bf16 fast, else none."""
-    if precision == "fp32":
-        return None
-    if precision in ("bf16", "pure_bf16"):
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return None
+# ---- start ---------------------------------------------------------------------------------
+
+
+def start(config: Config) -> Run:
+    """Check what can be checked in seconds, load the model and the data, build the
+    optimizer, measure the model before training (or restore a checkpoint)."""
+    output_dir = Path(config.output_dir)
+    t = config.training
+    check_writable(output_dir)
+    check_data_files(config)
+    for leftover in remove_unfinished(output_dir):
+        print(f"removed {leftover.name}, left unfinished by an interrupted run")
+    resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    device = pick_device(t.device)
+    prepared = prepare(config)
+    data = load_examples(config, prepared.encoder, output_dir)
+    model = prepared.model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=t.weight_decay, **fast_adamw_options(device)
+    )
+    checkpoints = max(2, t.keep_checkpoints + 1)  # the newest K, and the one being written
+    check_free_disk(
+        output_dir,
+        checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
+        f"{checkpoints} checkpoints and the final weights",
+    )
+    amp = autocast_dtype(t.precision, device)
+    total_steps = optimizer_steps(config, len(data.examples))
+    print(
+        f"training {config.method} on {device} ({precision_note(t.precision, amp)}): "
+        f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
+        f"examples{micro_batch_note(config)}, "
+        f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
+    )
+    assessment = build_assessment(
+        config, prepared.encoder, data.held_out, data.held_out_examples, device
+    )
+    before = None
+    if resume_from is None:
+        print("measuring the model before training")
+        before = assessment.measure(model)
+    if t.packing:
+        verify_packing_isolation(model, device)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if t.compile:
+        print(
+            "warning: training.compile is experimental: on SmolLM2 LoRA bf16 its loss curve "
+            "differs from eager bf16 after the first update, lying nearer to fp32 "
+            "(docs/benchmarks.md)"
+        )
+        compile_decoder_layers(model)
+    model.train()
+    run = Run(
+        config=config,
+        output_dir=output_dir,
+        device=device,
+        amp=amp,
+        model=model,
+        encoder=prepared.encoder,
+        data=data,
+        base_model_path=prepared.base_model_path,
+        params=params,
+        optimizer=optimizer,
+        assessment=assessment,
+        flops=flop_model(model, config.method),
+        identity=run_identity(config, data.examples),
+        total_steps=total_steps,
+        stream=step_stream(len(data.examples), t.batch_size * t.grad_accum, t.seed),
+        before=before,
+        progress=Progress(),
+    )
+    if resume_from is not None:
+        _resume(run, resume_from)
+    return run
+
+
+def _resume(run: Run, path: Path) -> None:
+    """Weights, optimizer, RNG states, counters and the data position from a checkpoint.
+    Last, after anything in `start` that draws random numbers: the RNG states come back too."""
+    resumed = load_checkpoint(path, run.model, run.optimizer)
+    check_same_run(resumed.state["identity"], run.identity, path)
+    run.done, run.before = resumed.step, resumed.state["before"]
+    run.progress = Progress(**resumed.state["progress"])
+    for _ in range(run.done):
+        next(run.stream)  # the data position: the next step drawn is the first unseen one
+    print(f"resumed from {path} after step {run.done} of {run.total_steps}")
+
+
+# ---- steps ---------------------------------------------------------------------------------
+
+
+def steps(run: Run) -> dict:
+    """Run the optimizer steps from `run.done` to the last; returns the last step's record."""
+    config, t, progress, total = run.config, run.config.training, run.progress, run.total_steps
+    lengths = [len(ex.input_ids) for ex in run.data.examples]
+    pack_length = config.max_length if t.packing else None
+    batching = {"batch_size": t.batch_size, "token_budget": t.micro_batch_tokens}
+    batching["pack_length"] = pack_length
+    warmup = int(t.warmup_ratio * total)
+    clock = TrainingClock(progress.elapsed_s)
+    record: dict = {}
+    bar = tqdm(range(run.done, total), "train", initial=run.done, total=total, dynamic_ncols=True)
+    metrics_path = run.output_dir / "metrics.jsonl"
+    with open_metrics(metrics_path, run.done) as metrics, stop_requests() as stop:
+        for step in bar:
+            lr = learning_rate_at(step, total, warmup, config.learning_rate, t.schedule)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            epoch, indices = next(run.stream)
+            batches = step_batches(
+                run.data.examples, lengths, indices, run.encoder.pad_id, **batching
+            )
+            loss, trained = accumulate_gradients(run.model, batches, run.device, run.amp)
+            grad_norm = gradient_norm(run.params, t.max_grad_norm)
+            applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)
+            _count(progress, batches, trained, run.flops, clock)
+            record = step_record(step + 1, epoch + 1, loss, lr, grad_norm, progress, t)
+            record["micro_batches"] = len(batches)
+            record["rows"] = sum(len(b.input_ids) for b in batches)  # < examples when packed
+            if not applied:
+                record["skipped"] = True
+            if run.assessment.held_out and _due(step + 1, total, config.eval.every):
+                with clock.paused():
+                    record["eval_loss"] = _eval_loss_keeping_the_best(run)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if (step + 1) % t.log_every == 0 or step + 1 == total:
+                bar.set_postfix(progress_figures(record), refresh=False)
+            if _due(step + 1, total, t.save_every) or stop.signal:
+                run.save_checkpoint(step + 1)
+            if stop.signal and step + 1 < total:
+                bar.close()
+                raise RunInterrupted(
+                    f"stopped by {stop.signal.name} after step {step + 1} of {total}; "
+                    f"checkpoint saved to {latest_checkpoint(run.output_dir)}. To go on, run "
+                    "the same command with resume=auto",
+                    stop.signal,
+                )
+    bar.close()
+    return record
+
+
+def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) -> bool:
+    """Apply the update when loss and gradients are finite; otherwise skip it, or stop the
+    run once more steps were skipped than training.skip_nonfinite_steps allows."""
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+    else:
+        run.progress.skipped_steps += 1
+        sources = [run.data.examples[i].source for i in indices]
+        what = nonfinite_step(step, loss, grad_norm, sources)
+        allowed = run.config.training.skip_nonfinite_steps
+        if run.progress.skipped_steps > allowed:
+            raise NonFiniteError(nonfinite_stop(what, run.output_dir))
+        print(
+            f"warning: {what}; skipped it ({run.progress.skipped_steps} of "
+            f"training.skip_nonfinite_steps={allowed})"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def _eval_loss_keeping_the_best(run: Run) -> float:
+    eval_loss = run.assessment.loss(run.model)
+    if run.config.eval.save_best and eval_loss < run.progress.best_eval:
+        run.progress.best_eval = eval_loss
+        save_best(run.output_dir, run.save_model)
+    return eval_loss
+
+
+def _count(progress: Progress, batches: list[Batch], trained: int, flops: FlopModel, clock):
+    progress.tokens += sum(b.real_tokens for b in batches)
+    progress.trained_tokens += trained
+    progress.flops += sum(flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches)
+    progress.elapsed_s = clock.elapsed()
+
+
+# ---- finish --------------------------------------------------------------------------------
+
+
+def finish(run: Run, last_record: dict) -> Path:
+    """Measure the trained model, save it, and write the report."""
+    print("measuring the model after training")
+    # The loop already measured the final eval loss on these weights; do not repeat it.
+    after = run.assessment.measure(run.model, eval_loss=last_record.get("eval_loss"))
+    publish_best(run.output_dir)
+    save_final(run.output_dir, run.save_model)
+    summary = run.assessment.compare(run.before, after, run.config.eval.samples)
+    finish_report(run.config, run.data, summary, run.output_dir)
+    print(f"saved to {run.output_dir}")
+    return run.output_dir
+
+
+# ---- the parts of a step -------------------------------------------------------------------
 
 
 def learning_rate_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
@@ -94,31 +335,6 @@ def optimizer_steps(config: Config, n_examples: int) -> int:
         return t.max_steps
     per_epoch = math.ceil(n_examples / (t.batch_size * t.grad_accum))
     return max(1, math.ceil(per_epoch * t.epochs))
-
-
-def step_stream(n_examples: int, examples_per_step: int, seed: int):
-    """Endless (epoch, example indices of one optimizer step), reshuffled every epoch."""
-    epoch = 0
-    while True:
-        for indices in epoch_steps(n_examples, examples_per_step, seed, epoch):
-            yield epoch, indices
-        epoch += 1
-
-
-@contextmanager
-def adapter_input_casts(model, enabled: bool):
-    """Switch peft's cast of adapter inputs to the adapter dtype on or off (its layers'
-    documented `cast_input_dtype_enabled` flag), restoring it afterwards. (peft's own
-    `disable_input_dtype_casting` fails on models with trainable-token layers.)"""
-    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
-    before = [m.cast_input_dtype_enabled for m in layers]
-    for m in layers:
-        m.cast_input_dtype_enabled = enabled
-    try:
-        yield
-    finally:
-        for m, value in zip(layers, before, strict=True):
-            m.cast_input_dtype_enabled = value
 
 
 def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[float, int]:
@@ -143,256 +359,12 @@ def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[floa
     return total / step_trained, step_trained
 
 
-@dataclass
-class Progress:
-    """What the loop has counted so far; saved in every checkpoint and restored on resume."""
-
-    tokens: int = 0
-    trained_tokens: int = 0
-    flops: float = 0.0
-    elapsed_s: float = 0.0  # training time alone, evaluation excluded
-    best_eval: float = math.inf
-    skipped_steps: int = 0
-
-
-def train(config: Config) -> Path:
-    output_dir = Path(config.output_dir)
-    t = config.training
-    check_writable(output_dir)
-    check_data_files(config)
-    for leftover in remove_unfinished(output_dir):
-        print(f"removed {leftover.name}, left unfinished by an interrupted run")
-    resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
-    set_seed(t.seed)
-    device = pick_device(t.device)
-    prep = prepare(config, output_dir)
-    model = prep.model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=config.learning_rate, weight_decay=t.weight_decay, **_fast_adamw(device)
-    )
-    checkpoints = max(2, t.keep_checkpoints + 1)  # the newest K, and the one being written
-    check_free_disk(
-        output_dir,
-        checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
-        f"{checkpoints} checkpoints and the final weights",
-    )
-    amp = autocast_dtype(t.precision, device)
-    total_steps = optimizer_steps(config, len(prep.examples))
-    warmup = int(t.warmup_ratio * total_steps)
-    print(
-        f"training {config.method} on {device} ({_precision_note(t.precision, amp)}): "
-        f"{len(prep.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
-        f"examples{_micro_batch_note(config)}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
-    )
-    assessment = build_assessment(
-        config, prep.encoder, prep.held_out, prep.held_out_examples, prep.pad_id, device
-    )
-    identity = run_identity(config, prep)
-    if resume_from is None:
-        print("measuring the model before training")
-        before = assessment.measure(model)
-
-    if t.packing:
-        verify_packing_isolation(model, device)
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if t.compile:
-        print(
-            "warning: training.compile is experimental: on SmolLM2 LoRA bf16 its loss curve "
-            "differs from eager bf16 after the first update, lying nearer to fp32 "
-            "(docs/benchmarks.md)"
-        )
-        compile_decoder_layers(model)
-    flops = flop_model(model, config.method)
-    model.train()
-    lengths = [len(ex.input_ids) for ex in prep.examples]
-    stream = step_stream(len(lengths), t.batch_size * t.grad_accum, t.seed)
-    pack_length = config.max_length if t.packing else None
-    done, progress = 0, Progress()
-    if resume_from is not None:
-        # Last, after anything above that draws random numbers: the RNG states come back too.
-        resumed = load_checkpoint(resume_from, model, optimizer)
-        check_same_run(resumed.state["identity"], identity, resume_from)
-        done, before = resumed.step, resumed.state["before"]
-        progress = Progress(**resumed.state["progress"])
-        for _ in range(done):
-            next(stream)  # the data position: the next step drawn is the first unseen one
-        print(f"resumed from {resume_from} after step {done} of {total_steps}")
-
-    def save(step: int) -> Path:
-        state = {"identity": identity, "before": before, "progress": asdict(progress)}
-        return save_checkpoint(
-            output_dir,
-            step,
-            model,
-            optimizer,
-            state,
-            t.keep_checkpoints,
-            save_model=lambda folder: save_run(model, prep, config, folder),
-        )
-
-    started = time.perf_counter() - progress.elapsed_s
-    eval_seconds = 0.0  # excluded from throughput: tokens/s measures training alone
-    record: dict = {}
-    bar = tqdm(
-        range(done, total_steps), desc="train", dynamic_ncols=True, initial=done, total=total_steps
-    )
-    with open_metrics(output_dir / "metrics.jsonl", done) as metrics, stop_requests() as stop:
-        for step in bar:
-            lr = learning_rate_at(step, total_steps, warmup, config.learning_rate, t.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            epoch, indices = next(stream)
-            batches = step_batches(
-                prep.examples,
-                lengths,
-                indices,
-                prep.pad_id,
-                t.batch_size,
-                t.micro_batch_tokens,
-                pack_length,
-            )
-            step_loss, step_trained = accumulate_gradients(model, batches, device, amp)
-            grad_norm = gradient_norm(params, t.max_grad_norm)
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-            else:  # the update is not applied; stop, unless told to skip a few such steps
-                progress.skipped_steps += 1
-                what = nonfinite_step(step + 1, step_loss, grad_norm, indices, prep)
-                if progress.skipped_steps > t.skip_nonfinite_steps:
-                    raise NonFiniteError(nonfinite_stop(what, output_dir))
-                print(
-                    f"warning: {what}; skipped it ({progress.skipped_steps} of "
-                    f"training.skip_nonfinite_steps={t.skip_nonfinite_steps})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-
-            progress.tokens += sum(b.real_tokens for b in batches)
-            progress.trained_tokens += step_trained
-            progress.flops += sum(
-                flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches
-            )
-            progress.elapsed_s = time.perf_counter() - started - eval_seconds
-            record = step_record(step + 1, epoch + 1, step_loss, lr, grad_norm, progress, t)
-            record["micro_batches"] = len(batches)
-            record["rows"] = sum(len(b.input_ids) for b in batches)  # < examples when packed
-            if not finite:
-                record["skipped"] = True
-            if assessment.held_out and _due(step + 1, total_steps, config.eval.every):
-                eval_start = time.perf_counter()
-                record["eval_loss"] = assessment.loss(model)
-                if config.eval.save_best and record["eval_loss"] < progress.best_eval:
-                    progress.best_eval = record["eval_loss"]
-                    save_best(model, prep, config, output_dir)
-                eval_seconds += time.perf_counter() - eval_start
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
-                bar.set_postfix(_progress(record), refresh=False)
-            if _due(step + 1, total_steps, t.save_every) or stop.signal:
-                save(step + 1)
-            if stop.signal and step + 1 < total_steps:
-                bar.close()
-                raise RunInterrupted(
-                    f"stopped by {stop.signal.name} after step {step + 1} of {total_steps}; "
-                    f"checkpoint saved to {latest_checkpoint(output_dir)}. To go on, run the "
-                    "same command with resume=auto",
-                    stop.signal,
-                )
-    bar.close()
-
-    print("measuring the model after training")
-    # The loop already measured the final eval loss on these weights; do not repeat it.
-    after = assessment.measure(model, eval_loss=record.get("eval_loss"))
-    publish_best(output_dir)
-    save_final(model, prep, config, output_dir)
-    summary = assessment.compare(before, after, config.eval.samples)
-    finish_report(config, prep, assessment, summary, output_dir)
-    print(f"saved to {output_dir}")
-    return output_dir
-
-
 def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     """The gradients' total norm, clipping them to `max_norm` when set."""
     if max_norm:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     grads = [p.grad for p in params if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-
-def step_record(step, epoch, loss, lr, grad_norm, progress: Progress, t) -> dict:
-    elapsed = max(progress.elapsed_s, 1e-9)
-    record = {
-        "step": step,
-        "epoch": epoch,
-        "loss": loss,
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "tokens": progress.tokens,
-        "trained_tokens": progress.trained_tokens,
-        "tokens_per_s": progress.tokens / elapsed,
-        "trained_tokens_per_s": progress.trained_tokens / elapsed,
-        "tflops": progress.flops / elapsed / 1e12,
-        "elapsed_s": progress.elapsed_s,
-    }
-    if t.peak_tflops:
-        record["mfu"] = record["tflops"] / t.peak_tflops
-    return record
-
-
-def open_metrics(path: Path, done: int):
-    """metrics.jsonl for writing, keeping the rows of the `done` steps resumed from (a killed
-    run may have left later rows, the last one cut short)."""
-    kept = []
-    if done and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= done:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                break
-    metrics = path.open("w")
-    for line in kept:
-        metrics.write(line + "\n")
-    return metrics
-
-
-def _fast_adamw(device: torch.device) -> dict:
-    """The fused AdamW kernel where torch has one for the device, else the foreach one."""
-    if device.type in ("cuda", "cpu", "mps"):
-        return {"fused": True}
-    return {"foreach": True}
-
-
-def _precision_note(precision: str, amp: torch.dtype | None) -> str:
-    if precision == "pure_bf16":
-        return "bf16 frozen weights, fp32 adapters, bf16 autocast"
-    return "bf16 autocast, fp32 master weights" if amp else "fp32"
-
-
-def _micro_batch_note(config: Config) -> str:
-    t = config.training
-    parts = []
-    if t.micro_batch_tokens:
-        parts.append(f"micro-batches of <= {t.micro_batch_tokens} tokens")
-    if t.packing:
-        parts.append(f"packed into rows of {config.max_length}")
-    return f" ({', '.join(parts)})" if parts else ""
-
-
-def _progress(record: dict) -> dict:
-    shown = {
-        "loss": f"{record['loss']:.4f}",
-        "lr": f"{record['lr']:.2e}",
-        "tok/s": f"{record['tokens_per_s']:.0f}",
-        "trained/s": f"{record['trained_tokens_per_s']:.0f}",
-    }
-    if "mfu" in record:
-        shown["mfu"] = f"{record['mfu']:.0%}"
-    return shown
 
 
 def _due(step: int, total: int, every: int | None) -> bool:
