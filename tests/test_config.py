@@ -2,7 +2,8 @@
 
 import pytest
 
-from sftforge.config import ConfigError, dump_config, load_config
+from sftforge.config import ConfigError, DataFormat, choices, dump_config, load_config
+from sftforge.formats import FORMATS
 
 
 def write(tmp_path, text):
@@ -79,3 +80,22 @@ def test_pure_bf16_is_refused_for_full_fine_tuning_with_the_reason():
     with pytest.raises(ConfigError, match="pure_bf16 is for LoRA"):
         load_config(None, ["data.train=x", "method=full", "training.precision=pure_bf16"])
     assert load_config(None, ["data.train=x", "training.precision=pure_bf16"]).method == "lora"
+
+
+def test_a_resume_may_change_exactly_the_fields_marked_resumable():
+    base = load_config(None, ["data.train=x"])
+    shaping = base.run_shaping_settings()
+    assert "output_dir" not in shaping and "save_every" not in shaping["training"]
+    assert "every" not in shaping["eval"] and "lr" in shaping["training"]
+    where_and_how_often = ["output_dir=elsewhere", "training.save_every=7", "eval.samples=1"]
+    assert load_config(None, ["data.train=x", *where_and_how_often]).run_shaping_settings() == (
+        shaping
+    )
+    for change in ["training.lr=1e-3", "max_length=64", "eval.max_new_tokens=3"]:
+        assert load_config(None, ["data.train=x", change]).run_shaping_settings() != shaping
+
+
+def test_the_data_formats_the_config_allows_are_the_format_table():
+    assert choices(DataFormat) == ("auto", *sorted(FORMATS))
+    for name in FORMATS:
+        assert load_config(None, ["data.train=x", f"data.format={name}"]).data.format == name

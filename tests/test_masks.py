@@ -20,8 +20,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from sftforge.batches import collate
 from sftforge.formats import Conversation, DataError, Message, Source
+from sftforge.loss import trained_token_count
 from sftforge.model import add_missing_special_tokens
+from sftforge.prepare import text_side
 from sftforge.templates import BUILTIN_TEMPLATES, render_prompt, resolve_template
 from sftforge.tokenize import IGNORE_INDEX, Encoder, EncodingReport, Example, fit_to_length
 
@@ -76,10 +79,8 @@ def encoder_for(
     def make(tokenizer_name: str, name: str, train_on: str = "all_assistant_turns") -> Encoder:
         if (tokenizer_name, name) not in prepared:
             tokenizer = copy.deepcopy(shared[tokenizer_name])
-            template = resolve_template(name, tokenizer)
-            add_missing_special_tokens(tokenizer, None, template.extra_tokens)
-            tokenizer.chat_template = template.source
-            prepared[tokenizer_name, name] = (tokenizer, template)
+            encoder, _ = text_side(tokenizer, name)
+            prepared[tokenizer_name, name] = (tokenizer, encoder.template)
         tokenizer, template = prepared[tokenizer_name, name]
         return Encoder(tokenizer, template, train_on)
 
@@ -821,3 +822,54 @@ def test_raw_text_the_tokenizer_cannot_round_trip_raises_naming_the_record(smoll
     raw = Conversation(Source("notes.jsonl", 4), text="x\U00040000")
     with pytest.raises(DataError, match=r"notes\.jsonl:4"):
         smollm2_encoder.encode(raw)
+
+
+# ------------------------------------------------------------------ stop tokens and pad id
+
+
+@pytest.mark.parametrize("tokenizer_name", TOKENIZERS)
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_stop_ids_known_before_encoding_are_the_turn_ends_training_teaches_and_eos(
+    encoder_for, tokenizer_name, name
+):
+    encoder = encoder_for(tokenizer_name, name)
+    stop_ids = encoder.stop_ids  # read before anything is encoded
+
+    example = encoder.encode(
+        chat(("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"), ("assistant", "Bye now"))
+    )
+
+    turn_ends = {example.input_ids[end - 1] for _, end in trained_runs(example)}
+    assert set(stop_ids) == turn_ends | {encoder.tokenizer.eos_token_id}
+    assert encoder.pad_id in (encoder.tokenizer.pad_token_id, encoder.tokenizer.eos_token_id)
+
+
+def test_a_turn_ending_with_another_token_than_the_stop_tokens_names_the_record(
+    smollm2_tokenizer, tmp_path
+):
+    # The first assistant turn ends with <|im_end|>, later ones with <|endoftext|>: a model
+    # trained on it would write <|endoftext|> where generation does not stop.
+    encoder = custom_encoder(
+        smollm2_tokenizer,
+        tmp_path,
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' and loop.index0 > 1 %}<|endoftext|>"
+        "{% else %}<|im_end|>{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    assert encoder.encode(ONE_TURN).input_ids
+
+    with pytest.raises(DataError, match=r"c\.jsonl:7") as info:
+        encoder.encode(TWO_ROUNDS)
+    assert "'<|endoftext|>', which is not one of the stop tokens ['<|im_end|>']" in str(info.value)
+
+
+@pytest.mark.parametrize("tokenizer_name", TOKENIZERS)
+def test_trained_token_count_is_the_count_the_loss_divides_by(encoder_for, tokenizer_name):
+    # all_tokens labels the first token too, which nothing before it predicts.
+    encoder = encoder_for(tokenizer_name, "chatml", "all_tokens")
+    example = encoder.encode(chat(("user", "Hi"), ("assistant", "Hello")))
+
+    assert example.labels[0] != IGNORE_INDEX
+    assert example.trained_token_count == trained_token_count(collate([example], 0).labels)
+    assert example.trained_token_count == len(example.input_ids) - 1

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftforge.cli import main
 from sftforge.config import load_config
+from sftforge.export import save_run
 from sftforge.train import learning_rate_at, train
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
@@ -96,6 +97,20 @@ def assert_new_rows_trained_and_old_rows_kept(base_dir: str, out, new_tokens: li
     ids = torch.tensor([[1, 2, 3, new_ids[0], 5]])
     torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, atol=1e-4, rtol=1e-4)
     return tokenizer, merged, new_ids
+
+
+def test_saving_a_run_writes_the_stop_tokens_and_leaves_the_live_model_as_it_was(
+    tmp_path, tiny_model_factory, smollm2_tokenizer
+):
+    model = tiny_model_factory()
+    before = model.generation_config.to_dict()
+    run_config = load_config(None, ["data.train=x"])
+
+    save_run(tmp_path / "run", model, smollm2_tokenizer, (2, 7), 2, run_config, {})
+
+    assert model.generation_config.to_dict() == before
+    saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert (saved["eos_token_id"], saved["pad_token_id"]) == ([2, 7], 2)
 
 
 def test_lora_trains_the_rows_of_tokens_a_template_adds_under_a_tied_head(tmp_path, tiny_model_dir):
