@@ -11,7 +11,7 @@ import json
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -92,7 +92,7 @@ class Run:
     stream: Iterator[tuple[int, list[int]]]  # (epoch, example indices) of each step to come
     done: int = 0  # steps done before this process started (resumed)
     before: dict | None = None  # the measurements before training
-    progress: Progress | None = None
+    progress: Progress = field(default_factory=Progress)
 
     def save_model(self, folder: Path) -> None:
         """The loadable model or adapter, with everything inference needs."""
@@ -190,7 +190,6 @@ def start(config: Config) -> Run:
         total_steps=total_steps,
         stream=step_stream(len(data.examples), t.batch_size * t.grad_accum, t.seed),
         before=before,
-        progress=Progress(),
     )
     if resume_from is not None:
         _resume(run, resume_from)
@@ -216,9 +215,11 @@ def steps(run: Run) -> dict:
     """Run the optimizer steps from `run.done` to the last; returns the last step's record."""
     config, t, progress, total = run.config, run.config.training, run.progress, run.total_steps
     lengths = [len(ex.input_ids) for ex in run.data.examples]
-    pack_length = config.max_length if t.packing else None
-    batching = {"batch_size": t.batch_size, "token_budget": t.micro_batch_tokens}
-    batching["pack_length"] = pack_length
+    batching = {
+        "batch_size": t.batch_size,
+        "token_budget": t.micro_batch_tokens,
+        "pack_length": config.max_length if t.packing else None,
+    }
     warmup = int(t.warmup_ratio * total)
     clock = TrainingClock(progress.elapsed_s)
     record: dict = {}
