@@ -118,6 +118,7 @@ class Encoder:
         for tok in (tokenizer.eos_token, tokenizer.bos_token):
             if tok and tok not in self.special_ids:
                 self.special_ids[tok] = tokenizer.convert_tokens_to_ids(tok)
+        self._end_markers = set(self.special_ids)  # what may end an assistant turn's text
         by_length = sorted(self.special_ids, key=len, reverse=True)
         self._special_pattern = re.compile("|".join(re.escape(t) for t in by_length) or "(?!)")
         self._anchor_ids = self._ids([ANCHOR])[0]
@@ -139,7 +140,7 @@ class Encoder:
             if conversation.is_raw_text:
                 return self._encode_raw_text(conversation)
             rendered = render_conversation(
-                conversation, self.template, set(self.special_ids), self.train_on
+                conversation, self.template, self._end_markers, self.train_on
             )
         except TemplateError as e:
             raise DataError(conversation.source, str(e), field="messages") from e
@@ -156,7 +157,7 @@ class Encoder:
 
     def encode_prompt(self, messages: list[Message] | tuple[Message, ...]) -> list[int]:
         """The ids a model is given at inference: history plus generation prompt."""
-        rendered = render_prompt(messages, self.template, set(self.special_ids))
+        rendered = render_prompt(messages, self.template, self._end_markers)
         ids, _ = self._tokenize(self._atoms(rendered.pieces))
         return ids
 
@@ -183,7 +184,7 @@ class Encoder:
         """The token that closes an assistant turn in this template, from a probe."""
         for probe in _PROBES:
             try:
-                rendered = render_conversation(probe, self.template, set(self.special_ids))
+                rendered = render_conversation(probe, self.template, self._end_markers)
             except TemplateError:
                 continue  # e.g. a template that requires a system message: try the next
             ids, labels = self._tokenize(self._atoms(rendered.pieces))
