@@ -2,6 +2,7 @@
 nonzero exit code; the traceback only with --debug."""
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +47,26 @@ def test_each_kind_of_failure_has_its_exit_code_and_advice(error, code, start, a
     assert exit_code == code
     assert message.startswith(start)
     assert advice in message
+
+
+@pytest.mark.parametrize("model", ["smollm2-999m", "nobody/no-such-model", "not/a/hub id"])
+def test_a_model_that_does_not_exist_is_named_with_the_embedded_names_and_no_disk_advice(
+    tmp_path, capsys, monkeypatch, model
+):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    data = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+
+    code = main(["train", "--model", model, f"data.train={data}", f"output_dir={tmp_path}/o"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"model '{model}' is not an embedded model (smollm2-135m)" in err
+    assert "disk" not in err and "Traceback" not in err
+
+
+def test_a_folder_that_is_not_a_model_says_so(tmp_path, capsys):
+    (tmp_path / "weights").mkdir()
+    code = main(["inspect", "--model", str(tmp_path / "weights"), "x.jsonl"])
+
+    assert code == 2
+    assert "holds no config.json" in capsys.readouterr().err

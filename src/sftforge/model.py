@@ -126,8 +126,12 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     return target
 
 
+class ModelNotFoundError(ValueError):
+    """A model name that is no embedded model, no directory or file, and no known hub id."""
+
+
 def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
-    """Embedded name, GGUF file, local directory, or hub id (returned unchanged)."""
+    """Embedded name, GGUF file, local model directory, or hub id (returned unchanged)."""
     cache_dir = cache_dir or default_cache_dir()
     if name in EMBEDDED_MODELS:
         return str(convert_gguf(embedded_gguf_path(name), cache_dir))
@@ -136,14 +140,50 @@ def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
         return str(convert_gguf(path, cache_dir))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model {name}: the folder holds no config.json, so it is not a transformers "
+                "model directory (saved with save_pretrained)"
+            )
+        return name
+    if path.exists() or not _could_be_on_the_hub(name):
+        raise ModelNotFoundError(_not_found(name, ""))
     return name
+
+
+def _could_be_on_the_hub(name: str) -> bool:
+    """Whether `name` is a hub id transformers can load: cached locally, or reachable."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not shaped like a hub id at all
+        return False
+    return isinstance(cached, str) or not constants.HF_HUB_OFFLINE
+
+
+def _not_found(name: str, why: str) -> str:
+    embedded = ", ".join(EMBEDDED_MODELS)
+    return (
+        f"model '{name}' is not an embedded model ({embedded}), not a model directory or "
+        f".gguf file, and not a hub id in the local cache{why}. Give one of the embedded "
+        "names, a directory written by save_pretrained, a .gguf file, or a hub id (downloaded "
+        "once, with network access)"
+    )
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     # Tokenizers load from JSON (tokenizer.json, tokenizer_config.json): nothing is unpickled.
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if Path(path).exists():
+            raise
+        # A hub id that could not be fetched: no such repository, or no network.
+        raise ModelNotFoundError(_not_found(path, f" ({error})")) from error
 
 
 # Weight files written with Python's pickle; safetensors files hold nothing but tensors.
