@@ -873,3 +873,36 @@ def test_trained_token_count_is_the_count_the_loss_divides_by(encoder_for, token
     assert example.labels[0] != IGNORE_INDEX
     assert example.trained_token_count == trained_token_count(collate([example], 0).labels)
     assert example.trained_token_count == len(example.input_ids) - 1
+
+
+def test_a_custom_template_gets_the_control_tokens_it_writes_added_like_a_built_in(
+    sentencepiece_tokenizer, tmp_path
+):
+    path = tmp_path / "custom_chatml.jinja"
+    path.write_text(CHATML_BODY.replace("CONTENT", "m['content']"), encoding="utf-8")
+    assert "<|im_end|>" not in sentencepiece_tokenizer.get_vocab()
+
+    encoder, new_ids = text_side(sentencepiece_tokenizer, str(path))
+    example = encoder.encode(ONE_TURN)
+
+    im_end = sentencepiece_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sentencepiece_tokenizer.convert_ids_to_tokens(new_ids) == ["<|im_start|>", "<|im_end|>"]
+    assert example.input_ids.count(im_end) == 2 and im_end in encoder.stop_ids
+    ((_, end),) = trained_runs(example)
+    assert example.input_ids[end - 1] == im_end
+
+
+def test_a_turn_end_that_is_no_special_token_is_named_without_contradiction(
+    smollm2_tokenizer, tmp_path
+):
+    encoder = custom_encoder(
+        smollm2_tokenizer,
+        tmp_path,
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [END]\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}",
+    )
+    with pytest.raises(DataError) as info:
+        encoder.encode(ONE_TURN)
+    message = str(info.value)
+    assert "ends assistant turns with ' [END]', which does not end with a special token" in message
+    assert "its eos is '<|im_end|>'" in message

@@ -55,6 +55,11 @@ BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
 }
 
+# How control tokens are spelled in chat templates: <|im_start|>, <|eot_id|>, or snake-case
+# tags such as <start_of_turn>. A custom template's tokens of these forms that the tokenizer
+# lacks are added like a built-in template's, so each is one token, not characters.
+_CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|<[a-z]+(?:_[a-z]+)+>")
+
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
@@ -133,6 +138,11 @@ class ChatTemplate:
             ) from e
 
 
+def control_tokens_written(source: str) -> tuple[str, ...]:
+    """The control tokens (<|name|>, <snake_case>) a template's source writes, in order."""
+    return tuple(dict.fromkeys(_CONTROL_TOKEN.findall(source)))
+
+
 def builtin_template_source(name: str) -> str:
     return resources.files("sftforge").joinpath(f"chat_templates/{name}.jinja").read_text("utf-8")
 
@@ -152,7 +162,8 @@ def resolve_template(choice: str, tokenizer) -> ChatTemplate:
         return ChatTemplate(choice, builtin_template_source(choice), bos, eos, extra)
     path = Path(choice)
     if path.is_file():
-        return ChatTemplate(str(path), path.read_text("utf-8"), bos, eos)
+        source = path.read_text("utf-8")
+        return ChatTemplate(str(path), source, bos, eos, control_tokens_written(source))
     raise TemplateError(
         f"unknown chat template '{choice}': expected 'auto', one of "
         f"{', '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja file"
@@ -294,10 +305,11 @@ def _assistant_span_in_sentinel_render(
         content_end = slots[-1].end()
     marker = through_turn[content_end:].rstrip()
     if not any(marker.endswith(t) for t in end_markers):
+        eos = f" (its eos is {template.eos_token!r})" if template.eos_token else ""
         raise TemplateError(
-            f"chat template '{template.name}' ends assistant turns with {marker!r}, not with an "
-            "end-of-turn token, so the model would never learn to stop; choose a template whose "
-            "assistant turns end with one (e.g. <|im_end|> or the eos token)"
+            f"chat template '{template.name}' ends assistant turns with {marker!r}, which does "
+            "not end with a special token of this tokenizer (an end-of-turn token), so the "
+            f"model would never learn to stop; end them with one of its special tokens{eos}"
         )
     return len(prompt), content_end + len(marker)
 
