@@ -277,3 +277,28 @@ def test_sweep_runs_each_value_and_writes_table_plot_and_recommendation(
     assert result["recommended"] in (1e-4, 1e-2) and result["reason"]
     assert "<svg" in (out / "sweep" / "sweep.html").read_text()
     assert "recommended training.lr=" in capsys.readouterr().out
+
+
+def test_compare_renders_the_base_with_the_tuned_models_template_and_says_so(
+    tmp_path, untied_sentencepiece_model_dir, capsys
+):
+    # The base's own template is Llama 2's; the run trained ChatML, adding its tokens.
+    run = tmp_path / "run"
+    train_args = [f"model={untied_sentencepiece_model_dir}", "template=chatml"]
+    train_args += [f"data.train={small_data(tmp_path, 4)}", f"output_dir={run}"]
+    train_args += ["training.max_steps=1", "max_length=128", "eval.forgetting=false"]
+    assert main(["train", *train_args]) == 0
+    data = small_data(tmp_path, 2)
+    capsys.readouterr()
+
+    out = tmp_path / "cmp.jsonl"
+    args = [untied_sentencepiece_model_dir, str(run), "--data", data, "--output", str(out)]
+    assert main(["compare", *args, "--max-new-tokens", "4"]) == 0
+
+    printed = capsys.readouterr().out
+    assert f"both models rendered with the tuned model's own template (from {run})" in printed
+    base_with_chatml = tmp_path / "base.jsonl"
+    eval_args = ["--data", data, "--output", str(base_with_chatml), "--max-new-tokens", "4"]
+    assert main(["eval", untied_sentencepiece_model_dir, "--template", "chatml", *eval_args]) == 0
+    with_chatml = [json.loads(x)["answer"] for x in base_with_chatml.read_text().splitlines()]
+    assert [json.loads(x)["base"] for x in out.read_text().splitlines()] == with_chatml

@@ -78,7 +78,9 @@ def _scorer_from(args):
     return make_scorer(spec)
 
 
-def _answers(model_spec: str, args, scorer) -> list[dict]:
+def _answers(model_spec: str, template, args, scorer):
+    """(results, the encoder used) for `model_spec`'s answers to the prompts of args.data,
+    rendered with `template` (a choice, or another model's ChatTemplate)."""
     from .data import load_conversations
     from .evaluate import answer_and_score
     from .export import load_for_inference
@@ -86,10 +88,11 @@ def _answers(model_spec: str, args, scorer) -> list[dict]:
     from .prepare import text_side
 
     model, tokenizer = load_for_inference(model_spec, allow_pickle=args.allow_pickle)
-    encoder, _ = text_side(tokenizer, args.template, model=model)
+    encoder, _ = text_side(tokenizer, template, model=model)
     model.to(pick_device(args.device))
     conversations = load_conversations(args.data).conversations[: args.limit]
-    return answer_and_score(model, encoder, conversations, scorer, args.max_new_tokens)
+    results = answer_and_score(model, encoder, conversations, scorer, args.max_new_tokens)
+    return results, encoder
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -104,7 +107,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 def _eval(args) -> None:
     from .evaluate import mean_score
 
-    results = _answers(args.model, args, _scorer_from(args))
+    results, _ = _answers(args.model, args.template, args, _scorer_from(args))
     _write_jsonl(args.output, results)
     score = mean_score(results)
     print(f"{len(results)} answers written to {args.output}")
@@ -117,8 +120,12 @@ def _compare(args) -> None:
     from .evaluate import mean_score
 
     scorer = _scorer_from(args)
-    base = _answers(args.base, args, scorer)
-    tuned = _answers(args.tuned, args, scorer)
+    tuned, tuned_encoder = _answers(args.tuned, args.template, args, scorer)
+    # A fair comparison renders both alike: by default with the tuned model's own template.
+    template = tuned_encoder.template if args.template == "auto" else args.template
+    base, _ = _answers(args.base, template, args, scorer)
+    which = f"the tuned model's own template (from {args.tuned})"
+    print(f"both models rendered with {which if args.template == 'auto' else args.template}")
     rows = [
         {
             "source": b["source"],

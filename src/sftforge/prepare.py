@@ -23,7 +23,7 @@ from .model import (
     resolve_model_path,
 )
 from .preflight import check_max_length
-from .templates import resolve_template
+from .templates import ChatTemplate, resolve_template
 from .tokenize import Encoder
 
 
@@ -35,10 +35,10 @@ class Prepared:
 
 
 def text_side(
-    tokenizer, template: str, train_on: TrainOn = "all_assistant_turns", model=None
+    tokenizer, template: str | ChatTemplate, train_on: TrainOn = "all_assistant_turns", model=None
 ) -> tuple[Encoder, list[int]]:
-    """The encoder for `tokenizer` with the chat template `template` ("auto", a built-in name
-    or a Jinja file), and the ids of special tokens added for it: those the template writes
+    """The encoder for `tokenizer` with the chat template `template` ("auto", a built-in name,
+    a Jinja file, or another model's ChatTemplate), and the ids of special tokens added for it: those the template writes
     and the tokenizer lacks (`model`'s embeddings are resized to match, when given). The
     template is set on the tokenizer, so that a saved tokenizer renders as in training."""
     chosen = resolve_template(template, tokenizer)

@@ -147,11 +147,14 @@ def builtin_template_source(name: str) -> str:
     return resources.files("sftforge").joinpath(f"chat_templates/{name}.jinja").read_text("utf-8")
 
 
-def resolve_template(choice: str, tokenizer) -> ChatTemplate:
-    """`choice` is "auto" (the tokenizer's own template, else ChatML), a built-in name, or a
-    path to a Jinja file."""
+def resolve_template(choice: str | ChatTemplate, tokenizer) -> ChatTemplate:
+    """`choice` is "auto" (the tokenizer's own template, else ChatML), a built-in name, a
+    path to a Jinja file, or another tokenizer's ChatTemplate (to render alike)."""
     bos = tokenizer.bos_token or ""
     eos = tokenizer.eos_token or ""
+    if isinstance(choice, ChatTemplate):
+        extra = dict.fromkeys([*choice.extra_tokens, *control_tokens_written(choice.source)])
+        return ChatTemplate(choice.name, choice.source, bos, eos, tuple(extra))
     if choice == "auto":
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, str) and own.strip():
