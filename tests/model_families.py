@@ -9,6 +9,9 @@ what it lacks:
   form, after every special token), `<unk>`/`<s>`/`</s>`, a BOS added to every encoded
   string, and Llama-2-chat's own chat template (which trims messages and ends assistant
   turns with eos);
+- a Gemma-like tokenizer: a BOS added to every string, eos `<eos>` that is not the
+  end-of-turn token, the family's own turn tokens `<start_of_turn>`/`<end_of_turn>` in its
+  vocabulary, no chat template (a base model), and optionally a 262k-row vocabulary;
 - tiny Llama models with a tied or an untied output head.
 
 The tokenizer is trained on the bundled demo data and reference corpus, so its vocabulary
@@ -85,6 +88,59 @@ def build_sentencepiece_tokenizer(
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
     return directory
+
+
+GEMMA_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
+
+
+def build_gemma_like_tokenizer(directory: Path, filler: int = 0) -> Path:
+    """A Gemma-base-like tokenizer under `directory`: BOS `<bos>` added to every string, eos
+    `<eos>`, pad `<pad>`, the turn tokens already in the vocabulary, no chat template;
+    `filler` unused tokens make the vocabulary as large as Gemma's (262,144 rows)."""
+    from transformers import LlamaTokenizer
+
+    source = LlamaTokenizerPieces.get()
+    vocab = {token: i for i, token in enumerate(GEMMA_SPECIAL)}
+    for token in source["vocab"]:
+        if token not in ("<unk>", "<s>", "</s>"):
+            vocab.setdefault(token, len(vocab))
+    for k in range(filler):
+        vocab[f"<unused{k}>"] = len(vocab)
+    tokenizer = LlamaTokenizer(
+        vocab=vocab,
+        merges=source["merges"],
+        add_bos_token=True,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+class LlamaTokenizerPieces:
+    """The learnt vocabulary and merges of the SentencePiece-style tokenizer, learnt once."""
+
+    _cached: dict | None = None
+
+    @classmethod
+    def get(cls) -> dict:
+        if cls._cached is None:
+            import tempfile
+
+            from tokenizers import Tokenizer
+
+            with tempfile.TemporaryDirectory() as folder:
+                built = build_sentencepiece_tokenizer(Path(folder))
+                model = json.loads(Tokenizer.from_file(str(built / "tokenizer.json")).to_str())
+            merges = model["model"]["merges"]
+            cls._cached = {
+                "vocab": model["model"]["vocab"],
+                "merges": [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges],
+            }
+        return cls._cached
 
 
 def tiny_llama(vocab_size: int, tie: bool = True, seed: int = 0, **special_ids):

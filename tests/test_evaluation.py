@@ -16,7 +16,8 @@ from sftforge.evaluate import mean_token_loss
 from sftforge.forgetting import corpus_examples, perplexity
 from sftforge.formats import Conversation, Message, Source
 from sftforge.sweep import parse_sweep, recommend
-from sftforge.tokenize import IGNORE_INDEX, Example
+from sftforge.templates import resolve_template
+from sftforge.tokenize import IGNORE_INDEX, Encoder, Example
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 
@@ -77,7 +78,8 @@ def test_mean_token_loss_matches_a_hand_computed_log_softmax(tiny_model_factory)
 
 
 def test_bundled_corpus_becomes_one_example_per_paragraph(smollm2_tokenizer):
-    examples = corpus_examples(smollm2_tokenizer, None, max_length=512)
+    encoder = Encoder(smollm2_tokenizer, resolve_template("auto", smollm2_tokenizer))
+    examples = corpus_examples(encoder, None, max_length=512)
     assert len(examples) >= 20
     assert all(ex.labels == ex.input_ids for ex in examples)
     assert collate(examples[:2], 0).input_ids.shape[0] == 2

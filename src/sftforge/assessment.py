@@ -95,7 +95,7 @@ def build_assessment(
     forgetting = None
     if ev.forgetting:
         forgetting = ForgettingMeter(
-            corpus_examples(encoder.tokenizer, ev.corpus, config.max_length),
+            corpus_examples(encoder, ev.corpus, config.max_length),
             general_prompt_examples(encoder, ev.general_prompts),
             ev.corpus or "bundled reference corpus",
         )

@@ -37,8 +37,9 @@ def _inspect(args) -> None:
     from .show import example_counts, format_example
     from .tokenize import EncodingReport, fit_to_length
 
-    tokenizer = load_tokenizer(resolve_model_path(args.model))
-    encoder, _ = text_side(tokenizer, args.template, args.train_on)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    encoder, _ = text_side(tokenizer, args.template, args.train_on, model_type=_model_type(path))
     loaded = load_conversations(args.data, format=args.format, on_invalid="error")
     color = sys.stdout.isatty() and not args.plain
     report = EncodingReport()
@@ -54,6 +55,16 @@ def _inspect(args) -> None:
     fit_to_length(examples, args.max_length, args.truncation, report)
     print("\n" + loaded.summary())
     print(report.summary(args.max_length))
+
+
+def _model_type(path: str) -> str | None:
+    """The model's family (config.json's model_type), without loading its weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError):  # a tokenizer-only folder: choose by the vocabulary alone
+        return None
 
 
 def _merge(args) -> None:

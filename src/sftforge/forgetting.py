@@ -25,13 +25,14 @@ def bundled(name: str) -> Path:
     return Path(str(resources.files("sftforge").joinpath(f"assets/{name}")))
 
 
-def corpus_examples(tokenizer, path: str | Path | None, max_length: int) -> list[Example]:
-    """One example per paragraph (blank-line separated), every token scored."""
+def corpus_examples(encoder: Encoder, path: str | Path | None, max_length: int) -> list[Example]:
+    """One example per paragraph (blank-line separated), every token scored, read as the
+    model reads plain text (BOS first where it expects one)."""
     text = Path(path or bundled(DEFAULT_CORPUS)).read_text("utf-8")
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     examples = []
     for k, paragraph in enumerate(paragraphs):
-        ids = tokenizer(paragraph, split_special_tokens=True).input_ids[:max_length]
+        ids = encoder.text_ids(paragraph)[:max_length]
         examples.append(Example(ids, list(ids), f"{path or DEFAULT_CORPUS}[paragraph {k}]"))
     return examples
 

@@ -35,13 +35,22 @@ class Prepared:
 
 
 def text_side(
-    tokenizer, template: str | ChatTemplate, train_on: TrainOn = "all_assistant_turns", model=None
+    tokenizer,
+    template: str | ChatTemplate,
+    train_on: TrainOn = "all_assistant_turns",
+    model=None,
+    model_type: str | None = None,
 ) -> tuple[Encoder, list[int]]:
     """The encoder for `tokenizer` with the chat template `template` ("auto", a built-in name,
     a Jinja file, or another model's ChatTemplate), and the ids of special tokens added for it: those the template writes
     and the tokenizer lacks (`model`'s embeddings are resized to match, when given). The
-    template is set on the tokenizer, so that a saved tokenizer renders as in training."""
-    chosen = resolve_template(template, tokenizer)
+    template is set on the tokenizer, so that a saved tokenizer renders as in training.
+    `model_type` (else `model`'s) lets "auto" choose the family's template."""
+    if model_type is None and model is not None:
+        model_type = getattr(model.config, "model_type", None)
+    chosen = resolve_template(template, tokenizer, model_type)
+    if chosen.reason:
+        print(f"chat template: {chosen.name} ({chosen.reason})")
     new_ids = add_missing_special_tokens(tokenizer, model, chosen.extra_tokens)
     if new_ids:
         print(f"added {len(new_ids)} special tokens the template needs: {chosen.extra_tokens}")

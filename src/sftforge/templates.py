@@ -113,6 +113,8 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
     extra_tokens: tuple[str, ...] = ()  # special tokens the template writes literally
+    reason: str = ""  # why this template: shown when a run starts
+    expects_bos: bool = False  # the model expects its BOS token first in every text
 
     def __post_init__(self):
         try:
@@ -147,22 +149,45 @@ def builtin_template_source(name: str) -> str:
     return resources.files("sftforge").joinpath(f"chat_templates/{name}.jinja").read_text("utf-8")
 
 
-def resolve_template(choice: str | ChatTemplate, tokenizer) -> ChatTemplate:
-    """`choice` is "auto" (the tokenizer's own template, else ChatML), a built-in name, a
-    path to a Jinja file, or another tokenizer's ChatTemplate (to render alike)."""
+# `template: auto` for a tokenizer without a template of its own: the family's built-in
+# template, known from the model's type when its vocabulary holds no turn tokens.
+FAMILY_OF_MODEL_TYPE = {"llama": "llama2", "mistral": "mistral", "mixtral": "mistral"}
+
+
+def resolve_template(
+    choice: str | ChatTemplate, tokenizer, model_type: str | None = None
+) -> ChatTemplate:
+    """`choice` is "auto", a built-in name, a path to a Jinja file, or another tokenizer's
+    ChatTemplate (to render alike). "auto" takes the tokenizer's own template; else the
+    built-in template whose turn tokens the vocabulary already holds; else the family's
+    (from `model_type`); ChatML last. Where the model expects a BOS token and the template
+    does not write one first, the template writes it (so inference renders alike)."""
+    template = _chosen_template(choice, tokenizer, model_type)
+    if not tokenizer_wants_bos(tokenizer):
+        return template
+    source, reason = template.source, template.reason
+    if not _writes_first(template, template.bos_token):
+        source = "{{ bos_token }}" + source
+        reason = f"{reason}; BOS {template.bos_token} first, as the model expects".lstrip("; ")
+    args = (template.name, source, template.bos_token, template.eos_token)
+    return ChatTemplate(*args, template.extra_tokens, reason, expects_bos=True)
+
+
+def _chosen_template(choice, tokenizer, model_type: str | None) -> ChatTemplate:
     bos = tokenizer.bos_token or ""
     eos = tokenizer.eos_token or ""
     if isinstance(choice, ChatTemplate):
         extra = dict.fromkeys([*choice.extra_tokens, *control_tokens_written(choice.source)])
-        return ChatTemplate(choice.name, choice.source, bos, eos, tuple(extra))
+        return ChatTemplate(choice.name, choice.source, bos, eos, tuple(extra), choice.reason)
+    reason = ""
     if choice == "auto":
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, str) and own.strip():
-            return ChatTemplate("tokenizer", own, bos, eos)
-        choice = "chatml"
+            return ChatTemplate("tokenizer", own, bos, eos, reason="the tokenizer's own")
+        choice, reason = _family_template(tokenizer, model_type)
     if choice in BUILTIN_TEMPLATES:
         extra = BUILTIN_SPECIAL_TOKENS.get(choice, ())
-        return ChatTemplate(choice, builtin_template_source(choice), bos, eos, extra)
+        return ChatTemplate(choice, builtin_template_source(choice), bos, eos, extra, reason)
     path = Path(choice)
     if path.is_file():
         source = path.read_text("utf-8")
@@ -171,6 +196,48 @@ def resolve_template(choice: str | ChatTemplate, tokenizer) -> ChatTemplate:
         f"unknown chat template '{choice}': expected 'auto', one of "
         f"{', '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja file"
     )
+
+
+def _family_template(tokenizer, model_type: str | None) -> tuple[str, str]:
+    """(built-in template, why) for a tokenizer without a template of its own."""
+    vocab = tokenizer.get_vocab()
+    for name, tokens in BUILTIN_SPECIAL_TOKENS.items():
+        if all(token in vocab for token in tokens):
+            return name, f"the tokenizer has no template; its vocabulary holds {', '.join(tokens)}"
+    if model_type in FAMILY_OF_MODEL_TYPE:
+        name = FAMILY_OF_MODEL_TYPE[model_type]
+        return name, f"the tokenizer has no template; the model is a {model_type}"
+    return "chatml", "the tokenizer has no template, nor its vocabulary turn tokens: ChatML"
+
+
+def tokenizer_wants_bos(tokenizer) -> bool:
+    """Whether the model expects a BOS token at the start of every text: its tokenizer adds
+    one when it encodes, or its own chat template writes one."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    if tokenizer("a").input_ids[:1] == [bos]:
+        return True
+    own = getattr(tokenizer, "chat_template", None)
+    if not (isinstance(own, str) and own.strip()):
+        return False
+    # Its `bos_token` variable, not the same text typed in: SmolLM2's bos is <|im_start|>,
+    # which its template writes as a turn marker, not as a BOS.
+    marker = "\ue002bos\ue003"
+    return _writes_first(ChatTemplate("tokenizer", own, marker, tokenizer.eos_token or ""), marker)
+
+
+def _writes_first(template: ChatTemplate, token: str) -> bool:
+    """Whether the template's rendering starts with `token` (a one-turn prompt, or one with a
+    system message for a template that wants one)."""
+    for messages in ([{"role": "user", "content": "Hi"}],) + (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    ):
+        try:
+            return template.render(messages, add_generation_prompt=True).startswith(token)
+        except TemplateError:
+            continue
+    return False
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 
 from .config import TrainOn, Truncation, choices
 from .formats import Conversation, DataError, Message, Source
-from .templates import ChatTemplate, Piece, TemplateError, render_conversation, render_prompt
+from .templates import (
+    ChatTemplate,
+    Piece,
+    TemplateError,
+    render_conversation,
+    render_prompt,
+)
 
 IGNORE_INDEX = -100
 # Text tokenized in front of a run that must not get a string's prefix space; its tokens are
@@ -131,6 +137,8 @@ class Encoder:
         pad = tokenizer.pad_token_id
         fallback = eos if eos is not None else (self.stop_ids[0] if self.stop_ids else 0)
         self.pad_id: int = pad if pad is not None else fallback
+        # Every text starts with exactly one BOS where the model expects one.
+        self.bos_id: int | None = tokenizer.bos_token_id if template.expects_bos else None
 
     # ---- public -------------------------------------------------------------------------
 
@@ -159,14 +167,22 @@ class Encoder:
         """The ids a model is given at inference: history plus generation prompt."""
         rendered = render_prompt(messages, self.template, self._end_markers)
         ids, _ = self._tokenize(self._atoms(rendered.pieces))
+        if problem := self._bos_problem(ids):
+            raise TemplateError(f"chat template '{self.template.name}': {problem}")
         return ids
+
+    def text_ids(self, text: str) -> list[int]:
+        """Plain text (no template) as the model reads it: BOS first where it expects one,
+        special-token text kept as characters."""
+        ids = self._ids([text])[0]
+        return [self.bos_id, *ids] if self.bos_id is not None else ids
 
     # ---- internals ----------------------------------------------------------------------
 
     def _encode_raw_text(self, conversation: Conversation) -> Example:
-        ids = self.tokenizer(conversation.text, split_special_tokens=True).input_ids
+        ids = self.text_ids(conversation.text)
         eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
+        if eos is not None:
             ids = ids + [eos]
         decoded = self.tokenizer.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
@@ -282,7 +298,10 @@ class Encoder:
     def _check(self, ids, labels, atoms, text, spans) -> str | None:
         """Prove the mask, or say why it cannot be: every run of text decodes back from its
         tokens where they stand, the runs of trained tokens hold exactly the text of the
-        trained spans, and each trained turn ends with a stop token."""
+        trained spans, each trained turn ends with a stop token, and the text starts with
+        exactly one BOS where the model expects one."""
+        if problem := self._bos_problem(ids):
+            return problem
         shown_texts = texts_in_place(self.tokenizer, ids, [atom.tokens for atom in atoms])
         for atom, shown in zip(atoms, shown_texts, strict=True):
             if not self._decodes_to(shown, atom):
@@ -307,6 +326,17 @@ class Encoder:
                     "not stop where training taught it to"
                 )
         return None
+
+    def _bos_problem(self, ids: list[int]) -> str | None:
+        if self.bos_id is None or (ids[:1] == [self.bos_id] and ids[1:2] != [self.bos_id]):
+            return None
+        count = next((k for k, t in enumerate(ids) if t != self.bos_id), len(ids))
+        bos = self.tokenizer.bos_token
+        return (
+            f"the text starts with {count} BOS tokens ({bos!r}), not exactly one: the model "
+            "expects one BOS first; use a template that writes it once, or none (sftforge "
+            "then writes it)"
+        )
 
 
 def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
