@@ -12,6 +12,8 @@ Tokenizers built to mimic each family's conventions (tests/model_families.py):
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 from model_families import build_gemma_like_tokenizer
@@ -164,3 +166,75 @@ def test_the_bundled_corpus_is_read_with_the_families_bos(tokenizers):
 
     assert all(leading_bos(gemma, e.input_ids) == 1 for e in corpus_examples(gemma, None, 64))
     assert all(leading_bos(smollm2, e.input_ids) == 0 for e in corpus_examples(smollm2, None, 64))
+
+
+# -- end to end on a Gemma-like base with a 262k vocabulary ------------------------------------
+
+DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def gemma_like_model_dir(tmp_path_factory, shared_gemma_like_tokenizer) -> str:
+    from model_families import save_model_with_tokenizer, tiny_llama
+
+    folder = tmp_path_factory.mktemp("gemma_like_model")
+    tokenizer = build_gemma_like_tokenizer(folder / "tok", filler=262_144 - 3_000)
+    from sftforge.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer))
+    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos")}
+    model = tiny_llama(len(tokenizer), tie=True, pad_token_id=tokenizer.pad_token_id, **ids)
+    return save_model_with_tokenizer(model, tokenizer, folder / "model")
+
+
+@pytest.mark.parametrize(
+    ("template", "added"), [("auto", []), ("chatml", ["<|im_start|>", "<|im_end|>"])]
+)
+def test_a_gemma_like_base_trains_small_adapters_that_stop_at_the_end_of_turn(
+    tmp_path, gemma_like_model_dir, template, added, capsys
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftforge.config import load_config
+    from sftforge.train import train
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:8]))
+    out = train(
+        load_config(
+            None,
+            [
+                f"model={gemma_like_model_dir}",
+                f"template={template}",
+                f"data.train={data}",
+                f"output_dir={tmp_path / 'out'}",
+                "training.max_steps=2",
+                "training.batch_size=4",
+                "max_length=128",
+                "eval.forgetting=false",
+            ],
+        )
+    )
+
+    printed = capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base_size = len(AutoTokenizer.from_pretrained(gemma_like_model_dir))
+    assert tokenizer.convert_ids_to_tokens(list(range(base_size, len(tokenizer)))) == added
+    if template == "auto":
+        assert (
+            "chat template: gemma (the tokenizer has no template; its vocabulary holds" in printed
+        )
+    # The embedding alone is 262k x 32 floats, 33 MB: the adapter holds LoRA and new rows only.
+    assert (out / "adapter_model.safetensors").stat().st_size < 2_000_000
+    generation = json.loads((out / "generation_config.json").read_text())
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>" if added else "<end_of_turn>")
+    assert generation["eos_token_id"] == sorted([end_of_turn, tokenizer.eos_token_id])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    assert prompt[0] == tokenizer.bos_token_id and prompt[1] != tokenizer.bos_token_id
+    # Plain transformers + peft load it once the base has the tokenizer's rows.
+    base = AutoModelForCausalLM.from_pretrained(gemma_like_model_dir)
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    PeftModel.from_pretrained(base, out)

@@ -70,8 +70,14 @@ def save_run(
     from .config import dump_config
 
     folder.mkdir(parents=True, exist_ok=True)
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
-    model.save_pretrained(folder, safe_serialization=True)
+    is_adapter = hasattr(model, "peft_config")
+    base = model.get_base_model() if is_adapter else model
+    if is_adapter:
+        # The rows of tokens the template added are saved as the adapter's trainable-token
+        # rows; peft would otherwise save the whole resized embedding (and a tied head).
+        model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
     if base.generation_config is not None:
         generation = copy.deepcopy(base.generation_config)
         # Generation must stop at the template's end-of-turn token, whichever it is.
