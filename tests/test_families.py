@@ -145,6 +145,25 @@ def test_a_family_that_expects_no_bos_gets_none_added(tokenizers, template):
     assert leading_bos(encoder, text.input_ids) == 0
 
 
+@pytest.mark.parametrize("template", [*BUILTIN_TEMPLATES, "auto"])
+def test_where_eos_is_not_the_end_of_turn_both_stop_generation(tokenizers, template):
+    encoder, _ = text_side(tokenizers("gemma_like"), template, model_type="gemma3")
+    conversation = ONE_TURN if template in ("llama2", "mistral", "gemma") else TWO_ROUNDS
+
+    example = encoder.encode(conversation)
+
+    eos = encoder.tokenizer.eos_token_id
+    turn_ends = {
+        example.input_ids[k]
+        for k in range(1, len(example.labels))
+        if example.labels[k] != -100
+        and (k + 1 == len(example.labels) or example.labels[k + 1] == -100)
+    }
+    assert set(encoder.stop_ids) == turn_ends | {eos}
+    if template in ("auto", "gemma"):
+        assert encoder.tokenizer.convert_ids_to_tokens(sorted(turn_ends)) == ["<end_of_turn>"]
+
+
 def test_a_template_that_writes_two_bos_tokens_names_the_record(tokenizers, tmp_path):
     path = tmp_path / "double.jinja"
     path.write_text(
