@@ -53,9 +53,11 @@ def chat(
     encoder: Encoder,
     system: str | None = None,
     max_new_tokens: int = 256,
-    stdin: TextIO = sys.stdin,
-    out: TextIO = sys.stdout,
+    stdin: TextIO | None = None,
+    out: TextIO | None = None,
 ) -> None:
+    # Read at call time, not bound when the module is imported: a redirected stream counts.
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin.isatty()
     model.eval()
     history: list[Message] = [Message("system", system)] if system else []
