@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -102,3 +103,37 @@ def test_epoch_steps_cover_every_example_once_and_are_deterministic():
 
 def _tensors(batch):
     return batch.input_ids, batch.labels
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_head_with_trained_rows_of_added_tokens_gives_peft_forwards_loss_and_gradients(
+    tiny_model_factory, tie
+):
+    # Tokens a template added are trained as peft trainable-token rows; the loss reads the
+    # head's weight with those rows written in once, and must equal peft's own forward.
+    from sftforge.model import attach_lora
+
+    new_ids = [VOCAB - 2, VOCAB - 1]
+    model = attach_lora(tiny_model_factory(VOCAB, tie=tie), 4, 8, 0.0, "all-linear", new_ids)
+    examples = random_examples(6, seed=3)
+    examples[0] = Example([5, 6, *new_ids, 7], [IGNORE_INDEX, IGNORE_INDEX, *new_ids, 7], "new")
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():  # move the new rows off their start, so a wrong row would show
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+
+    ours = summed_token_loss(model, batch.input_ids, batch.labels)
+    ours.backward()
+    ours_grads = gradients(model)
+    model.zero_grad()
+    logits = model(input_ids=batch.input_ids).logits
+    reference = F.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), batch.labels[:, 1:].reshape(-1), reduction="sum"
+    )
+    reference.backward()
+
+    assert float(ours) == pytest.approx(float(reference), rel=1e-5)
+    assert any("trainable_tokens_delta" in name for name in ours_grads)
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-5)

@@ -14,6 +14,8 @@ in the backward pass. A full [trained tokens x vocab] tensor never exists.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -68,10 +70,11 @@ def chunked_head_loss(
     """Summed cross-entropy of head(hidden) against targets, `chunk_rows` rows at a time, so
     at most one chunk of logits is alive.
 
-    A plain linear head (the usual case) takes the fused path: each chunk's gradient is
-    computed with its loss, in the forward pass, and kept (it is as small as `hidden`), so
-    nothing is recomputed. Any other head (e.g. wrapped by peft) is checkpointed per chunk:
-    its logits are recomputed in the backward."""
+    A plain linear head (the usual case, also under peft's trainable rows for tokens a
+    template added) takes the fused path: each chunk's gradient is computed with its loss, in
+    the forward pass, and kept (it is as small as `hidden`), so nothing is recomputed, and the
+    trained rows get their gradient alone, never the whole matrix's. Any other head is
+    checkpointed per chunk: its logits are recomputed in the backward."""
     vocab = getattr(head, "out_features", None) or 262_144  # a wrapped head: assume wide
     chunk_rows = chunk_rows or max(1, CHUNK_LOGIT_ELEMENTS // vocab)
     chunks = [slice(s, s + chunk_rows) for s in range(0, hidden.shape[0], chunk_rows)]
@@ -79,10 +82,14 @@ def chunked_head_loss(
     wants_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters())
     )
+    linear = _as_linear_head(head)
+    if linear is not None:
+        weight, row_ids, rows = linear
+        if wants_grad:
+            return _LinearCrossEntropy.apply(hidden, weight, rows, targets, chunk_rows, row_ids)
+        head = functools.partial(_head_logits, weight=weight, rows=rows, row_ids=row_ids)
     if not wants_grad:  # evaluation: the loss alone
         return sum((_head_loss(head, hidden[c], targets[c]) for c in chunks), start=zero)
-    if type(head) is torch.nn.Linear and head.bias is None:
-        return _LinearCrossEntropy.apply(hidden, head.weight, targets, chunk_rows)
     if len(chunks) == 1:
         return _head_loss(head, hidden, targets)
     return sum(
@@ -91,47 +98,90 @@ def chunked_head_loss(
     )
 
 
-def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _as_linear_head(head):
+    """(weight, row ids, rows) of a head that is a linear map without bias, or None: an
+    nn.Linear (no rows), or peft's trainable-token rows over one (for tokens a template
+    added: the rows `row ids` of `weight` are replaced by `rows`, which are trained)."""
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight, None, None
+    layer = getattr(head, "token_adapter", None)  # peft's TrainableTokensWrapper
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not torch.nn.Linear or base.bias is not None:
+        return None
+    if layer.merged or layer.disable_adapters or not layer.active_adapters:
+        return base.weight, None, None
+    if len(layer.active_adapters) > 1:
+        return None
+    name = layer.active_adapters[0]
+    row_ids = torch.tensor(layer.token_indices[name], device=base.weight.device)
+    return base.weight, row_ids, layer.trainable_tokens_delta[name]
+
+
+def _head_logits(hidden, weight, rows=None, row_ids=None) -> torch.Tensor:
+    logits = F.linear(hidden, weight)
+    if rows is not None:
+        logits = logits.index_copy(-1, row_ids, F.linear(hidden, rows.to(weight.dtype)))
+    return logits
+
+
+def _head_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(hidden @ weight.T, targets)) with its gradients made chunk by chunk.
+    """sum(cross_entropy(hidden @ W.T, targets)) with its gradients made chunk by chunk, where
+    W is `weight` with the rows `row_ids` replaced by `rows` (when given).
 
     The gradient of the summed loss with respect to a chunk's logits is softmax - one_hot;
-    from it come the chunk's hidden gradient (@ weight) and its share of the weight gradient
-    (.T @ hidden). Matmuls run in the autocast dtype when autocast is on, softmax in fp32."""
+    from it come the chunk's hidden gradient (@ W) and its share of the gradients of the
+    weight and of the replacing rows (.T @ hidden, the rows' columns alone for them). Matmuls
+    run in the autocast dtype when autocast is on, softmax in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows):
+    def forward(ctx, hidden, weight, rows, targets, chunk_rows, row_ids):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype or weight.dtype)
+            r = None if rows is None else rows.to(w.dtype)
             h_all = hidden.to(w.dtype)
             grad_hidden = torch.empty_like(h_all)
-            wants_weight_grad = ctx.needs_input_grad[1]
-            grad_weight = torch.zeros_like(w, dtype=torch.float32) if wants_weight_grad else None
+            grad_weight = (
+                torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            )
+            grad_rows = (
+                torch.zeros_like(r, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+            )
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_rows):
                 h, t = h_all[start : start + chunk_rows], targets[start : start + chunk_rows]
                 logits = (h @ w.T).float()
+                if r is not None:
+                    logits[:, row_ids] = (h @ r.T).float()
                 logsumexp = logits.logsumexp(dim=-1, keepdim=True)
                 total += (logsumexp.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 grad_logits = logits.sub_(logsumexp).exp_()  # softmax, in place
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad_logits = grad_logits.to(w.dtype)
-                grad_hidden[start : start + chunk_rows] = grad_logits @ w
+                grad_chunk = grad_logits @ w
+                if r is not None:
+                    grad_chunk += grad_logits[:, row_ids] @ (r - w[row_ids])
+                    if grad_rows is not None:
+                        grad_rows += (grad_logits[:, row_ids].T @ h).float()
+                grad_hidden[start : start + chunk_rows] = grad_chunk
                 if grad_weight is not None:
                     grad_weight += (grad_logits.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+            if grad_weight is not None and r is not None:
+                grad_weight[row_ids] = 0.0  # those rows of the weight are not used
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_rows)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if rows is None else rows.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_hidden, grad_weight, grad_rows = ctx.saved_tensors
+        hidden_dtype, weight_dtype, rows_dtype = ctx.dtypes
         grad_h = (grad_hidden * grad_total).to(hidden_dtype)
         grad_w = None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype)
-        return grad_h, grad_w, None, None
+        grad_r = None if grad_rows is None else (grad_rows * grad_total).to(rows_dtype)
+        return grad_h, grad_w, grad_r, None, None, None
