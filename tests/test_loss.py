@@ -105,16 +105,42 @@ def _tensors(batch):
     return batch.input_ids, batch.labels
 
 
-@pytest.mark.parametrize("tie", [True, False])
+def tiny_gemma3():
+    """A tiny Gemma 3: its embeddings are scaled by sqrt(hidden) inside the embedding layer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        sliding_window=16,
+        final_logit_softcapping=None,
+        attn_implementation="sdpa",
+    )
+    return Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("family", ["llama tied", "llama untied", "gemma3"])
 def test_a_head_with_trained_rows_of_added_tokens_gives_peft_forwards_loss_and_gradients(
-    tiny_model_factory, tie
+    tiny_model_factory, family
 ):
-    # Tokens a template added are trained as peft trainable-token rows; the loss reads the
-    # head's weight with those rows written in once, and must equal peft's own forward.
+    # Tokens a template added are trained as peft trainable-token rows; the loss puts those
+    # rows in the embeddings and the head itself, and must equal peft's own forward.
     from sftforge.model import attach_lora
 
     new_ids = [VOCAB - 2, VOCAB - 1]
-    model = attach_lora(tiny_model_factory(VOCAB, tie=tie), 4, 8, 0.0, "all-linear", new_ids)
+    base = (
+        tiny_gemma3()
+        if family == "gemma3"
+        else tiny_model_factory(VOCAB, tie="untied" not in family)
+    )
+    model = attach_lora(base, 4, 8, 0.0, "all-linear", new_ids)
     examples = random_examples(6, seed=3)
     examples[0] = Example([5, 6, *new_ids, 7], [IGNORE_INDEX, IGNORE_INDEX, *new_ids, 7], "new")
     batch = collate(examples, pad_id=0)

@@ -57,8 +57,43 @@ def summed_token_loss(
         logits = out.logits[:, :-1][trained]
         return F.cross_entropy(logits.float(), targets[trained], reduction="sum")
     decoder = lm.get_decoder()
-    hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+    inputs = {"input_ids": input_ids}
+    if (embeds := _embeddings_with_trained_rows(lm.get_input_embeddings(), input_ids)) is not None:
+        inputs = {"inputs_embeds": embeds}
+    hidden = decoder(**inputs, position_ids=position_ids, use_cache=False)[0]
     return chunked_head_loss(lm.get_output_embeddings(), hidden[:, :-1][trained], targets[trained])
+
+
+def _trained_rows(module):
+    """(the wrapped layer, row ids, rows) where peft's trainable-token rows (for tokens a
+    template added) replace rows of `module`'s weight; (the layer, None, None) where they are
+    off; None for any other module, or several active adapters."""
+    layer = getattr(module, "token_adapter", None)  # peft's TrainableTokensWrapper
+    base = getattr(layer, "base_layer", None)
+    if base is None or len(layer.active_adapters) > 1:
+        return None
+    if layer.merged or layer.disable_adapters or not layer.active_adapters:
+        return base, None, None
+    name = layer.active_adapters[0]
+    row_ids = torch.tensor(layer.token_indices[name], device=base.weight.device)
+    return base, row_ids, layer.trainable_tokens_delta[name]
+
+
+def _embeddings_with_trained_rows(embedding, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The input embeddings, with the trained rows of added tokens in place, made without
+    copying the whole matrix (peft's own forward copies it, and its gradient is dense); None
+    where the embedding has no trained rows."""
+    found = _trained_rows(embedding)
+    if found is None or found[1] is None or not isinstance(found[0], torch.nn.Embedding):
+        return None
+    base, row_ids, rows = found
+    embeds = base(input_ids)  # frozen: no gradient for the matrix
+    position = torch.full((base.num_embeddings,), -1, device=input_ids.device)
+    position[row_ids] = torch.arange(len(row_ids), device=input_ids.device)
+    which = position[input_ids]
+    scale = getattr(base, "embed_scale", None)  # e.g. Gemma scales its embeddings
+    replaced = rows[which.clamp(min=0)] * (1.0 if scale is None else scale)
+    return torch.where((which >= 0)[..., None], replaced.to(embeds.dtype), embeds)
 
 
 def chunked_head_loss(
@@ -104,17 +139,11 @@ def _as_linear_head(head):
     added: the rows `row ids` of `weight` are replaced by `rows`, which are trained)."""
     if type(head) is torch.nn.Linear and head.bias is None:
         return head.weight, None, None
-    layer = getattr(head, "token_adapter", None)  # peft's TrainableTokensWrapper
-    base = getattr(layer, "base_layer", None)
-    if type(base) is not torch.nn.Linear or base.bias is not None:
+    found = _trained_rows(head)
+    if found is None or type(found[0]) is not torch.nn.Linear or found[0].bias is not None:
         return None
-    if layer.merged or layer.disable_adapters or not layer.active_adapters:
-        return base.weight, None, None
-    if len(layer.active_adapters) > 1:
-        return None
-    name = layer.active_adapters[0]
-    row_ids = torch.tensor(layer.token_indices[name], device=base.weight.device)
-    return base.weight, row_ids, layer.trainable_tokens_delta[name]
+    base, row_ids, rows = found
+    return base.weight, row_ids, rows
 
 
 def _head_logits(hidden, weight, rows=None, row_ids=None) -> torch.Tensor:
