@@ -21,12 +21,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sftforge.batches import collate
+from sftforge.data import EncodingReport, fit_to_length
 from sftforge.formats import Conversation, DataError, Message, Source
 from sftforge.loss import trained_token_count
 from sftforge.model import add_missing_special_tokens
 from sftforge.prepare import text_side
-from sftforge.templates import BUILTIN_TEMPLATES, render_prompt, resolve_template
-from sftforge.tokenize import IGNORE_INDEX, Encoder, EncodingReport, Example, fit_to_length
+from sftforge.render import render_prompt
+from sftforge.templates import BUILTIN_TEMPLATES, resolve_template
+from sftforge.tokenize import IGNORE_INDEX, Encoder, Example
 
 TEMPLATES = [*BUILTIN_TEMPLATES, "auto"]
 TOKENIZERS = ["smollm2", "sentencepiece", "sentencepiece_legacy"]

@@ -31,11 +31,10 @@ def _train(args) -> None:
 
 
 def _inspect(args) -> None:
-    from .data import load_conversations
+    from .data import EncodingReport, fit_to_length, load_conversations
     from .model import load_tokenizer, resolve_model_path
     from .prepare import text_side
     from .show import example_counts, format_example
-    from .tokenize import EncodingReport, fit_to_length
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)

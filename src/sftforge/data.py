@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftforge.config import Config, DataFormat, OnInvalid, choices
+from sftforge.config import Config, DataFormat, OnInvalid, Truncation, choices
 from sftforge.formats import FIELDS, FORMATS, Conversation, DataError, Source, keys_of, type_name
 from sftforge.readers import RawRecord, read_sources
-from sftforge.tokenize import Encoder, EncodingReport, Example, fit_to_length
+from sftforge.tokenize import Encoder, Example
 
 if TYPE_CHECKING:
     import datasets
@@ -161,6 +161,32 @@ def _detect_format(record: dict, source: Source) -> str:
         f"cannot detect the format from keys {keys_of(record)}; known formats: {known}; "
         "pass format=... or map your column names with columns={'output': 'response', ...}",
     )
+
+
+@dataclass
+class EncodingReport:
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: list[str] = field(default_factory=list)  # sources of examples cut to max_length
+    dropped_too_long: list[str] = field(default_factory=list)
+    dropped_nothing_trained: list[str] = field(default_factory=list)
+    max_tokens: int = 0
+
+    def summary(self, max_length: int) -> str:
+        lines = [
+            f"examples: {self.examples}, tokens: {self.tokens}, trained tokens: "
+            f"{self.trained_tokens}, longest: {self.max_tokens} (max_length {max_length})"
+        ]
+        for label, sources in (
+            ("truncated to max_length", self.truncated),
+            ("dropped: longer than max_length", self.dropped_too_long),
+            ("dropped: no trained token left", self.dropped_nothing_trained),
+        ):
+            if sources:
+                shown = ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else "")
+                lines.append(f"{label}: {len(sources)} ({shown})")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -327,3 +353,29 @@ def _check_columns(columns: dict[str, str] | None) -> None:
             f"columns maps our field names to your column names, e.g. {{'output': 'response'}}; "
             f"{', '.join(map(repr, unknown))} is not one of our fields: {', '.join(FIELDS)}"
         )
+
+
+def fit_to_length(
+    examples: list[Example], max_length: int, truncation: str, report: EncodingReport
+) -> list[Example]:
+    """Apply the max_length policy; every example cut or dropped is named in the report."""
+    if truncation not in choices(Truncation):
+        allowed = ", ".join(choices(Truncation))
+        raise ValueError(f"truncation must be one of {allowed}, not {truncation!r}")
+    kept = []
+    for ex in examples:
+        report.max_tokens = max(report.max_tokens, len(ex.input_ids))
+        if len(ex.input_ids) > max_length:
+            if truncation == "drop":
+                report.dropped_too_long.append(ex.source)
+                continue
+            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.source)
+            report.truncated.append(ex.source)
+        if ex.trained_token_count == 0:
+            report.dropped_nothing_trained.append(ex.source)
+            continue
+        kept.append(ex)
+        report.examples += 1
+        report.tokens += len(ex.input_ids)
+        report.trained_tokens += ex.trained_token_count
+    return kept

@@ -27,17 +27,12 @@ How text becomes tokens, and why:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .config import TrainOn, Truncation, choices
+from .config import TrainOn, choices
 from .formats import Conversation, DataError, Message, Source
-from .templates import (
-    ChatTemplate,
-    Piece,
-    TemplateError,
-    render_conversation,
-    render_prompt,
-)
+from .render import Piece, render_conversation, render_prompt
+from .templates import ChatTemplate, TemplateError
 
 IGNORE_INDEX = -100
 # Text tokenized in front of a run that must not get a string's prefix space; its tokens are
@@ -58,32 +53,6 @@ class Example:
         """Tokens whose prediction is trained: labelled tokens after the first, which nothing
         comes before to predict it from (the count the loss divides by)."""
         return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
-
-
-@dataclass
-class EncodingReport:
-    examples: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    truncated: list[str] = field(default_factory=list)  # sources of examples cut to max_length
-    dropped_too_long: list[str] = field(default_factory=list)
-    dropped_nothing_trained: list[str] = field(default_factory=list)
-    max_tokens: int = 0
-
-    def summary(self, max_length: int) -> str:
-        lines = [
-            f"examples: {self.examples}, tokens: {self.tokens}, trained tokens: "
-            f"{self.trained_tokens}, longest: {self.max_tokens} (max_length {max_length})"
-        ]
-        for label, sources in (
-            ("truncated to max_length", self.truncated),
-            ("dropped: longer than max_length", self.dropped_too_long),
-            ("dropped: no trained token left", self.dropped_nothing_trained),
-        ):
-            if sources:
-                shown = ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else "")
-                lines.append(f"{label}: {len(sources)} ({shown})")
-        return "\n".join(lines)
 
 
 @dataclass
@@ -384,29 +353,3 @@ def _merge_text_runs(atoms: list[_Atom]) -> list[_Atom]:
         else:
             merged.append(_Atom(atom.text, atom.special, atom.trained, atom.segment))
     return merged
-
-
-def fit_to_length(
-    examples: list[Example], max_length: int, truncation: str, report: EncodingReport
-) -> list[Example]:
-    """Apply the max_length policy; every example cut or dropped is named in the report."""
-    if truncation not in choices(Truncation):
-        allowed = ", ".join(choices(Truncation))
-        raise ValueError(f"truncation must be one of {allowed}, not {truncation!r}")
-    kept = []
-    for ex in examples:
-        report.max_tokens = max(report.max_tokens, len(ex.input_ids))
-        if len(ex.input_ids) > max_length:
-            if truncation == "drop":
-                report.dropped_too_long.append(ex.source)
-                continue
-            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.source)
-            report.truncated.append(ex.source)
-        if ex.trained_token_count == 0:
-            report.dropped_nothing_trained.append(ex.source)
-            continue
-        kept.append(ex)
-        report.examples += 1
-        report.tokens += len(ex.input_ids)
-        report.trained_tokens += ex.trained_token_count
-    return kept
