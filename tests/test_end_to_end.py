@@ -82,6 +82,17 @@ def test_packed_lora_run_learns_and_reports_it_and_the_adapter_reloads_with_peft
 
     reply = greedy_reply(tuned, tokenizer, QUESTION)
     assert reply.startswith('{"person": '), reply
+    # Plain peft stops at the end of the turn (SmolLM2's eos is <|im_end|>), and the adapter
+    # holds the LoRA weights alone.
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    new = tuned.generate(**inputs, max_new_tokens=80, do_sample=False)[0]
+    assert new[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (out / "adapter_model.safetensors").stat().st_size < 25_000_000
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 6
     # 12 training examples of 78-105 tokens, 8 a step, packed into rows of 256: two or three
