@@ -69,8 +69,15 @@ def _model_type(path: str) -> str | None:
 def _merge(args) -> None:
     from .export import merge_adapter
 
-    merge_adapter(Path(args.adapter), Path(args.output), allow_pickle=args.allow_pickle)
-    print(f"merged model written to {args.output}")
+    adapter = Path(args.adapter)
+    base = merge_adapter(adapter, Path(args.output), allow_pickle=args.allow_pickle)
+    print(f"merged model written to {args.output}: the adapter folded into {base}")
+    run_config = adapter / "sftforge.yaml"
+    if run_config.is_file() and "method: qlora" in run_config.read_text():
+        print(
+            "(a qlora run: its adapter was trained on a 4-bit copy of that base, and is "
+            "merged into the full-precision base itself, not into the 4-bit copy)"
+        )
 
 
 def _scorer_from(args):

@@ -19,7 +19,7 @@ from .formats import FORMATS
 # The allowed values of the config's fixed-choice keys.
 DataFormat = Literal[("auto", *sorted(FORMATS))]  # auto: detected from each file's keys
 OnInvalid = Literal["error", "skip"]
-Method = Literal["full", "lora"]
+Method = Literal["full", "lora", "qlora"]  # qlora: LoRA on a base held in 4-bit NF4
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 TrainOn = Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"]
 Truncation = Literal["drop", "truncate"]
@@ -191,10 +191,12 @@ class Config(Strict):
         if not self.data.train:
             raise ConfigKeyError("data.train", "required: a file, a folder, or a list of them")
         if self.training.precision == "pure_bf16" and self.method != "lora":
+            why = {
+                "full": "full fine-tuning keeps fp32 master weights",
+                "qlora": "qlora already holds the frozen base in 4-bit",
+            }[self.method]
             raise ConfigKeyError(
-                "training.precision",
-                "pure_bf16 is for LoRA: full fine-tuning keeps fp32 master weights; use bf16 "
-                "(autocast) instead",
+                "training.precision", f"pure_bf16 is for LoRA: {why}; use bf16 (autocast) instead"
             )
         if self.resume is not None and self.overwrite_output_dir:
             raise ConfigKeyError(
@@ -216,7 +218,12 @@ class Config(Strict):
     def learning_rate(self) -> float:
         if self.training.lr is not None:
             return self.training.lr
-        return 2e-4 if self.method == "lora" else 2e-5
+        return 2e-4 if self.uses_lora else 2e-5
+
+    @property
+    def uses_lora(self) -> bool:
+        """LoRA adapters are trained (method lora, or qlora on a 4-bit base)."""
+        return self.method in ("lora", "qlora")
 
 
 def _resumable_fields(section: type[BaseModel]) -> dict:

@@ -43,7 +43,8 @@ def load_for_inference(spec: str, allow_pickle: bool = False):
     return load_model(resolved, allow_pickle=allow_pickle), load_tokenizer(resolved)
 
 
-def merge_adapter(adapter_dir: Path, output_dir: Path, allow_pickle: bool = False) -> None:
+def merge_adapter(adapter_dir: Path, output_dir: Path, allow_pickle: bool = False) -> str:
+    """Fold the adapter into its full-precision base; returns the base's path."""
     model, tokenizer = load_base_with_adapter(adapter_dir, allow_pickle)
     merged = model.merge_and_unload()
     generation_config = adapter_dir / "generation_config.json"
@@ -52,6 +53,7 @@ def merge_adapter(adapter_dir: Path, output_dir: Path, allow_pickle: bool = Fals
     if generation_config.is_file():
         # copyfile, not copy: the new file takes the user's umask, not the old file's mode.
         shutil.copyfile(generation_config, output_dir / "generation_config.json")
+    return json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
 
 
 def save_run(

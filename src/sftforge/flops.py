@@ -56,5 +56,5 @@ def flop_model(model: torch.nn.Module, method: str) -> FlopModel:
         matmul_params=matmul,
         attention_width=config.num_hidden_layers * heads * head_dim,
         head_params=config.hidden_size * config.vocab_size,
-        backward_factor=1.0 if method == "lora" else 2.0,
+        backward_factor=1.0 if method in ("lora", "qlora") else 2.0,
     )

@@ -84,7 +84,9 @@ def open_metrics(path: Path, done: int):
     return metrics
 
 
-def precision_note(precision: str, amp: torch.dtype | None) -> str:
+def precision_note(precision: str, amp: torch.dtype | None, method: str) -> str:
+    if method == "qlora":
+        return f"4-bit NF4 frozen base, fp32 adapters, {'bf16' if amp else 'fp32'} compute"
     if precision == "pure_bf16":
         return "bf16 frozen weights, fp32 adapters, bf16 autocast"
     return "bf16 autocast, fp32 master weights" if amp else "fp32"

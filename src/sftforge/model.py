@@ -254,9 +254,10 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     attention: str = "sdpa",
     allow_pickle: bool = False,
+    **loading,
 ):
     """A causal LM from safetensors weights; pickle weights (.bin, .pt ...) only with
-    allow_pickle, after a warning."""
+    allow_pickle, after a warning. `loading` goes to from_pretrained (quantize.py's 4-bit)."""
     from transformers import AutoModelForCausalLM
 
     pickled = model_pickle_weights(path, trust_remote_code)
@@ -274,6 +275,7 @@ def load_model(
         weights_only=True,
         trust_remote_code=trust_remote_code,
         attn_implementation=attention,
+        **loading,
     )
 
 

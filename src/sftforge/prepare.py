@@ -17,19 +17,21 @@ from .model import (
     add_missing_special_tokens,
     attach_lora,
     attention_implementation,
+    autocast_dtype,
     default_cache_dir,
     load_model,
     load_tokenizer,
     resolve_model_path,
 )
 from .preflight import check_max_length
+from .quantize import load_4bit_model
 from .templates import ChatTemplate, resolve_template
 from .tokenize import Encoder
 
 
 @dataclass
 class Prepared:
-    model: torch.nn.Module  # with LoRA adapters attached, for method=lora
+    model: torch.nn.Module  # on its device, with LoRA adapters for lora and qlora
     encoder: Encoder
     base_model_path: str
 
@@ -58,25 +60,28 @@ def text_side(
     return Encoder(tokenizer, chosen, train_on), new_ids
 
 
-def prepare(config: Config) -> Prepared:
-    """The base model (with adapters for LoRA) and its encoder, checked against max_length
-    before any data is read."""
+def prepare(config: Config, device: torch.device) -> Prepared:
+    """The base model on `device` (with adapters for LoRA and QLoRA) and its encoder,
+    checked against max_length before any data is read."""
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     base_path = resolve_model_path(config.model, cache)
     tokenizer = load_tokenizer(base_path, config.trust_remote_code)
-    # pure_bf16 stores the frozen weights in bf16 (peft keeps the adapters in fp32): half
-    # the memory, and no fp32 -> bf16 casts of weights and activations at every layer.
-    dtype = torch.bfloat16 if config.training.precision == "pure_bf16" else torch.float32
-    model = load_model(
-        base_path,
-        config.trust_remote_code,
-        dtype=dtype,
-        attention=attention_implementation(config.attention),
-        allow_pickle=config.allow_pickle,
-    )
+    loading = {
+        "trust_remote_code": config.trust_remote_code,
+        "attention": attention_implementation(config.attention),
+        "allow_pickle": config.allow_pickle,
+    }
+    if config.method == "qlora":
+        compute_dtype = autocast_dtype(config.training.precision, device) or torch.float32
+        model = load_4bit_model(base_path, compute_dtype, device, **loading)
+    else:
+        # pure_bf16 stores the frozen weights in bf16 (peft keeps the adapters in fp32): half
+        # the memory, and no fp32 -> bf16 casts of weights and activations at every layer.
+        dtype = torch.bfloat16 if config.training.precision == "pure_bf16" else torch.float32
+        model = load_model(base_path, dtype=dtype, **loading).to(device)
     encoder, new_ids = text_side(tokenizer, config.template, config.train_on, model)
     check_max_length(encoder, config.max_length)  # before reading data that could not fit
-    if config.method == "lora":
+    if config.uses_lora:
         lora = config.lora
         model = attach_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules, new_ids)
     return Prepared(model, encoder, base_path)

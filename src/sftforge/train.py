@@ -133,9 +133,9 @@ def start(config: Config) -> Run:
     random.seed(t.seed)
     torch.manual_seed(t.seed)
     device = pick_device(t.device)
-    prepared = prepare(config)
+    prepared = prepare(config, device)
     data = load_examples(config, prepared.encoder, output_dir)
-    model = prepared.model.to(device)
+    model = prepared.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=t.weight_decay, **fast_adamw_options(device)
@@ -149,7 +149,7 @@ def start(config: Config) -> Run:
     amp = autocast_dtype(t.precision, device)
     total_steps = optimizer_steps(config, len(data.examples))
     print(
-        f"training {config.method} on {device} ({precision_note(t.precision, amp)}): "
+        f"training {config.method} on {device} ({precision_note(t.precision, amp, config.method)}): "
         f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
         f"examples{micro_batch_note(config)}, "
         f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
