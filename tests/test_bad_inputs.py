@@ -373,10 +373,10 @@ CASES: dict[str, Case] = {
         "training.epochs",
         "config key 'training.epochs': Input should be a valid number",
     ),
-    "method: qlora": Case(
-        "config/method_qlora.yaml",
+    "method: dpo": Case(
+        "config/method_dpo.yaml",
         "method",
-        "config key 'method': 'qlora' is not allowed; expected 'full' or 'lora'",
+        "config key 'method': 'dpo' is not allowed; expected 'full', 'lora' or 'qlora'",
     ),
     "on_invalid: ignore": Case(
         "config/on_invalid_ignore.yaml",
