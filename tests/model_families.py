@@ -165,6 +165,28 @@ def tiny_llama(vocab_size: int, tie: bool = True, seed: int = 0, **special_ids):
     return LlamaForCausalLM(config)
 
 
+def tiny_gemma3(vocab_size: int, seed: int = 0):
+    """A tiny Gemma 3: its embeddings are scaled by sqrt(hidden) inside the embedding layer."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        sliding_window=16,
+        final_logit_softcapping=None,
+        attn_implementation="sdpa",
+    )
+    return Gemma3ForCausalLM(config)
+
+
 def save_model_with_tokenizer(model, tokenizer, directory: Path) -> str:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

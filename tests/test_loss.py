@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from model_families import tiny_gemma3
 
 from sftforge.batches import collate, epoch_steps
 from sftforge.loss import summed_token_loss, trained_token_count
@@ -105,27 +106,6 @@ def _tensors(batch):
     return batch.input_ids, batch.labels
 
 
-def tiny_gemma3():
-    """A tiny Gemma 3: its embeddings are scaled by sqrt(hidden) inside the embedding layer."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        sliding_window=16,
-        final_logit_softcapping=None,
-        attn_implementation="sdpa",
-    )
-    return Gemma3ForCausalLM(config)
-
-
 @pytest.mark.parametrize("family", ["llama tied", "llama untied", "gemma3"])
 def test_a_head_with_trained_rows_of_added_tokens_gives_peft_forwards_loss_and_gradients(
     tiny_model_factory, family
@@ -136,7 +116,7 @@ def test_a_head_with_trained_rows_of_added_tokens_gives_peft_forwards_loss_and_g
 
     new_ids = [VOCAB - 2, VOCAB - 1]
     base = (
-        tiny_gemma3()
+        tiny_gemma3(VOCAB)
         if family == "gemma3"
         else tiny_model_factory(VOCAB, tie="untied" not in family)
     )
