@@ -26,23 +26,19 @@ def qlora_run(tmp_path_factory) -> Path:
     return out
 
 
-def token_log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+def token_log_probs(model, ids: torch.Tensor, pad: int) -> torch.Tensor:
     """Log-probability of each next token, over the real tokens (no padding)."""
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, :-1].float()
-    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)[ids[:, 1:] != PAD]
-
-
-PAD = -1  # set from the tokenizer by demo_batch
+    return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)[ids[:, 1:] != pad]
 
 
 def demo_batch(tokenizer) -> torch.Tensor:
-    global PAD
-    PAD = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     records = [json.loads(line) for line in DEMO.read_text().splitlines()[:4]]
     texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
     ids = [tokenizer(t, add_special_tokens=False).input_ids[:128] for t in texts]
-    return torch.tensor([x + [PAD] * (128 - len(x)) for x in ids])
+    return torch.tensor([x + [pad] * (128 - len(x)) for x in ids])
 
 
 def test_the_qlora_adapter_applies_to_the_full_precision_base_within_4_bit_error(qlora_run):
@@ -54,13 +50,15 @@ def test_the_qlora_adapter_applies_to_the_full_precision_base_within_4_bit_error
     adapter = json.loads((qlora_run / "adapter_config.json").read_text())
     base_path = adapter["base_model_name_or_path"]
     tokenizer = AutoTokenizer.from_pretrained(qlora_run)
-    ids = demo_batch(tokenizer)
+    ids, pad = demo_batch(tokenizer), tokenizer.pad_token_id
 
     full = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     four_bit = load_4bit_model(base_path, torch.float32, torch.device("cpu"))
-    base_full, base_four_bit = token_log_probs(full, ids), token_log_probs(four_bit, ids)
-    tuned_full = token_log_probs(PeftModel.from_pretrained(full, qlora_run).eval(), ids)
-    tuned_four_bit = token_log_probs(PeftModel.from_pretrained(four_bit, qlora_run).eval(), ids)
+    base_full, base_four_bit = token_log_probs(full, ids, pad), token_log_probs(four_bit, ids, pad)
+    tuned_full = token_log_probs(PeftModel.from_pretrained(full, qlora_run).eval(), ids, pad)
+    tuned_four_bit = token_log_probs(
+        PeftModel.from_pretrained(four_bit, qlora_run).eval(), ids, pad
+    )
 
     # It learnt, on either base; and the full-precision base with the adapter differs from
     # the 4-bit one it was trained on by no more than the two bases differ without it.
@@ -86,9 +84,10 @@ def test_merge_folds_a_qlora_adapter_into_the_full_precision_base(qlora_run, tmp
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
     full = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     tuned = PeftModel.from_pretrained(full, qlora_run).eval()
-    ids = demo_batch(AutoTokenizer.from_pretrained(qlora_run))
+    tokenizer = AutoTokenizer.from_pretrained(qlora_run)
+    ids, pad = demo_batch(tokenizer), tokenizer.pad_token_id
     torch.testing.assert_close(
-        token_log_probs(merged, ids), token_log_probs(tuned, ids), atol=1e-4, rtol=1e-4
+        token_log_probs(merged, ids, pad), token_log_probs(tuned, ids, pad), atol=1e-4, rtol=1e-4
     )
 
 
