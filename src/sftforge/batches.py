@@ -85,6 +85,17 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
     return Batch(input_ids, labels, sum(lengths), positions, tuple(lengths), trained)
 
 
+def empty_batch(pad_id: int) -> Batch:
+    """A micro-batch that trains nothing: one row of two pad tokens, no labels. A rank with
+    fewer micro-batches in a step than another runs these, because every rank must take part
+    in every forward and backward (FSDP gathers weights in each; DDP reduces in the last)."""
+    return Batch(
+        torch.full((1, 2), pad_id, dtype=torch.long),
+        torch.full((1, 2), IGNORE_INDEX, dtype=torch.long),
+        real_tokens=0,
+    )
+
+
 def pack_best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """Indices grouped into bins of at most `capacity` tokens: longest first, each into the
     fullest bin it still fits (best fit), a new bin when none has room."""

@@ -7,12 +7,16 @@
         rng.safetensors         torch's generator states (CPU, and each CUDA device)
         state.json              step, data position, python/numpy RNG, counters, the run's
                                 config and data fingerprint, the "before" measurements
+        checksums.json          each file's sha256 and size when written
 
-A checkpoint is written into a hidden temporary folder, every file and the folder are
-fsynced, and only then is the folder renamed to `step-NNNNNN`. A folder of that name is
-therefore complete; a leftover temporary folder from a killed run is removed at the next
-start. The data position is the number of optimizer steps done: steps are a pure function
-of (seed, epoch), so the resumed run draws the very next unseen step.
+A checkpoint is written into a hidden temporary folder, the sha256 and size of each of its
+files are recorded in `checksums.json`, every file and the folder are fsynced, and only then
+is the folder renamed to `step-NNNNNN`. A folder of that name is therefore complete; a
+leftover temporary folder from a killed run is removed at the next start; a file damaged
+later (a flipped bit, a truncation by a failing disk) is caught by `verify_checkpoint`
+before anything is loaded from it. The data position is the number of optimizer steps done:
+steps are a pure function of (seed, epoch), so the resumed run draws the very next unseen
+step.
 
 The best weights (eval.save_best) are kept under checkpoints/best until the run ends, and
 the final model is moved into the output dir with its weights last, so a run that failed
@@ -41,6 +45,8 @@ from .tokenize import Example
 CHECKPOINTS = "checkpoints"
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
 TEMPORARY_PREFIX = "."  # hidden folders: being written, or being deleted
+CHECKSUMS = "checksums.json"
+RESUME_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
 class CheckpointError(ValueError):
@@ -108,28 +114,48 @@ def save_checkpoint(
             "optimizer": optimizer_layout,
             "python_rng": _python_rng_state(),
             "numpy_rng": _numpy_rng_state(),
+            "checksummed": True,  # so a lost checksums.json is not taken for an old checkpoint
         }
         (folder / "state.json").write_text(json.dumps(full_state), "utf-8")
 
     write_atomically(final, write)
-    for old in step_checkpoints(output_dir)[:-keep]:
-        _delete(old)
+    prune_checkpoints(output_dir, keep, written=step)
     return final
+
+
+def prune_checkpoints(output_dir: Path, keep: int, written: int | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints up to step `written` (the one just
+    written; None: all). Later ones are there when the run resumed from an earlier one (named,
+    or the newest intact one): the run replaces them as it gets there, and they must not push
+    out the only intact ones."""
+    found = step_checkpoints(output_dir)
+    if written is not None:
+        found = [p for p in found if int(STEP_NAME.match(p.name)[1]) <= written]
+    for old in found[:-keep]:
+        _delete(old)
 
 
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> Resumed:
-    """Restore weights, optimizer and RNG states from `path`; returns the run's counters."""
-    required = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
-    missing = [name for name in required if not (path / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    """Restore weights, optimizer and RNG states from `path`, once its files are verified
+    against its checksums; returns the run's counters."""
+    missing = [name for name in RESUME_FILES if not (path / name).is_file()]
+    problem = verify_checkpoint(path)
+    if missing or problem:
+        raise CheckpointError(damaged_message(path, problem or _incomplete(missing)))
     state = json.loads((path / "state.json").read_text("utf-8"))
     load_trainable_state(model, load_file(path / "trainable.safetensors"), path)
     restore_optimizer_state(optimizer, load_file(path / "optimizer.safetensors"), state)
     restore_rng_states(load_file(path / "rng.safetensors"), state)
     return Resumed(step=state["step"], state=state)
+
+
+def damaged_message(path: Path | str, problem: str) -> str:
+    return (
+        f"{path}: {problem}; restore the file from a copy, or resume from another checkpoint "
+        "(resume=auto falls back to the newest one that verifies)"
+    )
 
 
 # ---- the best and the final model, also never half-written ---
@@ -303,13 +329,15 @@ def _numpy_rng_state() -> list | None:
 
 
 def write_atomically(target: Path, write) -> None:
-    """`write(folder)` into a hidden folder beside `target`, fsync it, then rename it into
-    place (replacing an older `target`)."""
+    """`write(folder)` into a hidden folder beside `target`, record its checksums, fsync it,
+    then rename it into place (replacing an older `target`). Whatever writes into the folder
+    (other processes too, for sharded files) must have finished when `write` returns."""
     temporary = target.with_name(f"{TEMPORARY_PREFIX}{target.name}.writing-{os.getpid()}")
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
     write(temporary)
+    record_checksums(temporary)
     _fsync_tree(temporary)
     if target.exists():
         _delete(target)
@@ -356,3 +384,71 @@ def _delete(path: Path) -> None:
     doomed = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.deleting-{os.getpid()}")
     os.rename(path, doomed)
     shutil.rmtree(doomed)
+
+
+# ---- checksums -----------------------------------------------------------------------------
+
+
+def record_checksums(folder: Path) -> None:
+    """Write `checksums.json` in `folder`: each file's (recursively, relative posix path)
+    sha256 and size."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    manifest = {
+        p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in files
+    }
+    (folder / CHECKSUMS).write_text(json.dumps(manifest, indent=1), "utf-8")
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file in `path`'s checksums.json is there with the size and sha256 it
+    had when written; otherwise why not, naming the first bad file. A folder written before
+    sftforge kept checksums cannot be verified: it passes (None), so that a run upgraded
+    mid-way still resumes; its caller may say so."""
+    if not (path / CHECKSUMS).is_file():
+        if _state(path).get("checksummed"):
+            return f"no {CHECKSUMS}, though state.json says it was written with one (deleted?)"
+        return None
+    try:
+        manifest = json.loads((path / CHECKSUMS).read_text("utf-8"))
+        expected = {name: (int(e["bytes"]), str(e["sha256"])) for name, e in manifest.items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return f"{CHECKSUMS}: unreadable (corrupted?)"
+    missing = [name for name in expected if not (path / name).is_file()]
+    if missing:
+        return _incomplete(missing)
+    for name, (size, _) in expected.items():  # sizes first: a stat is cheap, a hash is not
+        actual = (path / name).stat().st_size
+        if actual != size:
+            why = "truncated?" if actual < size else "appended to?"
+            return f"{name}: {actual:,} bytes, {size:,} when written ({why})"
+    for name, (_, sha256) in expected.items():
+        if _sha256(path / name) != sha256:
+            return f"{name}: sha256 differs from when it was written (corrupted)"
+    return None
+
+
+def _incomplete(missing: list[str]) -> str:
+    return f"not a complete checkpoint (missing {', '.join(missing)})"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state(path: Path) -> dict:
+    try:
+        state = json.loads((path / "state.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all complete checkpoints but the newest `keep`."""
+    for old in step_checkpoints(output_dir)[:-keep]:
+        _delete(old)

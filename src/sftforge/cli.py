@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import signal
 import sys
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message, code = explain(error)
-        print(f"sftforge: {message}", file=sys.stderr)
+        print(f"sftforge: {_rank_prefix()}{message}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         if args.debug:
@@ -319,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         print("sftforge: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
+
+
+def _rank_prefix() -> str:
+    """Which process failed, in a run of many (torchrun sets RANK and WORLD_SIZE)."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return ""
+    return f"[rank {os.environ.get('RANK', '?')}] "
 
 
 def explain(error: Exception) -> tuple[str, int]:

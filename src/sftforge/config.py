@@ -25,6 +25,7 @@ TrainOn = Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"]
 Truncation = Literal["drop", "truncate"]
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "pure_bf16"]
+Parallelism = Literal["ddp", "fsdp"]  # under torchrun: whole copies, or sharded weights
 ScorerKind = Literal["exact", "normalized", "json", "contains", "regex", "python"]
 
 
@@ -110,6 +111,18 @@ class TrainingConfig(Strict):
         "fast; pure_bf16 (LoRA only): frozen weights stored in bf16, adapters in fp32",
     )
     device: str = resumable("auto", description="auto, cpu, cuda, cuda:1, mps")
+    parallelism: Parallelism = resumable(
+        "ddp",
+        description="under torchrun: ddp keeps a whole copy of the model on each process; "
+        "fsdp (FSDP2) shards weights, gradients and optimizer state over them. The update is "
+        "the same either way, and the same as in one process",
+    )
+    collective_timeout_s: float = resumable(
+        1800,
+        gt=0,
+        description="under torchrun: how long a rank waits in a training collective before "
+        "the run fails (a rank that hangs or died); loading and saving wait longer",
+    )
     log_every: int = resumable(1, gt=0)
     save_every: int | None = resumable(
         500,

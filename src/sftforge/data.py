@@ -200,16 +200,19 @@ class TrainingData:
     held_out_examples: list[Example] = field(default_factory=list)
 
 
-def load_examples(config: Config, encoder: Encoder, output_dir: Path) -> TrainingData:
+def load_examples(
+    config: Config, encoder: Encoder, output_dir: Path, write_rejects: bool = True
+) -> TrainingData:
     """Load, split, encode and fit every example of a run; rejected records (with
-    on_invalid=skip) go to one file, whatever stage rejected them."""
+    on_invalid=skip) go to one file, whatever stage rejected them (when `write_rejects`:
+    under torchrun every rank prepares the same examples, and rank 0 writes)."""
     rejects_path = Path(config.data.rejects or output_dir / "rejects.jsonl")
-    loaded, train, held_out = _load_and_split(config, rejects_path)
+    loaded, train, held_out = _load_and_split(config, rejects_path if write_rejects else None)
     on_invalid = config.data.on_invalid
     rejected_before = len(loaded.rejects)
     encoded = encode_all(train, encoder, on_invalid, loaded.rejects)
     held_encoded = encode_all(held_out, encoder, on_invalid, loaded.rejects)
-    if len(loaded.rejects) > rejected_before:
+    if len(loaded.rejects) > rejected_before and write_rejects:
         loaded.rejects.write_jsonl(rejects_path)
         print(
             f"rejected by the chat template: {len(loaded.rejects) - rejected_before} "
@@ -243,7 +246,7 @@ def encode_all(
 
 
 def _load_and_split(
-    config: Config, rejects_path: Path
+    config: Config, rejects_path: Path | None
 ) -> tuple[LoadResult, list[Conversation], list[Conversation]]:
     """(all loaded, train conversations, held-out conversations), split before anything else."""
     data = config.data
@@ -253,7 +256,8 @@ def _load_and_split(
         "on_invalid": data.on_invalid,
     }
     skip = data.on_invalid == "skip"
-    loaded = load_conversations(data.train, rejects_path=rejects_path if skip else None, **options)
+    written = rejects_path if skip else None
+    loaded = load_conversations(data.train, rejects_path=written, **options)
     print(loaded.summary())
     held_out_spec = config.eval.held_out
     if held_out_spec is None:

@@ -4,27 +4,41 @@ from __future__ import annotations
 
 import torch
 
-from .batches import collate
+from .batches import collate, empty_batch
 from .formats import Conversation, Message
-from .loss import summed_token_loss, trained_token_count
+from .loss import TokenLoss, trained_token_count
 from .tokenize import Encoder, Example
 
 
-@torch.no_grad()
 def mean_token_loss(
     model, examples: list[Example], device, pad_id: int, batch_size: int = 8
 ) -> float:
     """Mean next-token loss over the trained tokens of `examples`, in fp32, in eval mode."""
-    was_training = model.training
-    model.eval()
+    total, count = summed_loss_and_count(TokenLoss(model), examples, device, pad_id, batch_size)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def summed_loss_and_count(
+    loss_module, examples: list[Example], device, pad_id: int, batch_size: int = 8, passes: int = 0
+) -> tuple[float, int]:
+    """(summed next-token loss, trained tokens) of `examples` through `loss_module` (a
+    TokenLoss, maybe under DDP or FSDP), in eval mode; at least `passes` forward passes, the
+    extra ones empty (under FSDP every rank takes part in every forward)."""
+    was_training = loss_module.training
+    loss_module.eval()
     total, count = 0.0, 0
     ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
-    for b in range(0, len(ordered), batch_size):
-        batch = collate(ordered[b : b + batch_size], pad_id).to(device)
-        total += float(summed_token_loss(model, batch.input_ids, batch.labels))
+    batches = [
+        collate(ordered[b : b + batch_size], pad_id) for b in range(0, len(ordered), batch_size)
+    ]
+    batches += [empty_batch(pad_id)] * (passes - len(batches))
+    for batch in batches:
+        batch = batch.to(device)
+        total += float(loss_module(batch.input_ids, batch.labels))
         count += trained_token_count(batch.labels)
-    model.train(was_training)
-    return total / max(count, 1)
+    loss_module.train(was_training)
+    return total, count
 
 
 def prompt_and_reference(conversation: Conversation) -> tuple[list[Message], str]:

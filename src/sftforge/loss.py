@@ -64,6 +64,21 @@ def summed_token_loss(
     return chunked_head_loss(lm.get_output_embeddings(), hidden[:, :-1][trained], targets[trained])
 
 
+class TokenLoss(torch.nn.Module):
+    """The model as training calls it: (input ids, labels, positions) -> summed token loss.
+
+    DDP and FSDP act on a module's forward (DDP readies its gradient reduction there, FSDP
+    gathers the weights of the outermost unit: embeddings, final norm, head). The loss runs
+    the decoder and the head itself, so it is this module that they wrap."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, position_ids=None) -> torch.Tensor:
+        return summed_token_loss(self.model, input_ids, labels, position_ids)
+
+
 def _trained_rows(module):
     """(the wrapped layer, row ids, rows) where peft's trainable-token rows (for tokens a
     template added) replace rows of `module`'s weight; (the layer, None, None) where they are

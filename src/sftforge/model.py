@@ -122,7 +122,12 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     )
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a half-written conversion is never mistaken for a whole one
+    try:
+        tmp.rename(target)  # atomic: a half-written conversion is never mistaken for a whole one
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp)  # another process (a rank of the same run) converted it first
     return target
 
 

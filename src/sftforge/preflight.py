@@ -1,6 +1,7 @@
 """Checks made before the first step, so a run fails in seconds rather than after hours:
-the output dir is writable and holds no other run, the disk has room for the checkpoints,
-and `max_length` leaves room for content after the template's own tokens."""
+the output dir is writable and holds no other run, the checkpoint to resume from is intact,
+the disk has room for the checkpoints, and `max_length` leaves room for content after the
+template's own tokens."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINTS, latest_checkpoint, step_checkpoints
+from .checkpoint import (
+    CHECKPOINTS,
+    CHECKSUMS,
+    CheckpointError,
+    damaged_message,
+    step_checkpoints,
+    verify_checkpoint,
+)
 from .config import ConfigError
 from .formats import DataError, Message
 from .readers import data_files
@@ -79,23 +87,64 @@ def resume_point(resume: str | None, overwrite: bool, output_dir: Path) -> Path 
             clear_previous_run(output_dir)
         return None
     if resume == "auto":
-        latest = latest_checkpoint(output_dir)
+        checkpoints = step_checkpoints(output_dir)
         found = previous_run(output_dir)
-        if latest is None and found:
+        if not checkpoints and found:
             shown = ", ".join(str(p.relative_to(output_dir)) for p in found[:4])
             raise PreflightError(
                 f"resume=auto: output_dir {output_dir} holds a previous run ({shown}) but no "
                 "checkpoint to go on from; choose another output_dir, or start afresh there "
                 "with overwrite_output_dir=true (deletes it) instead of resume"
             )
-        return latest  # None: a fresh start, as a preempted job that never saved wants
+        # None (no checkpoint): a fresh start, as a preempted job that never saved wants
+        return newest_intact(checkpoints, output_dir)
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise PreflightError(
             f"resume={resume}: not a checkpoint (no state.json); checkpoints are the "
             f"step-NNNNNN folders under {output_dir / CHECKPOINTS}, or use resume=auto"
         )
+    problem = verify_checkpoint(path)  # here, before the model loads, whatever loads it
+    if problem is not None:
+        raise CheckpointError(damaged_message(f"resume={resume}", problem))
+    _note_if_unverifiable(path, output_dir)
     return path
+
+
+def newest_intact(checkpoints: list[Path], output_dir: Path) -> Path | None:
+    """The newest of `checkpoints` (oldest first) whose files are all there and as written
+    (`verify_checkpoint`), saying which newer ones were skipped and why; an error if there
+    are some but none is."""
+    damaged = []
+    for checkpoint in reversed(checkpoints):
+        problem = verify_checkpoint(checkpoint)
+        if problem is None:
+            _note_if_unverifiable(checkpoint, output_dir)
+            return checkpoint
+        damaged.append(f"{_shown(checkpoint, output_dir)}: {problem}")
+        print(f"skipped {damaged[-1]}")
+    if damaged:
+        raise PreflightError(
+            f"resume=auto: no checkpoint in {output_dir / CHECKPOINTS} is intact "
+            f"({'; '.join(damaged)}); restore the damaged files from a copy, or start afresh "
+            "with overwrite_output_dir=true (deletes them) instead of resume"
+        )
+    return None
+
+
+def _note_if_unverifiable(checkpoint: Path, output_dir: Path) -> None:
+    if not (checkpoint / CHECKSUMS).is_file():
+        print(
+            f"note: {_shown(checkpoint, output_dir)} was written without {CHECKSUMS} (an "
+            "older sftforge): resuming from it unverified"
+        )
+
+
+def _shown(path: Path, output_dir: Path) -> str:
+    try:
+        return str(path.relative_to(output_dir))
+    except ValueError:
+        return str(path)
 
 
 def checkpoint_bytes(params: list[torch.nn.Parameter]) -> int:

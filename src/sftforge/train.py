@@ -7,9 +7,12 @@ step, however it is split into micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from .assessment import Assessment, build_assessment, finish_report
 from .batches import Batch, step_batches, step_stream
 from .checkpoint import (
     check_same_run,
+    checkpoint_root,
     latest_checkpoint,
     load_checkpoint,
     publish_best,
@@ -32,10 +36,29 @@ from .checkpoint import (
 )
 from .config import Config
 from .data import TrainingData, load_examples
+from .distributed import (
+    ALONE,
+    World,
+    check_parallel_settings,
+    device_of_rank,
+    end_processes,
+    from_main,
+    max_over_ranks,
+    processes_note,
+    quiet_other_ranks,
+    share_of_step,
+    shared_note,
+    start_processes,
+    sum_over_ranks,
+    wait_for_all,
+    world_from_environment,
+    wrap_for_training,
+)
+from .evaluate import summed_loss_and_count
 from .export import save_run
 from .flops import FlopModel, flop_model
 from .guards import NonFiniteError, RunInterrupted, nonfinite_step, nonfinite_stop, stop_requests
-from .loss import summed_token_loss
+from .loss import TokenLoss
 from .metrics import (
     Progress,
     TrainingClock,
@@ -46,8 +69,8 @@ from .metrics import (
     step_record,
 )
 from .model import (
-    adapter_input_casts,
     autocast_dtype,
+    causal_lm,
     compile_decoder_layers,
     enable_gradient_checkpointing,
     fast_adamw_options,
@@ -62,13 +85,36 @@ from .preflight import (
     resume_point,
 )
 from .prepare import prepare
+from .runlock import lock_output_dir
+from .sharded import (
+    gather_whole_model,
+    is_sharded_checkpoint,
+    load_any_checkpoint,
+    save_sharded_checkpoint,
+)
 from .tokenize import Encoder
+from .update import accumulate_gradients, gradient_norm, learning_rate_at, optimizer_steps
+
+EVAL_BATCH = 8  # held-out examples per forward pass
 
 
 def train(config: Config) -> Path:
-    run = start(config)
-    last_record = steps(run)
-    return finish(run, last_record)
+    world = world_from_environment()
+    with _one_run_per_output_dir(Path(config.output_dir), world):
+        run = start(config, world)
+        last_record = steps(run)
+        output_dir = finish(run, last_record)
+    end_processes()
+    return output_dir
+
+
+def _one_run_per_output_dir(output_dir: Path, world: World):
+    """The output dir's lock, held by rank 0 for the whole run: a second run started there
+    is refused at once (runlock.py)."""
+    if not world.is_main:
+        return contextlib.nullcontext()
+    check_writable(output_dir)
+    return lock_output_dir(output_dir)
 
 
 @dataclass
@@ -76,14 +122,16 @@ class Run:
     """Everything the steps need, set up by `start`."""
 
     config: Config
+    world: World
     output_dir: Path
     device: torch.device
     amp: torch.dtype | None  # autocast dtype, None for fp32
-    model: torch.nn.Module
+    model: torch.nn.Module  # the model (sharded in place under FSDP)
+    trainer: torch.nn.Module  # its TokenLoss, under DDP or FSDP when many processes
     encoder: Encoder
     data: TrainingData
     base_model_path: str
-    params: list[torch.nn.Parameter]  # the trainable ones
+    params: list[torch.nn.Parameter]  # the trainable ones (this rank's shards under FSDP)
     optimizer: torch.optim.Optimizer
     assessment: Assessment
     flops: FlopModel
@@ -94,13 +142,17 @@ class Run:
     before: dict | None = None  # the measurements before training
     progress: Progress = field(default_factory=Progress)
 
-    def save_model(self, folder: Path) -> None:
-        """The loadable model or adapter, with everything inference needs."""
+    @property
+    def sharded(self) -> bool:
+        return self.world.is_distributed and self.config.training.parallelism == "fsdp"
+
+    def save_model(self, folder: Path, model: torch.nn.Module | None = None) -> None:
+        """The loadable model or adapter, with everything inference needs (rank 0)."""
         encoder = self.encoder
         data_report = self.data.report.__dict__ | {"base_model": self.base_model_path}
         save_run(
             folder,
-            self.model,
+            model or self.model,
             encoder.tokenizer,
             encoder.stop_ids,
             encoder.pad_id,
@@ -109,58 +161,59 @@ class Run:
         )
 
     def save_checkpoint(self, step: int) -> Path:
+        """Every rank calls it; rank 0 writes (with the others, under FSDP)."""
         state = {"identity": self.identity, "before": self.before}
         state["progress"] = asdict(self.progress)
         keep = self.config.training.keep_checkpoints
-        return save_checkpoint(
-            self.output_dir, step, self.model, self.optimizer, state, keep, self.save_model
-        )
+        if self.sharded:
+            save_sharded_checkpoint(
+                self.output_dir, step, self.trainer, self.optimizer, state, keep, self.world
+            )
+        elif self.world.is_main:
+            save_checkpoint(
+                self.output_dir, step, self.model, self.optimizer, state, keep, self.save_model
+            )
+        wait_for_all(self.world)
+        return checkpoint_root(self.output_dir) / f"step-{step:06d}"
 
 
 # ---- start ---------------------------------------------------------------------------------
 
 
-def start(config: Config) -> Run:
+def start(config: Config, world: World = ALONE) -> Run:
     """Check what can be checked in seconds, load the model and the data, build the
-    optimizer, measure the model before training (or restore a checkpoint)."""
+    optimizer, measure the model before training (or restore a checkpoint). Under torchrun
+    every rank loads and prepares the same data itself, deterministically; rank 0 checks the
+    output dir, measures and writes."""
     output_dir = Path(config.output_dir)
     t = config.training
-    check_writable(output_dir)
+    quiet_other_ranks(world)
     check_data_files(config)
-    for leftover in remove_unfinished(output_dir):
-        print(f"removed {leftover.name}, left unfinished by an interrupted run")
-    resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
+    device = device_of_rank(pick_device(t.device), world)
+    check_parallel_settings(config, world)
+    start_processes(world, device, t.collective_timeout_s)
+    resume_from = None
+    if world.is_main:
+        for leftover in remove_unfinished(output_dir):
+            print(f"removed {leftover.name}, left unfinished by an interrupted run")
+        resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
+    resume_from = from_main(resume_from, world)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
-    device = pick_device(t.device)
     prepared = prepare(config, device)
-    data = load_examples(config, prepared.encoder, output_dir)
+    data = load_examples(config, prepared.encoder, output_dir, write_rejects=world.is_main)
+    wait_for_all(world, "loading the model and the data")
     model = prepared.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=config.learning_rate, weight_decay=t.weight_decay, **fast_adamw_options(device)
-    )
-    checkpoints = max(2, t.keep_checkpoints + 1)  # the newest K, and the one being written
-    check_free_disk(
-        output_dir,
-        checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
-        f"{checkpoints} checkpoints and the final weights",
-    )
     amp = autocast_dtype(t.precision, device)
     total_steps = optimizer_steps(config, len(data.examples))
-    print(
-        f"training {config.method} on {device} ({precision_note(t.precision, amp, config.method)}): "
-        f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
-        f"examples{micro_batch_note(config)}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
-    )
     assessment = build_assessment(
         config, prepared.encoder, data.held_out, data.held_out_examples, device
     )
     before = None
-    if resume_from is None:
+    if resume_from is None and world.is_main:
         print("measuring the model before training")
         before = assessment.measure(model)
+    wait_for_all(world, "measuring the model before training")
     if t.packing:
         verify_packing_isolation(model, device)
     if t.gradient_checkpointing:
@@ -173,12 +226,34 @@ def start(config: Config) -> Run:
         )
         compile_decoder_layers(model)
     model.train()
+    layers = causal_lm(model).get_decoder().layers
+    trainer = wrap_for_training(TokenLoss(model), layers, world, t.parallelism, amp)
+    params = [p for p in trainer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=t.weight_decay, **fast_adamw_options(device)
+    )
+    if world.is_main:
+        checkpoints = max(2, t.keep_checkpoints + 1)  # the newest K, and the one being written
+        check_free_disk(
+            output_dir,
+            checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
+            f"{checkpoints} checkpoints and the final weights",
+        )
+    print(
+        f"training {config.method} on {device}{processes_note(world, t.parallelism)} "
+        f"({precision_note(t.precision, amp, config.method)}): "
+        f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
+        f"examples{micro_batch_note(config)}{shared_note(world)}, "
+        f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
+    )
     run = Run(
         config=config,
+        world=world,
         output_dir=output_dir,
         device=device,
         amp=amp,
         model=model,
+        trainer=trainer,
         encoder=prepared.encoder,
         data=data,
         base_model_path=prepared.base_model_path,
@@ -197,9 +272,13 @@ def start(config: Config) -> Run:
 
 
 def _resume(run: Run, path: Path) -> None:
-    """Weights, optimizer, RNG states, counters and the data position from a checkpoint.
-    Last, after anything in `start` that draws random numbers: the RNG states come back too."""
-    resumed = load_checkpoint(path, run.model, run.optimizer)
+    """Weights, optimizer, RNG states, counters and the data position from a checkpoint
+    (written by any number of processes). Last, after anything in `start` that draws random
+    numbers: the RNG states come back too."""
+    if is_sharded_checkpoint(path) or run.sharded:
+        resumed = load_any_checkpoint(path, run.trainer, run.optimizer)
+    else:
+        resumed = load_checkpoint(path, run.model, run.optimizer)
     check_same_run(resumed.state["identity"], run.identity, path)
     run.done, run.before = resumed.step, resumed.state["before"]
     run.progress = Progress(**resumed.state["progress"])
@@ -214,6 +293,7 @@ def _resume(run: Run, path: Path) -> None:
 def steps(run: Run) -> dict:
     """Run the optimizer steps from `run.done` to the last; returns the last step's record."""
     config, t, progress, total = run.config, run.config.training, run.progress, run.total_steps
+    world = run.world
     lengths = [len(ex.input_ids) for ex in run.data.examples]
     batching = {
         "batch_size": t.batch_size,
@@ -223,23 +303,33 @@ def steps(run: Run) -> dict:
     warmup = int(t.warmup_ratio * total)
     clock = TrainingClock(progress.elapsed_s)
     record: dict = {}
-    bar = tqdm(range(run.done, total), "train", initial=run.done, total=total, dynamic_ncols=True)
+    bar = tqdm(
+        range(run.done, total),
+        "train",
+        initial=run.done,
+        total=total,
+        dynamic_ncols=True,
+        disable=not world.is_main,
+    )
     metrics_path = run.output_dir / "metrics.jsonl"
-    with open_metrics(metrics_path, run.done) as metrics, stop_requests() as stop:
+    metrics = open_metrics(metrics_path, run.done) if world.is_main else open(os.devnull, "w")  # noqa: SIM115
+    with metrics, stop_requests() as stop:
         for step in bar:
             lr = learning_rate_at(step, total, warmup, config.learning_rate, t.schedule)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
+            torch.manual_seed(step_seed(t.seed, step, world.rank))
             epoch, indices = next(run.stream)
-            batches = step_batches(
-                run.data.examples, lengths, indices, run.encoder.pad_id, **batching
+            mine = share_of_step(indices, lengths, world)
+            batches = step_batches(run.data.examples, lengths, mine, run.encoder.pad_id, **batching)
+            loss, trained = accumulate_gradients(
+                run.trainer, batches, run.device, run.amp, world, run.encoder.pad_id
             )
-            loss, trained = accumulate_gradients(run.model, batches, run.device, run.amp)
             grad_norm = gradient_norm(run.params, t.max_grad_norm)
             applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)
-            _count(progress, batches, trained, run.flops, clock)
+            stopping = _count(run, batches, trained, clock, stop.signal is not None)
             record = step_record(step + 1, epoch + 1, loss, lr, grad_norm, progress, t)
-            record["micro_batches"] = len(batches)
+            record["micro_batches"] = max_over_ranks(len(batches), world, run.device)
             record["rows"] = sum(len(b.input_ids) for b in batches)  # < examples when packed
             if not applied:
                 record["skipped"] = True
@@ -250,15 +340,16 @@ def steps(run: Run) -> dict:
             metrics.flush()
             if (step + 1) % t.log_every == 0 or step + 1 == total:
                 bar.set_postfix(progress_figures(record), refresh=False)
-            if _due(step + 1, total, t.save_every) or stop.signal:
+            if _due(step + 1, total, t.save_every) or stopping:
                 run.save_checkpoint(step + 1)
-            if stop.signal and step + 1 < total:
+            if stopping and step + 1 < total:
                 bar.close()
+                signal_number = stop.signal or signal.SIGTERM
                 raise RunInterrupted(
-                    f"stopped by {stop.signal.name} after step {step + 1} of {total}; "
-                    f"checkpoint saved to {latest_checkpoint(run.output_dir)}. To go on, run "
-                    "the same command with resume=auto",
-                    stop.signal,
+                    f"stopped by {signal.Signals(signal_number).name} after step {step + 1} of "
+                    f"{total}; checkpoint saved to {latest_checkpoint(run.output_dir)}. To go "
+                    "on, run the same command with resume=auto",
+                    signal_number,
                 )
     bar.close()
     return record
@@ -266,7 +357,8 @@ def steps(run: Run) -> dict:
 
 def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) -> bool:
     """Apply the update when loss and gradients are finite; otherwise skip it, or stop the
-    run once more steps were skipped than training.skip_nonfinite_steps allows."""
+    run once more steps were skipped than training.skip_nonfinite_steps allows. (Loss and
+    norm are the same on every rank, so every rank decides alike.)"""
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:
         run.optimizer.step()
@@ -286,88 +378,70 @@ def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) 
 
 
 def _eval_loss_keeping_the_best(run: Run) -> float:
-    eval_loss = run.assessment.loss(run.model)
+    """The held-out loss, each rank measuring its share of the held-out examples."""
+    world, held_out = run.world, run.assessment.held_out
+    share = held_out[world.rank :: world.size]
+    passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, run.device)
+    total, count = summed_loss_and_count(
+        run.trainer, share, run.device, run.encoder.pad_id, EVAL_BATCH, passes
+    )
+    total, count = sum_over_ranks([total, count], world, run.device)
+    eval_loss = total / max(count, 1)
     if run.config.eval.save_best and eval_loss < run.progress.best_eval:
         run.progress.best_eval = eval_loss
-        save_best(run.output_dir, run.save_model)
+        if world.is_main:
+            save_best(run.output_dir, run.save_model)
+        wait_for_all(world)
     return eval_loss
 
 
-def _count(progress: Progress, batches: list[Batch], trained: int, flops: FlopModel, clock):
-    progress.tokens += sum(b.real_tokens for b in batches)
+def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: bool) -> bool:
+    """Add the step's tokens and FLOPs (of every rank) to the progress; returns whether any
+    rank was asked to stop, so that every rank stops after the same step."""
+    flops = sum(run.flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches)
+    real = sum(b.real_tokens for b in batches)
+    real, flops, stops = sum_over_ranks([real, flops, stop_requested], run.world, run.device)
+    progress = run.progress
+    progress.tokens += int(real)
     progress.trained_tokens += trained
-    progress.flops += sum(flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches)
+    progress.flops += flops
     progress.elapsed_s = clock.elapsed()
+    return stops > 0
 
 
 # ---- finish --------------------------------------------------------------------------------
 
 
 def finish(run: Run, last_record: dict) -> Path:
-    """Measure the trained model, save it, and write the report."""
-    print("measuring the model after training")
-    # The loop already measured the final eval loss on these weights; do not repeat it.
-    after = run.assessment.measure(run.model, eval_loss=last_record.get("eval_loss"))
-    publish_best(run.output_dir)
-    save_final(run.output_dir, run.save_model)
-    summary = run.assessment.compare(run.before, after, run.config.eval.samples)
-    finish_report(run.config, run.data, summary, run.output_dir)
-    print(f"saved to {run.output_dir}")
+    """Measure the trained model, save it, and write the report (rank 0; under FSDP the
+    weights are first gathered into one whole model there)."""
+    model = run.model
+    if run.sharded:
+        model = gather_whole_model(
+            run.trainer, run.world, lambda: prepare(run.config, run.device).model
+        )
+    if run.world.is_main:
+        print("measuring the model after training")
+        # The loop already measured the final eval loss on these weights; do not repeat it.
+        after = run.assessment.measure(model, eval_loss=last_record.get("eval_loss"))
+        publish_best(run.output_dir)
+        save_final(run.output_dir, lambda folder: run.save_model(folder, model))
+        summary = run.assessment.compare(run.before, after, run.config.eval.samples)
+        finish_report(run.config, run.data, summary, run.output_dir)
+        print(f"saved to {run.output_dir}")
+    wait_for_all(run.world, "measuring and saving the trained model")
     return run.output_dir
 
 
-# ---- the parts of a step -------------------------------------------------------------------
-
-
-def learning_rate_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    if schedule == "constant":
-        return peak
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return peak * max(0.0, 1.0 - progress)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def optimizer_steps(config: Config, n_examples: int) -> int:
-    t = config.training
-    if t.max_steps:
-        return t.max_steps
-    per_epoch = math.ceil(n_examples / (t.batch_size * t.grad_accum))
-    return max(1, math.ceil(per_epoch * t.epochs))
-
-
-def accumulate_gradients(model, batches: list[Batch], device, amp) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step.
-
-    Each micro-batch contributes (sum of its token losses) / (trained tokens in the whole
-    step), so the gradient is that of the mean over the step's trained tokens, however the
-    step is split. Returns (that mean loss, trained tokens)."""
-    step_trained = sum(b.trained_tokens for b in batches)
-    total = 0.0
-    # Under autocast, peft's own cast of each adapter's input to fp32 only adds a copy per
-    # adapter (kept for the backward): autocast runs those matmuls in bf16 anyway.
-    with adapter_input_casts(model, enabled=amp is None):
-        for batch in batches:
-            batch = batch.to(device)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss_sum = summed_token_loss(
-                    model, batch.input_ids, batch.labels, batch.position_ids
-                )
-            (loss_sum / step_trained).backward()
-            total += loss_sum.item()
-    return total / step_trained, step_trained
-
-
-def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
-    """The gradients' total norm, clipping them to `max_norm` when set."""
-    if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+# ---- helpers ------------------------------------------------------------------------------
 
 
 def _due(step: int, total: int, every: int | None) -> bool:
     """Whether something done every `every` steps, and after the last, is due after `step`."""
     return step == total or (every is not None and step % every == 0)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The random numbers of a step (dropout) come from (seed, step, rank) alone, so a
+    resumed run draws them as the uninterrupted one did, whatever it saved."""
+    return seed * 1_000_003 + step * 1009 + rank

@@ -1,0 +1,254 @@
+"""Many processes, one update: data parallelism with torch.distributed, launched by torchrun.
+
+`torchrun --nproc_per_node N -m sftforge train config.yaml` starts N copies of the run. The
+contract with the launcher is torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/MASTER_PORT), so Slurm, Kubernetes and cloud launchers that set it work too.
+A plain `sftforge train` is one process and never touches torch.distributed.
+
+What is the same whatever the number of processes:
+- An optimizer step is `batch_size x grad_accum` examples in all, drawn as in one process;
+  each rank takes a disjoint share of them (`share_of_step`, balanced by tokens).
+- Each rank's summed token loss is divided by the step's *global* count of trained tokens
+  (summed over ranks) and multiplied by the world size, because DDP and FSDP average the
+  gradients over ranks: the gradient is that of the mean over every trained token of the
+  step, as in one process.
+- Every rank runs the same number of micro-batches (a rank with fewer runs empty ones that
+  train nothing): FSDP gathers each layer's weights in every forward, on all ranks at once.
+
+DDP keeps a whole copy of the model on each rank; FSDP2 (`fully_shard`, one unit per decoder
+layer and one for the rest) keeps a shard of each weight, of the gradients and of the
+optimizer state, and gathers a layer's weights just before it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Collectives inside training time out after the config's training.collective_timeout_s.
+# Waiting for the other ranks to finish loading the model and the data, or for rank 0 to
+# measure and save, is bounded by this much longer limit instead: a slow rank there is
+# normal, and a rank that died is noticed by the launcher, which stops the others.
+STARTUP_TIMEOUT = timedelta(hours=6)
+
+
+class DistributedError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's processes (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # its number on its machine: which GPU it takes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.size > 1
+
+
+ALONE = World()  # one process
+
+
+def world_from_environment() -> World:
+    """The world torchrun (or another launcher) describes in RANK, WORLD_SIZE, LOCAL_RANK."""
+    size = os.environ.get("WORLD_SIZE")
+    if size is None or int(size) == 1:
+        return World()
+    missing = [
+        name
+        for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        if name not in os.environ
+    ]
+    if missing:
+        raise DistributedError(
+            f"WORLD_SIZE={size} but {', '.join(missing)} not set: start many processes with "
+            "torchrun (torchrun --nproc_per_node N -m sftforge train config.yaml), or a "
+            "launcher that sets torchrun's variables"
+        )
+    return World(int(os.environ["RANK"]), int(size), int(os.environ["LOCAL_RANK"]))
+
+
+def device_of_rank(device: torch.device, world: World) -> torch.device:
+    """Each process on a machine takes its own GPU (its LOCAL_RANK); CPU ranks share the CPU."""
+    if not world.is_distributed or device.type != "cuda":
+        return device
+    if device.index not in (None, world.local_rank):
+        raise DistributedError(
+            f"config key 'training.device': {device} under torchrun; each process takes the "
+            "GPU of its LOCAL_RANK. Use training.device=cuda (or auto), and choose GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    if world.local_rank >= torch.cuda.device_count():
+        raise DistributedError(
+            f"rank {world.rank} has LOCAL_RANK {world.local_rank} but this machine shows "
+            f"{torch.cuda.device_count()} GPUs; start at most that many processes per machine"
+        )
+    torch.cuda.set_device(world.local_rank)
+    return torch.device("cuda", world.local_rank)
+
+
+def start_processes(world: World, device: torch.device, timeout_s: float) -> None:
+    """Join the process group: NCCL between GPUs, gloo between CPU processes. Also a gloo
+    group with a long timeout for the waits that are not training collectives."""
+    global _waiting_group
+    if not world.is_distributed:
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    _waiting_group = dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT)
+
+
+def end_processes() -> None:
+    global _waiting_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _waiting_group = None
+
+
+_waiting_group = None
+
+
+def wait_for_all(world: World, what: str = "") -> None:
+    """Wait, up to STARTUP_TIMEOUT, until every rank gets here: after preparing, and while
+    rank 0 measures or saves alone (`what` is said on rank 0)."""
+    if not world.is_distributed:
+        return
+    if world.is_main and what:
+        print(f"waiting for every rank to finish {what}", flush=True)
+    dist.barrier(group=_waiting_group)
+
+
+def share_of_step(indices: list[int], lengths: list[int], world: World) -> list[int]:
+    """This rank's examples of an optimizer step: longest first, each to the rank holding
+    the fewest tokens so far (ties to the lowest rank). Disjoint, covering the step, and the
+    same on every rank (a function of the step alone)."""
+    if not world.is_distributed:
+        return indices
+    tokens = [0] * world.size
+    mine = []
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        rank = min(range(world.size), key=lambda r: (tokens[r], r))
+        tokens[rank] += lengths[i]
+        if rank == world.rank:
+            mine.append(i)
+    return mine
+
+
+def sum_over_ranks(values: list[float], world: World, device: torch.device) -> list[float]:
+    """Element-wise sums over the ranks (in float64: token counts stay exact)."""
+    if not world.is_distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def max_over_ranks(value: int, world: World, device: torch.device) -> int:
+    if not world.is_distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def rank_prefix(world: World) -> str:
+    return f"[rank {world.rank}] " if world.is_distributed else ""
+
+
+def quiet_other_ranks(world: World) -> None:
+    """Ranks other than 0 print nothing on stdout (progress, figures, report lines are rank
+    0's); their errors still go to stderr, named by rank."""
+    if world.is_distributed and not world.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def wrap_for_training(
+    loss_module: torch.nn.Module, decoder_layers, world: World, parallelism: str, amp
+):
+    """`loss_module` (a TokenLoss) under DDP, or sharded by FSDP2 one decoder layer at a time
+    and the rest (embeddings, final norm, head) as the outermost unit; unchanged when alone.
+    Adapters are attached before: FSDP shards them with the layer they belong to."""
+    if not world.is_distributed:
+        return loss_module
+    if parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(loss_module.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(loss_module, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else None
+    options = {"mp_policy": policy} if policy else {}
+    for layer in decoder_layers:
+        fully_shard(layer, **options)
+    fully_shard(loss_module, **options)
+    return loss_module
+
+
+def gradient_sync(wrapped: torch.nn.Module, enabled: bool):
+    """Whether the next backward reduces gradients over the ranks (only the last
+    micro-batch of a step needs to): DDP's no_sync, FSDP2's set_requires_gradient_sync."""
+    from contextlib import nullcontext
+
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(enabled)
+        return nullcontext()
+    if hasattr(wrapped, "no_sync") and not enabled:  # DDP
+        return wrapped.no_sync()
+    return nullcontext()
+
+
+def from_main(value, world: World):
+    """`value` as rank 0 has it, on every rank (any picklable value)."""
+    if not world.is_distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_parallel_settings(config, world: World) -> None:
+    """What many processes cannot do yet, refused before anything loads."""
+    if not world.is_distributed:
+        return
+    parallelism = config.training.parallelism
+    if config.method == "qlora" and parallelism == "fsdp":
+        raise DistributedError(
+            "config key 'training.parallelism': fsdp cannot shard QLoRA's 4-bit base "
+            "(bitsandbytes stores it as packed uint8 with its quantization state beside it); "
+            "use training.parallelism=ddp, which keeps a whole 4-bit base on each GPU and "
+            "reduces the adapters' gradients only"
+        )
+    if config.eval.save_best and parallelism == "fsdp":
+        raise DistributedError(
+            "config key 'eval.save_best': not yet with training.parallelism=fsdp (the best "
+            "weights would have to be gathered at every evaluation); use ddp, or keep "
+            "checkpoints (training.save_every) and convert the best one"
+        )
+
+
+def processes_note(world: World, parallelism: str) -> str:
+    if not world.is_distributed:
+        return ""
+    return f" x {world.size} processes ({parallelism.upper()})"
+
+
+def shared_note(world: World) -> str:
+    return f" in all, shared out over {world.size} processes" if world.is_distributed else ""
