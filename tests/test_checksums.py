@@ -59,6 +59,23 @@ def test_every_file_is_recorded_with_its_sha256_and_size_subfolders_included(tmp
     assert verify_checkpoint(target).startswith("shards/rank-1.safetensors: 9 bytes, 10 ")
 
 
+def test_resume_auto_checks_a_checkpoint_of_sharded_files_by_its_checksums_alone(tmp_path, capsys):
+    def sharded(folder: Path) -> None:  # no one-process weight files: what FSDP ranks write
+        (folder / "state.json").write_text("{}")
+        (folder / "sharded").mkdir()
+        (folder / "sharded" / "__0_0.distcp").write_bytes(b"\x01" * 64)
+
+    for step in (2, 4):
+        write_atomically(tmp_path / "checkpoints" / f"step-00000{step}", sharded)
+    flip_a_byte(tmp_path / "checkpoints" / "step-000004" / "sharded" / "__0_0.distcp")
+
+    assert resume_point("auto", False, tmp_path).name == "step-000002"
+    assert capsys.readouterr().out == (
+        "skipped checkpoints/step-000004: sharded/__0_0.distcp: sha256 differs from when it "
+        "was written (corrupted)\n"
+    )
+
+
 def test_a_fresh_checkpoint_verifies(tmp_path):
     [checkpoint] = checkpoints(tmp_path, 2)
 
@@ -89,7 +106,7 @@ def test_a_missing_file_is_detected(tmp_path):
     [checkpoint] = checkpoints(tmp_path, 2)
     (checkpoint / "rng.safetensors").unlink()
 
-    assert verify_checkpoint(checkpoint) == "rng.safetensors: missing"
+    assert verify_checkpoint(checkpoint) == "not a complete checkpoint (missing rng.safetensors)"
 
 
 def test_a_lost_checksums_file_is_not_taken_for_an_older_checkpoint(tmp_path):

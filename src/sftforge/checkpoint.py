@@ -141,9 +141,9 @@ def load_checkpoint(
     """Restore weights, optimizer and RNG states from `path`, once its files are verified
     against its checksums; returns the run's counters."""
     missing = [name for name in RESUME_FILES if not (path / name).is_file()]
-    problem = verify_checkpoint(path)
-    if missing or problem:
-        raise CheckpointError(damaged_message(path, problem or _incomplete(missing)))
+    problem = _incomplete(missing) if missing else verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(damaged_message(path, problem))
     state = json.loads((path / "state.json").read_text("utf-8"))
     load_trainable_state(model, load_file(path / "trainable.safetensors"), path)
     restore_optimizer_state(optimizer, load_file(path / "optimizer.safetensors"), state)
@@ -153,8 +153,8 @@ def load_checkpoint(
 
 def damaged_message(path: Path | str, problem: str) -> str:
     return (
-        f"{path}: {problem}; restore the file from a copy, or resume from another checkpoint "
-        "(resume=auto falls back to the newest one that verifies)"
+        f"{path}: {problem}; restore what is named from a copy, or resume from another "
+        "checkpoint (resume=auto falls back to the newest one that verifies)"
     )
 
 
@@ -392,7 +392,7 @@ def _delete(path: Path) -> None:
 def record_checksums(folder: Path) -> None:
     """Write `checksums.json` in `folder`: each file's (recursively, relative posix path)
     sha256 and size."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / CHECKSUMS)
     manifest = {
         p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
         for p in files
@@ -406,7 +406,7 @@ def verify_checkpoint(path: Path) -> str | None:
     sftforge kept checksums cannot be verified: it passes (None), so that a run upgraded
     mid-way still resumes; its caller may say so."""
     if not (path / CHECKSUMS).is_file():
-        if _state(path).get("checksummed"):
+        if _readable_state(path).get("checksummed"):
             return f"no {CHECKSUMS}, though state.json says it was written with one (deleted?)"
         return None
     try:
@@ -440,15 +440,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _state(path: Path) -> dict:
+def _readable_state(path: Path) -> dict:
     try:
         state = json.loads((path / "state.json").read_text("utf-8"))
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) else {}
-
-
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Delete all complete checkpoints but the newest `keep`."""
-    for old in step_checkpoints(output_dir)[:-keep]:
-        _delete(old)

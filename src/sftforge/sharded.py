@@ -72,7 +72,7 @@ def save_sharded_checkpoint(
         (folder / "state.json").write_text(json.dumps(full_state), "utf-8")
 
     write_atomically(checkpoint_root(output_dir) / f"step-{step:06d}", write)
-    prune_checkpoints(output_dir, keep)
+    prune_checkpoints(output_dir, keep, written=step)
 
 
 def load_any_checkpoint(

@@ -1,0 +1,207 @@
+"""Many processes, one update: torchrun with DDP and FSDP2 (gloo, 2 CPU processes of one
+thread each) gives the same per-step losses and final weights as one process; a run
+resumes on another number of processes; a failing rank ends the run; a slow rank's
+preparation does not time out the others."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftforge.batches import step_batches, step_stream
+from sftforge.checkpoint import verify_checkpoint
+from sftforge.config import load_config
+from sftforge.data import load_examples
+from sftforge.distributed import World, share_of_step
+from sftforge.model import load_tokenizer
+from sftforge.prepare import text_side
+
+DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+FAULTY_RANK = Path(__file__).parent / "faulty_rank.py"
+STEPS = 4
+
+
+def settings(model_dir: str, data: Path, method: str) -> list[str]:
+    return [
+        f"model={model_dir}",
+        f"data.train={data}",
+        f"method={method}",
+        f"training.max_steps={STEPS}",
+        "training.save_every=2",
+        "training.keep_checkpoints=2",
+        "training.batch_size=1",
+        "training.grad_accum=5",  # 5 examples a step: 3 on one rank, 2 on the other
+        "training.packing=true",
+        "training.micro_batch_tokens=256",  # one packed row per micro-batch
+        "training.precision=fp32",
+        "training.device=cpu",
+        "training.lr=1e-3",
+        "lora.dropout=0",
+        "max_length=256",
+        "eval.forgetting=false",
+        "eval.held_out=4",
+        "eval.every=2",
+    ]
+
+
+def launch(processes: int, args: list[str], script: Path | None = None, timeout=300, **env):
+    """`sftforge train ARGS` in one process, or under torchrun in `processes`."""
+    program = [str(script)] if script else ["-m", "sftforge"]
+    if processes == 1:
+        command = [sys.executable, *program, "train", *args]
+    else:
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = [sys.executable, *torchrun, *program, "train", *args]
+    environment = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        command, env=environment | env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_to_end(processes: int, args: list[str]) -> None:
+    done = launch(processes, args)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def losses(output_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows]
+
+
+def eval_losses(output_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["eval_loss"] for row in rows if "eval_loss" in row]
+
+
+def final_weights(output_dir: Path, method: str) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    return load_file(output_dir / name)
+
+
+def assert_same_training(actual: Path, expected: Path, method: str) -> None:
+    assert losses(actual) == pytest.approx(losses(expected), rel=1e-5, abs=1e-5)
+    assert eval_losses(actual) == pytest.approx(eval_losses(expected), rel=1e-5, abs=1e-5)
+    want, got = final_weights(expected, method), final_weights(actual, method)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:40]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, data):
+    """run(processes, parallelism, method): the output dir of that uninterrupted run, made
+    once."""
+    made = {}
+
+    def run(processes: int, parallelism: str, method: str) -> Path:
+        key = (processes, parallelism, method)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp(f"run-{processes}-{parallelism}-{method}")
+            args = settings(tiny_model_dir, data, method)
+            run_to_end(
+                processes, args + [f"output_dir={made[key]}", f"training.parallelism={parallelism}"]
+            )
+        return made[key]
+
+    return run
+
+
+def test_the_ranks_shares_of_a_step_are_disjoint_cover_it_and_differ_in_trained_tokens(
+    tiny_model_dir, data, tmp_path
+):
+    """What the equivalence test below runs: the steps' examples cut over 2 ranks, packed,
+    with different numbers of trained tokens (and of micro-batches) on the two ranks."""
+    config = load_config(None, settings(tiny_model_dir, data, "lora") + [f"output_dir={tmp_path}"])
+    encoder, _ = text_side(load_tokenizer(tiny_model_dir), "auto")
+    examples = load_examples(config, encoder, tmp_path).examples
+    lengths = [len(e.input_ids) for e in examples]
+    stream = step_stream(len(examples), 5, config.training.seed)
+    trained_differ = micro_batches_differ = packed = False
+    for _ in range(STEPS):
+        _, step = next(stream)
+        shares = [share_of_step(step, lengths, World(rank, 2, rank)) for rank in (0, 1)]
+        assert sorted(shares[0] + shares[1]) == sorted(step)
+        cut = [step_batches(examples, lengths, s, 0, 1, 256, 256) for s in shares]
+        trained = [sum(b.trained_tokens for b in batches) for batches in cut]
+        trained_differ |= trained[0] != trained[1]
+        micro_batches_differ |= len(cut[0]) != len(cut[1])
+        packed |= any(b.position_ids is not None for batches in cut for b in batches)
+    assert trained_differ and micro_batches_differ and packed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_ddp_and_fsdp_on_two_processes_train_as_one_process_does(runs, method):
+    alone = runs(1, "ddp", method)
+    assert_same_training(runs(2, "ddp", method), alone, method)
+    assert_same_training(runs(2, "fsdp", method), alone, method)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_run_resumes_on_another_number_of_processes(runs, tiny_model_dir, data, tmp_path, method):
+    """Stopped after step 2 on 2 FSDP processes, it goes on in 1; stopped on 1, it goes on
+    in 2 (FSDP): the losses and final weights are those of the uninterrupted run."""
+    args = settings(tiny_model_dir, data, method) + ["resume=auto"]
+    for written_by, goes_on in ((runs(2, "fsdp", method), 1), (runs(1, "ddp", method), 2)):
+        resumed = tmp_path / f"from-{written_by.name}"
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copytree(written_by / "checkpoints/step-000002", resumed / "checkpoints/step-000002")
+        shutil.copy(written_by / "metrics.jsonl", resumed / "metrics.jsonl")
+        run_to_end(goes_on, args + [f"output_dir={resumed}", "training.parallelism=fsdp"])
+        assert_same_training(resumed, written_by, method)
+
+
+@pytest.mark.slow
+def test_one_rank_failing_ends_the_whole_run_with_its_message_and_the_checkpoint_intact(
+    tiny_model_dir, data, tmp_path
+):
+    out = tmp_path / "run"
+    args = settings(tiny_model_dir, data, "lora") + [f"output_dir={out}"]
+    started = time.monotonic()
+    done = launch(2, args, FAULTY_RANK, timeout=240, FAULTY_RANK="1", FAIL_AT_STEP="3")
+    took = time.monotonic() - started
+
+    assert done.returncode != 0
+    assert took < 180
+    assert "[rank 1]" in done.stderr and "injected failure in step 3" in done.stderr
+    checkpoint = out / "checkpoints/step-000002"
+    assert verify_checkpoint(checkpoint) is None
+    assert not (out / "checkpoints/step-000004").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_slow_rank_preparing_its_data_does_not_time_out_the_others(
+    tiny_model_dir, data, tmp_path
+):
+    """Rank 1 prepares 12 s longer than the collectives' 4 s timeout: the others wait for it
+    without failing (that wait is not a training collective)."""
+    out = tmp_path / "run"
+    args = settings(tiny_model_dir, data, "lora") + [
+        f"output_dir={out}",
+        "training.collective_timeout_s=4",
+        "training.max_steps=2",
+    ]
+    done = launch(2, args, FAULTY_RANK, FAULTY_RANK="1", SLOW_PREPARE_S="12")
+
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert len(losses(out)) == 2
