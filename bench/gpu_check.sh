@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, about 8 minutes on one GPU: short full, LoRA and QLoRA fine-tunes of
-# SmolLM2-135M in bf16 with SDPA (and LoRA with flash-attention 2 on packed rows, where
+# The GPU check, about 8 minutes on one GPU (a few more on two): short full, LoRA and QLoRA
+# fine-tunes of SmolLM2-135M in bf16 with SDPA (and LoRA with flash-attention 2 on packed rows, where
 # flash_attn imports), each printing tokens/s, peak GPU memory, and the largest gap of its
 # loss to the CPU fp32 reference at equal steps (bench/results/gpu_check_reference.json,
 # written on the CPU by: bench/method_memory.py --device cpu --precision fp32 --steps 8
-# --repeats 1 --write-reference bench/results/gpu_check_reference.json).
+# --repeats 1 --write-reference bench/results/gpu_check_reference.json). Where the machine
+# has two GPUs or more, the same LoRA steps on 1 process and on 2 (torchrun: DDP and FSDP2).
 #
 #   bash bench/gpu_check.sh [MODEL]          # MODEL: smollm2-135m (default), a folder, a .gguf
 #
@@ -49,4 +50,14 @@ if has flash_attn; then
     --attention flash_attention_2 --packing
 else
   echo "flash_attn is not installed: the packed flash-attention case is skipped"
+fi
+
+# More than one GPU: the same LoRA steps on 1 process and on 2 (DDP and FSDP2, NCCL), with
+# tokens/s and the largest loss gap to the one-process run (the update is meant to be equal).
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l || echo 0)
+if [ "$gpus" -ge 2 ]; then
+  timeout 300 "$PY" bench/data_parallel.py --model "$MODEL" --device cuda --processes 2 \
+    --steps 8 --examples 16 --repeats 1 --threads 4
+else
+  echo "one GPU: the 2-process (torchrun) case is skipped"
 fi

@@ -20,6 +20,7 @@ from sftforge.checkpoint import verify_checkpoint
 from sftforge.config import load_config
 from sftforge.data import load_examples
 from sftforge.distributed import World, share_of_step
+from sftforge.export import convert_checkpoint
 from sftforge.model import load_tokenizer
 from sftforge.prepare import text_side
 
@@ -205,3 +206,20 @@ def test_a_slow_rank_preparing_its_data_does_not_time_out_the_others(
 
     assert done.returncode == 0, done.stderr[-4000:]
     assert len(losses(out)) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_sharded_checkpoint_converts_into_the_runs_plain_model(runs, tmp_path, method):
+    """The last checkpoint of an FSDP run, written in shards, becomes the model (or adapter)
+    the run itself saved at the end."""
+    written = runs(2, "fsdp", method)
+    checkpoint = written / "checkpoints/step-000004"
+    assert (checkpoint / "sharded").is_dir() and not (checkpoint / "trainable.safetensors").exists()
+
+    convert_checkpoint(checkpoint, tmp_path / "plain")
+
+    want, got = final_weights(written, method), final_weights(tmp_path / "plain", method)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)

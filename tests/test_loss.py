@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from model_families import tiny_gemma3
 
 from sftforge.batches import collate, epoch_steps
-from sftforge.loss import summed_token_loss, trained_token_count
+from sftforge.loss import TokenLoss, summed_token_loss, trained_token_count
 from sftforge.tokenize import IGNORE_INDEX, Example
-from sftforge.train import accumulate_gradients
+from sftforge.update import accumulate_gradients
 
 VOCAB = 512
 
@@ -36,11 +36,11 @@ def test_four_micro_batches_of_two_give_the_gradient_of_one_batch_of_eight(tiny_
     examples = random_examples(8)
     cpu = torch.device("cpu")
 
-    loss_one, n_one = accumulate_gradients(model, [collate(examples, 0)], cpu, None)
+    loss_one, n_one = accumulate_gradients(TokenLoss(model), [collate(examples, 0)], cpu, None)
     one = gradients(model)
     model.zero_grad(set_to_none=True)
     micro = [collate(examples[i : i + 2], 0) for i in range(0, 8, 2)]
-    loss_four, n_four = accumulate_gradients(model, micro, cpu, None)
+    loss_four, n_four = accumulate_gradients(TokenLoss(model), micro, cpu, None)
     four = gradients(model)
 
     assert n_one == n_four == sum(e.trained_token_count for e in examples)
@@ -55,7 +55,7 @@ def test_averaging_each_micro_batch_instead_would_change_the_gradient(tiny_model
     model = tiny_model_factory(VOCAB)
     examples = random_examples(8)
     micro = [collate(examples[i : i + 2], 0) for i in range(0, 8, 2)]
-    accumulate_gradients(model, micro, torch.device("cpu"), None)
+    accumulate_gradients(TokenLoss(model), micro, torch.device("cpu"), None)
     exact = gradients(model)
     model.zero_grad(set_to_none=True)
     for b in micro:

@@ -20,10 +20,10 @@ from sftforge.batches import (
     step_batches,
 )
 from sftforge.flops import flop_model
-from sftforge.loss import chunked_head_loss, summed_token_loss, trained_token_count
+from sftforge.loss import TokenLoss, chunked_head_loss, summed_token_loss, trained_token_count
 from sftforge.model import PackingError, verify_packing_isolation
 from sftforge.tokenize import IGNORE_INDEX, Example
-from sftforge.train import accumulate_gradients
+from sftforge.update import accumulate_gradients
 
 VOCAB = 512
 CPU = torch.device("cpu")
@@ -45,7 +45,7 @@ def gradients(model) -> dict[str, torch.Tensor]:
 
 def loss_and_gradients(model, batches):
     model.zero_grad(set_to_none=True)
-    loss, count = accumulate_gradients(model, batches, CPU, None)
+    loss, count = accumulate_gradients(TokenLoss(model), batches, CPU, None)
     return loss, count, gradients(model)
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,18 @@ def test_a_released_lock_can_be_taken_again_and_a_held_one_cannot(tmp_path):
     with lock_output_dir(tmp_path / "out") as again:
         assert json.loads(again.path.read_text())["pid"] == os.getpid()
     assert (tmp_path / "out" / ".sftforge.lock").read_text() == ""
+
+
+def test_sftforge_train_on_an_output_dir_in_use_is_refused_before_loading_anything(
+    tmp_path, holder
+):
+    from sftforge.config import load_config
+    from sftforge.train import train
+
+    demo = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+    config = load_config(None, [f"data.train={demo}", f"output_dir={tmp_path / 'out'}"])
+    started = time.monotonic()
+    with pytest.raises(RunLockedError, match=f"pid {holder.pid} "):
+        train(config)
+    assert time.monotonic() - started < 2
+    assert not (tmp_path / "out" / "checkpoints").exists()

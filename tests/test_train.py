@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sftforge.cli import main
 from sftforge.config import load_config
 from sftforge.export import save_run
-from sftforge.train import learning_rate_at, train
+from sftforge.train import train
+from sftforge.update import learning_rate_at
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 

@@ -1,4 +1,4 @@
-"""`sftforge train | inspect | eval | compare | chat | sweep | merge | demo`."""
+"""`sftforge train | inspect | eval | compare | chat | sweep | merge | convert | demo`."""
 
 from __future__ import annotations
 
@@ -79,6 +79,13 @@ def _merge(args) -> None:
             "(a qlora run: its adapter was trained on a 4-bit copy of that base, and is "
             "merged into the full-precision base itself, not into the 4-bit copy)"
         )
+
+
+def _convert(args) -> None:
+    from .export import convert_checkpoint
+
+    output = convert_checkpoint(Path(args.checkpoint), Path(args.output))
+    print(f"plain model written to {output} from {args.checkpoint}")
 
 
 def _scorer_from(args):
@@ -241,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="directory written by a LoRA training run")
     p.add_argument("output", help="where to write the merged model")
     p.set_defaults(run=_merge)
+
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="make a plain model or adapter of a checkpoint (also FSDP's sharded ones)",
+    )
+    p.add_argument("checkpoint", help="a checkpoints/step-NNNNNN folder")
+    p.add_argument("output", help="where to write the model or adapter")
+    p.set_defaults(run=_convert)
 
     def add_generation_options(p, default_output: str) -> None:
         p.add_argument("--data", required=True, help="held-out file: prompt + reference answer")

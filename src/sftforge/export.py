@@ -89,3 +89,40 @@ def save_run(
     tokenizer.save_pretrained(folder)
     dump_config(config, folder / "sftforge.yaml")
     (folder / "data_report.json").write_text(json.dumps(data_report, indent=2))
+
+
+def convert_checkpoint(checkpoint: Path, output_dir: Path) -> Path:
+    """A checkpoint written by any number of processes (FSDP's sharded ones included) ->
+    a plain model or adapter directory, loadable with transformers/peft like a run's final
+    model. The base and its adapters are built from the run's settings recorded in the
+    checkpoint, on the CPU, and the trained weights loaded into them."""
+    import torch
+
+    from .checkpoint import CheckpointError, verify_checkpoint
+    from .config import Config
+    from .loss import TokenLoss
+    from .prepare import prepare
+    from .sharded import load_trained_weights
+
+    state_file = checkpoint / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{checkpoint}: not a checkpoint (no state.json)")
+    problem = verify_checkpoint(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"{checkpoint}: {problem}")
+    state = json.loads(state_file.read_text("utf-8"))
+    config = Config.model_validate(state["identity"]["config"])
+    prepared = prepare(config, torch.device("cpu"))
+    load_trained_weights(checkpoint, TokenLoss(prepared.model))
+    encoder = prepared.encoder
+    report = {"base_model": prepared.base_model_path, "converted_from": str(checkpoint)}
+    save_run(
+        output_dir,
+        prepared.model,
+        encoder.tokenizer,
+        encoder.stop_ids,
+        encoder.pad_id,
+        config,
+        report,
+    )
+    return output_dir

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -102,6 +103,21 @@ def load_any_checkpoint(
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
     return Resumed(step=state["step"], state=state)
+
+
+def load_trained_weights(path: Path, trainer: torch.nn.Module) -> None:
+    """The trained weights of checkpoint `path` (sharded or whole) into `trainer`, without
+    the optimizer: for a plain model made of a checkpoint."""
+    weights = get_model_state_dict(trainer, options=TRAINABLE_ONLY)
+    if is_sharded_checkpoint(path):
+        shards = {"model": weights}
+        dcp.load(shards, checkpoint_id=path / SHARDED)
+        weights = shards["model"]
+    else:
+        weights = {f"model.{n}": t for n, t in load_file(path / "trainable.safetensors").items()}
+    set_model_state_dict(
+        trainer, weights, options=StateDictOptions(ignore_frozen_params=True, strict=False)
+    )
 
 
 def _whole_checkpoint_state(path: Path, trainer, state: dict) -> tuple[dict, dict]:

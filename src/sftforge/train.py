@@ -327,10 +327,10 @@ def steps(run: Run) -> dict:
             )
             grad_norm = gradient_norm(run.params, t.max_grad_norm)
             applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)
-            stopping = _count(run, batches, trained, clock, stop.signal is not None)
+            stopping, rows = _count(run, batches, trained, clock, stop.signal is not None)
             record = step_record(step + 1, epoch + 1, loss, lr, grad_norm, progress, t)
             record["micro_batches"] = max_over_ranks(len(batches), world, run.device)
-            record["rows"] = sum(len(b.input_ids) for b in batches)  # < examples when packed
+            record["rows"] = rows  # < examples when packed
             if not applied:
                 record["skipped"] = True
             if run.assessment.held_out and _due(step + 1, total, config.eval.every):
@@ -395,18 +395,21 @@ def _eval_loss_keeping_the_best(run: Run) -> float:
     return eval_loss
 
 
-def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: bool) -> bool:
+def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: bool):
     """Add the step's tokens and FLOPs (of every rank) to the progress; returns whether any
-    rank was asked to stop, so that every rank stops after the same step."""
+    rank was asked to stop (so that every rank stops after the same step), and the step's
+    rows over all ranks."""
     flops = sum(run.flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches)
     real = sum(b.real_tokens for b in batches)
-    real, flops, stops = sum_over_ranks([real, flops, stop_requested], run.world, run.device)
+    rows = sum(len(b.input_ids) for b in batches)
+    totals = sum_over_ranks([real, flops, rows, stop_requested], run.world, run.device)
+    real, flops, rows, stops = totals
     progress = run.progress
     progress.tokens += int(real)
     progress.trained_tokens += trained
     progress.flops += flops
     progress.elapsed_s = clock.elapsed()
-    return stops > 0
+    return stops > 0, int(rows)
 
 
 # ---- finish --------------------------------------------------------------------------------
