@@ -19,7 +19,7 @@ from sftforge.batches import step_batches, step_stream
 from sftforge.checkpoint import verify_checkpoint
 from sftforge.config import load_config
 from sftforge.data import load_examples
-from sftforge.distributed import World, share_of_step
+from sftforge.distributed import DistributedError, World, check_parallel_settings, share_of_step
 from sftforge.export import convert_checkpoint
 from sftforge.model import load_tokenizer
 from sftforge.prepare import text_side
@@ -223,3 +223,45 @@ def test_a_sharded_checkpoint_converts_into_the_runs_plain_model(runs, tmp_path,
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_qlora_under_ddp_trains_as_one_process_does(smollm2_path, data, tmp_path):
+    """Each rank holds the whole 4-bit base; only the adapters' gradients are reduced."""
+    args = [
+        f"model={smollm2_path}",
+        f"data.train={data}",
+        "method=qlora",
+        "training.max_steps=2",
+        "training.batch_size=2",
+        "training.grad_accum=2",
+        "training.precision=fp32",
+        "training.save_every=null",
+        "lora.dropout=0",
+        "max_length=128",
+        "eval.forgetting=false",
+        "eval.samples=0",
+    ]
+    run_to_end(1, args + [f"output_dir={tmp_path / 'alone'}"])
+    run_to_end(2, args + [f"output_dir={tmp_path / 'ddp'}", "training.parallelism=ddp"])
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "alone"), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("settings_given", "refused_key", "advice"),
+    [
+        (["method=qlora"], "training.parallelism", "use training.parallelism=ddp"),
+        (["eval.save_best=true", "eval.held_out=4"], "eval.save_best", "use ddp"),
+    ],
+)
+def test_what_fsdp_cannot_do_is_refused_before_anything_loads(
+    tmp_path, settings_given, refused_key, advice
+):
+    config = load_config(
+        None,
+        [f"data.train={DEMO}", f"output_dir={tmp_path}", "training.parallelism=fsdp"]
+        + settings_given,
+    )
+    check_parallel_settings(config, World(0, 1, 0))  # one process: nothing to refuse
+    with pytest.raises(DistributedError, match=f"config key '{refused_key}'.*{advice}"):
+        check_parallel_settings(config, World(0, 2, 0))
