@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sftforge.atomic import write_atomically
 from sftforge.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     remove_unfinished,
     save_checkpoint,
     step_checkpoints,
-    write_atomically,
 )
 from sftforge.config import ConfigError, load_config
 from sftforge.guards import NonFiniteError

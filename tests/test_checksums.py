@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sftforge.atomic import write_atomically
 from sftforge.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
     step_checkpoints,
     verify_checkpoint,
-    write_atomically,
 )
 from sftforge.preflight import PreflightError, resume_point
 

@@ -6,6 +6,7 @@ preparation does not time out the others."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -52,21 +53,27 @@ def settings(model_dir: str, data: Path, method: str) -> list[str]:
     ]
 
 
-def launch(processes: int, args: list[str], script: Path | None = None, timeout=300, **env):
+def command_for(processes: int, args: list[str], script: Path | None = None) -> list[str]:
     """`sftforge train ARGS` in one process, or under torchrun in `processes`."""
     program = [str(script)] if script else ["-m", "sftforge"]
     if processes == 1:
-        command = [sys.executable, *program, "train", *args]
-    else:
-        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        command = [sys.executable, *torchrun, *program, "train", *args]
-    environment = os.environ | {
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
+        return [sys.executable, *program, "train", *args]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    return [sys.executable, *torchrun, *program, "train", *args]
+
+
+def environment(**extra) -> dict:
+    quiet = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return os.environ | quiet | extra
+
+
+def launch(processes: int, args: list[str], script: Path | None = None, timeout=300, **env):
     return subprocess.run(
-        command, env=environment | env, capture_output=True, text=True, timeout=timeout
+        command_for(processes, args, script),
+        env=environment(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -265,3 +272,36 @@ def test_what_fsdp_cannot_do_is_refused_before_anything_loads(
     check_parallel_settings(config, World(0, 1, 0))  # one process: nothing to refuse
     with pytest.raises(DistributedError, match=f"config key '{refused_key}'.*{advice}"):
         check_parallel_settings(config, World(0, 2, 0))
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_checkpoints_it(
+    tiny_model_dir, data, tmp_path
+):
+    """A preempted job: SIGTERM reaches every rank, maybe in different steps; the ranks agree
+    on the step to stop after, write its (sharded) checkpoint together, and exit."""
+    out = tmp_path / "run"
+    args = settings(tiny_model_dir, data, "lora") + [
+        f"output_dir={out}",
+        "training.max_steps=1000",
+        "training.save_every=null",
+        "training.parallelism=fsdp",
+        "eval.every=null",
+    ]
+    log = (tmp_path / "log.txt").open("w")
+    process = subprocess.Popen(command_for(2, args), env=environment(), stdout=log, stderr=log)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or len(losses(out)) < 3:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    log.close()
+
+    assert process.returncode != 0
+    stopped = len(losses(out))
+    assert 3 <= stopped < 1000
+    said = (tmp_path / "log.txt").read_text()
+    assert f"stopped by SIGTERM after step {stopped} of 1000" in said
+    assert verify_checkpoint(out / f"checkpoints/step-{stopped:06d}") is None
+    assert (out / f"checkpoints/step-{stopped:06d}/sharded").is_dir()

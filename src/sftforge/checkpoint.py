@@ -39,13 +39,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import (
+    CHECKSUMS,
+    TEMPORARY_PREFIX,
+    delete_out_of_sight,
+    publish_files,
+    sha256_of,
+    write_atomically,
+)
 from .config import Config
 from .tokenize import Example
 
 CHECKPOINTS = "checkpoints"
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
-TEMPORARY_PREFIX = "."  # hidden folders: being written, or being deleted
-CHECKSUMS = "checksums.json"
 RESUME_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
@@ -132,7 +138,7 @@ def prune_checkpoints(output_dir: Path, keep: int, written: int | None = None) -
     if written is not None:
         found = [p for p in found if int(STEP_NAME.match(p.name)[1]) <= written]
     for old in found[:-keep]:
-        _delete(old)
+        delete_out_of_sight(old)
 
 
 def load_checkpoint(
@@ -325,79 +331,7 @@ def _numpy_rng_state() -> list | None:
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
-# ---- files ---------------------------------------------------------------------------------
-
-
-def write_atomically(target: Path, write) -> None:
-    """`write(folder)` into a hidden folder beside `target`, record its checksums, fsync it,
-    then rename it into place (replacing an older `target`). Whatever writes into the folder
-    (other processes too, for sharded files) must have finished when `write` returns."""
-    temporary = target.with_name(f"{TEMPORARY_PREFIX}{target.name}.writing-{os.getpid()}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    write(temporary)
-    record_checksums(temporary)
-    _fsync_tree(temporary)
-    if target.exists():
-        _delete(target)
-    os.rename(temporary, target)
-    _fsync(target.parent)
-
-
-def publish_files(staging: Path, output_dir: Path) -> None:
-    """Move a fully written model folder's files into `output_dir`, weights last (and a
-    sharded model's index after its shards): whoever sees the weights sees a whole model."""
-    _fsync_tree(staging)
-
-    def order(path: Path) -> int:
-        if path.name.endswith(".safetensors.index.json"):
-            return 2
-        return 1 if path.name.endswith(".safetensors") else 0
-
-    for path in sorted(staging.iterdir(), key=order):
-        destination = output_dir / path.name
-        if destination.is_dir():
-            shutil.rmtree(destination)
-        os.replace(path, destination)
-    _fsync(output_dir)
-    staging.rmdir()
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        _fsync(path)
-    _fsync(folder)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _delete(path: Path) -> None:
-    """Rename out of sight first, so a kill during the delete never leaves a checkpoint-named
-    folder with files missing."""
-    doomed = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.deleting-{os.getpid()}")
-    os.rename(path, doomed)
-    shutil.rmtree(doomed)
-
-
 # ---- checksums -----------------------------------------------------------------------------
-
-
-def record_checksums(folder: Path) -> None:
-    """Write `checksums.json` in `folder`: each file's (recursively, relative posix path)
-    sha256 and size."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / CHECKSUMS)
-    manifest = {
-        p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-        for p in files
-    }
-    (folder / CHECKSUMS).write_text(json.dumps(manifest, indent=1), "utf-8")
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -423,21 +357,13 @@ def verify_checkpoint(path: Path) -> str | None:
             why = "truncated?" if actual < size else "appended to?"
             return f"{name}: {actual:,} bytes, {size:,} when written ({why})"
     for name, (_, sha256) in expected.items():
-        if _sha256(path / name) != sha256:
+        if sha256_of(path / name) != sha256:
             return f"{name}: sha256 differs from when it was written (corrupted)"
     return None
 
 
 def _incomplete(missing: list[str]) -> str:
     return f"not a complete checkpoint (missing {', '.join(missing)})"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _readable_state(path: Path) -> dict:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from .atomic import CHECKSUMS
 from .checkpoint import (
     CHECKPOINTS,
-    CHECKSUMS,
     CheckpointError,
     damaged_message,
     step_checkpoints,

@@ -33,12 +33,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from .atomic import write_atomically
 from .checkpoint import (
     CheckpointError,
     Resumed,
     checkpoint_root,
     prune_checkpoints,
-    write_atomically,
 )
 from .distributed import World, from_main
 

@@ -13,29 +13,23 @@ import math
 import os
 import random
 import signal
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .assessment import Assessment, build_assessment, finish_report
+from .assessment import build_assessment, finish_report
 from .batches import Batch, step_batches, step_stream
 from .checkpoint import (
-    check_same_run,
-    checkpoint_root,
     latest_checkpoint,
-    load_checkpoint,
     publish_best,
     remove_unfinished,
     run_identity,
     save_best,
-    save_checkpoint,
     save_final,
 )
 from .config import Config
-from .data import TrainingData, load_examples
+from .data import load_examples
 from .distributed import (
     ALONE,
     World,
@@ -55,12 +49,10 @@ from .distributed import (
     wrap_for_training,
 )
 from .evaluate import summed_loss_and_count
-from .export import save_run
-from .flops import FlopModel, flop_model
+from .flops import flop_model
 from .guards import NonFiniteError, RunInterrupted, nonfinite_step, nonfinite_stop, stop_requests
 from .loss import TokenLoss
 from .metrics import (
-    Progress,
     TrainingClock,
     micro_batch_note,
     open_metrics,
@@ -85,14 +77,11 @@ from .preflight import (
     resume_point,
 )
 from .prepare import prepare
+from .run import Run
 from .runlock import lock_output_dir
 from .sharded import (
     gather_whole_model,
-    is_sharded_checkpoint,
-    load_any_checkpoint,
-    save_sharded_checkpoint,
 )
-from .tokenize import Encoder
 from .update import accumulate_gradients, gradient_norm, learning_rate_at, optimizer_steps
 
 EVAL_BATCH = 8  # held-out examples per forward pass
@@ -115,66 +104,6 @@ def _one_run_per_output_dir(output_dir: Path, world: World):
         return contextlib.nullcontext()
     check_writable(output_dir)
     return lock_output_dir(output_dir)
-
-
-@dataclass
-class Run:
-    """Everything the steps need, set up by `start`."""
-
-    config: Config
-    world: World
-    output_dir: Path
-    device: torch.device
-    amp: torch.dtype | None  # autocast dtype, None for fp32
-    model: torch.nn.Module  # the model (sharded in place under FSDP)
-    trainer: torch.nn.Module  # its TokenLoss, under DDP or FSDP when many processes
-    encoder: Encoder
-    data: TrainingData
-    base_model_path: str
-    params: list[torch.nn.Parameter]  # the trainable ones (this rank's shards under FSDP)
-    optimizer: torch.optim.Optimizer
-    assessment: Assessment
-    flops: FlopModel
-    identity: dict  # what a resume must find unchanged
-    total_steps: int
-    stream: Iterator[tuple[int, list[int]]]  # (epoch, example indices) of each step to come
-    done: int = 0  # steps done before this process started (resumed)
-    before: dict | None = None  # the measurements before training
-    progress: Progress = field(default_factory=Progress)
-
-    @property
-    def sharded(self) -> bool:
-        return self.world.is_distributed and self.config.training.parallelism == "fsdp"
-
-    def save_model(self, folder: Path, model: torch.nn.Module | None = None) -> None:
-        """The loadable model or adapter, with everything inference needs (rank 0)."""
-        encoder = self.encoder
-        data_report = self.data.report.__dict__ | {"base_model": self.base_model_path}
-        save_run(
-            folder,
-            model or self.model,
-            encoder.tokenizer,
-            encoder.stop_ids,
-            encoder.pad_id,
-            self.config,
-            data_report,
-        )
-
-    def save_checkpoint(self, step: int) -> Path:
-        """Every rank calls it; rank 0 writes (with the others, under FSDP)."""
-        state = {"identity": self.identity, "before": self.before}
-        state["progress"] = asdict(self.progress)
-        keep = self.config.training.keep_checkpoints
-        if self.sharded:
-            save_sharded_checkpoint(
-                self.output_dir, step, self.trainer, self.optimizer, state, keep, self.world
-            )
-        elif self.world.is_main:
-            save_checkpoint(
-                self.output_dir, step, self.model, self.optimizer, state, keep, self.save_model
-            )
-        wait_for_all(self.world)
-        return checkpoint_root(self.output_dir) / f"step-{step:06d}"
 
 
 # ---- start ---------------------------------------------------------------------------------
@@ -267,24 +196,8 @@ def start(config: Config, world: World = ALONE) -> Run:
         before=before,
     )
     if resume_from is not None:
-        _resume(run, resume_from)
+        run.resume(resume_from)
     return run
-
-
-def _resume(run: Run, path: Path) -> None:
-    """Weights, optimizer, RNG states, counters and the data position from a checkpoint
-    (written by any number of processes). Last, after anything in `start` that draws random
-    numbers: the RNG states come back too."""
-    if is_sharded_checkpoint(path) or run.sharded:
-        resumed = load_any_checkpoint(path, run.trainer, run.optimizer)
-    else:
-        resumed = load_checkpoint(path, run.model, run.optimizer)
-    check_same_run(resumed.state["identity"], run.identity, path)
-    run.done, run.before = resumed.step, resumed.state["before"]
-    run.progress = Progress(**resumed.state["progress"])
-    for _ in range(run.done):
-        next(run.stream)  # the data position: the next step drawn is the first unseen one
-    print(f"resumed from {path} after step {run.done} of {run.total_steps}")
 
 
 # ---- steps ---------------------------------------------------------------------------------
