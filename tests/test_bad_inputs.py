@@ -251,6 +251,13 @@ CASES: dict[str, Case] = {
         1,
     ),
     "CSV with a BOM (accepted)": Case("records/bom.csv", "", "", 2, 0),
+    "a line nested 5,000 levels deep": Case(
+        "records/deeply_nested.jsonl",
+        ":2",
+        "nested too deeply to parse (over about a thousand levels of lists or objects)",
+        2,
+        1,
+    ),
     # -- generated: too big to commit, or not expressible in git
     "a 50 MB line": Case(
         "generated/fifty_mb_line.jsonl",
@@ -285,6 +292,12 @@ CASES: dict[str, Case] = {
         "files/broken_array.json",
         ":4",
         "malformed JSON array: Expecting ',' delimiter (column 1); the file cannot be read",
+    ),
+    "JSON array with a record nested 5,000 levels deep": Case(
+        "files/deeply_nested_array.json",
+        "",
+        "nested too deeply to parse (over about a thousand levels of lists or objects); no "
+        "demonstration is shaped like that: fix or drop the record; the file cannot be read",
     ),
     "JSON array with invalid UTF-8": Case(
         "files/invalid_utf8_array.json",

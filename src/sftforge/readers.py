@@ -111,6 +111,12 @@ def _extensions_text() -> str:
     return ", ".join(EXTENSIONS)
 
 
+TOO_DEEP = (
+    "nested too deeply to parse (over about a thousand levels of lists or objects); no "
+    "demonstration is shaped like that: fix or drop the record"
+)
+
+
 def _read_file(path: Path) -> Iterator[RawRecord]:
     readers = {
         ".csv": _read_csv,
@@ -156,8 +162,13 @@ def _parse_json_line(
         if not raw_line.endswith(b"\n"):  # only the last line can lack its newline
             reason += "; the file ends mid-line, as if cut off while being written or copied"
         return RawRecord(source, text, reason)
+    except RecursionError:
+        return RawRecord(source, text, TOO_DEEP)
     if objects.count > duplicates_before:
-        return RawRecord(source, text, _duplicate_key_reason(_duplicate_key(record)))
+        try:
+            return RawRecord(source, text, _duplicate_key_reason(_duplicate_key(record)))
+        except RecursionError:
+            return RawRecord(source, text, TOO_DEEP)
     return RawRecord(source, record)
 
 
@@ -267,6 +278,11 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
     objects = _ObjectsNotingDuplicateKeys()
     try:
         parsed = json.loads(text, object_pairs_hook=objects)
+    except RecursionError:
+        if is_array:
+            raise DataError(Source(str(path)), f"{TOO_DEEP}; the file cannot be read") from None
+        yield from _read_jsonl(path)  # JSON lines: reject only the lines nested too deep
+        return
     except json.JSONDecodeError as err:
         if is_array:
             # One broken array makes every record in it unreadable: a file-level error,
