@@ -1,4 +1,4 @@
-"""`sftforge train | inspect | eval | compare | chat | sweep | merge | convert | demo`."""
+"""`sftforge train | inspect | eval | compare | chat | sweep | merge | convert | data | demo`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import DataFormat, Method, ScorerKind, TrainOn, Truncation, choices, load_config
+from .data_commands import add_data_commands
 
 
 def _train(args) -> None:
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="one key=v1,v2,... plus fixed overrides")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     p.set_defaults(run=_sweep)
+
+    add_data_commands(sub, common)
 
     p = sub.add_parser(
         "demo", parents=[common], help="fine-tune the embedded model on the bundled task"

@@ -1,0 +1,261 @@
+"""What is in a dataset, before a GPU-hour is spent on it: `sftforge data stats`.
+
+One pass over the conversations, each rendered and tokenized exactly as training would
+(the same Encoder, template and mask), keeping only small per-conversation numbers:
+- records per format, turns per conversation, messages per role;
+- token lengths of prompts (untrained tokens), responses (trained tokens) and whole
+  examples, as terminal histograms (and SVG charts);
+- examples over `max_length`, and the trained tokens dropping or truncating them costs;
+- responses that are very short (empty ones never load), that repeat the prompt, or that
+  are refusal boilerplate ("As an AI language model ..."), each with the records that show it;
+- exact duplicates (after normalising case and whitespace);
+- the share of tokens that are trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .formats import Conversation, DataError
+from .tokenize import Encoder
+
+SHORT_RESPONSE_CHARS = 8  # a response shorter than this (after strip) is listed as very short
+EXAMPLES_SHOWN = 5  # records named per finding
+
+# Boilerplate a model learns to say instead of answering, when a dataset is full of it.
+REFUSAL_PATTERNS = [
+    r"\bas an ai\b",
+    r"\bas a (large )?language model\b",
+    r"\bi(?: am|'m) (?:just |only )?an ai\b",
+    r"\bi(?: am|'m) (?:sorry|afraid),? but i (?:can(?:not|'t)|am unable|'m unable)\b",
+    r"\bi (?:cannot|can't|am unable to|'m unable to) (?:help|assist|provide|comply)\b",
+    r"\bi do(?: not|n't) have (?:personal )?(?:opinions|feelings|beliefs)\b",
+]
+_REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
+
+
+@dataclass
+class Finding:
+    """Records showing one kind of problem: how many, and the first few by file:line."""
+
+    count: int = 0
+    sources: list[str] = field(default_factory=list)
+
+    def add(self, source) -> None:
+        self.count += 1
+        if len(self.sources) < EXAMPLES_SHOWN:
+            self.sources.append(str(source))
+
+
+@dataclass
+class DataStats:
+    max_length: int
+    conversations: int = 0
+    formats: Counter = field(default_factory=Counter)
+    turns: list[int] = field(default_factory=list)  # messages per conversation
+    roles: Counter = field(default_factory=Counter)
+    prompt_tokens: list[int] = field(default_factory=list)  # untrained tokens per example
+    response_tokens: list[int] = field(default_factory=list)  # trained tokens per example
+    example_tokens: list[int] = field(default_factory=list)
+    over_max_length: Finding = field(default_factory=Finding)
+    trained_lost_by_drop: int = 0  # trained tokens of the examples over max_length
+    trained_lost_by_truncate: int = 0  # trained tokens past max_length
+    not_encoded: Counter = field(default_factory=Counter)  # reason -> count (template refused)
+    not_encoded_sources: list[str] = field(default_factory=list)
+    short_responses: Finding = field(default_factory=Finding)
+    echoed_prompts: Finding = field(default_factory=Finding)
+    refusals: Finding = field(default_factory=Finding)
+    exact_duplicates: Finding = field(default_factory=Finding)
+    _seen: set = field(default_factory=set, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.example_tokens)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(self.response_tokens)
+
+
+def collect_stats(
+    conversations: list[Conversation], encoder: Encoder, max_length: int
+) -> DataStats:
+    stats = DataStats(max_length)
+    for conversation in conversations:
+        _count_conversation(stats, conversation, encoder)
+    return stats
+
+
+def _count_conversation(stats: DataStats, conversation: Conversation, encoder: Encoder) -> None:
+    stats.conversations += 1
+    stats.formats[conversation.meta.get("format", "?")] += 1
+    stats.turns.append(len(conversation.messages))
+    stats.roles.update(m.role for m in conversation.messages)
+    digest = hashlib.blake2b(normalized(conversation).encode(), digest_size=16).digest()
+    if digest in stats._seen:
+        stats.exact_duplicates.add(conversation.source)
+    stats._seen.add(digest)
+    _check_responses(stats, conversation)
+    try:
+        example = encoder.encode(conversation)
+    except DataError as err:
+        stats.not_encoded[err.reason] += 1
+        if len(stats.not_encoded_sources) < EXAMPLES_SHOWN:
+            stats.not_encoded_sources.append(str(conversation.source))
+        return
+    trained = example.trained_token_count
+    stats.example_tokens.append(len(example.input_ids))
+    stats.response_tokens.append(trained)
+    stats.prompt_tokens.append(len(example.input_ids) - trained)
+    if len(example.input_ids) > stats.max_length:
+        stats.over_max_length.add(conversation.source)
+        stats.trained_lost_by_drop += trained
+        kept = example.labels[1 : stats.max_length]
+        stats.trained_lost_by_truncate += trained - sum(1 for x in kept if x != -100)
+
+
+def _check_responses(stats: DataStats, conversation: Conversation) -> None:
+    prompt = ""
+    for message in conversation.messages:
+        if message.role != "assistant":
+            prompt = message.content
+            continue
+        answer = message.content.strip()
+        if len(answer) < SHORT_RESPONSE_CHARS:
+            stats.short_responses.add(conversation.source)
+        if _echoes(prompt, answer):
+            stats.echoed_prompts.add(conversation.source)
+        if _REFUSAL.search(answer):
+            stats.refusals.add(conversation.source)
+
+
+def _echoes(prompt: str, answer: str) -> bool:
+    """The answer is the prompt, or starts by repeating a prompt of some length."""
+    p, a = _squash(prompt), _squash(answer)
+    return bool(p) and (a == p or (len(p) >= 20 and a.startswith(p)))
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def normalized(conversation: Conversation) -> str:
+    """The conversation as one string, case and whitespace normalised: what makes two
+    records exact duplicates."""
+    if conversation.is_raw_text:
+        return _squash(conversation.text)
+    return "\n".join(f"{m.role}: {_squash(m.content)}" for m in conversation.messages)
+
+
+# ---- showing it ---------------------------------------------------------------------------
+
+
+def histogram_bins(values: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
+    """(first, last, count) of `bins` equal ranges of whole numbers covering `values`."""
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
+    step = max(1, -(-(hi - lo + 1) // bins))
+    counts = Counter((v - lo) // step for v in values)
+    return [
+        (lo + b * step, lo + b * step + step - 1, counts[b]) for b in range((hi - lo) // step + 1)
+    ]
+
+
+def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
+    """A terminal histogram: one line per range, with a bar scaled to the largest count."""
+    found = histogram_bins(values, bins)
+    if not found:
+        return ["  (none)"]
+    most = max(count for _, _, count in found)
+    lines = []
+    for first, last, count in found:
+        bar = "#" * max(1 if count else 0, round(count / most * width))
+        lines.append(f"  {first:>7,}-{last:<7,} {count:>8,} {bar}")
+    return lines
+
+
+def _spread(values: list[int]) -> str:
+    if not values:
+        return "none"
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return (
+        f"min {ordered[0]:,}, median {statistics.median(ordered):,.0f}, p95 {p95:,}, "
+        f"max {ordered[-1]:,}, mean {statistics.fmean(ordered):,.1f}"
+    )
+
+
+def _finding(name: str, finding: Finding, of: int) -> str:
+    share = f" ({finding.count / of:.1%})" if of else ""
+    shown = f": {', '.join(finding.sources)}" if finding.sources else ""
+    more = " ..." if finding.count > len(finding.sources) else ""
+    return f"  {name:<28}{finding.count:>8,}{share}{shown}{more}"
+
+
+def format_stats(
+    stats: DataStats, rejected: int = 0, near_duplicates: Finding | None = None
+) -> str:
+    n = stats.conversations
+    lines = [f"conversations: {n:,} (rejected by the loader: {rejected:,})"]
+    lines.append("formats: " + ", ".join(f"{k} {v:,}" for k, v in stats.formats.most_common()))
+    lines.append("messages per role: " + ", ".join(f"{k} {v:,}" for k, v in stats.roles.items()))
+    lines.append(f"turns per conversation: {_spread(stats.turns)}")
+    for name, values in (
+        ("prompt tokens (not trained)", stats.prompt_tokens),
+        ("response tokens (trained)", stats.response_tokens),
+        ("whole examples, tokens", stats.example_tokens),
+    ):
+        lines += [f"\n{name}: {_spread(values)}", *histogram(values)]
+    tokens, trained = stats.tokens, stats.trained_tokens
+    lines.append(
+        f"\ntokens: {tokens:,}, trained: {trained:,} ({trained / tokens:.1%} of all)"
+        if tokens
+        else "\ntokens: 0"
+    )
+    over = stats.over_max_length
+    lines.append(f"over max_length {stats.max_length:,}:")
+    lines.append(_finding("examples", over, len(stats.example_tokens)))
+    if over.count:
+        lines.append(
+            f"  dropping them (truncation: drop) loses {stats.trained_lost_by_drop:,} trained "
+            f"tokens; truncating them loses {stats.trained_lost_by_truncate:,}"
+        )
+    if stats.not_encoded:
+        lines.append(f"refused by the chat template: {sum(stats.not_encoded.values()):,}")
+        for reason, count in stats.not_encoded.most_common(3):
+            lines.append(f"  {count:>8,}  {reason}")
+        lines.append(f"  e.g. {', '.join(stats.not_encoded_sources)}")
+    lines.append("quality:")
+    lines.append(
+        _finding(f"responses < {SHORT_RESPONSE_CHARS} characters", stats.short_responses, n)
+    )
+    lines.append(_finding("responses repeating prompt", stats.echoed_prompts, n))
+    lines.append(_finding("refusal-like boilerplate", stats.refusals, n))
+    lines.append(_finding("exact duplicates", stats.exact_duplicates, n))
+    if near_duplicates is not None:
+        lines.append(_finding("near duplicates", near_duplicates, n))
+    return "\n".join(lines)
+
+
+def write_plots(stats: DataStats, folder: Path) -> list[Path]:
+    """One SVG histogram per token-length distribution."""
+    from .plots import bar_chart
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, title, values in (
+        ("prompt_tokens.svg", "prompt tokens (not trained)", stats.prompt_tokens),
+        ("response_tokens.svg", "response tokens (trained)", stats.response_tokens),
+        ("example_tokens.svg", "whole example tokens", stats.example_tokens),
+    ):
+        bars = [(f"{first}-{last}", count) for first, last, count in histogram_bins(values, 12)]
+        svg = bar_chart(bars, title=title, y_label="examples", width=720)
+        (folder / name).write_text(svg, "utf-8")
+        written.append(folder / name)
+    return written

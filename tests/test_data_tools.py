@@ -1,0 +1,146 @@
+"""`sftforge data stats` and `sftforge data convert`: what a dataset holds, with known
+answers on planted records; and conversions that read back as the same conversations."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sftforge.data import load_conversations
+from sftforge.prepare import text_side
+from sftforge.stats import collect_stats, format_stats, histogram_bins
+from sftforge.writers import WRITERS, write_records
+
+PLANTED = Path(__file__).parent / "data" / "data_tools" / "planted.jsonl"
+DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+
+
+@pytest.fixture()
+def encoder(smollm2_tokenizer):
+    return text_side(smollm2_tokenizer, "auto")[0]
+
+
+def line(n: int) -> str:
+    return f"{PLANTED}:{n}"
+
+
+def test_stats_find_the_planted_problems_by_their_lines(encoder):
+    conversations = load_conversations(PLANTED).conversations
+    stats = collect_stats(conversations, encoder, max_length=60)
+
+    assert stats.conversations == 6
+    assert stats.exact_duplicates.sources == [line(2)]  # case and spacing aside, line 1 again
+    assert stats.short_responses.sources == [line(3)]  # "Yes."
+    assert stats.echoed_prompts.sources == [line(4)]
+    assert stats.refusals.sources == [line(5)]
+    assert stats.over_max_length.sources == [line(6)]
+    assert stats.roles == {"user": 7, "assistant": 7, "system": 1}
+    assert stats.turns == [2, 2, 2, 2, 2, 5]
+
+
+def test_token_counts_are_those_training_would_see(encoder):
+    conversations = load_conversations(PLANTED).conversations
+    stats = collect_stats(conversations, encoder, max_length=60)
+    examples = [encoder.encode(c) for c in conversations]
+
+    assert stats.example_tokens == [len(e.input_ids) for e in examples]
+    assert stats.response_tokens == [e.trained_token_count for e in examples]
+    assert stats.trained_tokens == sum(e.trained_token_count for e in examples)
+    long = examples[5]
+    assert stats.trained_lost_by_drop == long.trained_token_count
+    kept = sum(1 for x in long.labels[1:60] if x != -100)
+    assert stats.trained_lost_by_truncate == long.trained_token_count - kept
+    assert 0 < stats.trained_lost_by_truncate < stats.trained_lost_by_drop
+
+
+def test_the_report_names_each_finding(encoder):
+    stats = collect_stats(load_conversations(PLANTED).conversations, encoder, max_length=60)
+    text = format_stats(stats)
+    assert f"exact duplicates                   1 (16.7%): {line(2)}" in text
+    assert "dropping them (truncation: drop) loses" in text
+    assert f"refusal-like boilerplate           1 (16.7%): {line(5)}" in text
+
+
+@pytest.mark.parametrize("values", [[5], [1, 2, 3, 100], list(range(37)), [7, 7, 7, 8]])
+def test_histogram_ranges_cover_every_value_once(values):
+    bins = histogram_bins(values, bins=10)
+    assert sum(count for _, _, count in bins) == len(values)
+    assert bins[0][0] == min(values) and bins[-1][0] <= max(values) <= bins[-1][1]
+    assert all(a[1] + 1 == b[0] for a, b in zip(bins, bins[1:], strict=False))
+
+
+CHATS = """\
+{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6"}]}
+{"messages": [{"role": "user", "content": "Say  two\\nlines"}, {"role": "assistant", "content": " one\\ntwo "}]}
+"""
+
+
+@pytest.mark.parametrize("format", ["messages", "openai", "sharegpt", "prompt_completion"])
+def test_a_conversion_reads_back_as_the_same_conversations(tmp_path, format):
+    source = tmp_path / "chats.jsonl"
+    source.write_text(CHATS)
+    before = load_conversations(source).conversations
+
+    written = write_records(before, format, tmp_path / "out.jsonl")
+    after = load_conversations(tmp_path / "out.jsonl").conversations
+
+    assert written.count == 3 and written.refused == []
+    assert [c.messages for c in after] == [c.messages for c in before]
+
+
+def test_alpaca_takes_one_exchange_and_refuses_longer_chats_by_name(tmp_path):
+    source = tmp_path / "chats.jsonl"
+    source.write_text(CHATS)
+    before = load_conversations(source).conversations
+
+    written = write_records(before, "alpaca", tmp_path / "out.jsonl")
+    after = load_conversations(tmp_path / "out.jsonl").conversations
+
+    assert [c.messages for c in after] == [before[0].messages, before[2].messages]
+    assert written.refused == [
+        (
+            f"{source}:2",
+            "4 turns (user, assistant, user, assistant); alpaca holds one user turn and one "
+            "assistant turn: convert to messages or sharegpt instead",
+        )
+    ]
+
+
+def test_the_demo_data_survives_every_round_trip(tmp_path):
+    before = load_conversations(DEMO).conversations
+    for format in WRITERS:
+        if format == "text":
+            continue
+        write_records(before, format, tmp_path / f"{format}.jsonl")
+        after = load_conversations(tmp_path / f"{format}.jsonl").conversations
+        assert [c.messages for c in after] == [c.messages for c in before], format
+
+
+def test_data_convert_command_says_what_it_could_not_write_and_fails(tmp_path):
+    source = tmp_path / "chats.jsonl"
+    source.write_text(CHATS)
+    out = tmp_path / "alpaca.jsonl"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sftforge",
+            "data",
+            "convert",
+            str(source),
+            "--to",
+            "alpaca",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "2 records written" in done.stdout
+    assert f"not written: {source}:2: 4 turns" in done.stdout
+    assert len(out.read_text().splitlines()) == 2
+    assert json.loads(out.read_text().splitlines()[0])["system"] == "Be brief."
