@@ -119,10 +119,11 @@ CASES: dict[str, Case] = {
         2,
         1,
     ),
-    "nested: message content is a list of parts": Case(
+    "nested: message content is a list holding an image part": Case(
         "records/content_is_list.jsonl",
         ":2",
-        "field 'messages[0].content': expected a string, found list",
+        "field 'messages[0].content[0]': only text parts are supported, found a part with "
+        "type 'image_url'",
         2,
         1,
     ),

@@ -312,14 +312,14 @@ def test_columns_mapping_loads_dolly(tmp_path):
     )
 
 
-def test_dolly_without_columns_fails_detection_naming_its_keys(tmp_path):
+def test_dolly_without_columns_is_read_as_dolly_into_the_same_conversations(tmp_path):
     path = write_jsonl(tmp_path / "dolly.jsonl", DOLLY)
 
-    with pytest.raises(
-        DataError,
-        match=r"dolly\.jsonl:1: cannot detect the format from keys \(instruction, context, response, category\)",
-    ):
-        load_conversations(path)
+    direct = load_conversations(path)
+
+    assert direct.formats == {"dolly": 1}
+    mapped = load_conversations(path, columns=DOLLY_COLUMNS)
+    assert [c.messages for c in direct.conversations] == [c.messages for c in mapped.conversations]
 
 
 def test_columns_missing_mapped_column_names_the_dataset_column(tmp_path):
@@ -354,8 +354,8 @@ def test_columns_error_inside_a_renamed_message_list_names_the_dataset_column(tm
 def test_columns_given_the_wrong_way_round_is_a_value_error(tmp_path):
     path = write_jsonl(tmp_path / "dolly.jsonl", DOLLY)
 
-    with pytest.raises(ValueError, match="'response' is not one of our fields"):
-        load_conversations(path, columns={"response": "output"})
+    with pytest.raises(ValueError, match="'answer' is not one of our fields"):
+        load_conversations(path, columns={"answer": "output"})
 
 
 # -- files, folders and datasets ----------------------------------------------------------------
@@ -521,7 +521,10 @@ def test_folder_without_data_files_is_an_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "value", "allowed"),
-    [("format", "chatml", "auto, alpaca, messages"), ("on_invalid", "ignore", "error, skip")],
+    [
+        ("format", "chatml", "auto, alpaca, dolly, flan, messages"),
+        ("on_invalid", "ignore", "error, skip"),
+    ],
 )
 def test_invalid_option_value_is_a_value_error_naming_the_allowed_ones(
     tmp_path, option, value, allowed

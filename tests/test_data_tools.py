@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from sftforge.data import load_conversations
+from sftforge.dedup import find_duplicates
 from sftforge.prepare import text_side
-from sftforge.stats import collect_stats, format_stats, histogram_bins
+from sftforge.stats import add_duplicates, collect_stats, format_stats, histogram_bins
 from sftforge.writers import WRITERS, write_records
 
 PLANTED = Path(__file__).parent / "data" / "data_tools" / "planted.jsonl"
@@ -29,6 +30,7 @@ def line(n: int) -> str:
 def test_stats_find_the_planted_problems_by_their_lines(encoder):
     conversations = load_conversations(PLANTED).conversations
     stats = collect_stats(conversations, encoder, max_length=60)
+    add_duplicates(stats, find_duplicates(conversations))
 
     assert stats.conversations == 6
     assert stats.exact_duplicates.sources == [line(2)]  # case and spacing aside, line 1 again
@@ -56,10 +58,13 @@ def test_token_counts_are_those_training_would_see(encoder):
 
 
 def test_the_report_names_each_finding(encoder):
-    stats = collect_stats(load_conversations(PLANTED).conversations, encoder, max_length=60)
+    conversations = load_conversations(PLANTED).conversations
+    stats = collect_stats(conversations, encoder, max_length=60)
+    add_duplicates(stats, find_duplicates(conversations))
     text = format_stats(stats)
     assert f"exact duplicates                   1 (16.7%): {line(2)}" in text
     assert "dropping them (truncation: drop) loses" in text
+    assert "near duplicates                    0 (0.0%)" in text
     assert f"refusal-like boilerplate           1 (16.7%): {line(5)}" in text
 
 

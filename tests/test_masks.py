@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sftforge.batches import collate
-from sftforge.data import EncodingReport, fit_to_length
+from sftforge.encoding import EncodingReport, fit_to_length
 from sftforge.formats import Conversation, DataError, Message, Source
 from sftforge.loss import trained_token_count
 from sftforge.model import add_missing_special_tokens

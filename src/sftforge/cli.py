@@ -33,7 +33,8 @@ def _train(args) -> None:
 
 
 def _inspect(args) -> None:
-    from .data import EncodingReport, fit_to_length, load_conversations
+    from .data import load_conversations
+    from .encoding import EncodingReport, fit_to_length
     from .model import load_tokenizer, resolve_model_path
     from .prepare import text_side
     from .show import example_counts, format_example

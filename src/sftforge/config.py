@@ -64,6 +64,15 @@ class DataConfig(Strict):
     rejects: str | None = Field(
         default=None, description="where skipped records go; default <output_dir>/rejects.jsonl"
     )
+    num_proc: int | None = resumable(
+        None, gt=0, description="processes encoding the data; default: every core, up to 8"
+    )
+    cache: bool = resumable(
+        True,
+        description="keep the encoded examples under <cache_dir>/examples, keyed by the data, "
+        "tokenizer, template and masking options: a second run over the same data starts "
+        "in seconds",
+    )
 
 
 class LoraConfig(Strict):

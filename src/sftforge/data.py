@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftforge.config import Config, DataFormat, OnInvalid, Truncation, choices
+from sftforge.config import Config, DataFormat, OnInvalid, choices
+from sftforge.encoding import EncodingReport, cached_encode_all, default_num_proc, fit_to_length
 from sftforge.formats import FIELDS, FORMATS, Conversation, DataError, Source, keys_of, type_name
+from sftforge.oasst import TREE_FORMATS, conversations_from_trees
 from sftforge.readers import RawRecord, read_sources
 from sftforge.tokenize import Encoder, Example
 
@@ -71,6 +74,8 @@ class LoadResult:
     duplicates: int  # conversations exactly repeating an earlier one (kept, only counted)
     files: list[str] = field(default_factory=list)  # every file or dataset read, in order
     rejects_path: Path | None = None  # where the rejects were written, if anywhere
+    records: int = 0  # records read: in OpenAssistant files, messages (fewer conversations)
+    left_out: Counter = field(default_factory=Counter)  # valid records in no conversation, by why
 
     def summary(self) -> str:
         valid, rejected = len(self.conversations), len(self.rejects)
@@ -78,13 +83,15 @@ class LoadResult:
         formats = ", ".join(f"{name}: {count}" for name, count in self.formats.items())
         lines = [
             f"files read:   {len(self.files)}",
-            f"records read: {valid + rejected}",
+            f"records read: {self.records}",
             f"valid:        {valid}",
             f"rejected:     {rejected}{written}",
         ]
         if rejected:
             first = next(iter(self.rejects))
             lines.append(f"  first:      {first.source}: {first.reason}")
+        for why, count in self.left_out.items():
+            lines.append(f"left out:     {count} ({why})")
         lines.append(f"duplicates:   {self.duplicates} (kept; exact repeats of an earlier one)")
         lines.append(f"formats:      {formats or 'none detected'}")
         return "\n".join(lines)
@@ -101,7 +108,9 @@ def load_conversations(
     """Read `data` (a .json/.jsonl/.parquet/.csv file, a folder of them, a list, or a Dataset).
 
     With format="auto" each file's format is detected from its first valid record and then
-    holds for the whole file. `columns` maps our field names to the dataset's column names.
+    holds for the whole file. An OpenAssistant file (oasst, oasst_all) holds one message a
+    record: it is read whole, and oasst.py assembles its trees into conversations.
+    `columns` maps our field names to the dataset's column names.
     on_invalid="error" raises the first DataError; "skip" rejects bad records and goes on,
     writing them to `rejects_path` (always, even when empty, so an old file never misleads).
     A file that holds no record to reject (empty, a broken JSON array, UTF-16) raises a
@@ -114,15 +123,30 @@ def load_conversations(
     for name, raw_records in read_sources(data):
         result.files.append(name)
         file_format = None if format == "auto" else format
+        tree_messages = []  # an OpenAssistant file's records: its trees are assembled at its end
         for raw in raw_records:
+            result.records += 1
             try:
                 record = _record_from(raw, columns)
                 file_format = file_format or _detect_format(record, raw.source)
-                result.conversations.append(_convert(record, raw.source, file_format, columns))
+                if file_format in TREE_FORMATS:
+                    tree_messages.append((raw, record))
+                else:
+                    result.conversations.append(_convert(record, raw.source, file_format, columns))
             except DataError as err:
                 if on_invalid == "error":
                     raise
                 result.rejects.add(raw.source, _reason(err), raw.record)
+        if tree_messages:
+            trees = conversations_from_trees(tree_messages, TREE_FORMATS[file_format])
+            for err, raw in trees.rejected:
+                if columns and err.field:
+                    err = DataError(err.source, err.reason, _dataset_field(err.field, columns))
+                if on_invalid == "error":
+                    raise err
+                result.rejects.add(raw.source, _reason(err), raw.record)
+            result.conversations.extend(trees.conversations)
+            result.left_out.update(trees.left_out)
         if file_format:
             result.formats[file_format] = result.formats.get(file_format, 0) + 1
     result.duplicates = _count_duplicates(result.conversations)
@@ -164,32 +188,6 @@ def _detect_format(record: dict, source: Source) -> str:
 
 
 @dataclass
-class EncodingReport:
-    examples: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    truncated: list[str] = field(default_factory=list)  # sources of examples cut to max_length
-    dropped_too_long: list[str] = field(default_factory=list)
-    dropped_nothing_trained: list[str] = field(default_factory=list)
-    max_tokens: int = 0
-
-    def summary(self, max_length: int) -> str:
-        lines = [
-            f"examples: {self.examples}, tokens: {self.tokens}, trained tokens: "
-            f"{self.trained_tokens}, longest: {self.max_tokens} (max_length {max_length})"
-        ]
-        for label, sources in (
-            ("truncated to max_length", self.truncated),
-            ("dropped: longer than max_length", self.dropped_too_long),
-            ("dropped: no trained token left", self.dropped_nothing_trained),
-        ):
-            if sources:
-                shown = ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else "")
-                lines.append(f"{label}: {len(sources)} ({shown})")
-        return "\n".join(lines)
-
-
-@dataclass
 class TrainingData:
     """A run's examples: what is trained on, what is held out, and how they were obtained."""
 
@@ -210,8 +208,10 @@ def load_examples(
     loaded, train, held_out = _load_and_split(config, rejects_path if write_rejects else None)
     on_invalid = config.data.on_invalid
     rejected_before = len(loaded.rejects)
-    encoded = encode_all(train, encoder, on_invalid, loaded.rejects)
-    held_encoded = encode_all(held_out, encoder, on_invalid, loaded.rejects)
+    num_proc = config.data.num_proc or default_num_proc()
+    cache_root = examples_cache(config)
+    encoded = encode_all(train, encoder, on_invalid, loaded.rejects, num_proc, cache_root)
+    held_encoded = encode_all(held_out, encoder, on_invalid, loaded.rejects, num_proc, cache_root)
     if len(loaded.rejects) > rejected_before and write_rejects:
         loaded.rejects.write_jsonl(rejects_path)
         print(
@@ -229,20 +229,32 @@ def load_examples(
     return TrainingData(examples, report, loaded, held_out, held_examples)
 
 
+def examples_cache(config: Config) -> Path | None:
+    """Where encoded examples are cached (data.cache), under the run's cache_dir."""
+    if not config.data.cache:
+        return None
+    from sftforge.model import default_cache_dir
+
+    return Path(config.cache_dir or default_cache_dir()) / "examples"
+
+
 def encode_all(
-    conversations: list[Conversation], encoder: Encoder, on_invalid: str, rejects: Rejects
+    conversations: list[Conversation],
+    encoder: Encoder,
+    on_invalid: str,
+    rejects: Rejects,
+    num_proc: int = 1,
+    cache_root: Path | None = None,
 ) -> list[Example]:
-    examples = []
-    for conversation in conversations:
-        try:
-            examples.append(encoder.encode(conversation))
-        except DataError as e:
-            if on_invalid == "error":
-                raise
-            # The reason without the location: the rejects file has its own source column.
-            record = {"messages": [m.__dict__ for m in conversation.messages]}
-            rejects.add(conversation.source, _reason(e), record)
-    return examples
+    """The examples of `conversations` (encoding.py: in parallel, and cached when
+    `cache_root` is given); with on_invalid="skip" the rejected ones go to `rejects`."""
+    examples, rejected = cached_encode_all(conversations, encoder, on_invalid, num_proc, cache_root)
+    for index, err in rejected:
+        conversation = conversations[index]
+        # The reason without the location: the rejects file has its own source column.
+        record = {"messages": [m.__dict__ for m in conversation.messages]}
+        rejects.add(conversation.source, _reason(err), record)
+    return [e for e in examples if e is not None]
 
 
 def _load_and_split(
@@ -357,29 +369,3 @@ def _check_columns(columns: dict[str, str] | None) -> None:
             f"columns maps our field names to your column names, e.g. {{'output': 'response'}}; "
             f"{', '.join(map(repr, unknown))} is not one of our fields: {', '.join(FIELDS)}"
         )
-
-
-def fit_to_length(
-    examples: list[Example], max_length: int, truncation: str, report: EncodingReport
-) -> list[Example]:
-    """Apply the max_length policy; every example cut or dropped is named in the report."""
-    if truncation not in choices(Truncation):
-        allowed = ", ".join(choices(Truncation))
-        raise ValueError(f"truncation must be one of {allowed}, not {truncation!r}")
-    kept = []
-    for ex in examples:
-        report.max_tokens = max(report.max_tokens, len(ex.input_ids))
-        if len(ex.input_ids) > max_length:
-            if truncation == "drop":
-                report.dropped_too_long.append(ex.source)
-                continue
-            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.source)
-            report.truncated.append(ex.source)
-        if ex.trained_token_count == 0:
-            report.dropped_nothing_trained.append(ex.source)
-            continue
-        kept.append(ex)
-        report.examples += 1
-        report.tokens += len(ex.input_ids)
-        report.trained_tokens += ex.trained_token_count
-    return kept

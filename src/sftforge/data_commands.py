@@ -1,4 +1,5 @@
-"""`sftforge data stats | convert`: see and convert demonstrations before training on them."""
+"""`sftforge data stats | dedup | filter | convert`: see, clean and convert demonstrations
+before training on them. The work is done in stats.py, dedup.py, filters.py and writers.py."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from .config import DataFormat, TrainOn, choices
 
 def _stats(args) -> None:
     from .data import load_conversations
+    from .dedup import find_duplicates
     from .model import load_tokenizer, resolve_model_path
     from .prepare import text_side
-    from .stats import collect_stats, format_stats, write_plots
+    from .stats import add_duplicates, collect_stats, format_stats, write_plots
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
@@ -21,6 +23,7 @@ def _stats(args) -> None:
     for reject in list(loaded.rejects)[:5]:
         print(f"rejected: {reject.source}: {reject.reason}")
     stats = collect_stats(loaded.conversations, encoder, args.max_length)
+    add_duplicates(stats, find_duplicates(loaded.conversations, threshold=args.near))
     print(f"template: {encoder.template.name}")
     print(format_stats(stats, rejected=len(loaded.rejects)))
     if args.plots:
@@ -43,6 +46,44 @@ def _convert(args) -> None:
         raise SystemExit(1)
 
 
+def _dedup(args) -> None:
+    from .data import load_conversations
+    from .dedup import find_duplicates, write_dedup
+
+    loaded = load_conversations(args.files, format=args.format, on_invalid="error")
+    found = find_duplicates(loaded.conversations, threshold=args.threshold, num_perm=args.num_perm)
+    report = Path(args.report or f"{args.output}.duplicates.jsonl")
+    write_dedup(found, args.output, report)
+    print(found.summary())
+    print(f"kept records: {args.output}; each dropped one, with the one it repeats: {report}")
+
+
+def _filter(args) -> None:
+    from .data import load_conversations
+    from .filters import FilterRules, filter_conversations, write_filter
+
+    loaded = load_conversations(args.files, format=args.format, on_invalid="error")
+    rules = FilterRules(
+        min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens,
+        prompt_blocklist=args.prompt_blocklist,
+        response_blocklist=args.response_blocklist,
+        min_response_chars=args.min_response_chars,
+        predicate=args.predicate,
+    )
+    token_count = None
+    if args.model and (args.min_tokens or args.max_tokens):
+        from .model import load_tokenizer, resolve_model_path
+
+        tokenizer = load_tokenizer(resolve_model_path(args.model))
+        token_count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    result = filter_conversations(loaded.conversations, rules, token_count)
+    rejected = Path(args.rejected or f"{args.output}.rejected.jsonl")
+    write_filter(result, args.output, rejected)
+    print(result.summary())
+    print(f"kept records: {args.output}; rejected ones, each with its reason: {rejected}")
+
+
 def add_data_commands(sub, common: argparse.ArgumentParser) -> None:
     """The `data` command and its subcommands, on the main parser's subparsers `sub`."""
     from .writers import WRITERS
@@ -60,7 +101,39 @@ def add_data_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=choices(DataFormat))
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--plots", help="folder for SVG histograms of the token lengths")
+    p.add_argument(
+        "--near", type=float, default=0.85, help="near duplicates: MinHash Jaccard at least this"
+    )
     p.set_defaults(run=_stats)
+
+    p = commands.add_parser(
+        "dedup", parents=[common], help="drop exact and near duplicates (MinHash LSH)"
+    )
+    p.add_argument("files", nargs="+", help="data files or folders")
+    p.add_argument("-o", "--output", required=True, help="the JSONL file of kept records")
+    p.add_argument("--report", help="one line per dropped record; default OUTPUT.duplicates.jsonl")
+    p.add_argument("--threshold", type=float, default=0.85, help="near: MinHash Jaccard >= this")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    p.add_argument("--format", default="auto", choices=choices(DataFormat))
+    p.set_defaults(run=_dedup)
+
+    p = commands.add_parser(
+        "filter", parents=[common], help="drop records by length, blocklist or predicate"
+    )
+    p.add_argument("files", nargs="+", help="data files or folders")
+    p.add_argument("-o", "--output", required=True, help="the JSONL file of kept records")
+    p.add_argument(
+        "--rejected", help="rejected records with reasons; default OUTPUT.rejected.jsonl"
+    )
+    p.add_argument("--min-tokens", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--model", default="smollm2-135m", help="tokenizer that counts the tokens")
+    p.add_argument("--prompt-blocklist", action="append", default=[], metavar="REGEX")
+    p.add_argument("--response-blocklist", action="append", default=[], metavar="REGEX")
+    p.add_argument("--min-response-chars", type=int)
+    p.add_argument("--predicate", help="package.module:function; True keeps a record")
+    p.add_argument("--format", default="auto", choices=choices(DataFormat))
+    p.set_defaults(run=_filter)
 
     p = commands.add_parser(
         "convert", parents=[common], help="rewrite records in another format (JSONL)"

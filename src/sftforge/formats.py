@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 
@@ -38,6 +38,7 @@ class Source:
 class Message:
     role: str  # "system", "user" or "assistant"
     content: str
+    trained: bool = True  # False: an assistant turn kept as context only (weight 0)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class DataError(ValueError):
         what = f" field '{field}':" if field else ""
         super().__init__(f"{where}:{what} {reason}")
 
+    def __reduce__(self):  # rebuilt from its parts when it comes back from a worker process
+        return (type(self), (self.source, self.reason, self.field))
+
 
 # -- the formats ----------------------------------------------------------------------
 
@@ -90,29 +94,66 @@ class Turn(NamedTuple):
     content_field: str
 
 
-def _from_alpaca(record: dict, source: Source) -> Conversation:
-    """[system?], user, assistant.
+def _instruction_turns(record: dict, source: Source, input_key: str, output_key: str) -> list[Turn]:
+    """[system?], user, assistant, from an instruction, an input and an output.
 
     The user turn is the instruction, then a blank line ("\\n\\n"), then the input when the
     input is not empty: the layout of the original Alpaca prompt, without its preamble.
     An empty system column is left out rather than rendered as an empty system turn.
     """
     instruction = _require_str(record, "instruction", source)
-    extra_input = _optional_str(record, "input", source)
-    output = _require_str(record, "output", source)
+    extra_input = _optional_str(record, input_key, source)
+    output = _require_str(record, output_key, source)
     system = _optional_str(record, "system", source)
     turns = []
     if system.strip():
         turns.append(Turn(Message("system", system), "system", "system"))
     user = "\n\n".join(part for part in (instruction, extra_input) if part.strip())
     turns.append(Turn(Message("user", user), "instruction", "instruction"))
-    turns.append(Turn(Message("assistant", output), "output", "output"))
+    turns.append(Turn(Message("assistant", output), output_key, output_key))
+    return turns
+
+
+def _from_alpaca(record: dict, source: Source) -> Conversation:
+    turns = _instruction_turns(record, source, "input", "output")
     return _conversation(turns, source, "instruction", "alpaca")
 
 
+def _from_dolly(record: dict, source: Source) -> Conversation:
+    """Databricks Dolly: Alpaca's layout, with `context` as the input and `response` as the
+    output; the category (open_qa, summarization, ...) goes into meta."""
+    turns = _instruction_turns(record, source, "context", "response")
+    conversation = _conversation(turns, source, "instruction", "dolly")
+    if category := _optional_str(record, "category", source):
+        conversation.meta["category"] = category
+    return conversation
+
+
+def _from_flan(record: dict, source: Source) -> Conversation:
+    """FLAN-style records: `inputs` is the user turn, `targets` the assistant's."""
+    turns = [
+        Turn(Message("user", _require_str(record, "inputs", source)), "inputs", "inputs"),
+        Turn(Message("assistant", _require_str(record, "targets", source)), "targets", "targets"),
+    ]
+    return _conversation(turns, source, "inputs", "flan")
+
+
 def _from_messages(record: dict, source: Source) -> Conversation:
-    value = _message_list(record, "messages", source)
-    turns = _turns(value, "messages", source, "role", "content", CHAT_ROLES)
+    """Chat messages, as OpenAI's chat fine-tuning files and Amazon Bedrock's conversation
+    records write them too: a content may be a list of text parts, an assistant message may
+    carry a `weight` (0: context only, not trained), and a top-level `system` (a string or
+    Bedrock's [{"text": ...}]) may hold the system prompt."""
+    items = _message_list(record, "messages", source)
+    joined = _with_parts_joined(items, source)
+    turns = _turns(joined, "messages", source, "role", "content", CHAT_ROLES)
+    turns = _weighted(turns, items, source)
+    system = _top_level_system(record, source)
+    if system.strip():
+        inner = next((turn for turn in turns if turn.message.role == "system"), None)
+        if inner:
+            reason = f"a system prompt here and a system message ({inner.role_field}); keep one"
+            raise DataError(source, reason, "system")
+        turns.insert(0, Turn(Message("system", system), "system", "system"))
     return _conversation(turns, source, "messages", "messages")
 
 
@@ -138,6 +179,14 @@ def _from_prompt_completion(record: dict, source: Source) -> Conversation:
     return _conversation(turns, source, "completion", "prompt_completion")
 
 
+def _from_oasst_message(record: dict, source: Source) -> Conversation:
+    raise DataError(
+        source,
+        "an OpenAssistant record is one message of a tree, not a conversation: load the whole "
+        "file with load_conversations (format oasst or oasst_all), which assembles its trees",
+    )
+
+
 def _from_text(record: dict, source: Source) -> Conversation:
     text = _require_str(record, "text", source)
     if not text.strip():
@@ -152,13 +201,23 @@ class Format:
     optional: tuple[str, ...] = ()  # other keys the converter reads when present
 
 
+OASST_KEYS = ("message_id", "parent_id", "role", "text")
+OASST_OPTIONAL = ("rank", "lang", "deleted")
+
 # The data formats, tried in this order when detecting one, because real datasets carry extra
 # columns: Alpaca ships a pre-rendered `text` next to instruction/output, chat sets often too.
 FORMATS: dict[str, Format] = {
-    "messages": Format(("messages",), _from_messages),
+    "messages": Format(("messages",), _from_messages, optional=("system",)),
     "sharegpt": Format(("conversations",), _from_sharegpt),
     "prompt_completion": Format(("prompt", "completion"), _from_prompt_completion),
     "alpaca": Format(("instruction", "output"), _from_alpaca, optional=("input", "system")),
+    # Dolly has no `output` and Alpaca no `response`, so each is detected as itself.
+    "dolly": Format(("instruction", "response"), _from_dolly, ("context", "category", "system")),
+    "flan": Format(("inputs", "targets"), _from_flan),
+    # One record per message (with a `text`, so before text): load_conversations assembles a
+    # file's trees (oasst.py), along each tree's best-ranked path, or every path (oasst_all).
+    "oasst": Format(OASST_KEYS, _from_oasst_message, OASST_OPTIONAL),
+    "oasst_all": Format(OASST_KEYS, _from_oasst_message, OASST_OPTIONAL),
     "text": Format(("text",), _from_text),
 }
 # The fields a `columns` mapping may rename a dataset's columns to.
@@ -186,6 +245,64 @@ def _turns(
     return turns
 
 
+def _with_parts_joined(items: list | tuple, source: Source) -> list:
+    """The messages, a content given as a list of text parts (OpenAI's {"type": "text",
+    "text": ...}, Bedrock's {"text": ...}) joined into one string with no separator."""
+    joined = []
+    for i, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, (list, tuple)):
+            texts = _text_parts(content, source, f"messages[{i}].content")
+            item = {**item, "content": "".join(texts)}
+        joined.append(item)
+    return joined
+
+
+def _text_parts(value: list | tuple, source: Source, field_path: str) -> list[str]:
+    texts = []
+    for j, part in enumerate(value):
+        where = f"{field_path}[{j}]"
+        if not isinstance(part, dict):
+            raise DataError(source, f"expected a text part, found {type_name(part)}", where)
+        kind = part.get("type", "text")  # Bedrock's blocks have no type: {"text": ...}
+        if kind != "text" or "text" not in part:
+            found = f"type {kind!r}" if kind != "text" else f"keys {keys_of(part)}"
+            reason = f"only text parts are supported, found a part with {found}; leave it out"
+            raise DataError(source, reason, where)
+        texts.append(_require_str(part, "text", source, f"{where}.text"))
+    return texts
+
+
+def _weighted(turns: list[Turn], items: list | tuple, source: Source) -> list[Turn]:
+    """OpenAI's `weight` on an assistant message: 1 (or none) trains the turn, 0 keeps it in
+    the conversation as context only."""
+    weighted = []
+    for i, (turn, item) in enumerate(zip(turns, items, strict=True)):
+        weight, where = item.get("weight"), f"messages[{i}].weight"
+        if weight is not None:  # null: none given (Parquet fills a column other rows have)
+            if (role := turn.message.role) != "assistant":
+                reason = f"only assistant messages have a weight, found one on a {role} message"
+                raise DataError(source, reason, where)
+            if isinstance(weight, bool) or weight not in (0, 1):
+                reason = f"expected 0 (not trained) or 1 (trained), found {type_name(weight)}"
+                raise DataError(source, reason, where)
+            turn = turn._replace(message=replace(turn.message, trained=weight == 1))
+        weighted.append(turn)
+    return weighted
+
+
+def _top_level_system(record: dict, source: Source) -> str:
+    """A system prompt beside the messages (Bedrock's): a string, or a list of {"text": ...}
+    blocks joined by newlines; "" when there is none."""
+    value = record.get("system")
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, (list, tuple)):
+        return "\n".join(_text_parts(value, source, "system"))
+    reason = f'expected a string or a list of {{"text": ...}} blocks, found {type_name(value)}'
+    raise DataError(source, reason, "system")
+
+
 def _message_list(record: dict, name: str, source: Source) -> list | tuple:
     """The list of messages under `name`, parsed first if it is a JSON string (CSV cells)."""
     _require(record, name, source)
@@ -196,6 +313,8 @@ def _message_list(record: dict, name: str, source: Source) -> list | tuple:
         except json.JSONDecodeError as err:
             reason = f"expected a list of messages, found a string that is not JSON ({err.msg})"
             raise DataError(source, reason, name) from None
+        except RecursionError:
+            raise DataError(source, "nested too deeply to parse", name) from None
     if not isinstance(value, (list, tuple)):
         raise DataError(source, f"expected a list of messages, found {type_name(value)}", name)
     return value
@@ -225,6 +344,9 @@ def _check_turn_order(turns: list[Turn], source: Source, name: str) -> None:
     dialogue = turns[1:] if turns[0].message.role == "system" else turns
     if not any(turn.message.role == "assistant" for turn in dialogue):
         raise DataError(source, "no assistant turn: nothing to train on", name)
+    if not any(turn.message.role == "assistant" and turn.message.trained for turn in dialogue):
+        reason = "no trained assistant turn: nothing to learn (every one has weight 0)"
+        raise DataError(source, reason, name)
     first = dialogue[0]
     if first.message.role != "user":
         reason = f"the first non-system message must be from the user, found '{first.message.role}'"

@@ -203,12 +203,18 @@ def _render(
     return real, parts, spans
 
 
-def _trained_spans(text: str, assistant_spans: list[tuple[int, int]], train_on: str):
+def _trained_spans(
+    text: str, assistant_spans: list[tuple[int, int]], train_on: str, trained: list[bool]
+):
+    """The spans `train_on` trains. `trained` says, per assistant turn, whether its data lets
+    it be trained (False: weight 0, context only). A turn that is not is never trained, not
+    even as the last turn with last_assistant_turn (that conversation then trains nothing and
+    is dropped as such); all_tokens trains every token whatever the flags."""
     if train_on == "all_tokens":
         return [(0, len(text))]
     if train_on == "last_assistant_turn":
-        return assistant_spans[-1:]
-    return assistant_spans
+        return assistant_spans[-1:] if trained[-1:] == [True] else []
+    return [span for span, flag in zip(assistant_spans, trained, strict=True) if flag]
 
 
 def _cut(parts: list[Part], assistant_spans, trained_spans) -> list[Piece]:
@@ -241,7 +247,8 @@ def render_conversation(
     `end_markers` are the strings that count as an end-of-turn token (the tokenizer's special
     tokens)."""
     text, parts, spans = _render(conversation.messages, template, end_markers, False)
-    trained = _trained_spans(text, spans, train_on)
+    flags = [m.trained for m in conversation.messages if m.role == "assistant"]
+    trained = _trained_spans(text, spans, train_on, flags)
     return RenderedConversation(text, _cut(parts, spans, trained), spans, trained)
 
 

@@ -8,13 +8,12 @@ One pass over the conversations, each rendered and tokenized exactly as training
 - examples over `max_length`, and the trained tokens dropping or truncating them costs;
 - responses that are very short (empty ones never load), that repeat the prompt, or that
   are refusal boilerplate ("As an AI language model ..."), each with the records that show it;
-- exact duplicates (after normalising case and whitespace);
+- exact and near duplicates, as dedup.py finds them (`add_duplicates`);
 - the share of tokens that are trained.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import statistics
 from collections import Counter
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .formats import Conversation, DataError
+from .scoring import normalize
 from .tokenize import Encoder
 
 SHORT_RESPONSE_CHARS = 8  # a response shorter than this (after strip) is listed as very short
@@ -70,8 +70,8 @@ class DataStats:
     short_responses: Finding = field(default_factory=Finding)
     echoed_prompts: Finding = field(default_factory=Finding)
     refusals: Finding = field(default_factory=Finding)
-    exact_duplicates: Finding = field(default_factory=Finding)
-    _seen: set = field(default_factory=set, repr=False)
+    exact_duplicates: Finding = field(default_factory=Finding)  # set by add_duplicates
+    near_duplicates: Finding | None = None  # set by add_duplicates when near ones were sought
 
     @property
     def tokens(self) -> int:
@@ -96,10 +96,6 @@ def _count_conversation(stats: DataStats, conversation: Conversation, encoder: E
     stats.formats[conversation.meta.get("format", "?")] += 1
     stats.turns.append(len(conversation.messages))
     stats.roles.update(m.role for m in conversation.messages)
-    digest = hashlib.blake2b(normalized(conversation).encode(), digest_size=16).digest()
-    if digest in stats._seen:
-        stats.exact_duplicates.add(conversation.source)
-    stats._seen.add(digest)
     _check_responses(stats, conversation)
     try:
         example = encoder.encode(conversation)
@@ -136,20 +132,17 @@ def _check_responses(stats: DataStats, conversation: Conversation) -> None:
 
 def _echoes(prompt: str, answer: str) -> bool:
     """The answer is the prompt, or starts by repeating a prompt of some length."""
-    p, a = _squash(prompt), _squash(answer)
+    p, a = normalize(prompt), normalize(answer)
     return bool(p) and (a == p or (len(p) >= 20 and a.startswith(p)))
 
 
-def _squash(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
-def normalized(conversation: Conversation) -> str:
-    """The conversation as one string, case and whitespace normalised: what makes two
-    records exact duplicates."""
-    if conversation.is_raw_text:
-        return _squash(conversation.text)
-    return "\n".join(f"{m.role}: {_squash(m.content)}" for m in conversation.messages)
+def add_duplicates(stats: DataStats, found) -> None:
+    """The duplicates dedup.py found (a DedupResult), as findings: each dropped record."""
+    stats.exact_duplicates = Finding()
+    stats.near_duplicates = Finding() if found.threshold < 1.0 else None
+    for duplicate in found.dropped:
+        finding = stats.exact_duplicates if duplicate.kind == "exact" else stats.near_duplicates
+        finding.add(duplicate.source)
 
 
 # ---- showing it ---------------------------------------------------------------------------
@@ -238,8 +231,8 @@ def format_stats(
     lines.append(_finding("responses repeating prompt", stats.echoed_prompts, n))
     lines.append(_finding("refusal-like boilerplate", stats.refusals, n))
     lines.append(_finding("exact duplicates", stats.exact_duplicates, n))
-    if near_duplicates is not None:
-        lines.append(_finding("near duplicates", near_duplicates, n))
+    if stats.near_duplicates is not None:
+        lines.append(_finding("near duplicates", stats.near_duplicates, n))
     return "\n".join(lines)
 
 

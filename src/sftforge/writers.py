@@ -10,6 +10,7 @@ written half or dropped silently.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,36 @@ def to_record(conversation: Conversation, format: str) -> dict:
     return WRITERS[format](conversation)
 
 
+def conversation_record(conversation: Conversation) -> dict:
+    """The record sftforge reads back as `conversation`: {"messages": [...]} (with `weight: 0`
+    on an assistant turn kept as context only), or {"text": ...}. What `dedup` and `filter`
+    write for the records they keep."""
+    return to_record(conversation, "messages")
+
+
+def write_conversations(path: str | Path, conversations: Iterable[Conversation]) -> None:
+    """One `conversation_record` per line, in the given order. (A file mixing chat and
+    raw-text records reads back only with the format given, since detection is per file.)"""
+    write_jsonl(path, (conversation_record(c) for c in conversations))
+
+
+def write_jsonl(path: str | Path, lines: Iterable[dict]) -> None:
+    """One JSON object per line, written whole or not at all: into a hidden file beside
+    `path` that then replaces it, so a failed write leaves no half file, and an input may be
+    rewritten in place (it was read already)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.writing-{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            for line in lines:
+                # default=str: Parquet and datasets rows may hold dates or bytes.
+                f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 @dataclass
 class Written:
     path: Path
@@ -127,14 +158,16 @@ def write_records(conversations: Iterable[Conversation], format: str, path: Path
     if format not in WRITERS:
         raise ValueError(f"unknown output format '{format}'; expected one of {', '.join(WRITERS)}")
     written = Written(Path(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as out:
+
+    def records():
         for conversation in conversations:
             try:
                 record = to_record(conversation, format)
             except DataError as err:
                 written.refused.append((str(conversation.source), err.reason))
                 continue
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
             written.count += 1
+            yield record
+
+    write_jsonl(path, records())
     return written
