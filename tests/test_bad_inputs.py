@@ -23,7 +23,8 @@ import pytest
 
 from sftforge.cli import main
 from sftforge.config import ConfigError, load_config
-from sftforge.data import Rejects, encode_all, load_conversations
+from sftforge.data import Rejects, load_conversations
+from sftforge.examples import encode_all
 from sftforge.formats import DataError
 from sftforge.readers import MAX_RECORD_BYTES
 from sftforge.templates import resolve_template

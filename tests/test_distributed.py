@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from sftforge.batches import step_batches, step_stream
 from sftforge.checkpoint import verify_checkpoint
 from sftforge.config import load_config
-from sftforge.data import load_examples
 from sftforge.distributed import DistributedError, World, check_parallel_settings, share_of_step
+from sftforge.examples import load_examples
 from sftforge.export import convert_checkpoint
 from sftforge.model import load_tokenizer
 from sftforge.prepare import text_side

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 import sftforge.encoding as encoding
-from sftforge.data import Rejects, encode_all
+from sftforge.data import Rejects
 from sftforge.encoding import cache_key, cached_encode_all
+from sftforge.examples import encode_all
 from sftforge.formats import Conversation, Message, Source
 from sftforge.prepare import text_side
 
@@ -119,7 +120,7 @@ def test_the_key_changes_with_what_the_examples_depend_on(smollm2_tokenizer, enc
 def test_the_cache_is_kept_before_the_max_length_policy(tmp_path, smollm2_tokenizer, capsys):
     """A run with another max_length reuses the entry and fits the examples itself."""
     from sftforge.config import load_config
-    from sftforge.data import load_examples
+    from sftforge.examples import load_examples
 
     encoder = text_side(smollm2_tokenizer, "auto")[0]
     data = tmp_path / "data.jsonl"

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .data import TrainingData
 from .evaluate import generate_answers, mean_token_loss, prompt_and_reference
+from .examples import TrainingData
 from .forgetting import ForgettingMeter, corpus_examples, general_prompt_examples
 from .formats import Conversation, Message
 from .scoring import make_scorer
@@ -124,7 +124,10 @@ def finish_report(config: Config, data: TrainingData, summary: dict, output_dir:
         "rejected": len(data.loaded.rejects),
         "duplicates": data.loaded.duplicates,
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary | {"data": data_stats}, indent=2))
+    mix = {"mix": data.mix} if data.mix else {}
+    (output_dir / "summary.json").write_text(
+        json.dumps(summary | {"data": data_stats | mix}, indent=2)
+    )
     notes = []
     forgetting = summary.get("forgetting")
     if forgetting and forgetting["corpus_ratio"] > 1.05:

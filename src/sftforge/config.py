@@ -52,9 +52,32 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DataSource(Strict):
+    """One dataset of a mix: its files, how many of its examples to take, and how to read it
+    when that differs from the data section's format and columns."""
+
+    path: str | list[str] = Field(description="file, folder, or list of them")
+    weight: float | None = Field(
+        default=None,
+        gt=0,
+        description="take this many times its training examples (0.5: half, 2: each twice)",
+    )
+    count: int | None = Field(default=None, gt=0, description="take this many training examples")
+    format: DataFormat | None = Field(default=None, description="default: data.format")
+    columns: dict[str, str] | None = Field(default=None, description="default: data.columns")
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if self.weight is not None and self.count is not None:
+            raise ConfigKeyError("data.train", f"{self.path}: give weight or count, not both")
+        return self
+
+
 class DataConfig(Strict):
-    train: str | list[str] = Field(
-        default="", description="file, folder, or list of them (JSON, JSONL, Parquet, CSV)"
+    train: str | list[str | DataSource] = Field(
+        default="",
+        description="file, folder, or list of them (JSON, JSONL, Parquet, CSV); an entry may "
+        "be a source of a mix: {path, weight or count, format, columns}",
     )
     format: DataFormat = "auto"
     columns: dict[str, str] = Field(
@@ -64,6 +87,24 @@ class DataConfig(Strict):
     rejects: str | None = Field(
         default=None, description="where skipped records go; default <output_dir>/rejects.jsonl"
     )
+
+    def sources(self) -> list[DataSource]:
+        """Every entry of `train` as a DataSource (a plain path: all of it, read as the data
+        section says)."""
+        entries = self.train if isinstance(self.train, list) else [self.train]
+        return [e if isinstance(e, DataSource) else DataSource(path=e) for e in entries]
+
+    @property
+    def is_mix(self) -> bool:
+        return isinstance(self.train, list) and any(isinstance(e, DataSource) for e in self.train)
+
+    def paths(self) -> list[str]:
+        """Every file or folder named, mixed or not."""
+        found = []
+        for source in self.sources():
+            found += source.path if isinstance(source.path, list) else [source.path]
+        return found
+
     num_proc: int | None = resumable(
         None, gt=0, description="processes encoding the data; default: every core, up to 8"
     )

@@ -7,9 +7,8 @@ every record and validates it. Every problem is a `DataError` naming the record'
 every rejected record is kept in `Rejects` (and optionally written as JSONL) so nothing is
 ever dropped silently.
 
-`load_examples` is the whole stage for a run: load, split off the held-out examples (before
-anything else, deterministically), encode each conversation (tokenize.py) and apply the
-max_length policy, with one rejects file for every stage.
+examples.py builds a run's examples from here: one dataset or a mix, the held-out split,
+encoding (encoding.py) and the max_length policy.
 """
 
 from __future__ import annotations
@@ -22,12 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftforge.config import Config, DataFormat, OnInvalid, choices
-from sftforge.encoding import EncodingReport, cached_encode_all, default_num_proc, fit_to_length
+from sftforge.config import DataFormat, OnInvalid, choices
 from sftforge.formats import FIELDS, FORMATS, Conversation, DataError, Source, keys_of, type_name
 from sftforge.oasst import TREE_FORMATS, conversations_from_trees
 from sftforge.readers import RawRecord, read_sources
-from sftforge.tokenize import Encoder, Example
 
 if TYPE_CHECKING:
     import datasets
@@ -136,7 +133,7 @@ def load_conversations(
             except DataError as err:
                 if on_invalid == "error":
                     raise
-                result.rejects.add(raw.source, _reason(err), raw.record)
+                result.rejects.add(raw.source, reject_reason(err), raw.record)
         if tree_messages:
             trees = conversations_from_trees(tree_messages, TREE_FORMATS[file_format])
             for err, raw in trees.rejected:
@@ -144,12 +141,12 @@ def load_conversations(
                     err = DataError(err.source, err.reason, _dataset_field(err.field, columns))
                 if on_invalid == "error":
                     raise err
-                result.rejects.add(raw.source, _reason(err), raw.record)
+                result.rejects.add(raw.source, reject_reason(err), raw.record)
             result.conversations.extend(trees.conversations)
             result.left_out.update(trees.left_out)
         if file_format:
             result.formats[file_format] = result.formats.get(file_format, 0) + 1
-    result.duplicates = _count_duplicates(result.conversations)
+    result.duplicates = count_duplicates(result.conversations)
     if on_invalid == "skip" and rejects_path is not None:
         result.rejects.write_jsonl(rejects_path)
         result.rejects_path = Path(rejects_path)
@@ -185,103 +182,6 @@ def _detect_format(record: dict, source: Source) -> str:
         f"cannot detect the format from keys {keys_of(record)}; known formats: {known}; "
         "pass format=... or map your column names with columns={'output': 'response', ...}",
     )
-
-
-@dataclass
-class TrainingData:
-    """A run's examples: what is trained on, what is held out, and how they were obtained."""
-
-    examples: list[Example]  # what is trained on
-    report: EncodingReport
-    loaded: LoadResult
-    held_out: list[Conversation] = field(default_factory=list)  # never trained on
-    held_out_examples: list[Example] = field(default_factory=list)
-
-
-def load_examples(
-    config: Config, encoder: Encoder, output_dir: Path, write_rejects: bool = True
-) -> TrainingData:
-    """Load, split, encode and fit every example of a run; rejected records (with
-    on_invalid=skip) go to one file, whatever stage rejected them (when `write_rejects`:
-    under torchrun every rank prepares the same examples, and rank 0 writes)."""
-    rejects_path = Path(config.data.rejects or output_dir / "rejects.jsonl")
-    loaded, train, held_out = _load_and_split(config, rejects_path if write_rejects else None)
-    on_invalid = config.data.on_invalid
-    rejected_before = len(loaded.rejects)
-    num_proc = config.data.num_proc or default_num_proc()
-    cache_root = examples_cache(config)
-    encoded = encode_all(train, encoder, on_invalid, loaded.rejects, num_proc, cache_root)
-    held_encoded = encode_all(held_out, encoder, on_invalid, loaded.rejects, num_proc, cache_root)
-    if len(loaded.rejects) > rejected_before and write_rejects:
-        loaded.rejects.write_jsonl(rejects_path)
-        print(
-            f"rejected by the chat template: {len(loaded.rejects) - rejected_before} "
-            f"(written to {rejects_path})"
-        )
-    report = EncodingReport()
-    examples = fit_to_length(encoded, config.max_length, config.truncation, report)
-    print(report.summary(config.max_length))
-    if not examples:
-        raise DataError(str(config.data.train), "no example is left to train on")
-    held_examples = fit_to_length(held_encoded, config.max_length, "truncate", EncodingReport())
-    kept = {e.source for e in held_examples}
-    held_out = [c for c in held_out if str(c.source) in kept]
-    return TrainingData(examples, report, loaded, held_out, held_examples)
-
-
-def examples_cache(config: Config) -> Path | None:
-    """Where encoded examples are cached (data.cache), under the run's cache_dir."""
-    if not config.data.cache:
-        return None
-    from sftforge.model import default_cache_dir
-
-    return Path(config.cache_dir or default_cache_dir()) / "examples"
-
-
-def encode_all(
-    conversations: list[Conversation],
-    encoder: Encoder,
-    on_invalid: str,
-    rejects: Rejects,
-    num_proc: int = 1,
-    cache_root: Path | None = None,
-) -> list[Example]:
-    """The examples of `conversations` (encoding.py: in parallel, and cached when
-    `cache_root` is given); with on_invalid="skip" the rejected ones go to `rejects`."""
-    examples, rejected = cached_encode_all(conversations, encoder, on_invalid, num_proc, cache_root)
-    for index, err in rejected:
-        conversation = conversations[index]
-        # The reason without the location: the rejects file has its own source column.
-        record = {"messages": [m.__dict__ for m in conversation.messages]}
-        rejects.add(conversation.source, _reason(err), record)
-    return [e for e in examples if e is not None]
-
-
-def _load_and_split(
-    config: Config, rejects_path: Path | None
-) -> tuple[LoadResult, list[Conversation], list[Conversation]]:
-    """(all loaded, train conversations, held-out conversations), split before anything else."""
-    data = config.data
-    options = {
-        "format": data.format,
-        "columns": data.columns or None,
-        "on_invalid": data.on_invalid,
-    }
-    skip = data.on_invalid == "skip"
-    written = rejects_path if skip else None
-    loaded = load_conversations(data.train, rejects_path=written, **options)
-    print(loaded.summary())
-    held_out_spec = config.eval.held_out
-    if held_out_spec is None:
-        return loaded, loaded.conversations, []
-    if isinstance(held_out_spec, str):
-        held = load_conversations(held_out_spec, **options)
-        print(f"held-out file {held_out_spec}: {len(held.conversations)} examples")
-        return loaded, loaded.conversations, held.conversations
-    seed = config.training.seed
-    train, held = split_held_out(loaded.conversations, held_out_spec, seed)
-    print(f"held out {len(held)} of {len(loaded.conversations)} examples (seed {seed})")
-    return loaded, train, held
 
 
 def split_held_out(
@@ -346,11 +246,11 @@ def _dataset_field(field_path: str, columns: dict[str, str]) -> str:
     return field_path
 
 
-def _reason(err: DataError) -> str:
+def reject_reason(err: DataError) -> str:
     return f"field '{err.field}': {err.reason}" if err.field else err.reason
 
 
-def _count_duplicates(conversations: list[Conversation]) -> int:
+def count_duplicates(conversations: list[Conversation]) -> int:
     # Source is part of Conversation equality, so compare only what would be trained on.
     contents = [(conversation.messages, conversation.text) for conversation in conversations]
     return len(contents) - len(set(contents))

@@ -46,7 +46,7 @@ def check_writable(output_dir: Path) -> None:
 def check_data_files(config) -> None:
     """Every data file and folder named exists and holds data files: a typo fails here, in
     a second, not after the model has loaded."""
-    data_files(config.data.train)
+    data_files(config.data.paths())
     held_out = config.eval.held_out
     if isinstance(held_out, str):
         data_files(held_out)

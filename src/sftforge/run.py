@@ -19,8 +19,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config
-from .data import TrainingData
 from .distributed import World, wait_for_all
+from .examples import TrainingData
 from .export import save_run
 from .flops import FlopModel
 from .metrics import Progress
@@ -61,6 +61,8 @@ class Run:
         """The loadable model or adapter, with everything inference needs (rank 0)."""
         encoder = self.encoder
         data_report = self.data.report.__dict__ | {"base_model": self.base_model_path}
+        if self.data.mix:
+            data_report["mix"] = self.data.mix
         save_run(
             folder,
             model or self.model,

@@ -29,7 +29,6 @@ from .checkpoint import (
     save_final,
 )
 from .config import Config
-from .data import load_examples
 from .distributed import (
     ALONE,
     World,
@@ -49,6 +48,7 @@ from .distributed import (
     wrap_for_training,
 )
 from .evaluate import summed_loss_and_count
+from .examples import load_examples
 from .flops import flop_model
 from .guards import NonFiniteError, RunInterrupted, nonfinite_step, nonfinite_stop, stop_requests
 from .loss import TokenLoss

@@ -1,0 +1,146 @@
+"""Data preparation throughput (render + tokenize + mask), sftforge against TRL, side by side.
+
+Generates --conversations multi-turn conversations (deterministic; system prompt in 30 %, 1-3
+exchanges), then times, alternating over --repeats rounds, each in its own process:
+
+- sftforge: `encode_all` (render with the chat template, tokenize, build the labels and
+  prove every mask) in --num-proc processes, no cache; reading the file is timed apart;
+- TRL 1.16 (bench/.venv-trl, made by bench/compare.py): SFTTrainer's `_prepare_dataset` on
+  the same conversations as its conversational prompt-completion format (prompt = all
+  messages but the last, completion = the last: the only multi-turn masking TRL offers with
+  a template that has no generation tags), with dataset_num_proc = --num-proc.
+
+The same SmolLM2 tokenizer and template for both. sftforge masks every assistant turn by
+default; --train-on last_assistant_turn gives it TRL's mask (the same trained tokens).
+
+    .venv/bin/python bench/preparation.py [--conversations 100000] [--num-proc 2] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRL_PYTHON = ROOT / "bench/.venv-trl/bin/python"
+WORDS = ["the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with", "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what", "all", "were", "we", "when", "your", "can", "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will", "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her", "would", "make", "like", "him", "into", "time", "has", "look", "two", "more", "write", "go", "see", "number", "no", "way", "could", "people", "my", "than", "first", "water", "been", "call", "who", "oil", "its", "now", "find", "long", "down", "day", "did", "get", "come", "made", "may", "part"]
+
+OURS = r"""
+import json, sys, time
+from sftforge.data import load_conversations
+from sftforge.encoding import encode_all
+from sftforge.model import load_tokenizer, resolve_model_path
+from sftforge.prepare import text_side
+data, num_proc, train_on = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+encoder, _ = text_side(load_tokenizer(resolve_model_path("smollm2-135m")), "auto", train_on)
+started = time.perf_counter()
+conversations = load_conversations(data).conversations
+loaded = time.perf_counter()
+examples, rejected = encode_all(conversations, encoder, "error", num_proc)
+done = time.perf_counter()
+trained = sum(e.trained_token_count for e in examples)
+print("RESULT " + json.dumps({"seconds": done - loaded, "load_seconds": loaded - started,
+    "conversations": len(examples), "trained_tokens": trained}))
+"""
+
+TRL = r"""
+import json, sys, time
+from datasets import Dataset
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from trl import SFTConfig, SFTTrainer
+data, num_proc, model_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rows = []
+for line in open(data):
+    messages = json.loads(line)["messages"]
+    rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32,
+    intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+args = SFTConfig(output_dir=out, dataset_num_proc=num_proc if num_proc > 1 else None,
+    report_to=[], max_length=None)
+tiny = Dataset.from_list(rows[:2])
+trainer = SFTTrainer(model=model, args=args, train_dataset=tiny, processing_class=tokenizer)
+dataset = Dataset.from_list(rows)
+started = time.perf_counter()
+prepared = trainer._prepare_dataset(dataset, tokenizer, args, False, None, "train")
+done = time.perf_counter()
+trained = sum(sum(m[1:]) for m in prepared["completion_mask"])
+print("RESULT " + json.dumps({"seconds": done - started, "conversations": len(prepared),
+    "trained_tokens": trained}))
+"""
+
+
+def generate(n: int, path: Path) -> None:
+    r = random.Random(0)
+
+    def sentence(k: int) -> str:
+        return " ".join(r.choice(WORDS) for _ in range(k)).capitalize() + "."
+
+    with open(path, "w") as f:
+        for _ in range(n):
+            messages = []
+            if r.random() < 0.3:
+                messages.append({"role": "system", "content": sentence(8)})
+            for _ in range(r.randint(1, 3)):
+                user = " ".join(sentence(r.randint(5, 15)) for _ in range(r.randint(1, 3)))
+                reply = " ".join(sentence(r.randint(5, 20)) for _ in range(r.randint(1, 4)))
+                messages += [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": reply},
+                ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def run(command: list[str]) -> dict:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"failed: {command[:3]}\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=100_000)
+    parser.add_argument("--num-proc", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--train-on", default="all_assistant_turns")
+    args = parser.parse_args()
+    data = ROOT / f"bench/data/prep_{args.conversations}.jsonl"
+    if not data.exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        generate(args.conversations, data)
+    sys.path.insert(0, str(ROOT / "src"))
+    from sftforge.model import resolve_model_path
+
+    model_dir = str(resolve_model_path("smollm2-135m"))
+    ours = [sys.executable, "-c", OURS, str(data), str(args.num_proc), args.train_on]
+    trl = [str(TRL_PYTHON), "-c", TRL, str(data), str(args.num_proc), model_dir, "/tmp/prep-trl"]
+    results: dict[str, list[dict]] = {"sftforge": [], "TRL": []}
+    for round_ in range(args.repeats):
+        for name, command in (("sftforge", ours), ("TRL", trl)):
+            results[name].append(run(command))
+            r = results[name][-1]
+            print(f"round {round_ + 1}: {name}: {r['conversations'] / r['seconds']:.0f} conv/s")
+    speeds = {n: [r["conversations"] / r["seconds"] for r in rs] for n, rs in results.items()}
+    ratios = [a / b for a, b in zip(speeds["sftforge"], speeds["TRL"], strict=True)]
+    print(f"\n{args.conversations:,} conversations, {args.num_proc} processes each")
+    print("| tool | conversations/s | trained tokens |")
+    print("|---|---:|---:|")
+    for name, rs in results.items():
+        print(f"| {name} | {statistics.median(speeds[name]):.0f} | {rs[0]['trained_tokens']:,} |")
+    print(f"sftforge / TRL (median of the pairwise ratios): {statistics.median(ratios):.2f}x")
+    print(
+        f"sftforge reading the file: {results['sftforge'][0]['load_seconds']:.1f} s (not in the figure)"
+    )
+
+
+if __name__ == "__main__":
+    main()
