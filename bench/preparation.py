@@ -63,14 +63,17 @@ tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32,
     intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
 args = SFTConfig(output_dir=out, dataset_num_proc=num_proc if num_proc > 1 else None,
-    report_to=[], max_length=None)
+    report_to=[], max_length=None, bf16=False, use_cpu=True)
 tiny = Dataset.from_list(rows[:2])
 trainer = SFTTrainer(model=model, args=args, train_dataset=tiny, processing_class=tokenizer)
 dataset = Dataset.from_list(rows)
 started = time.perf_counter()
 prepared = trainer._prepare_dataset(dataset, tokenizer, args, False, None, "train")
 done = time.perf_counter()
-trained = sum(sum(m[1:]) for m in prepared["completion_mask"])
+if "labels" in prepared.column_names:
+    trained = sum(sum(1 for x in row[1:] if x != -100) for row in prepared["labels"])
+else:
+    trained = sum(sum(m[1:]) for m in prepared["completion_mask"])
 print("RESULT " + json.dumps({"seconds": done - started, "conversations": len(prepared),
     "trained_tokens": trained}))
 """
