@@ -9,8 +9,8 @@ A problem that leaves no record to reject is a DataError for the whole file, rai
 with on_invalid="skip": an empty file (an empty data file is almost always a mistake), a
 broken JSON array, a UTF-16 file, a CSV header naming a column twice, a folder without data.
 
-A JSON line longer than MAX_RECORD_BYTES is rejected; in a .jsonl file it is read past in
-chunks, never held whole.
+A JSON line longer than MAX_RECORD_BYTES is rejected (read past in chunks, never held
+whole), and so is one nested too deeply to parse (TOO_DEEP).
 """
 
 from __future__ import annotations
