@@ -1,5 +1,6 @@
 import copy
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -65,6 +66,15 @@ def shared_legacy_sentencepiece_tokenizer(tmp_path_factory):
 
     path = build_sentencepiece_tokenizer(tmp_path_factory.mktemp("legacy"), legacy=True)
     return load_tokenizer(str(path))
+
+
+@pytest.fixture(scope="session")
+def demo_records_40(tmp_path_factory) -> Path:
+    """The first 40 records of the bundled demo data, as a file of their own."""
+    demo = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+    path = tmp_path_factory.mktemp("demo40") / "data.jsonl"
+    path.write_text("".join(demo.read_text().splitlines(keepends=True)[:40]))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -107,10 +107,8 @@ def assert_same_training(actual: Path, expected: Path, method: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "data.jsonl"
-    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:40]))
-    return path
+def data(demo_records_40) -> Path:
+    return demo_records_40
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 STEPS = 12
 SAVE_EVERY = 3
 
@@ -119,10 +118,8 @@ def losses(output_dir: Path) -> list[tuple[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "data.jsonl"
-    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:40]))
-    return path
+def data(demo_records_40) -> Path:
+    return demo_records_40
 
 
 @pytest.fixture(scope="module")

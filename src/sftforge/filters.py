@@ -14,7 +14,6 @@ a predicate that cannot be imported raises `FilterError` at once.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from sftforge.data import Rejects
 from sftforge.formats import Conversation, Source
+from sftforge.scoring import import_user_function
 from sftforge.writers import conversation_record, write_conversations
 
 RULES = (
@@ -123,16 +123,8 @@ def write_filter(result: FilterResult, kept_path: str | Path, rejected_path: str
 def load_predicate(spec: str | None) -> Predicate:
     """Import "package.module:function". It is user code, so it is imported only when named;
     the rules and messages are those of the `python` scorer (scoring.py)."""
-    module_name, _, attribute = (spec or "").partition(":")
-    if not module_name or not attribute:
-        raise FilterError(f"predicate: want 'package.module:function', got {spec!r}")
-    try:
-        function = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as e:
-        raise FilterError(
-            f"predicate {spec!r} could not be loaded ({e}); make the module importable "
-            f"(installed or on PYTHONPATH) and define {attribute}(conversation)"
-        ) from e
+    function = import_user_function(spec, "predicate", "conversation", FilterError)
+    attribute = spec.partition(":")[2]
     if not callable(function):
         raise FilterError(
             f"predicate {spec!r} is a {type(function).__name__}, not a function; define "

@@ -199,18 +199,25 @@ def _regex_scorer(pattern: str | None) -> Scorer:
     return score
 
 
-def _python_scorer(function: str | None) -> Scorer:
-    """Import a user's scorer. It is user code, so it is imported only when this kind is set."""
-    module_name, _, attribute = (function or "").partition(":")
+def import_user_function(spec: str | None, what: str, params: str, error: type[Exception]):
+    """Import a user's "package.module:function". It is user code, so it is imported only
+    when named; `what` names it in errors ("python scorer", "predicate"), `params` are the
+    parameters it must take."""
+    module_name, _, attribute = (spec or "").partition(":")
     if not module_name or not attribute:
-        raise ScoringError(f"python scorer: want 'package.module:function', got {function!r}")
+        raise error(f"{what}: want 'package.module:function', got {spec!r}")
     try:
-        fn = getattr(importlib.import_module(module_name), attribute)
+        return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
-        raise ScoringError(
-            f"python scorer {function!r} could not be loaded ({e}); make the module importable "
-            f"(installed or on PYTHONPATH) and define {attribute}(answer, reference, record)"
+        raise error(
+            f"{what} {spec!r} could not be loaded ({e}); make the module importable "
+            f"(installed or on PYTHONPATH) and define {attribute}({params})"
         ) from e
+
+
+def _python_scorer(function: str | None) -> Scorer:
+    """A user's scorer, imported only when this kind is set."""
+    fn = import_user_function(function, "python scorer", "answer, reference, record", ScoringError)
 
     def score(answer: str, reference: str, record: dict) -> Score:
         result = fn(answer, reference, record)
