@@ -133,3 +133,16 @@ def test_the_cache_is_kept_before_the_max_length_policy(tmp_path, smollm2_tokeni
 
     assert "read from the cache" in capsys.readouterr().out
     assert [e.input_ids[:90] for e in long.examples] == [e.input_ids for e in short.examples]
+
+
+def test_a_damaged_cache_entry_is_encoded_again_not_trusted(encoder, tmp_path, capsys):
+    chats = conversations(12)
+    fresh, _ = cached_encode_all(chats, encoder, "error", 1, tmp_path)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (entry / "ids.npy").write_bytes(b"not an array")
+    capsys.readouterr()
+
+    again, _ = cached_encode_all(chats, encoder, "error", 1, tmp_path)
+
+    assert "could not be read" in capsys.readouterr().out
+    assert same(again, fresh)

@@ -156,12 +156,17 @@ def cached_encode_all(
     key = cache_key(conversations, encoder)
     entry = cache_root / key
     if (entry / "meta.json").is_file():
-        examples, rejected = _read_entry(entry, conversations)
-        if rejected and on_invalid == "error":
-            raise rejected[0][1]
-        took = time.perf_counter() - started
-        print(f"encoded examples read from the cache {entry} ({took:.1f} s)")
-        return examples, rejected
+        try:
+            examples, rejected = _read_entry(entry, conversations)
+        except (OSError, ValueError, KeyError, IndexError) as err:
+            # Replaced or pruned by another process while being read, or damaged: encode.
+            print(f"note: the cached examples in {entry} could not be read ({err}); encoding")
+        else:
+            if rejected and on_invalid == "error":
+                raise rejected[0][1]
+            took = time.perf_counter() - started
+            print(f"encoded examples read from the cache {entry} ({took:.1f} s)")
+            return examples, rejected
     examples, rejected = encode_all(conversations, encoder, on_invalid, num_proc)
     took = time.perf_counter() - started
     processes = num_proc if len(conversations) >= PARALLEL_FROM and num_proc > 1 else 1
