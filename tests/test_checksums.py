@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from test_checkpoint import tiny_optimizer_and_model
 
 from sftforge.atomic import write_atomically
 from sftforge.checkpoint import (
@@ -17,14 +17,6 @@ from sftforge.checkpoint import (
     verify_checkpoint,
 )
 from sftforge.preflight import PreflightError, resume_point
-
-
-def tiny_optimizer_and_model():
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
-    return model, optimizer
 
 
 def checkpoints(output_dir: Path, *steps: int) -> list[Path]:

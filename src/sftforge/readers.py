@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sftforge.duplicate_keys import ObjectsNotingDuplicateKeys, duplicate_key, duplicate_key_reason
 from sftforge.formats import DataError, Source
 
 EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
@@ -130,7 +131,7 @@ def _read_file(path: Path) -> Iterator[RawRecord]:
 def _read_jsonl(path: Path) -> Iterator[RawRecord]:
     # Read bytes line by line (not json.load on the file) so a bad line is reported by
     # its own number and the lines around it still load.
-    objects = _ObjectsNotingDuplicateKeys()
+    objects = ObjectsNotingDuplicateKeys()
     with open(path, "rb") as f:
         _check_not_utf16(path, f.read(2))
         f.seek(0)
@@ -146,7 +147,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
 
 
 def _parse_json_line(
-    raw_line: bytes, source: Source, objects: _ObjectsNotingDuplicateKeys
+    raw_line: bytes, source: Source, objects: ObjectsNotingDuplicateKeys
 ) -> RawRecord:
     try:
         text = raw_line.decode("utf-8").rstrip("\r\n")
@@ -166,7 +167,7 @@ def _parse_json_line(
         return RawRecord(source, text, TOO_DEEP)
     if objects.count > duplicates_before:
         try:
-            return RawRecord(source, text, _duplicate_key_reason(_duplicate_key(record)))
+            return RawRecord(source, text, duplicate_key_reason(duplicate_key(record)))
         except RecursionError:
             return RawRecord(source, text, TOO_DEEP)
     return RawRecord(source, record)
@@ -206,52 +207,6 @@ def _bounded_lines(f: BinaryIO) -> Iterator[bytes | _LongLine]:
             yield parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-class _ObjectsNotingDuplicateKeys:
-    """object_pairs_hook for json.loads: builds each object as json does, but counts (and
-    marks) the objects that name a key twice, whose first value json would silently drop."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, pairs: list[tuple[str, Any]]) -> dict:
-        record = dict(pairs)
-        if len(record) == len(pairs):
-            return record
-        self.count += 1
-        keys = [key for key, _ in pairs]
-        repeated = next(key for i, key in enumerate(keys) if key in keys[:i])
-        return _ObjectWithDuplicateKey(record, repeated)
-
-
-class _ObjectWithDuplicateKey(dict):
-    def __init__(self, record: dict, duplicate_key: str) -> None:
-        super().__init__(record)
-        self.duplicate_key = duplicate_key
-
-
-def _duplicate_key(value: Any) -> str | None:
-    """The first key named twice in one object anywhere inside `value`, or None."""
-    if isinstance(value, _ObjectWithDuplicateKey):
-        return value.duplicate_key
-    if isinstance(value, dict):
-        children = value.values()
-    elif isinstance(value, list):
-        children = value
-    else:
-        return None
-    for child in children:
-        if (key := _duplicate_key(child)) is not None:
-            return key
-    return None
-
-
-def _duplicate_key_reason(key: str | None) -> str:
-    return (
-        f"duplicate key '{key}' in a JSON object; JSON readers silently keep only the last "
-        "value, so keep the one you mean and remove the other"
-    )
-
-
 def _check_not_utf16(path: Path, start: bytes) -> None:
     # PowerShell's `>` and Excel's "Unicode text" write UTF-16: every line would be rejected
     # as invalid UTF-8, which hides the one cause they share.
@@ -275,7 +230,7 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
             raise DataError(Source(str(path), line=line), reason) from None
         yield from _read_jsonl(path)  # JSON lines: reject only the lines that do not decode
         return
-    objects = _ObjectsNotingDuplicateKeys()
+    objects = ObjectsNotingDuplicateKeys()
     try:
         parsed = json.loads(text, object_pairs_hook=objects)
     except RecursionError:
@@ -302,8 +257,8 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
 
 def _json_row(source: Source, record: Any, may_repeat_keys: bool) -> RawRecord:
     # Only search the rows when the parser saw a repeated key somewhere: it rarely does.
-    key = _duplicate_key(record) if may_repeat_keys else None
-    return RawRecord(source, record, _duplicate_key_reason(key) if key is not None else None)
+    key = duplicate_key(record) if may_repeat_keys else None
+    return RawRecord(source, record, duplicate_key_reason(key) if key is not None else None)
 
 
 def _read_csv(path: Path) -> Iterator[RawRecord]:
