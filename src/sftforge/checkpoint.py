@@ -142,12 +142,15 @@ def prune_checkpoints(output_dir: Path, keep: int, written: int | None = None) -
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, verified: bool = False
 ) -> Resumed:
     """Restore weights, optimizer and RNG states from `path`, once its files are verified
-    against its checksums; returns the run's counters."""
+    against its checksums (unless the caller just did: `verified`, as a run's resume_point
+    does, so that a large checkpoint is not hashed twice); returns the run's counters."""
     missing = [name for name in RESUME_FILES if not (path / name).is_file()]
-    problem = _incomplete(missing) if missing else verify_checkpoint(path)
+    problem = _incomplete(missing) if missing else None
+    if problem is None and not verified:
+        problem = verify_checkpoint(path)
     if problem is not None:
         raise CheckpointError(damaged_message(path, problem))
     state = json.loads((path / "state.json").read_text("utf-8"))

@@ -96,7 +96,8 @@ class Run:
         if is_sharded_checkpoint(path) or self.sharded:
             resumed = load_any_checkpoint(path, self.trainer, self.optimizer)
         else:
-            resumed = load_checkpoint(path, self.model, self.optimizer)
+            # Verified by resume_point (on rank 0) just before: not hashed again here.
+            resumed = load_checkpoint(path, self.model, self.optimizer, verified=True)
         check_same_run(resumed.state["identity"], self.identity, path)
         self.done, self.before = resumed.step, resumed.state["before"]
         self.progress = Progress(**resumed.state["progress"])
