@@ -39,7 +39,7 @@ def test_stats_find_the_planted_problems_by_their_lines(encoder):
     assert stats.refusals.sources == [line(5)]
     assert stats.over_max_length.sources == [line(6)]
     assert stats.roles == {"user": 7, "assistant": 7, "system": 1}
-    assert stats.turns == [2, 2, 2, 2, 2, 5]
+    assert list(stats.turns) == [2, 2, 2, 2, 2, 5]
 
 
 def test_token_counts_are_those_training_would_see(encoder):
@@ -47,8 +47,8 @@ def test_token_counts_are_those_training_would_see(encoder):
     stats = collect_stats(conversations, encoder, max_length=60)
     examples = [encoder.encode(c) for c in conversations]
 
-    assert stats.example_tokens == [len(e.input_ids) for e in examples]
-    assert stats.response_tokens == [e.trained_token_count for e in examples]
+    assert list(stats.example_tokens) == [len(e.input_ids) for e in examples]
+    assert list(stats.response_tokens) == [e.trained_token_count for e in examples]
     assert stats.trained_tokens == sum(e.trained_token_count for e in examples)
     long = examples[5]
     assert stats.trained_lost_by_drop == long.trained_token_count

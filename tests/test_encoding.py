@@ -1,6 +1,7 @@
-"""Encoding at scale: in parallel it gives the very examples of one process, in order, with
-the same rejects; cached, a second preparation reads them back, and any change to what they
-depend on (data, tokenizer, template, masking) makes a new entry."""
+"""Encoding at scale: streamed a few chunks ahead; in parallel it gives the very examples of
+one process, in order, with the same rejects; cached, a second preparation reads them back,
+and any change to what they depend on (data, how it is read, tokenizer, template, masking)
+makes a new entry."""
 
 import json
 from pathlib import Path
@@ -9,9 +10,8 @@ import pytest
 
 import sftforge.encoding as encoding
 from sftforge.data import Rejects
-from sftforge.encoding import cache_key, cached_encode_all
-from sftforge.examples import encode_all
-from sftforge.formats import Conversation, Message, Source
+from sftforge.examples import data_key, encode_all, load_examples
+from sftforge.formats import Conversation, DataError, Message, Source
 from sftforge.prepare import text_side
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
@@ -70,57 +70,105 @@ def test_parallel_encoding_gives_the_examples_and_rejects_of_one_process(
     assert len(two_rejects) == 1
 
 
-def test_the_cache_gives_back_the_examples_it_was_given(strict_encoder, tmp_path, capsys):
-    encoder = strict_encoder
-    chats = conversations(30)
-    chats.insert(4, unrenderable())
-    fresh, fresh_rejected = cached_encode_all(chats, encoder, "skip", 1, tmp_path)
+def write_data(path: Path, n: int, bad_at: int | None = None) -> Path:
+    """The first `n` demo conversations as JSONL, with one the Alpaca template refuses (two
+    user turns in a row) inserted at line `bad_at`."""
+    lines = DEMO.read_text().splitlines()[:n]
+    if bad_at is not None:
+        bad = {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ]
+        }
+        lines.insert(bad_at - 1, json.dumps(bad))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_config(tmp_path: Path, data: Path, *more: str):
+    from sftforge.config import load_config
+
+    settings = [f"data.train={data}", f"cache_dir={tmp_path / 'cache'}", "max_length=1024"]
+    return load_config(None, settings + list(more))
+
+
+def test_the_cache_gives_back_the_examples_held_out_and_rejects_it_was_given(
+    strict_encoder, tmp_path, capsys
+):
+    data = write_data(tmp_path / "data.jsonl", 30, bad_at=5)
+    config = run_config(tmp_path, data, "data.on_invalid=skip", "eval.held_out=4")
+    fresh = load_examples(config, strict_encoder, tmp_path / "one")
     assert "cached in" in capsys.readouterr().out
 
-    read, read_rejected = cached_encode_all(chats, encoder, "skip", 1, tmp_path)
+    read = load_examples(config, strict_encoder, tmp_path / "two")
 
     assert "read from the cache" in capsys.readouterr().out
-    assert same([e for e in read if e], [e for e in fresh if e])
-    assert [e is None for e in read] == [e is None for e in fresh]
-    assert [(i, str(err)) for i, err in read_rejected] == [
-        (i, str(err)) for i, err in fresh_rejected
+    assert same(read.examples, fresh.examples) and len(read.examples) == 26
+    assert same(read.held_out_examples, fresh.held_out_examples)
+    assert read.held_out == fresh.held_out and len(read.held_out) == 4
+    rejects = [(tmp_path / run / "rejects.jsonl").read_text() for run in ("one", "two")]
+    assert rejects[0] == rejects[1] and "data.jsonl:5" in rejects[0]
+    summaries = [
+        data.loaded.summary().replace(f"/{run}/", "/")
+        for data, run in ((fresh, "one"), (read, "two"))
     ]
-    with pytest.raises(Exception, match="bad.jsonl:7"):
-        cached_encode_all(chats, encoder, "error", 1, tmp_path)  # a cached reject still errs
+    assert summaries[0] == summaries[1]
+    with pytest.raises(DataError, match="data.jsonl:5"):  # with on_invalid=error it errs
+        load_examples(run_config(tmp_path, data), strict_encoder, tmp_path / "three")
 
 
-def test_the_key_changes_with_what_the_examples_depend_on(smollm2_tokenizer, encoder):
-    chats = conversations(10)
-    key = cache_key(chats, encoder)
-    edited = list(chats)
-    edited[3] = Conversation(
-        chats[3].source, (*chats[3].messages[:-1], Message("assistant", "Another answer."))
-    )
-    untrained = list(chats)
-    first = chats[0].messages
-    untrained[0] = (
-        Conversation(
-            chats[0].source, (first[0], Message("assistant", first[1].content, trained=False))
-        )
-        if "trained" in Message.__dataclass_fields__
-        else chats[1]
-    )
+def test_the_key_changes_with_what_the_examples_depend_on(smollm2_tokenizer, encoder, tmp_path):
+    data = write_data(tmp_path / "data.jsonl", 10)
+    config = run_config(tmp_path, data)
 
-    assert cache_key(chats, encoder) == key  # the same inputs: the same key
-    assert cache_key(edited, encoder) != key  # the data's content
-    assert cache_key(chats[:-1], encoder) != key  # a record fewer (another split)
-    assert cache_key(untrained, encoder) != key  # an untrained turn, or another record
-    assert cache_key(chats, text_side(smollm2_tokenizer, "zephyr")[0]) != key  # template
+    def key(config=config, encoder=encoder) -> str:
+        return data_key(config, config.data.sources(), encoder)
+
+    first = key()
+    assert key() == first  # the same inputs: the same key
+    assert key(run_config(tmp_path, data, "eval.held_out=3")) == first  # rows chosen after
+    assert key(run_config(tmp_path, data, "max_length=64")) == first
+    assert key(run_config(tmp_path, data, "data.format=messages")) != first  # how it is read
+    assert key(run_config(tmp_path, data, "data.on_invalid=skip")) != first
+    assert key(encoder=text_side(smollm2_tokenizer, "zephyr")[0]) != first  # template
     last_only = text_side(smollm2_tokenizer, "auto", "last_assistant_turn")[0]
-    assert cache_key(chats, last_only) != key  # masking
+    assert key(encoder=last_only) != first  # masking
+    lines = data.read_text().splitlines()
+    lines[3] = lines[3].replace('"assistant", "content": "', '"assistant", "content": "Well, ')
+    data.write_text("\n".join(lines) + "\n")
+    assert key() != first  # the data's content
     smollm2_tokenizer.add_tokens(["<|a_new_word|>"], special_tokens=True)
-    assert cache_key(chats, text_side(smollm2_tokenizer, "auto")[0]) != key  # tokenizer
+    assert key(encoder=text_side(smollm2_tokenizer, "auto")[0]) != first  # tokenizer
+
+
+def test_encoding_reads_the_conversations_a_few_chunks_ahead_not_all(encoder, monkeypatch):
+    """Streaming: while the first chunk comes back, at most IN_FLIGHT chunks per worker (and
+    the two looked at first) have been read, so memory never holds the whole data."""
+    monkeypatch.setattr(encoding, "PARALLEL_FROM", 10)
+    monkeypatch.setattr(encoding, "CHUNK", 5)
+    chats = conversations(200)
+    read = []
+
+    def stream():
+        for c in chats:
+            read.append(c)
+            yield c
+
+    chunks = encoding.encoded_chunks(stream(), encoder, num_proc=2)
+    first, encoded = next(chunks)
+    ahead = len(read)
+    rest = list(chunks)
+
+    assert first == chats[:5] and len(encoded.lengths) == 5
+    assert ahead <= (encoding.IN_FLIGHT * 2 + 2) * 5 < len(chats)
+    assert sum(len(c) for c, _ in rest) == 195
 
 
 def test_the_cache_is_kept_before_the_max_length_policy(tmp_path, smollm2_tokenizer, capsys):
     """A run with another max_length reuses the entry and fits the examples itself."""
     from sftforge.config import load_config
-    from sftforge.examples import load_examples
 
     encoder = text_side(smollm2_tokenizer, "auto")[0]
     data = tmp_path / "data.jsonl"
@@ -135,14 +183,16 @@ def test_the_cache_is_kept_before_the_max_length_policy(tmp_path, smollm2_tokeni
     assert [e.input_ids[:90] for e in long.examples] == [e.input_ids for e in short.examples]
 
 
-def test_a_damaged_cache_entry_is_encoded_again_not_trusted(encoder, tmp_path, capsys):
-    chats = conversations(12)
-    fresh, _ = cached_encode_all(chats, encoder, "error", 1, tmp_path)
-    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    (entry / "ids.npy").write_bytes(b"not an array")
+@pytest.mark.parametrize("damage", ["ids.bin", "lengths.bin", "meta.json"])
+def test_a_damaged_cache_entry_is_encoded_again_not_trusted(encoder, tmp_path, capsys, damage):
+    config = run_config(tmp_path, write_data(tmp_path / "data.jsonl", 12))
+    fresh = list(load_examples(config, encoder, tmp_path).examples)
+    (entry,) = [p for p in (tmp_path / "cache/examples").iterdir() if p.is_dir()]
+    (entry / damage).unlink()  # a new file: the examples read above still map the old one
+    (entry / damage).write_bytes(b"not an array")
     capsys.readouterr()
 
-    again, _ = cached_encode_all(chats, encoder, "error", 1, tmp_path)
+    again = load_examples(config, encoder, tmp_path)
 
     assert "could not be read" in capsys.readouterr().out
-    assert same(again, fresh)
+    assert same(again.examples, fresh)

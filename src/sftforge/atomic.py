@@ -26,17 +26,22 @@ def write_atomically(target: Path, write) -> None:
     """`write(folder)` into a hidden folder beside `target`, record its checksums, fsync it,
     then rename it into place (replacing an older `target`). Whatever writes into the folder
     (other processes too, for sharded files) must have finished when `write` returns."""
-    temporary = target.with_name(f"{TEMPORARY_PREFIX}{target.name}.writing-{os.getpid()}")
+    temporary = staging_folder(target)
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
-    write(temporary)
+    write(temporary)  # a failure leaves the folder, as a kill would: remove_unfinished finds it
     record_checksums(temporary)
     _fsync_tree(temporary)
     if target.exists():
         delete_out_of_sight(target)
     os.rename(temporary, target)
     _fsync(target.parent)
+
+
+def staging_folder(target: Path) -> Path:
+    """Where this process writes `target` before renaming it into place."""
+    return target.with_name(f"{TEMPORARY_PREFIX}{target.name}.writing-{os.getpid()}")
 
 
 def publish_files(staging: Path, output_dir: Path) -> None:

@@ -48,6 +48,7 @@ from .atomic import (
     write_atomically,
 )
 from .config import Config
+from .table import ExampleView
 from .tokenize import Example
 
 CHECKPOINTS = "checkpoints"
@@ -198,15 +199,19 @@ def save_final(output_dir: Path, save_model: Callable[[Path], None]) -> None:
 # ---- is it the same run? -------------------------------------------------------------------
 
 
-def run_identity(config: Config, examples: list[Example]) -> dict:
+def run_identity(config: Config, examples: list[Example] | ExampleView) -> dict:
     """What must not change between a checkpoint and its resume: the settings that shape the
     steps (every config field not marked resumable), and a fingerprint of the tokenized data."""
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(array("q", example.input_ids).tobytes())
-        digest.update(array("q", example.labels).tobytes())
+    if isinstance(examples, ExampleView):
+        fingerprint = examples.fingerprint()
+    else:
+        digest = hashlib.sha256()
+        for example in examples:
+            digest.update(array("q", example.input_ids).tobytes())
+            digest.update(array("q", example.labels).tobytes())
+        fingerprint = digest.hexdigest()
     shaping = config.run_shaping_settings()
-    return {"config": shaping, "data_sha256": digest.hexdigest(), "examples": len(examples)}
+    return {"config": shaping, "data_sha256": fingerprint, "examples": len(examples)}
 
 
 def check_same_run(saved: dict, current: dict, path: Path) -> None:

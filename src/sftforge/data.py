@@ -13,6 +13,7 @@ encoding (encoding.py) and the max_length policy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -72,10 +73,11 @@ class LoadResult:
     files: list[str] = field(default_factory=list)  # every file or dataset read, in order
     rejects_path: Path | None = None  # where the rejects were written, if anywhere
     records: int = 0  # records read: in OpenAssistant files, messages (fewer conversations)
+    valid: int = 0  # conversations read and valid (all of them, even when not kept here)
     left_out: Counter = field(default_factory=Counter)  # valid records in no conversation, by why
 
     def summary(self) -> str:
-        valid, rejected = len(self.conversations), len(self.rejects)
+        valid, rejected = self.valid, len(self.rejects)
         written = f" -> written to {self.rejects_path}" if self.rejects_path else ""
         formats = ", ".join(f"{name}: {count}" for name, count in self.formats.items())
         lines = [
@@ -102,21 +104,47 @@ def load_conversations(
     on_invalid: str = "error",
     rejects_path: str | Path | None = None,
 ) -> LoadResult:
-    """Read `data` (a .json/.jsonl/.parquet/.csv file, a folder of them, a list, or a Dataset).
+    """Read `data` (a .json/.jsonl/.parquet/.csv file, a folder of them, a list, or a Dataset)
+    whole: `iter_conversations`, with every conversation kept in the LoadResult.
+
+    on_invalid="skip" writes the rejects to `rejects_path` (always, even when empty, so an old
+    file never misleads)."""
+    result = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+    options = {"format": format, "columns": columns, "on_invalid": on_invalid}
+    result.conversations.extend(iter_conversations(data, result, **options))
+    if on_invalid == "skip" and rejects_path is not None:
+        result.rejects.write_jsonl(rejects_path)
+        result.rejects_path = Path(rejects_path)
+    return result
+
+
+def iter_conversations(
+    data: str | Path | list[str | Path] | datasets.Dataset,
+    result: LoadResult,
+    *,
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
+    on_invalid: str = "error",
+    repeats: RepeatCounter | None = None,
+) -> Iterator[Conversation]:
+    """The valid conversations of `data`, one at a time, in order; what was read, rejected,
+    detected and repeated is counted into `result` as they go (its `conversations` is left
+    alone). Nothing but the record being read is held, except an OpenAssistant file.
 
     With format="auto" each file's format is detected from its first valid record and then
     holds for the whole file. An OpenAssistant file (oasst, oasst_all) holds one message a
     record: it is read whole, and oasst.py assembles its trees into conversations.
     `columns` maps our field names to the dataset's column names.
-    on_invalid="error" raises the first DataError; "skip" rejects bad records and goes on,
-    writing them to `rejects_path` (always, even when empty, so an old file never misleads).
-    A file that holds no record to reject (empty, a broken JSON array, UTF-16) raises a
-    DataError either way; a JSON line over readers.MAX_RECORD_BYTES is a rejected record.
+    on_invalid="error" raises the first DataError; "skip" rejects bad records into
+    `result.rejects` and goes on. A file that holds no record to reject (empty, a broken
+    JSON array, UTF-16) raises a DataError either way; a JSON line over
+    readers.MAX_RECORD_BYTES is a rejected record. Exact repeats are counted by `repeats`
+    (pass one to count them across several calls).
     """
     _check_choice("format", format, choices(DataFormat))
     _check_choice("on_invalid", on_invalid, choices(OnInvalid))
     _check_columns(columns)
-    result = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+    repeats = repeats or RepeatCounter()
     for name, raw_records in read_sources(data):
         result.files.append(name)
         file_format = None if format == "auto" else format
@@ -128,12 +156,16 @@ def load_conversations(
                 file_format = file_format or _detect_format(record, raw.source)
                 if file_format in TREE_FORMATS:
                     tree_messages.append((raw, record))
-                else:
-                    result.conversations.append(_convert(record, raw.source, file_format, columns))
+                    continue
+                conversation = _convert(record, raw.source, file_format, columns)
             except DataError as err:
                 if on_invalid == "error":
                     raise
                 result.rejects.add(raw.source, reject_reason(err), raw.record)
+                continue
+            result.valid += 1
+            result.duplicates += repeats.seen(conversation)
+            yield conversation
         if tree_messages:
             trees = conversations_from_trees(tree_messages, TREE_FORMATS[file_format])
             for err, raw in trees.rejected:
@@ -142,15 +174,34 @@ def load_conversations(
                 if on_invalid == "error":
                     raise err
                 result.rejects.add(raw.source, reject_reason(err), raw.record)
-            result.conversations.extend(trees.conversations)
             result.left_out.update(trees.left_out)
+            for conversation in trees.conversations:
+                result.valid += 1
+                result.duplicates += repeats.seen(conversation)
+                yield conversation
         if file_format:
             result.formats[file_format] = result.formats.get(file_format, 0) + 1
-    result.duplicates = count_duplicates(result.conversations)
-    if on_invalid == "skip" and rejects_path is not None:
-        result.rejects.write_jsonl(rejects_path)
-        result.rejects_path = Path(rejects_path)
-    return result
+
+
+class RepeatCounter:
+    """Tells whether a conversation exactly repeats an earlier one, by what would be trained
+    on (not its source), holding a 16-byte digest of each: 1M conversations take ~100 MB."""
+
+    def __init__(self) -> None:
+        self._digests: set[bytes] = set()
+
+    def seen(self, conversation: Conversation) -> bool:
+        digest = hashlib.blake2b(digest_size=16)
+        if conversation.text is not None:
+            digest.update(b"\x01" + conversation.text.encode())
+        for m in conversation.messages:
+            trained = b"1" if m.trained else b"0"
+            digest.update(b"\x02" + m.role.encode() + trained + m.content.encode() + b"\x03")
+        key = digest.digest()
+        if key in self._digests:
+            return True
+        self._digests.add(key)
+        return False
 
 
 def conversation_from_record(
@@ -187,11 +238,17 @@ def _detect_format(record: dict, source: Source) -> str:
 def split_held_out(
     conversations: list[Conversation], held_out: float | int, seed: int
 ) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, held_out). A float in (0, 1) is a fraction, an int a count.
+    """(train, held_out): `held_out_indices` applied to `conversations`."""
+    chosen = set(held_out_indices(len(conversations), held_out, seed))
+    train = [c for i, c in enumerate(conversations) if i not in chosen]
+    held = [c for i, c in enumerate(conversations) if i in chosen]
+    return train, held
 
-    The same conversations and seed always give the same split; the held-out records keep
-    their file order so reports are easy to read against the data."""
-    n = len(conversations)
+
+def held_out_indices(n: int, held_out: float | int, seed: int) -> list[int]:
+    """The indices, in order, of the conversations of `n` held out: a float in (0, 1) is a
+    fraction, an int a count. The same n and seed always choose the same; the held-out
+    records keep their file order so reports are easy to read against the data."""
     if isinstance(held_out, float):
         if not 0 < held_out < 1:
             raise ValueError(f"eval.held_out as a fraction must be in (0, 1), not {held_out}")
@@ -203,10 +260,7 @@ def split_held_out(
             f"eval.held_out={held_out} would hold out {count} of {n} examples; "
             "leave at least one to train on and hold out at least one"
         )
-    chosen = set(random.Random(f"held-out/{seed}").sample(range(n), count))
-    train = [c for i, c in enumerate(conversations) if i not in chosen]
-    held = [c for i, c in enumerate(conversations) if i in chosen]
-    return train, held
+    return sorted(random.Random(f"held-out/{seed}").sample(range(n), count))
 
 
 def _record_from(raw: RawRecord, columns: dict[str, str] | None) -> dict:
@@ -248,12 +302,6 @@ def _dataset_field(field_path: str, columns: dict[str, str]) -> str:
 
 def reject_reason(err: DataError) -> str:
     return f"field '{err.field}': {err.reason}" if err.field else err.reason
-
-
-def count_duplicates(conversations: list[Conversation]) -> int:
-    # Source is part of Conversation equality, so compare only what would be trained on.
-    contents = [(conversation.messages, conversation.text) for conversation in conversations]
-    return len(contents) - len(set(contents))
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -10,8 +10,9 @@ from .config import DataFormat, TrainOn, choices
 
 
 def _stats(args) -> None:
-    from .data import load_conversations
-    from .dedup import find_duplicates
+    from .data import LoadResult, Rejects, iter_conversations
+    from .dedup import DuplicateFinder
+    from .encoding import default_num_proc
     from .model import load_tokenizer, resolve_model_path
     from .prepare import text_side
     from .stats import add_duplicates, collect_stats, format_stats, write_plots
@@ -19,11 +20,14 @@ def _stats(args) -> None:
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     encoder, _ = text_side(tokenizer, args.template, args.train_on)
-    loaded = load_conversations(args.files, format=args.format, on_invalid="skip")
+    loaded = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+    conversations = iter_conversations(args.files, loaded, format=args.format, on_invalid="skip")
+    finder = DuplicateFinder(threshold=args.near, num_perm=args.num_perm)
+    num_proc = args.num_proc or default_num_proc()
+    stats = collect_stats(conversations, encoder, args.max_length, num_proc, finder.keeps)
+    add_duplicates(stats, finder.result([]))
     for reject in list(loaded.rejects)[:5]:
         print(f"rejected: {reject.source}: {reject.reason}")
-    stats = collect_stats(loaded.conversations, encoder, args.max_length)
-    add_duplicates(stats, find_duplicates(loaded.conversations, threshold=args.near))
     print(f"template: {encoder.template.name}")
     print(format_stats(stats, rejected=len(loaded.rejects)))
     if args.plots:
@@ -47,13 +51,18 @@ def _convert(args) -> None:
 
 
 def _dedup(args) -> None:
-    from .data import load_conversations
-    from .dedup import find_duplicates, write_dedup
+    from .data import LoadResult, Rejects, iter_conversations
+    from .dedup import DuplicateFinder, write_dedup_report
+    from .writers import write_conversations
 
-    loaded = load_conversations(args.files, format=args.format, on_invalid="error")
-    found = find_duplicates(loaded.conversations, threshold=args.threshold, num_perm=args.num_perm)
+    loaded = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+    conversations = iter_conversations(args.files, loaded, format=args.format)
+    finder = DuplicateFinder(threshold=args.threshold, num_perm=args.num_perm)
+    # Streamed: each record is written as soon as it is known to be kept.
+    write_conversations(args.output, (c for c in conversations if finder.keeps(c)))
+    found = finder.result([])
     report = Path(args.report or f"{args.output}.duplicates.jsonl")
-    write_dedup(found, args.output, report)
+    write_dedup_report(found, report)
     print(found.summary())
     print(f"kept records: {args.output}; each dropped one, with the one it repeats: {report}")
 
@@ -104,6 +113,8 @@ def add_data_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--near", type=float, default=0.85, help="near duplicates: MinHash Jaccard at least this"
     )
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    p.add_argument("--num-proc", type=int, help="processes that encode (default: every core)")
     p.set_defaults(run=_stats)
 
     p = commands.add_parser(

@@ -14,12 +14,13 @@ first record of a cluster is the one kept and every dropped record was measured 
 kept one it is reported with (a chain A ~ B ~ C with C unlike A keeps C). The MinHash
 permutations use a fixed seed: the same data gives the same clusters every time.
 
-Memory: the kept records' MinHashes and the LSH index, and one 16-byte digest per record; no
-text is held beyond the record being hashed. Measured at num_perm=128, threshold 0.85: about
+Memory (DuplicateFinder, which `sftforge data dedup` and `stats` stream through): the kept
+records' MinHashes and the LSH index, and one 16-byte digest per record; no text is held
+beyond the record being hashed. Measured at num_perm=128, threshold 0.85: about
 3.8 KB per kept record (0.6 KB MinHash, about 3 KB in datasketch's in-memory index: 11 bands,
 each a bytes key and a set) and 0.25 KB per dropped one (its digest and its Duplicate). So
-1M distinct records take about 4 GB (5 GB at the peak, while dicts grow), beside the loaded
-Conversations themselves; num_perm=64 about halves it. About 0.15 ms per record on one core.
+1M distinct records take about 4 GB (5 GB at the peak, while dicts grow); num_perm=64 about
+halves it. About 0.15 ms per record on one core.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Cluster:
 
 @dataclass
 class DedupResult:
-    kept: list[Conversation]  # in input order
+    kept: list[Conversation]  # in input order (empty when they were written as found)
     clusters: list[Cluster]  # those with a dropped record, in the input order of the kept one
     records: int  # conversations read
     threshold: float
@@ -76,7 +77,7 @@ class DedupResult:
         kinds = [duplicate.kind for duplicate in self.dropped]
         return {
             "records": self.records,
-            "kept": len(self.kept),
+            "kept": self.records - len(kinds),
             "dropped": len(kinds),
             "exact": kinds.count("exact"),
             "near": kinds.count("near"),
@@ -109,46 +110,71 @@ def find_duplicates(
     above which two records are near duplicates; `num_perm` is the number of MinHash
     permutations (more: a finer estimate, more memory).
     """
-    index = _lsh_index(threshold, num_perm, shingle)
-    blank = MinHash(num_perm=num_perm, seed=SEED)
-    kept: list[Conversation] = []
-    minhashes: list[LeanMinHash] = []  # of the kept records, by position in `kept`
-    # normalised-conversation digest -> (position in `kept` it resolves to, kind, similarity)
-    seen: dict[bytes, tuple[int, str, float]] = {}
-    clusters: dict[int, Cluster] = {}
-    records = 0
-    for conversation in conversations:
-        records += 1
+    finder = DuplicateFinder(threshold, num_perm, shingle)
+    kept = [conversation for conversation in conversations if finder.keeps(conversation)]
+    return finder.result(kept)
+
+
+class DuplicateFinder:
+    """`find_duplicates` one record at a time, holding no record: `keeps(conversation)` says
+    whether it is kept (the first of its cluster so far); `result` gives the clusters."""
+
+    def __init__(self, threshold: float = 0.85, num_perm: int = 128, shingle: int = 5) -> None:
+        self.threshold, self.num_perm, self.shingle = threshold, num_perm, shingle
+        self._index = _lsh_index(threshold, num_perm, shingle)
+        self._blank = MinHash(num_perm=num_perm, seed=SEED)
+        self._kept_sources: list[Source] = []
+        self._minhashes: list[LeanMinHash] = []  # of the kept records, by position
+        # normalised-conversation digest -> (position of the kept record it resolves to,
+        # kind, similarity)
+        self._seen: dict[bytes, tuple[int, str, float]] = {}
+        self._clusters: dict[int, Cluster] = {}
+        self.records = 0
+
+    def keeps(self, conversation: Conversation) -> bool:
+        self.records += 1
         parts = _normalised(conversation)
         digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).digest()
-        if digest in seen:
+        if digest in self._seen:
             # An exact repeat of a kept record, or of one dropped as a near duplicate: then it
             # is as near to that one's kept record as that one was.
-            position, kind, similarity = seen[digest]
+            position, kind, similarity = self._seen[digest]
         else:
-            minhash = blank.copy()
-            minhash.update_batch(_shingles(parts, shingle))
+            minhash = self._blank.copy()
+            minhash.update_batch(_shingles(parts, self.shingle))
             minhash = LeanMinHash(minhash)
-            match = _closest(minhash, index, minhashes, threshold)
+            match = _closest(minhash, self._index, self._minhashes, self.threshold)
             if match is None:
-                seen[digest] = (len(kept), "exact", 1.0)
-                index.insert(len(kept), minhash)
-                minhashes.append(minhash)
-                kept.append(conversation)
-                continue
+                position = len(self._kept_sources)
+                self._seen[digest] = (position, "exact", 1.0)
+                self._index.insert(position, minhash)
+                self._minhashes.append(minhash)
+                self._kept_sources.append(conversation.source)
+                return True
             position, similarity = match
             kind = "near"
-            seen[digest] = (position, kind, similarity)
-        cluster = clusters.setdefault(position, Cluster(kept[position].source))
+            self._seen[digest] = (position, kind, similarity)
+        cluster = self._clusters.setdefault(position, Cluster(self._kept_sources[position]))
         cluster.dropped.append(Duplicate(conversation.source, kind, similarity))
-    ordered = [clusters[position] for position in sorted(clusters)]
-    return DedupResult(kept, ordered, records, threshold, num_perm, shingle)
+        return False
+
+    def result(self, kept: list[Conversation]) -> DedupResult:
+        """The clusters found so far, with `kept`: the kept records when the caller kept them
+        (it may have written them out instead)."""
+        ordered = [self._clusters[position] for position in sorted(self._clusters)]
+        return DedupResult(kept, ordered, self.records, self.threshold, self.num_perm, self.shingle)
 
 
 def write_dedup(result: DedupResult, out_path: str | Path, report_path: str | Path) -> None:
-    """The kept records as JSONL (see `writers.conversation_record`), and a report of one line
-    per dropped record: {"dropped": "file:line", "kept": "file:line", "kind", "similarity"}."""
+    """The kept records as JSONL (see `writers.conversation_record`), and the report
+    (`write_dedup_report`)."""
     write_conversations(out_path, result.kept)
+    write_dedup_report(result, report_path)
+
+
+def write_dedup_report(result: DedupResult, report_path: str | Path) -> None:
+    """One line per dropped record: {"dropped": "file:line", "kept": "file:line", "kind",
+    "similarity"}."""
     write_jsonl(
         report_path,
         (

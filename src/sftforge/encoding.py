@@ -1,46 +1,155 @@
-"""Conversations -> Examples at scale: encoded in parallel, and cached by what makes them.
+"""Conversations -> encoded examples at scale: streamed, in parallel, and cacheable.
 
 Encoding renders each conversation with the chat template, tokenizes it, builds the labels
 and proves the mask (tokenize.py). That is the slow part of preparing data, so:
 
-- **In parallel.** With `num_proc` > 1 the conversations are cut into chunks encoded by that
-  many worker processes (forked, so they share the loaded tokenizer), in order.
-- **Cached.** The result is stored under `<cache_dir>/examples/<key>/`, where the key is a
-  hash of everything the examples depend on: the conversations themselves (so the data's
-  content, format, column mapping and held-out split), the tokenizer's full definition, the
-  chat template, the masking options (train_on, BOS), and the source code of the encoder.
-  Change any of them and the key changes. The cache holds examples before the max_length
-  policy, which is applied after reading it, so changing max_length or truncation reuses it.
-  A second run over the same data reads it in seconds; so do the other ranks of a torchrun
-  run, once one has written it.
+- **Streamed.** Conversations are read one chunk at a time and encoded into an
+  ExampleTable (table.py: columns of int32 ids and trained flags, on disk when cached), so
+  preparing a million conversations holds a few chunks, never the data.
+- **In parallel.** With `num_proc` > 1 the chunks are encoded by that many worker processes
+  (forked, so they share the loaded tokenizer), in order, a few chunks queued each.
+- **Cacheable.** `cached_entry`/`write_entry` keep tables under `<cache_dir>/examples/<key>/`;
+  examples.py makes the key from everything the examples depend on (the data files'
+  bytes, how they are read, and `code_and_encoder_digest`: the tokenizer's full
+  definition, the chat template, the masking options and the encoder's source code).
 
-Then the max_length policy (`fit_to_length`): drop or truncate the examples too long, and
-drop those left with no trained token, naming each in the EncodingReport.
+Then the max_length policy (`fit_rows` for a table, `fit_to_length` for a list): drop or
+truncate the examples too long, and drop those left with no trained token, naming each in
+the EncodingReport.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
-import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomically
+from .atomic import staging_folder, write_atomically
 from .config import Truncation, choices
 from .formats import Conversation, DataError
-from .tokenize import IGNORE_INDEX, Encoder, Example
+from .table import EncodedChunk, ExampleTable, ExampleView, TableWriter
+from .tokenize import Encoder, Example
 
 PARALLEL_FROM = 2000  # fewer conversations than this are encoded in this process
 CHUNK = 500  # conversations per task handed to a worker
+IN_FLIGHT = 4  # chunks queued per worker: bounds what is held while the reader runs ahead
 KEEP_ENTRIES = 5  # cached datasets kept; older ones are deleted when a new one is written
 # The code whose behaviour the examples depend on: a change to any of it is a new key.
-ENCODER_SOURCES = ("tokenize.py", "render.py", "templates.py", "encoding.py")
+ENCODER_SOURCES = ("tokenize.py", "render.py", "templates.py", "encoding.py", "table.py")
+
+
+def encoded_chunks(
+    conversations: Iterable[Conversation], encoder: Encoder, num_proc: int = 1
+) -> Iterator[tuple[list[Conversation], EncodedChunk]]:
+    """(chunk of conversations, its EncodedChunk), in order, reading `conversations` as it
+    goes: with `num_proc` > 1, by that many forked workers (sharing the loaded tokenizer),
+    with at most IN_FLIGHT chunks each queued, so memory holds a few chunks, never the data."""
+    chunks = _chunked(iter(conversations))
+    first = next(chunks, None)
+    if first is None:
+        return
+    second = next(chunks, None)
+    small = second is None or len(first) + len(second) < PARALLEL_FROM and len(second) < CHUNK
+    if num_proc <= 1 or small or not _can_fork():
+        for chunk in _prepend([first, second], chunks):
+            yield chunk, _encode_chunk_with(encoder, chunk)
+        return
+    global _worker_encoder
+    _worker_encoder = encoder  # inherited by the forked workers
+    try:
+        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+            pending: deque = deque()
+            for chunk in _prepend([first, second], chunks):
+                pending.append((chunk, pool.apply_async(_encode_chunk, (chunk,))))
+                if len(pending) >= IN_FLIGHT * num_proc:
+                    chunk, result = pending.popleft()
+                    yield chunk, result.get()
+            while pending:
+                chunk, result = pending.popleft()
+                yield chunk, result.get()
+    finally:
+        _worker_encoder = None
+
+
+def _chunked(conversations: Iterator[Conversation]) -> Iterator[list[Conversation]]:
+    while chunk := list(itertools.islice(conversations, CHUNK)):
+        yield chunk
+
+
+def _prepend(first: list, rest: Iterator) -> Iterator:
+    yield from (x for x in first if x is not None)
+    yield from rest
+
+
+_worker_encoder: Encoder | None = None
+
+
+def _encode_chunk(chunk: list[Conversation]) -> EncodedChunk:
+    try:
+        return _encode_chunk_with(_worker_encoder, chunk)
+    except Exception as err:  # noqa: BLE001 - sent back as text: an exception that does not
+        # unpickle would leave the pool waiting forever
+        raise RuntimeError(f"encoding worker failed: {type(err).__name__}: {err}") from None
+
+
+def _encode_chunk_with(encoder: Encoder, chunk: list[Conversation]) -> EncodedChunk:
+    examples, errors = [], []
+    for position, conversation in enumerate(chunk):
+        try:
+            examples.append(encoder.encode(conversation))
+        except DataError as err:
+            errors.append((position, err))
+    return EncodedChunk.of(examples, errors)
+
+
+@dataclass
+class Encoded:
+    """Conversations encoded into a table: `table.row_of[i]` is conversation i's row, and
+    `rejected` lists (i, error, the conversation as a record) for each the template refused."""
+
+    table: ExampleTable
+    rejected: list[tuple[int, DataError, dict]]
+
+    @property
+    def conversations(self) -> int:
+        return len(self.table.row_of)
+
+
+def encode_stream(
+    conversations: Iterable[Conversation],
+    encoder: Encoder,
+    on_invalid: str = "error",
+    num_proc: int = 1,
+    folder: Path | None = None,
+) -> Encoded:
+    """Encode `conversations` (read one chunk at a time) into an ExampleTable, written to
+    `folder` when given, else in memory. With on_invalid="error" the first conversation the
+    template rejects (in order) raises its DataError."""
+    writer = TableWriter(folder)
+    rejected = []
+    index = 0
+    try:
+        for chunk, encoded in encoded_chunks(conversations, encoder, num_proc):
+            for position, err in encoded.errors:
+                if on_invalid == "error":
+                    raise err
+                conversation = chunk[position]
+                record = {"messages": [m.__dict__ for m in conversation.messages]}
+                rejected.append((index + position, err, record))
+            writer.add(encoded, {p for p, _ in encoded.errors}, len(chunk))
+            index += len(chunk)
+    finally:
+        writer.close()
+    return Encoded(writer.finish(), rejected)
 
 
 def encode_all(
@@ -51,43 +160,10 @@ def encode_all(
 ) -> tuple[list[Example | None], list[tuple[int, DataError]]]:
     """(an Example per conversation, None where it was rejected; the rejected ones'
     (index, error)). With on_invalid="error" the first DataError (in order) is raised."""
-    if num_proc > 1 and len(conversations) >= PARALLEL_FROM and _can_fork():
-        chunks = [conversations[s : s + CHUNK] for s in range(0, len(conversations), CHUNK)]
-        global _worker_encoder
-        _worker_encoder = encoder  # inherited by the forked workers
-        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-            results = [r for chunk in pool.imap(_encode_chunk, chunks) for r in chunk]
-        _worker_encoder = None
-    else:
-        results = [_encode_one(encoder, c) for c in conversations]
-    examples, rejected = [], []
-    for index, result in enumerate(results):
-        if isinstance(result, DataError):
-            if on_invalid == "error":
-                raise result
-            rejected.append((index, result))
-            examples.append(None)
-        else:
-            examples.append(result)
-    return examples, rejected
-
-
-_worker_encoder: Encoder | None = None
-
-
-def _encode_chunk(chunk: list[Conversation]) -> list[Example | DataError]:
-    try:
-        return [_encode_one(_worker_encoder, c) for c in chunk]
-    except Exception as err:  # noqa: BLE001 - sent back as text: an exception that does not
-        # unpickle would leave the pool waiting forever
-        raise RuntimeError(f"encoding worker failed: {type(err).__name__}: {err}") from None
-
-
-def _encode_one(encoder: Encoder, conversation: Conversation) -> Example | DataError:
-    try:
-        return encoder.encode(conversation)
-    except DataError as err:
-        return err
+    encoded = encode_stream(conversations, encoder, on_invalid, num_proc)
+    table = encoded.table
+    examples = [None if row < 0 else table.example(int(row)) for row in table.row_of]
+    return examples, [(index, err) for index, err, _ in encoded.rejected]
 
 
 def _can_fork() -> bool:
@@ -106,20 +182,14 @@ def default_num_proc() -> int:
 # ---- the cache ----------------------------------------------------------------------------
 
 
-def cache_key(conversations: list[Conversation], encoder: Encoder) -> str:
-    """A hash of everything the encoded examples depend on (see the module's docstring)."""
+def code_and_encoder_digest(encoder: Encoder, *more_sources: str):
+    """A sha256 started with the encoder's code (ENCODER_SOURCES and `more_sources`, module
+    file names of this package) and the encoder's definition (`encoder_fingerprint`)."""
     digest = hashlib.sha256()
-    for name in ENCODER_SOURCES:
+    for name in (*ENCODER_SOURCES, *more_sources):
         digest.update((Path(__file__).parent / name).read_bytes())
     digest.update(encoder_fingerprint(encoder).encode())
-    for c in conversations:
-        digest.update(b"\x00" + str(c.source).encode())
-        if c.is_raw_text:
-            digest.update(b"\x01" + c.text.encode())
-        for m in c.messages:
-            trained = b"1" if getattr(m, "trained", True) else b"0"
-            digest.update(b"\x02" + m.role.encode() + trained + m.content.encode())
-    return digest.hexdigest()[:32]
+    return digest
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -141,93 +211,30 @@ def encoder_fingerprint(encoder: Encoder) -> str:
     )
 
 
-def cached_encode_all(
-    conversations: list[Conversation],
-    encoder: Encoder,
-    on_invalid: str,
-    num_proc: int,
-    cache_root: Path | None,
-) -> tuple[list[Example | None], list[tuple[int, DataError]]]:
-    """`encode_all`, read from `cache_root` when these conversations were encoded with this
-    encoder before, and written there otherwise (no cache when `cache_root` is None)."""
-    if cache_root is None:
-        return encode_all(conversations, encoder, on_invalid, num_proc)
-    started = time.perf_counter()
-    key = cache_key(conversations, encoder)
+def cached_entry(cache_root: Path, key: str) -> Path | None:
+    """The entry for `key` when one was written whole, marked as recently used."""
     entry = cache_root / key
-    if (entry / "meta.json").is_file():
-        try:
-            examples, rejected = _read_entry(entry, conversations)
-        except (OSError, ValueError, KeyError, IndexError) as err:
-            # Replaced or pruned by another process while being read, or damaged: encode.
-            print(f"note: the cached examples in {entry} could not be read ({err}); encoding")
-        else:
-            if rejected and on_invalid == "error":
-                raise rejected[0][1]
-            took = time.perf_counter() - started
-            print(f"encoded examples read from the cache {entry} ({took:.1f} s)")
-            return examples, rejected
-    examples, rejected = encode_all(conversations, encoder, on_invalid, num_proc)
-    took = time.perf_counter() - started
-    processes = num_proc if len(conversations) >= PARALLEL_FROM and num_proc > 1 else 1
-    print(
-        f"encoded {len(conversations):,} conversations in {took:.1f} s "
-        f"({processes} process{'es' if processes > 1 else ''}); cached in {entry}"
-    )
-    _write_entry(entry, examples, rejected)
-    _prune(cache_root, keep=entry)
-    return examples, rejected
+    if not (entry / "meta.json").is_file():
+        return None
+    os.utime(entry)  # recently used: pruned last
+    return entry
 
 
-def _write_entry(entry: Path, examples: list[Example | None], rejected) -> None:
-    kept = [e for e in examples if e is not None]
-    lengths = np.array([len(e.input_ids) for e in kept], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids = np.fromiter((t for e in kept for t in e.input_ids), dtype=np.int32, count=offsets[-1])
-    trained = np.fromiter(
-        (label != IGNORE_INDEX for e in kept for label in e.labels), dtype=bool, count=offsets[-1]
-    )
-
-    def write(folder: Path) -> None:
-        np.save(folder / "ids.npy", ids)
-        np.save(folder / "trained.npy", trained)
-        np.save(folder / "offsets.npy", offsets)
-        meta = {
-            "sources": [e.source for e in kept],
-            "rejected": [[i, str(err.source), err.reason, err.field] for i, err in rejected],
-            "count": len(examples),
-        }
-        (folder / "meta.json").write_text(json.dumps(meta), "utf-8")
-
+def write_entry(cache_root: Path, key: str, write) -> Path | None:
+    """`write(folder)` as the entry for `key`, written whole or not at all, and the oldest
+    entries beyond KEEP_ENTRIES pruned; None when it could not be written (another process
+    wrote it first, the disk is full: not fatal, the caller has what `write` made)."""
+    entry = cache_root / key
     entry.parent.mkdir(parents=True, exist_ok=True)
     try:
         write_atomically(entry, write)
-    except OSError as err:  # another process wrote it first, or the disk is full: not fatal
+    except OSError as err:  # another process wrote it first, or the disk is full
         print(f"note: the encoded examples were not cached ({err})")
-
-
-def _read_entry(entry: Path, conversations: list[Conversation]):
-    meta = json.loads((entry / "meta.json").read_text("utf-8"))
-    ids = np.load(entry / "ids.npy", mmap_mode="r")
-    trained = np.load(entry / "trained.npy", mmap_mode="r")
-    offsets = np.load(entry / "offsets.npy")
-    rejected_at = {
-        i: DataError(conversations[i].source, reason, field)
-        for i, _, reason, field in meta["rejected"]
-    }
-    examples: list[Example | None] = []
-    k = 0
-    for index in range(meta["count"]):
-        if index in rejected_at:
-            examples.append(None)
-            continue
-        a, b = offsets[k], offsets[k + 1]
-        chunk = np.asarray(ids[a:b], dtype=np.int64)
-        labels = np.where(trained[a:b], chunk, IGNORE_INDEX)
-        examples.append(Example(chunk.tolist(), labels.tolist(), meta["sources"][k]))
-        k += 1
-    os.utime(entry)  # recently used: pruned last
-    return examples, sorted(rejected_at.items())
+        return None
+    finally:
+        shutil.rmtree(staging_folder(entry), ignore_errors=True)  # what a failure left
+    _prune(cache_root, keep=entry)
+    return entry
 
 
 def _prune(cache_root: Path, keep: Path) -> None:
@@ -290,3 +297,35 @@ def fit_to_length(
         report.tokens += len(ex.input_ids)
         report.trained_tokens += ex.trained_token_count
     return kept
+
+
+def fit_rows(
+    table: ExampleTable, rows: np.ndarray, max_length: int, truncation: str, report: EncodingReport
+) -> ExampleView:
+    """`fit_to_length` for rows of a table: the view of those kept, each cut to max_length
+    where truncated; every row cut or dropped is named in the report."""
+    if truncation not in choices(Truncation):
+        allowed = ", ".join(choices(Truncation))
+        raise ValueError(f"truncation must be one of {allowed}, not {truncation!r}")
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = np.asarray(table.lengths[rows])
+    counts = np.asarray(table.trained_counts[rows]).copy()
+    if len(rows):
+        report.max_tokens = max(report.max_tokens, int(lengths.max()))
+    over = np.flatnonzero(lengths > max_length)
+    keep = np.ones(len(rows), dtype=bool)
+    if truncation == "drop":
+        keep[over] = False
+        report.dropped_too_long += [table.source(int(rows[i])) for i in over]
+    else:
+        for i in over:
+            counts[i] = table.trained_within(int(rows[i]), max_length)
+        report.truncated += [table.source(int(rows[i])) for i in over]
+    cuts = np.minimum(lengths, max_length)
+    nothing = np.flatnonzero(keep & (counts == 0))
+    keep[nothing] = False
+    report.dropped_nothing_trained += [table.source(int(rows[i])) for i in nothing]
+    report.examples += int(keep.sum())
+    report.tokens += int(cuts[keep].sum())
+    report.trained_tokens += int(counts[keep].sum())
+    return ExampleView(table, rows[keep], cuts[keep])

@@ -13,37 +13,63 @@ its training conversations taken by weight or count, deterministically by the se
 The held-out split is made first, on every loaded conversation (as without a mix), so a
 conversation taken twice is never also held out. A weight w takes floor(w) copies of the
 source's training conversations and a seeded sample of the fraction left; a count c does the
-same for c / size. Each source is encoded on its own, and the mix (conversations, examples
-and tokens per source) is printed and kept in the run's data report.
+same for c / size. The mix (conversations, examples and tokens per source) is printed and
+kept in the run's data report.
+
+Every source is read once, streamed into one encoded table (encoding.py, table.py), and the
+split, the mix and the max_length policy then choose rows of it: a run over a million
+conversations holds their per-example numbers, not their text or token lists.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .config import Config, DataSource
 from .data import (
     LoadResult,
     Rejects,
-    count_duplicates,
+    RepeatCounter,
+    held_out_indices,
+    iter_conversations,
     load_conversations,
     reject_reason,
-    split_held_out,
 )
-from .encoding import EncodingReport, cached_encode_all, default_num_proc, fit_to_length
+from .encoding import (
+    Encoded,
+    EncodingReport,
+    cached_entry,
+    code_and_encoder_digest,
+    default_num_proc,
+    encode_stream,
+    fit_rows,
+    fit_to_length,
+    write_entry,
+)
 from .formats import Conversation, DataError
+from .readers import data_files
+from .table import ExampleTable, ExampleView
 from .tokenize import Encoder, Example
+
+# The code that reads and converts records: a change to it is a new cache key.
+READER_SOURCES = ("readers.py", "formats.py", "data.py", "oasst.py", "duplicate_keys.py")
 
 
 @dataclass
 class TrainingData:
     """A run's examples: what is trained on, what is held out, and how they were obtained."""
 
-    examples: list[Example]  # what is trained on
+    examples: ExampleView  # what is trained on, read like a list of Examples
     report: EncodingReport
-    loaded: LoadResult
+    loaded: LoadResult  # what reading found (its conversations are not kept)
     held_out: list[Conversation] = field(default_factory=list)  # never trained on
     held_out_examples: list[Example] = field(default_factory=list)
     mix: list[dict] = field(default_factory=list)  # per source of a mix: what it gave
@@ -52,41 +78,56 @@ class TrainingData:
 def load_examples(
     config: Config, encoder: Encoder, output_dir: Path, write_rejects: bool = True
 ) -> TrainingData:
-    """Load, split, encode and fit every example of a run; rejected records (with
+    """Read, encode, split and fit every example of a run; rejected records (with
     on_invalid=skip) go to one file, whatever stage rejected them (when `write_rejects`:
-    under torchrun every rank prepares the same examples, and rank 0 writes). A mix of
-    sources (mix.py) is encoded source by source, each counted in the report."""
-    rejects_path = Path(config.data.rejects or output_dir / "rejects.jsonl")
-    loaded, parts, held_out, shares = _load_and_split(
-        config, rejects_path if write_rejects else None
-    )
-    on_invalid = config.data.on_invalid
-    rejected_before = len(loaded.rejects)
-    num_proc = config.data.num_proc or default_num_proc()
-    cache_root = examples_cache(config)
-    report = EncodingReport()
-    examples = []
-    for k, part in enumerate(parts):
-        encoded = encode_all(part, encoder, on_invalid, loaded.rejects, num_proc, cache_root)
-        fitted = fit_to_length(encoded, config.max_length, config.truncation, report)
-        examples += fitted
-        if shares:
-            shares[k].examples = len(fitted)
-            shares[k].tokens = sum(len(e.input_ids) for e in fitted)
-            shares[k].trained_tokens = sum(e.trained_token_count for e in fitted)
-    held_encoded = encode_all(held_out, encoder, on_invalid, loaded.rejects, num_proc, cache_root)
-    if len(loaded.rejects) > rejected_before and write_rejects:
+    under torchrun every rank prepares the same examples, and rank 0 writes).
+
+    The conversations stream: every source is read once, one chunk at a time, into one
+    ExampleTable (cached, and memory-mapped, under <cache_dir>/examples), and only the rows
+    to train on are chosen after, so memory holds the table's small per-example columns,
+    not the data. Held-out conversations are read again by index (a second pass)."""
+    data = config.data
+    sources = data.sources() if data.is_mix else [DataSource(path=data.train)]
+    loaded, encoded, sizes = _read_and_encode(config, sources, encoder)
+    table = encoded.table
+    for _, err, record in encoded.rejected:
+        loaded.rejects.add(err.source, reject_reason(err), record)
+    rejects_path = Path(data.rejects or output_dir / "rejects.jsonl")
+    if data.on_invalid == "skip" and write_rejects:
         loaded.rejects.write_jsonl(rejects_path)
-        print(
-            f"rejected by the chat template: {len(loaded.rejects) - rejected_before} "
-            f"(written to {rejects_path})"
-        )
+        loaded.rejects_path = rejects_path
+    print(loaded.summary())
+    if encoded.rejected and write_rejects:
+        print(f"rejected by the chat template: {len(encoded.rejected)} (written to {rejects_path})")
+
+    held_out, held_rows, held_indices = _split(config, sources, table)
+    report = EncodingReport()
+    views, shares = [], []
+    first = 0
+    for k, (source, size) in enumerate(zip(sources, sizes, strict=True)):
+        mine = [i for i in range(first, first + size) if i not in held_indices]
+        taken = take(mine, source, config.training.seed, k) if data.is_mix else mine
+        first += size
+        rows = table.row_of[np.asarray(taken, dtype=np.int64)] if taken else np.zeros(0, int)
+        fitted = fit_rows(table, rows[rows >= 0], config.max_length, config.truncation, report)
+        views.append(fitted)
+        if data.is_mix:
+            trained = int(table.trained_counts[fitted.rows].sum()) if len(fitted) else 0
+            share = SourceShare(source_name(source), size, len(mine), len(taken), len(fitted))
+            share.tokens, share.trained_tokens = int(fitted.cuts.sum()), trained
+            shares.append(share)
     print(report.summary(config.max_length))
     if shares:
         print(mix_table(shares))
-    if not examples:
-        raise DataError(str(config.data.train), "no example is left to train on")
-    held_examples = fit_to_length(held_encoded, config.max_length, "truncate", EncodingReport())
+    examples = ExampleView.joined(views)
+    if not len(examples):
+        raise DataError(str(data.train), "no example is left to train on")
+    if held_rows is None:  # a held-out file
+        held_rows = encode_all(held_out, encoder, data.on_invalid, loaded.rejects)
+        held_examples = fit_to_length(held_rows, config.max_length, "truncate", EncodingReport())
+    else:
+        held = fit_rows(table, held_rows, config.max_length, "truncate", EncodingReport())
+        held_examples = list(held)
     kept = {e.source for e in held_examples}
     held_out = [c for c in held_out if str(c.source) in kept]
     return TrainingData(examples, report, loaded, held_out, held_examples, mix_report(shares))
@@ -101,81 +142,151 @@ def examples_cache(config: Config) -> Path | None:
     return Path(config.cache_dir or default_cache_dir()) / "examples"
 
 
+def _read_and_encode(config: Config, sources: list[DataSource], encoder: Encoder):
+    """(what reading found, the encoded table of every source's conversations in order, the
+    number of valid conversations of each source): from the cache when these files were
+    read and encoded so before, else streamed and (with data.cache) written there."""
+    num_proc = config.data.num_proc or default_num_proc()
+    cache_root = examples_cache(config)
+    started = time.perf_counter()
+    key = data_key(config, sources, encoder) if cache_root is not None else None
+    entry = cached_entry(cache_root, key) if key else None
+    if entry is not None:
+        try:
+            found = _read_entry(entry)
+        except (OSError, ValueError, KeyError) as err:
+            # Replaced or pruned by another process while being read, or damaged: encode.
+            print(f"note: the cached examples in {entry} could not be read ({err}); encoding")
+        else:
+            took = time.perf_counter() - started
+            print(f"encoded examples read from the cache {entry} ({took:.1f} s)")
+            return found
+    made = {}
+
+    def encode_into(folder: Path | None) -> None:
+        loaded = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+        sizes: list[int] = []
+        stream = _conversations(config, sources, loaded, sizes)
+        encoded = encode_stream(stream, encoder, config.data.on_invalid, num_proc, folder)
+        made.update(loaded=loaded, encoded=encoded, sizes=sizes)
+        if folder is not None:
+            _write_meta(folder, loaded, encoded, sizes)
+
+    written = write_entry(cache_root, key, encode_into) if key else None
+    if not made:  # no cache, or the entry could not be started
+        encode_into(None)
+    took = time.perf_counter() - started
+    count = made["encoded"].conversations
+    where = f"; cached in {written}" if written else ""
+    print(f"encoded {count:,} conversations in {took:.1f} s ({num_proc} processes){where}")
+    return made["loaded"], made["encoded"], made["sizes"]
+
+
+def _conversations(config: Config, sources: list[DataSource], loaded: LoadResult, sizes: list):
+    """Every source's valid conversations in order, counted into `loaded` and `sizes`."""
+    repeats = RepeatCounter()
+    for source in sources:
+        before = loaded.valid
+        yield from iter_conversations(
+            source.path, loaded, repeats=repeats, **read_options(config, source)
+        )
+        sizes.append(loaded.valid - before)
+
+
+def data_key(config: Config, sources: list[DataSource], encoder: Encoder) -> str:
+    """A hash of everything a run's table depends on: each data file's path and bytes, how
+    it is read (format, columns, on_invalid), the reading and encoding code, and the
+    encoder (`code_and_encoder_digest`)."""
+    digest = code_and_encoder_digest(encoder, *READER_SOURCES)
+    for source in sources:
+        digest.update(json.dumps(read_options(config, source), sort_keys=True).encode())
+        for path in data_files(source.path):
+            digest.update(str(path).encode() + b"\x00")
+            with open(path, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:32]
+
+
+def _write_meta(folder: Path, loaded: LoadResult, encoded: Encoded, sizes: list[int]) -> None:
+    loaded.rejects.write_jsonl(folder / "loader_rejects.jsonl")
+    meta = {
+        "files": loaded.files,
+        "records": loaded.records,
+        "valid": loaded.valid,
+        "formats": loaded.formats,
+        "duplicates": loaded.duplicates,
+        "left_out": dict(loaded.left_out),
+        "sizes": sizes,
+        "rejected": [
+            [index, str(err.source), err.reason, err.field, record]
+            for index, err, record in encoded.rejected
+        ],
+    }
+    (folder / "meta.json").write_text(json.dumps(meta), "utf-8")
+
+
+def _read_entry(entry: Path):
+    meta = json.loads((entry / "meta.json").read_text("utf-8"))
+    loaded = LoadResult(conversations=[], rejects=Rejects(), formats=meta["formats"], duplicates=0)
+    loaded.files, loaded.records, loaded.valid = meta["files"], meta["records"], meta["valid"]
+    loaded.duplicates, loaded.left_out = meta["duplicates"], Counter(meta["left_out"])
+    with open(entry / "loader_rejects.jsonl", encoding="utf-8") as f:
+        for line in f:
+            item = json.loads(line)
+            loaded.rejects.add(item["source"], item["reason"], item["record"])
+    rejected = [
+        (index, DataError(source, reason, field), record)
+        for index, source, reason, field, record in meta["rejected"]
+    ]
+    table = ExampleTable.read(entry)
+    if len(table.row_of) != sum(meta["sizes"]):
+        raise ValueError(f"{entry}: {len(table.row_of)} conversations, not {sum(meta['sizes'])}")
+    return loaded, Encoded(table, rejected), meta["sizes"]
+
+
+def _split(config: Config, sources: list[DataSource], table: ExampleTable):
+    """(held-out conversations, their examples' table rows (None for a held-out file), the
+    indices of the conversations held out of training)."""
+    spec, seed = config.eval.held_out, config.training.seed
+    if spec is None:
+        return [], None, set()
+    if isinstance(spec, str):
+        options = read_options(config, DataSource(path=spec))
+        held = load_conversations(spec, **options).conversations
+        print(f"held-out file {spec}: {len(held)} examples")
+        return held, None, set()
+    n = len(table.row_of)
+    chosen = held_out_indices(n, spec, seed)
+    print(f"held out {len(chosen)} of {n} examples (seed {seed})")
+    # The held-out conversations themselves (for generating answers): a second pass, reading
+    # up to the last one chosen and keeping those.
+    wanted, last = set(chosen), max(chosen)
+    scratch = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+    held = []
+    for index, conversation in enumerate(_conversations(config, sources, scratch, [])):
+        if index in wanted:
+            held.append(conversation)
+        if index == last:
+            break
+    rows = table.row_of[np.asarray(chosen, dtype=np.int64)]
+    return held, rows[rows >= 0], wanted
+
+
 def encode_all(
     conversations: list[Conversation],
     encoder: Encoder,
     on_invalid: str,
     rejects: Rejects,
     num_proc: int = 1,
-    cache_root: Path | None = None,
 ) -> list[Example]:
-    """The examples of `conversations` (encoding.py: in parallel, and cached when
-    `cache_root` is given); with on_invalid="skip" the rejected ones go to `rejects`."""
-    examples, rejected = cached_encode_all(conversations, encoder, on_invalid, num_proc, cache_root)
-    for index, err in rejected:
-        conversation = conversations[index]
+    """The examples of `conversations` (in parallel with `num_proc` > 1); with
+    on_invalid="skip" the rejected ones go to `rejects`."""
+    encoded = encode_stream(conversations, encoder, on_invalid, num_proc)
+    for _, err, record in encoded.rejected:
         # The reason without the location: the rejects file has its own source column.
-        record = {"messages": [m.__dict__ for m in conversation.messages]}
-        rejects.add(conversation.source, reject_reason(err), record)
-    return [e for e in examples if e is not None]
-
-
-def _load_and_split(config: Config, rejects_path: Path | None):
-    """(all loaded, the training conversations in parts (one per source of a mix, else
-    one), held-out conversations, the mix's shares), split before anything else."""
-    data = config.data
-    options = {
-        "format": data.format,
-        "columns": data.columns or None,
-        "on_invalid": data.on_invalid,
-    }
-    written = rejects_path if data.on_invalid == "skip" else None
-    if data.is_mix:
-        by_source = [load_conversations(s.path, **read_options(config, s)) for s in data.sources()]
-        loaded = _merged(by_source, written)
-    else:
-        loaded = load_conversations(data.train, rejects_path=written, **options)
-        by_source = [loaded]
-    print(loaded.summary())
-    held_out_spec = config.eval.held_out
-    train, held = loaded.conversations, []
-    if isinstance(held_out_spec, str):
-        held = load_conversations(held_out_spec, **options).conversations
-        print(f"held-out file {held_out_spec}: {len(held)} examples")
-    elif held_out_spec is not None:
-        seed = config.training.seed
-        train, held = split_held_out(loaded.conversations, held_out_spec, seed)
-        print(f"held out {len(held)} of {len(loaded.conversations)} examples (seed {seed})")
-    if not data.is_mix:
-        return loaded, [train], held, []
-    training = {id(c) for c in train}
-    parts, shares = [], []
-    for k, (source, part) in enumerate(zip(data.sources(), by_source, strict=True)):
-        mine = [c for c in part.conversations if id(c) in training]
-        parts.append(take(mine, source, config.training.seed, k))
-        shares.append(
-            SourceShare(source_name(source), len(part.conversations), len(mine), len(parts[-1]))
-        )
-    return loaded, parts, held, shares
-
-
-def _merged(results: list[LoadResult], rejects_path: Path | None) -> LoadResult:
-    """The LoadResults of a mix's sources as one (files, conversations, rejects, formats)."""
-    merged = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
-    for result in results:
-        merged.files += result.files
-        merged.conversations += result.conversations
-        merged.records += result.records
-        merged.left_out.update(result.left_out)
-        for reject in result.rejects:
-            merged.rejects.add(reject.source, reject.reason, reject.record)
-        for name, count in result.formats.items():
-            merged.formats[name] = merged.formats.get(name, 0) + count
-    merged.duplicates = count_duplicates(merged.conversations)
-    if rejects_path is not None:
-        merged.rejects.write_jsonl(rejects_path)
-        merged.rejects_path = Path(rejects_path)
-    return merged
+        rejects.add(err.source, reject_reason(err), record)
+    table = encoded.table
+    return [table.example(row) for row in range(len(table))]
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """What is in a dataset, before a GPU-hour is spent on it: `sftforge data stats`.
 
-One pass over the conversations, each rendered and tokenized exactly as training would
-(the same Encoder, template and mask), keeping only small per-conversation numbers:
+One streamed pass over the conversations, each rendered and tokenized exactly as training
+would (the same Encoder, template and mask; in parallel, encoding.py), keeping only small
+per-conversation numbers, so a million conversations take tens of MB here:
 - records per format, turns per conversation, messages per role;
 - token lengths of prompts (untrained tokens), responses (trained tokens) and whole
   examples, as terminal histograms (and SVG charts);
@@ -16,11 +17,14 @@ from __future__ import annotations
 
 import re
 import statistics
+from array import array
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import Conversation, DataError
+from .encoding import encoded_chunks
+from .formats import Conversation
 from .scoring import normalize
 from .tokenize import Encoder
 
@@ -57,11 +61,12 @@ class DataStats:
     max_length: int
     conversations: int = 0
     formats: Counter = field(default_factory=Counter)
-    turns: list[int] = field(default_factory=list)  # messages per conversation
+    # Per-conversation numbers as compact arrays: 1M conversations take 32 MB.
+    turns: array = field(default_factory=lambda: array("l"))  # messages per conversation
     roles: Counter = field(default_factory=Counter)
-    prompt_tokens: list[int] = field(default_factory=list)  # untrained tokens per example
-    response_tokens: list[int] = field(default_factory=list)  # trained tokens per example
-    example_tokens: list[int] = field(default_factory=list)
+    prompt_tokens: array = field(default_factory=lambda: array("l"))  # untrained tokens per example
+    response_tokens: array = field(default_factory=lambda: array("l"))  # trained tokens per example
+    example_tokens: array = field(default_factory=lambda: array("l"))
     over_max_length: Finding = field(default_factory=Finding)
     trained_lost_by_drop: int = 0  # trained tokens of the examples over max_length
     trained_lost_by_truncate: int = 0  # trained tokens past max_length
@@ -83,36 +88,52 @@ class DataStats:
 
 
 def collect_stats(
-    conversations: list[Conversation], encoder: Encoder, max_length: int
+    conversations: Iterable[Conversation],
+    encoder: Encoder,
+    max_length: int,
+    num_proc: int = 1,
+    each: Callable[[Conversation], object] | None = None,
 ) -> DataStats:
+    """One streamed pass (encoded in `num_proc` processes, a few chunks ahead: encoding.py),
+    calling `each` on every conversation too (dedup's DuplicateFinder, say)."""
     stats = DataStats(max_length)
-    for conversation in conversations:
-        _count_conversation(stats, conversation, encoder)
+    for chunk, encoded in encoded_chunks(conversations, encoder, num_proc):
+        refused = dict(encoded.errors)
+        row = 0
+        for position, conversation in enumerate(chunk):
+            _count_conversation(stats, conversation)
+            if each is not None:
+                each(conversation)
+            if position in refused:
+                err = refused[position]
+                stats.not_encoded[err.reason] += 1
+                if len(stats.not_encoded_sources) < EXAMPLES_SHOWN:
+                    stats.not_encoded_sources.append(str(conversation.source))
+                continue
+            _count_example(stats, encoded, row, conversation)
+            row += 1
     return stats
 
 
-def _count_conversation(stats: DataStats, conversation: Conversation, encoder: Encoder) -> None:
+def _count_conversation(stats: DataStats, conversation: Conversation) -> None:
     stats.conversations += 1
     stats.formats[conversation.meta.get("format", "?")] += 1
     stats.turns.append(len(conversation.messages))
     stats.roles.update(m.role for m in conversation.messages)
     _check_responses(stats, conversation)
-    try:
-        example = encoder.encode(conversation)
-    except DataError as err:
-        stats.not_encoded[err.reason] += 1
-        if len(stats.not_encoded_sources) < EXAMPLES_SHOWN:
-            stats.not_encoded_sources.append(str(conversation.source))
-        return
-    trained = example.trained_token_count
-    stats.example_tokens.append(len(example.input_ids))
+
+
+def _count_example(stats: DataStats, encoded, row: int, conversation: Conversation) -> None:
+    length, trained = int(encoded.lengths[row]), int(encoded.trained_counts[row])
+    stats.example_tokens.append(length)
     stats.response_tokens.append(trained)
-    stats.prompt_tokens.append(len(example.input_ids) - trained)
-    if len(example.input_ids) > stats.max_length:
+    stats.prompt_tokens.append(length - trained)
+    if length > stats.max_length:
         stats.over_max_length.add(conversation.source)
         stats.trained_lost_by_drop += trained
-        kept = example.labels[1 : stats.max_length]
-        stats.trained_lost_by_truncate += trained - sum(1 for x in kept if x != -100)
+        start = int(encoded.lengths[:row].sum())
+        kept = int(encoded.trained[start + 1 : start + stats.max_length].sum())
+        stats.trained_lost_by_truncate += trained - kept
 
 
 def _check_responses(stats: DataStats, conversation: Conversation) -> None:

@@ -207,7 +207,7 @@ def steps(run: Run) -> dict:
     """Run the optimizer steps from `run.done` to the last; returns the last step's record."""
     config, t, progress, total = run.config, run.config.training, run.progress, run.total_steps
     world = run.world
-    lengths = [len(ex.input_ids) for ex in run.data.examples]
+    lengths = run.data.examples.lengths
     batching = {
         "batch_size": t.batch_size,
         "token_budget": t.micro_batch_tokens,
@@ -277,7 +277,7 @@ def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) 
         run.optimizer.step()
     else:
         run.progress.skipped_steps += 1
-        sources = [run.data.examples[i].source for i in indices]
+        sources = [run.data.examples.source(i) for i in indices]
         what = nonfinite_step(step, loss, grad_norm, sources)
         allowed = run.config.training.skip_nonfinite_steps
         if run.progress.skipped_steps > allowed:
