@@ -3,8 +3,9 @@
 Generates --conversations multi-turn conversations (deterministic; system prompt in 30 %, 1-3
 exchanges), then times, alternating over --repeats rounds, each in its own process:
 
-- sftforge: `encode_all` (render with the chat template, tokenize, build the labels and
-  prove every mask) in --num-proc processes, no cache; reading the file is timed apart;
+- sftforge: `encode_stream` (render with the chat template, tokenize, build the labels and
+  prove every mask, into the columnar table training reads) in --num-proc processes, no
+  cache; reading the file is timed apart (it streams during a run: see bench/scale.py);
 - TRL 1.16 (bench/.venv-trl, made by bench/compare.py): SFTTrainer's `_prepare_dataset` on
   the same conversations as its conversational prompt-completion format (prompt = all
   messages but the last, completion = the last: the only multi-turn masking TRL offers with
@@ -34,7 +35,7 @@ WORDS = ["the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was",
 OURS = r"""
 import json, sys, time
 from sftforge.data import load_conversations
-from sftforge.encoding import encode_all
+from sftforge.encoding import encode_stream
 from sftforge.model import load_tokenizer, resolve_model_path
 from sftforge.prepare import text_side
 data, num_proc, train_on = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -42,11 +43,11 @@ encoder, _ = text_side(load_tokenizer(resolve_model_path("smollm2-135m")), "auto
 started = time.perf_counter()
 conversations = load_conversations(data).conversations
 loaded = time.perf_counter()
-examples, rejected = encode_all(conversations, encoder, "error", num_proc)
+table = encode_stream(conversations, encoder, "error", num_proc).table
 done = time.perf_counter()
-trained = sum(e.trained_token_count for e in examples)
+trained = int(table.trained_counts.sum())
 print("RESULT " + json.dumps({"seconds": done - loaded, "load_seconds": loaded - started,
-    "conversations": len(examples), "trained_tokens": trained}))
+    "conversations": len(table), "trained_tokens": trained}))
 """
 
 TRL = r"""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sftforge.data import conversation_from_record, load_conversations
-from sftforge.dedup import find_duplicates, shingles, write_dedup
+from sftforge.dedup import DuplicateFinder, find_duplicates, shingles, write_dedup
 from sftforge.filters import FilterError, FilterRules, filter_conversations, write_filter
 from sftforge.formats import Conversation, Message, Source
 from sftforge.writers import conversation_record, write_conversations
@@ -94,6 +94,16 @@ def test_near_duplicate_is_found_below_its_jaccard_and_not_above():
     above = find_duplicates(conversations, threshold=round(true_jaccard + 0.1, 2))
     assert pairs(above) == {(f"{CHATS}:1", f"{CHATS}:3", "exact")}
     assert f"{CHATS}:5" in {str(c.source) for c in above.kept}
+
+
+def test_exact_only_finds_the_exact_duplicates_and_leaves_the_near_one():
+    conversations = load(CHATS)
+    finder = DuplicateFinder(threshold=0.5, near=False)
+    kept = [c for c in conversations if finder.keeps(c)]
+
+    assert pairs(finder.result(kept)) == {(f"{CHATS}:1", f"{CHATS}:3", "exact")}
+    assert f"{CHATS}:5" in {str(c.source) for c in kept}  # near line 1, kept
+    assert finder.result(kept).threshold == 1.0
 
 
 # (0.3, 16): one band per MinHash value, so LSH proposes many unrelated candidates and only

@@ -149,3 +149,26 @@ def test_data_convert_command_says_what_it_could_not_write_and_fails(tmp_path):
     assert f"not written: {source}:2: 4 turns" in done.stdout
     assert len(out.read_text().splitlines()) == 2
     assert json.loads(out.read_text().splitlines()[0])["system"] == "Be brief."
+
+
+def test_the_dedup_command_streams_the_kept_records_and_reports_each_dropped_one(tmp_path):
+    from sftforge.cli import main
+
+    out = tmp_path / "kept.jsonl"
+    assert main(["data", "dedup", str(PLANTED), "-o", str(out)]) == 0
+
+    expected = find_duplicates(load_conversations(PLANTED).conversations)
+    kept = load_conversations(out).conversations
+    assert [c.messages for c in kept] == [c.messages for c in expected.kept]
+    report = [json.loads(x) for x in (tmp_path / "kept.jsonl.duplicates.jsonl").open()]
+    assert [(r["kept"], r["dropped"]) for r in report] == [(line(1), line(2))]
+
+
+def test_the_stats_command_prints_the_findings_exact_only_too(tmp_path, capsys):
+    from sftforge.cli import main
+
+    assert main(["data", "stats", str(PLANTED), "--max-length", "60", "--exact-only"]) == 0
+    text = capsys.readouterr().out
+    assert f"exact duplicates                   1 (16.7%): {line(2)}" in text
+    assert "near duplicates" not in text  # not sought
+    assert "conversations: 6" in text

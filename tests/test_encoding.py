@@ -119,6 +119,24 @@ def test_the_cache_gives_back_the_examples_held_out_and_rejects_it_was_given(
         load_examples(run_config(tmp_path, data), strict_encoder, tmp_path / "three")
 
 
+def test_a_cached_run_parses_no_record_held_out_ones_included(encoder, tmp_path, monkeypatch):
+    import sftforge.examples as examples
+
+    data = write_data(tmp_path / "data.jsonl", 30)
+    config = run_config(tmp_path, data, "eval.held_out=0.2")
+    fresh = load_examples(config, encoder, tmp_path)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the data was read again")
+
+    monkeypatch.setattr(examples, "_conversations", no_reading)
+    again = load_examples(config, encoder, tmp_path)
+
+    assert again.held_out == fresh.held_out and len(again.held_out) == 6
+    assert [c.source for c in again.held_out] == [c.source for c in fresh.held_out]
+    assert same(again.examples, fresh.examples)
+
+
 def test_the_key_changes_with_what_the_examples_depend_on(smollm2_tokenizer, encoder, tmp_path):
     data = write_data(tmp_path / "data.jsonl", 10)
     config = run_config(tmp_path, data)

@@ -103,11 +103,11 @@ def _encode_chunk(chunk: list[Conversation]) -> EncodedChunk:
 
 def _encode_chunk_with(encoder: Encoder, chunk: list[Conversation]) -> EncodedChunk:
     examples, errors = [], []
-    for position, conversation in enumerate(chunk):
-        try:
-            examples.append(encoder.encode(conversation))
-        except DataError as err:
-            errors.append((position, err))
+    for position, result in enumerate(encoder.encode_many(chunk)):
+        if isinstance(result, DataError):
+            errors.append((position, result))
+        else:
+            examples.append(result)
     return EncodedChunk.of(examples, errors)
 
 

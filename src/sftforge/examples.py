@@ -58,6 +58,7 @@ from .formats import Conversation, DataError
 from .readers import data_files
 from .table import ExampleTable, ExampleView
 from .tokenize import Encoder, Example
+from .writers import conversation_as_json, conversation_from_json, write_jsonl
 
 # The code that reads and converts records: a change to it is a new cache key.
 READER_SOURCES = ("readers.py", "formats.py", "data.py", "oasst.py", "duplicate_keys.py")
@@ -88,7 +89,7 @@ def load_examples(
     not the data. Held-out conversations are read again by index (a second pass)."""
     data = config.data
     sources = data.sources() if data.is_mix else [DataSource(path=data.train)]
-    loaded, encoded, sizes = _read_and_encode(config, sources, encoder)
+    loaded, encoded, sizes, entry = _read_and_encode(config, sources, encoder)
     table = encoded.table
     for _, err, record in encoded.rejected:
         loaded.rejects.add(err.source, reject_reason(err), record)
@@ -100,7 +101,7 @@ def load_examples(
     if encoded.rejected and write_rejects:
         print(f"rejected by the chat template: {len(encoded.rejected)} (written to {rejects_path})")
 
-    held_out, held_rows, held_indices = _split(config, sources, table)
+    held_out, held_rows, held_indices = _split(config, sources, table, entry)
     report = EncodingReport()
     views, shares = [], []
     first = 0
@@ -144,8 +145,9 @@ def examples_cache(config: Config) -> Path | None:
 
 def _read_and_encode(config: Config, sources: list[DataSource], encoder: Encoder):
     """(what reading found, the encoded table of every source's conversations in order, the
-    number of valid conversations of each source): from the cache when these files were
-    read and encoded so before, else streamed and (with data.cache) written there."""
+    number of valid conversations of each source, the cache entry or None): from the cache
+    when these files were read and encoded so before, else streamed and (with data.cache)
+    written there."""
     num_proc = config.data.num_proc or default_num_proc()
     cache_root = examples_cache(config)
     started = time.perf_counter()
@@ -160,7 +162,7 @@ def _read_and_encode(config: Config, sources: list[DataSource], encoder: Encoder
         else:
             took = time.perf_counter() - started
             print(f"encoded examples read from the cache {entry} ({took:.1f} s)")
-            return found
+            return (*found, entry)
     made = {}
 
     def encode_into(folder: Path | None) -> None:
@@ -179,7 +181,7 @@ def _read_and_encode(config: Config, sources: list[DataSource], encoder: Encoder
     count = made["encoded"].conversations
     where = f"; cached in {written}" if written else ""
     print(f"encoded {count:,} conversations in {took:.1f} s ({num_proc} processes){where}")
-    return made["loaded"], made["encoded"], made["sizes"]
+    return made["loaded"], made["encoded"], made["sizes"], written
 
 
 def _conversations(config: Config, sources: list[DataSource], loaded: LoadResult, sizes: list):
@@ -244,7 +246,7 @@ def _read_entry(entry: Path):
     return loaded, Encoded(table, rejected), meta["sizes"]
 
 
-def _split(config: Config, sources: list[DataSource], table: ExampleTable):
+def _split(config: Config, sources: list[DataSource], table: ExampleTable, entry: Path | None):
     """(held-out conversations, their examples' table rows (None for a held-out file), the
     indices of the conversations held out of training)."""
     spec, seed = config.eval.held_out, config.training.seed
@@ -258,8 +260,23 @@ def _split(config: Config, sources: list[DataSource], table: ExampleTable):
     n = len(table.row_of)
     chosen = held_out_indices(n, spec, seed)
     print(f"held out {len(chosen)} of {n} examples (seed {seed})")
-    # The held-out conversations themselves (for generating answers): a second pass, reading
-    # up to the last one chosen and keeping those.
+    held = _held_out_conversations(config, sources, chosen, entry)
+    rows = table.row_of[np.asarray(chosen, dtype=np.int64)]
+    return held, rows[rows >= 0], set(chosen)
+
+
+def _held_out_conversations(config, sources, chosen: list[int], entry: Path | None):
+    """The conversations at `chosen` (for generating answers): kept beside the cache entry
+    once read, else read again up to the last one chosen (a second pass over the data)."""
+    saved = (
+        entry / f"held_out-{config.training.seed}-{config.eval.held_out}.jsonl" if entry else None
+    )
+    if saved is not None and saved.is_file():
+        try:
+            with open(saved, encoding="utf-8") as f:
+                return [conversation_from_json(json.loads(line)) for line in f]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"note: {saved} could not be read ({err}); reading the data again")
     wanted, last = set(chosen), max(chosen)
     scratch = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
     held = []
@@ -268,8 +285,12 @@ def _split(config: Config, sources: list[DataSource], table: ExampleTable):
             held.append(conversation)
         if index == last:
             break
-    rows = table.row_of[np.asarray(chosen, dtype=np.int64)]
-    return held, rows[rows >= 0], wanted
+    if saved is not None:
+        try:
+            write_jsonl(saved, (conversation_as_json(c) for c in held))
+        except OSError as err:
+            print(f"note: the held-out conversations were not cached ({err})")
+    return held
 
 
 def encode_all(

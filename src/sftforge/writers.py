@@ -9,13 +9,14 @@ written half or dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import Conversation, DataError
+from .formats import Conversation, DataError, Message, Source
 
 
 def _trained(message) -> bool:
@@ -126,6 +127,25 @@ def write_conversations(path: str | Path, conversations: Iterable[Conversation])
     """One `conversation_record` per line, in the given order. (A file mixing chat and
     raw-text records reads back only with the format given, since detection is per file.)"""
     write_jsonl(path, (conversation_record(c) for c in conversations))
+
+
+def conversation_as_json(conversation: Conversation) -> dict:
+    """A Conversation whole, source and all, as JSON (`conversation_from_json` reads it)."""
+    return {
+        "source": dataclasses.asdict(conversation.source),
+        "messages": [dataclasses.asdict(m) for m in conversation.messages],
+        "text": conversation.text,
+        "meta": conversation.meta,
+    }
+
+
+def conversation_from_json(record: dict) -> Conversation:
+    return Conversation(
+        Source(**record["source"]),
+        tuple(Message(**m) for m in record["messages"]),
+        record["text"],
+        record["meta"],
+    )
 
 
 def write_jsonl(path: str | Path, lines: Iterable[dict]) -> None:
