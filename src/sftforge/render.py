@@ -178,25 +178,80 @@ def _assistant_span_in_sentinel_render(
     return len(prompt), content_end + len(marker)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What the sentinel renders tell of a conversation's shape (its roles, and which
+    contents are empty): the render with sentinels, its elements, and each assistant turn's
+    span in it; or the TemplateError the shape meets."""
+
+    full: str
+    elements: tuple[tuple[str, int | None, int], ...]  # (text, slot, sentinel_start)
+    spans: tuple[tuple[int, int], ...]
+    error: str | None = None
+
+
+LAYOUTS_KEPT = 4096  # shapes remembered per template; beyond that the memory starts over
+
+
+def _layout(
+    template: ChatTemplate,
+    messages: tuple[Message, ...],
+    end_markers: set[str],
+    add_generation_prompt: bool,
+    cached: bool = True,
+) -> _Layout:
+    """The layout of `messages`' shape. The sentinel renders (one, and two per assistant
+    turn) depend on nothing but the shape, so the layout is kept per template and shape: a
+    dataset of a few shapes renders each with sentinels once."""
+    shape = tuple((m.role, bool(m.content)) for m in messages)
+    key = (shape, add_generation_prompt, frozenset(end_markers))
+    layouts = template.layouts
+    if cached and key in layouts:
+        return layouts[key]
+    sentinel_msgs = _with_sentinels(messages)
+    try:
+        full = template.render(sentinel_msgs, add_generation_prompt=add_generation_prompt)
+        spans = tuple(
+            _assistant_span_in_sentinel_render(template, sentinel_msgs, i, full, end_markers)
+            for i, message in enumerate(messages)
+            if message.role == "assistant"
+        )
+        elements = tuple(
+            (e.text_in_sentinel_render, e.slot, e.sentinel_start)
+            for e in _split_sentinel_render(full)
+        )
+        layout = _Layout(full, elements, spans)
+    except TemplateError as e:
+        layout = _Layout("", (), (), str(e))
+    if len(layouts) >= LAYOUTS_KEPT:
+        layouts.clear()
+    layouts[key] = layout
+    return layout
+
+
 def _render(
     messages: tuple[Message, ...],
     template: ChatTemplate,
     end_markers: set[str],
     add_generation_prompt: bool,
 ) -> tuple[str, list[Part], list[tuple[int, int]]]:
-    """The rendered text, its parts, and the span of each assistant turn."""
-    sentinel_msgs = _with_sentinels(messages)
-    full = template.render(sentinel_msgs, add_generation_prompt=add_generation_prompt)
+    """The rendered text, its parts, and the span of each assistant turn. Should the real
+    render not fit a remembered layout (a template that reads the clock), the layout is
+    rendered afresh before that counts as the template's fault."""
     real = template.render(_as_dicts(messages), add_generation_prompt=add_generation_prompt)
-    elements = _split_sentinel_render(full)
-    _align(elements, real, messages, template.name)
-    spans = []
-    for i, message in enumerate(messages):
-        if message.role == "assistant":
-            start, end = _assistant_span_in_sentinel_render(
-                template, sentinel_msgs, i, full, end_markers
-            )
-            spans.append((_to_real_offset(elements, start), _to_real_offset(elements, end)))
+    for cached in (True, False):
+        layout = _layout(template, messages, end_markers, add_generation_prompt, cached)
+        if layout.error:
+            raise TemplateError(layout.error)
+        elements = [_Element(text, slot, start) for text, slot, start in layout.elements]
+        try:
+            _align(elements, real, messages, template.name)
+        except TemplateError:
+            if not cached:
+                raise
+            continue
+        break
+    spans = [(_to_real_offset(elements, a), _to_real_offset(elements, b)) for a, b in layout.spans]
     parts = [
         Part(el.real_text, el.slot is not None, el.real_start) for el in elements if el.real_text
     ]
@@ -225,13 +280,12 @@ def _cut(parts: list[Part], assistant_spans, trained_spans) -> list[Piece]:
     pieces = []
     for part in parts:
         start, end = part.start, part.start + len(part.text)
-        inner = [c for c in cuts if start < c < end]
-        for a, b in zip([start, *inner], [*inner, end], strict=True):
+        first = bisect.bisect_right(cuts, start)
+        inner = cuts[first : bisect.bisect_left(cuts, end)]
+        for k, (a, b) in enumerate(zip([start, *inner], [*inner, end], strict=True)):
             trained = any(s <= a and b <= e for s, e in trained_spans)
-            segment = bisect.bisect_right(cuts, a)
-            pieces.append(
-                Piece(part.text[a - start : b - start], part.is_content, trained, segment)
-            )
+            text = part.text if not inner else part.text[a - start : b - start]
+            pieces.append(Piece(text, part.is_content, trained, first + k))
     return pieces
 
 

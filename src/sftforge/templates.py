@@ -9,7 +9,7 @@ expects one. render.py renders conversations with it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -94,6 +94,8 @@ class ChatTemplate:
     extra_tokens: tuple[str, ...] = ()  # special tokens the template writes literally
     reason: str = ""  # why this template: shown when a run starts
     expects_bos: bool = False  # the model expects its BOS token first in every text
+    # render.py's sentinel layouts by conversation shape: a cache, not part of the template
+    layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         try:

@@ -38,6 +38,7 @@ IGNORE_INDEX = -100
 # Text tokenized in front of a run that must not get a string's prefix space; its tokens are
 # dropped. A newline: SentencePiece vocabularies hold it as a byte, merged with nothing.
 ANCHOR = "\n"
+SPLITS_KEPT = 65536  # template texts whose split at special tokens is remembered
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Encoder:
         self._end_markers = set(self.special_ids)  # what may end an assistant turn's text
         by_length = sorted(self.special_ids, key=len, reverse=True)
         self._special_pattern = re.compile("|".join(re.escape(t) for t in by_length) or "(?!)")
+        self._splits: dict[str, list[tuple[str, bool]]] = {}  # template text -> its split
         self._anchor_ids = self._ids([ANCHOR])[0]
         self._prefix_at_start, self._prefix_after_special = self._probe_prefix_space()
         eos = tokenizer.eos_token_id
@@ -222,16 +224,22 @@ class Encoder:
         return _merge_text_runs(atoms)
 
     def _split_special(self, text: str, trained: bool, segment: int) -> list[_Atom]:
-        """Template text: special tokens the template wrote become their ids."""
-        atoms, pos = [], 0
-        for m in self._special_pattern.finditer(text):
-            if m.start() > pos:
-                atoms.append(_Atom(text[pos : m.start()], False, trained, segment))
-            atoms.append(_Atom(m.group(0), True, trained, segment))
-            pos = m.end()
-        if pos < len(text):
-            atoms.append(_Atom(text[pos:], False, trained, segment))
-        return atoms
+        """Template text: special tokens the template wrote become their ids. (The same few
+        template texts come back in every conversation: their split is remembered.)"""
+        split = self._splits.get(text)
+        if split is None:
+            split, pos = [], 0
+            for m in self._special_pattern.finditer(text):
+                if m.start() > pos:
+                    split.append((text[pos : m.start()], False))
+                split.append((m.group(0), True))
+                pos = m.end()
+            if pos < len(text):
+                split.append((text[pos:], False))
+            if len(self._splits) >= SPLITS_KEPT:
+                self._splits.clear()
+            self._splits[text] = split
+        return [_Atom(part, special, trained, segment) for part, special in split]
 
     def _tokenize(self, atoms: list[_Atom]) -> tuple[list[int], list[int]]:
         """Ids and labels of the atoms, appended together; each atom learns its tokens."""
@@ -365,16 +373,12 @@ class Encoder:
 
 
 def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
-    """[start, end) of each run of trained labels."""
-    runs: list[tuple[int, int]] = []
-    for k, label in enumerate(labels):
-        if label == IGNORE_INDEX:
-            continue
-        if runs and runs[-1][1] == k:
-            runs[-1] = (runs[-1][0], k + 1)
-        else:
-            runs.append((k, k + 1))
-    return runs
+    """[start, end) of each run of trained labels (found by a regex over one byte a label)."""
+    flags = bytes([label != IGNORE_INDEX for label in labels])
+    return [m.span() for m in _RUN_OF_ONES.finditer(flags)]
+
+
+_RUN_OF_ONES = re.compile(b"\x01+")
 
 
 def texts_in_place(tokenizer, ids: list[int], ranges: list[tuple[int, int]]) -> list[str]:
