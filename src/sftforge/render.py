@@ -277,13 +277,15 @@ def _cut(parts: list[Part], assistant_spans, trained_spans) -> list[Piece]:
     it. Every assistant turn is cut from its prompt, trained or not: at inference the prompt
     ends at the generation prompt and is tokenized alone."""
     cuts = sorted({p for span in [*assistant_spans, *trained_spans] for p in span})
+    trained_starts = [s for s, _ in trained_spans]  # sorted, the spans being disjoint
     pieces = []
     for part in parts:
         start, end = part.start, part.start + len(part.text)
         first = bisect.bisect_right(cuts, start)
         inner = cuts[first : bisect.bisect_left(cuts, end)]
         for k, (a, b) in enumerate(zip([start, *inner], [*inner, end], strict=True)):
-            trained = any(s <= a and b <= e for s, e in trained_spans)
+            holder = bisect.bisect_right(trained_starts, a) - 1  # the span starting last by a
+            trained = holder >= 0 and b <= trained_spans[holder][1]
             text = part.text if not inner else part.text[a - start : b - start]
             pieces.append(Piece(text, part.is_content, trained, first + k))
     return pieces

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +52,10 @@ class EncodedChunk:
     @classmethod
     def of(cls, examples: list[Example], errors: list) -> EncodedChunk:
         lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-        ids = np.fromiter(
-            (t for e in examples for t in e.input_ids), dtype=np.int32, count=int(lengths.sum())
-        )
-        trained = np.fromiter(
-            (x != IGNORE_INDEX for e in examples for x in e.labels),
-            dtype=np.bool_,
-            count=len(ids),
-        )
+        count = int(lengths.sum())
+        ids = np.fromiter(chain.from_iterable(e.input_ids for e in examples), np.int32, count)
+        labels = np.fromiter(chain.from_iterable(e.labels for e in examples), np.int32, count)
+        trained = labels != IGNORE_INDEX
         counts = np.array([e.trained_token_count for e in examples], dtype=np.int64)
         return cls(ids, trained, lengths, counts, [e.source for e in examples], errors)
 

@@ -258,16 +258,20 @@ class Encoder:
         plain_ids = iter(encoded)
         ids: list[int] = []
         labels: list[int] = []
+        at = 0
         for k, atom in enumerate(atoms):
             if atom.special:
                 tokens = [self.special_ids[atom.text]]
             else:
                 tokens = next(plain_ids)
-                tokens = self._drop_anchor(tokens) if k in anchored else tokens
+                if k in anchored:
+                    tokens = self._drop_anchor(tokens)
                 atom.string_start = self._prefix_at_start and k not in anchored
-            atom.tokens = (len(ids), len(ids) + len(tokens))
-            ids.extend(tokens)
-            labels.extend(tokens if atom.trained else [IGNORE_INDEX] * len(tokens))
+            end = at + len(tokens)
+            atom.tokens = (at, end)
+            at = end
+            ids += tokens
+            labels += tokens if atom.trained else [IGNORE_INDEX] * len(tokens)
         return ids, labels
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
