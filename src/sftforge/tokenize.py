@@ -420,12 +420,14 @@ def _texts_of(decoded: list[str]) -> list[str]:
 def _merge_text_runs(atoms: list[_Atom]) -> list[_Atom]:
     """Join neighbouring plain-text atoms between the same two cuts, so text between two
     special tokens is tokenized as one run (as a tokenizer does with a whole prompt), but
-    never across the start or end of an assistant turn."""
+    never across the start or end of an assistant turn. (Joined in place: the atoms are
+    made afresh for each conversation.)"""
     merged: list[_Atom] = []
+    prev = None
     for atom in atoms:
-        prev = merged[-1] if merged else None
         if prev and not prev.special and not atom.special and prev.segment == atom.segment:
             prev.text += atom.text
         else:
-            merged.append(_Atom(atom.text, atom.special, atom.trained, atom.segment))
+            merged.append(atom)
+            prev = atom
     return merged
