@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import TrainOn
 from .formats import Conversation, Message
@@ -34,8 +35,7 @@ def _sentinel(i: int) -> str:
     return f"\ue000{i}\ue001"
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):  # NamedTuples: made by the dozen for every conversation
     """A run of rendered text: template markup, or (part of) a message's content."""
 
     text: str
@@ -43,8 +43,7 @@ class Part:
     start: int  # character offset in the rendered text
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """Rendered text between two cuts (the edges of assistant spans), as tokenize takes it."""
 
     text: str
