@@ -150,10 +150,11 @@ class Encoder:
         for k, rendered, atoms, anchored, at, count in staged:
             ids, labels = self._assemble(atoms, anchored, encoded[at : at + count])
             assembled.append((k, rendered, atoms, ids, labels, len(windows)))
-            windows += _decode_windows(ids, [atom.tokens for atom in atoms])
+            windows += _decode_windows(ids, [atom.tokens for atom in atoms if not atom.special])
         decoded = _decode_all(self.tokenizer, windows)
         for k, rendered, atoms, ids, labels, at in assembled:
-            shown = _texts_of(decoded[at : at + 2 * len(atoms)])
+            plain = sum(1 for atom in atoms if not atom.special)
+            shown = _texts_of(decoded[at : at + 2 * plain])
             problem = self._check(ids, labels, atoms, rendered, shown)
             source = conversations[k].source
             results[k] = (
@@ -334,13 +335,16 @@ class Encoder:
 
     def _check(self, ids, labels, atoms, rendered, shown_texts) -> str | None:
         """Prove the mask, or say why it cannot be: every run of text decodes back from its
-        tokens where they stand (`shown_texts`: texts_in_place), the runs of trained tokens
-        hold exactly the text of the trained spans, each trained turn ends with a stop token,
-        and the text starts with exactly one BOS where the model expects one."""
+        tokens where they stand (`shown_texts`: texts_in_place of the plain atoms; a special
+        atom's one id is the tokenizer's id for its very text, by construction), the runs of
+        trained tokens hold exactly the text of the trained spans, each trained turn ends
+        with a stop token, and the text starts with exactly one BOS where the model expects
+        one."""
         text, spans = rendered.text, rendered.trained_spans
         if problem := self._bos_problem(ids):
             return problem
-        for atom, shown in zip(atoms, shown_texts, strict=True):
+        plain = [atom for atom in atoms if not atom.special]
+        for atom, shown in zip(plain, shown_texts, strict=True):
             if not self._decodes_to(shown, atom):
                 return (
                     f"the tokens of {atom.text[:60]!r} decode to {shown[:60]!r}: they do not "
