@@ -45,7 +45,14 @@ CHUNK = 500  # conversations per task handed to a worker
 IN_FLIGHT = 4  # chunks queued per worker: bounds what is held while the reader runs ahead
 KEEP_ENTRIES = 5  # cached datasets kept; older ones are deleted when a new one is written
 # The code whose behaviour the examples depend on: a change to any of it is a new key.
-ENCODER_SOURCES = ("tokenize.py", "render.py", "templates.py", "encoding.py", "table.py")
+ENCODER_SOURCES = (
+    "tokenize.py",
+    "proof.py",
+    "render.py",
+    "templates.py",
+    "encoding.py",
+    "table.py",
+)
 
 
 def encoded_chunks(

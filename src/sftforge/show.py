@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .tokenize import IGNORE_INDEX, Example, texts_in_place
+from .proof import texts_in_place
+from .tokenize import IGNORE_INDEX, Example
 
 _TRAINED = "\x1b[30;42m"  # black on green
 _PROMPT = "\x1b[2m"  # dim

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from .config import TrainOn, choices
 from .formats import Conversation, DataError, Message, Source
+from .proof import decode_all, decode_windows, texts_of, trained_runs
 from .render import Piece, render_conversation, render_prompt
 from .templates import ChatTemplate, TemplateError
 
@@ -150,11 +151,11 @@ class Encoder:
         for k, rendered, atoms, anchored, at, count in staged:
             ids, labels = self._assemble(atoms, anchored, encoded[at : at + count])
             assembled.append((k, rendered, atoms, ids, labels, len(windows)))
-            windows += _decode_windows(ids, [atom.tokens for atom in atoms if not atom.special])
-        decoded = _decode_all(self.tokenizer, windows)
+            windows += decode_windows(ids, [atom.tokens for atom in atoms if not atom.special])
+        decoded = decode_all(self.tokenizer, windows)
         for k, rendered, atoms, ids, labels, at in assembled:
             plain = sum(1 for atom in atoms if not atom.special)
-            shown = _texts_of(decoded[at : at + 2 * plain])
+            shown = texts_of(decoded[at : at + 2 * plain])
             problem = self._check(ids, labels, atoms, rendered, shown)
             source = conversations[k].source
             results[k] = (
@@ -210,7 +211,7 @@ class Encoder:
             except TemplateError:
                 continue  # e.g. a template that requires a system message: try the next
             ids, labels = self._tokenize(self._atoms(rendered.pieces))
-            return {ids[end - 1] for _, end in _trained_runs(labels)}
+            return {ids[end - 1] for _, end in trained_runs(labels, IGNORE_INDEX)}
         return set()
 
     def _atoms(self, pieces: list[Piece]) -> list[_Atom]:
@@ -350,10 +351,10 @@ class Encoder:
                     f"the tokens of {atom.text[:60]!r} decode to {shown[:60]!r}: they do not "
                     "decode back to the rendered text (a character the tokenizer cannot write?)"
                 )
-        trained_runs = _trained_runs(labels)
-        if len(trained_runs) != len(spans):
-            return f"expected {len(spans)} trained spans, found {len(trained_runs)}"
-        for (t0, t1), (c0, c1) in zip(trained_runs, spans, strict=True):
+        runs = trained_runs(labels, IGNORE_INDEX)
+        if len(runs) != len(spans):
+            return f"expected {len(spans)} trained spans, found {len(runs)}"
+        for (t0, t1), (c0, c1) in zip(runs, spans, strict=True):
             inside = [a for a in atoms if t0 <= a.tokens[0] and a.tokens[1] <= t1]
             trained = "".join(a.text for a in inside)
             if trained != text[c0:c1]:
@@ -378,47 +379,6 @@ class Encoder:
             "expects one BOS first; use a template that writes it once, or none (sftforge "
             "then writes it)"
         )
-
-
-def _trained_runs(labels: list[int]) -> list[tuple[int, int]]:
-    """[start, end) of each run of trained labels (found by a regex over one byte a label)."""
-    flags = bytes([label != IGNORE_INDEX for label in labels])
-    return [m.span() for m in _RUN_OF_ONES.finditer(flags)]
-
-
-_RUN_OF_ONES = re.compile(b"\x01+")
-
-
-def texts_in_place(tokenizer, ids: list[int], ranges: list[tuple[int, int]]) -> list[str]:
-    """The text each range of `ids` stands for where it is, decoded after a few tokens of
-    context (a SentencePiece decoder drops the leading space of whatever it decodes first);
-    all in one call to the tokenizer's decoder."""
-    return _texts_of(_decode_all(tokenizer, _decode_windows(ids, ranges)))
-
-
-def _decode_windows(ids: list[int], ranges: list[tuple[int, int]]) -> list[list[int]]:
-    """Two windows a range: its tokens after up to 4 of context, and the context alone."""
-    windows = []
-    for start, end in ranges:
-        first = max(0, start - 4)
-        windows += [ids[first:end], ids[first:start]]
-    return windows
-
-
-def _decode_all(tokenizer, windows: list[list[int]]) -> list[str]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.decode_batch(windows, skip_special_tokens=False)
-    return [
-        tokenizer.decode(w, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        for w in windows
-    ]
-
-
-def _texts_of(decoded: list[str]) -> list[str]:
-    """What each range adds to its context, from `_decode_windows`' decoded pairs."""
-    pairs = zip(decoded[::2], decoded[1::2], strict=True)
-    return [through[len(before) :] for through, before in pairs]
 
 
 def _merge_text_runs(atoms: list[_Atom]) -> list[_Atom]:
