@@ -60,7 +60,20 @@ def encoded_chunks(
 ) -> Iterator[tuple[list[Conversation], EncodedChunk]]:
     """(chunk of conversations, its EncodedChunk), in order, reading `conversations` as it
     goes: with `num_proc` > 1, by that many forked workers (sharing the loaded tokenizer),
-    with at most IN_FLIGHT chunks each queued, so memory holds a few chunks, never the data."""
+    with at most IN_FLIGHT chunks each queued, so memory holds a few chunks, never the data.
+
+    Objects alive when it starts (the caller's conversations, a whole dataset maybe) are
+    left out of garbage collection meanwhile: every collection would go through each of them
+    (in a forked worker, a copy-on-write fault a page). 1.6x faster in 2 workers, 2x in this
+    process, on a held dataset."""
+    gc.freeze()
+    try:
+        yield from _encoded_chunks(conversations, encoder, num_proc)
+    finally:
+        gc.unfreeze()
+
+
+def _encoded_chunks(conversations, encoder: Encoder, num_proc: int):
     chunks = _chunked(iter(conversations))
     first = next(chunks, None)
     if first is None:
@@ -73,10 +86,6 @@ def encoded_chunks(
         return
     global _worker_encoder
     _worker_encoder = encoder  # inherited by the forked workers
-    # Objects alive now (the caller's conversations, a whole dataset maybe) are left out of
-    # garbage collection while the workers run: a collection would touch each of them, in
-    # every worker a copy-on-write fault per page (1.6x faster on 40k held conversations).
-    gc.freeze()
     try:
         with multiprocessing.get_context("fork").Pool(num_proc, _one_thread_each) as pool:
             pending: deque = deque()
@@ -90,7 +99,6 @@ def encoded_chunks(
                 yield chunk, result.get()
     finally:
         _worker_encoder = None
-        gc.unfreeze()
 
 
 def _chunked(conversations: Iterator[Conversation]) -> Iterator[list[Conversation]]:
