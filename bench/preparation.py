@@ -101,6 +101,15 @@ def generate(n: int, path: Path) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
+def generated_data(n: int) -> Path:
+    """bench/data/prep_N.jsonl, generated the first time it is asked for."""
+    data = ROOT / f"bench/data/prep_{n}.jsonl"
+    if not data.exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        generate(n, data)
+    return data
+
+
 def run(command: list[str]) -> dict:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -117,10 +126,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train-on", default="all_assistant_turns")
     args = parser.parse_args()
-    data = ROOT / f"bench/data/prep_{args.conversations}.jsonl"
-    if not data.exists():
-        data.parent.mkdir(parents=True, exist_ok=True)
-        generate(args.conversations, data)
+    data = generated_data(args.conversations)
     sys.path.insert(0, str(ROOT / "src"))
     from sftforge.model import resolve_model_path
 

@@ -80,12 +80,9 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--skip-stats", action="store_true")
     args = parser.parse_args()
-    from preparation import generate
+    from preparation import generated_data
 
-    data = ROOT / f"bench/data/prep_{args.conversations}.jsonl"
-    if not data.exists():
-        data.parent.mkdir(parents=True, exist_ok=True)
-        generate(args.conversations, data)
+    data = generated_data(args.conversations)
     size = data.stat().st_size / 2**20
     print(f"{data.name}: {args.conversations:,} conversations, {size:,.0f} MiB")
     python = sys.executable

@@ -179,20 +179,6 @@ def encode_stream(
     return Encoded(writer.finish(), rejected)
 
 
-def encode_all(
-    conversations: list[Conversation],
-    encoder: Encoder,
-    on_invalid: str = "error",
-    num_proc: int = 1,
-) -> tuple[list[Example | None], list[tuple[int, DataError]]]:
-    """(an Example per conversation, None where it was rejected; the rejected ones'
-    (index, error)). With on_invalid="error" the first DataError (in order) is raised."""
-    encoded = encode_stream(conversations, encoder, on_invalid, num_proc)
-    table = encoded.table
-    examples = [None if row < 0 else table.example(int(row)) for row in table.row_of]
-    return examples, [(index, err) for index, err, _ in encoded.rejected]
-
-
 def _can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
