@@ -214,3 +214,37 @@ def test_a_damaged_cache_entry_is_encoded_again_not_trusted(encoder, tmp_path, c
 
     assert "could not be read" in capsys.readouterr().out
     assert same(again.examples, fresh)
+
+
+def test_a_chunk_counts_trained_tokens_as_each_example_does():
+    from sftforge.table import EncodedChunk
+    from sftforge.tokenize import IGNORE_INDEX, Example
+
+    ignored = IGNORE_INDEX
+    examples = [
+        Example([1, 2, 3, 4], [1, 2, ignored, 4], "a"),  # first token trained: not counted
+        Example([5], [5], "b"),  # one token: nothing predicts it
+        Example([6, 7, 8], [ignored, 7, 8], "c"),
+        Example([9, 10], [ignored, ignored], "d"),
+    ]
+    chunk = EncodedChunk.of(examples, [])
+    assert (
+        chunk.trained_counts.tolist() == [e.trained_token_count for e in examples] == [2, 0, 2, 0]
+    )
+
+
+@pytest.mark.parametrize("family", ["smollm2", "sentencepiece"])
+def test_template_text_tokenized_once_and_remembered_gives_what_a_fresh_encoder_gives(
+    family, smollm2_tokenizer, sentencepiece_tokenizer
+):
+    # SmolLM2's template writes a default system prompt, and ChatML a "\n" after each turn's
+    # end: text of the template's own, which SentencePiece tokenizes behind an anchor.
+    tokenizer = smollm2_tokenizer if family == "smollm2" else sentencepiece_tokenizer
+    template = "auto" if family == "smollm2" else "chatml"
+    chats = conversations(30)
+    warm = text_side(tokenizer, template)[0]
+    first = warm.encode_many(chats)
+    again = warm.encode_many(chats)  # every template text remembered by now
+    assert warm._template_ids  # the texts were remembered
+    fresh = [text_side(tokenizer, template)[0].encode(c) for c in chats]
+    assert same(first, fresh) and same(again, fresh)

@@ -56,8 +56,18 @@ class EncodedChunk:
         ids = np.fromiter(chain.from_iterable(e.input_ids for e in examples), np.int32, count)
         labels = np.fromiter(chain.from_iterable(e.labels for e in examples), np.int32, count)
         trained = labels != IGNORE_INDEX
-        counts = np.array([e.trained_token_count for e in examples], dtype=np.int64)
+        counts = _trained_after_first(trained, lengths)
         return cls(ids, trained, lengths, counts, [e.source for e in examples], errors)
+
+
+def _trained_after_first(trained: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Each example's Example.trained_token_count (trained tokens after its first), from
+    the flags of all the examples one after another."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    running = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+    first = running[np.minimum(starts + 1, ends)] - running[starts]
+    return running[ends] - running[starts] - first
 
 
 class ExampleTable:

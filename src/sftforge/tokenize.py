@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from .config import TrainOn, choices
 from .formats import Conversation, DataError, Message, Source
-from .proof import decode_all, decode_windows, texts_of, trained_runs
+from .proof import decode_all, decode_windows, mask_problem, texts_of, trained_runs
 from .render import Piece, render_conversation, render_prompt
 from .templates import ChatTemplate, TemplateError
 
@@ -39,7 +39,7 @@ IGNORE_INDEX = -100
 # Text tokenized in front of a run that must not get a string's prefix space; its tokens are
 # dropped. A newline: SentencePiece vocabularies hold it as a byte, merged with nothing.
 ANCHOR = "\n"
-SPLITS_KEPT = 65536  # template texts whose split at special tokens is remembered
+SPLITS_KEPT = 65536  # template texts whose split at special tokens (or ids) is remembered
 
 
 @dataclass
@@ -57,12 +57,13 @@ class Example:
         return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Atom:
     text: str
     special: bool
     trained: bool
     segment: int  # index of the stretch between two cuts that this text lies in
+    from_template: bool  # template text only, no message's: the same in many conversations
     tokens: tuple[int, int] = (0, 0)  # [start, end) of its ids, once tokenized
     string_start: bool = False  # tokenized as a string of its own, prefix space and all
 
@@ -99,6 +100,7 @@ class Encoder:
         by_length = sorted(self.special_ids, key=len, reverse=True)
         self._special_pattern = re.compile("|".join(re.escape(t) for t in by_length) or "(?!)")
         self._splits: dict[str, list[tuple[str, bool]]] = {}  # template text -> its split
+        self._template_ids: dict[str, list[int]] = {}  # template text as tokenized -> ids
         self._anchor_ids = self._ids([ANCHOR])[0]
         self._prefix_at_start, self._prefix_after_special = self._probe_prefix_space()
         eos = tokenizer.eos_token_id
@@ -127,7 +129,7 @@ class Encoder:
         for all of them (each call costs about a millisecond beyond its work, more than a
         conversation's own tokenizing and decoding)."""
         results: list[Example | DataError | None] = [None] * len(conversations)
-        staged, texts = [], []
+        staged, texts, from_template = [], [], []
         for k, conversation in enumerate(conversations):
             try:
                 if conversation.is_raw_text:
@@ -146,15 +148,15 @@ class Encoder:
             anchored, plain_texts = self._plain_texts(atoms)
             staged.append((k, rendered, atoms, anchored, len(texts), len(plain_texts)))
             texts += plain_texts
-        encoded = self._ids(texts) if texts else []
+            from_template += [a.from_template for a in atoms if not a.special]
+        encoded = self._ids_remembering_template(texts, from_template)
         assembled, windows = [], []
         for k, rendered, atoms, anchored, at, count in staged:
             ids, labels = self._assemble(atoms, anchored, encoded[at : at + count])
-            assembled.append((k, rendered, atoms, ids, labels, len(windows)))
+            assembled.append((k, rendered, atoms, ids, labels, len(windows), count))
             windows += decode_windows(ids, [atom.tokens for atom in atoms if not atom.special])
         decoded = decode_all(self.tokenizer, windows)
-        for k, rendered, atoms, ids, labels, at in assembled:
-            plain = sum(1 for atom in atoms if not atom.special)
+        for k, rendered, atoms, ids, labels, at, plain in assembled:
             shown = texts_of(decoded[at : at + 2 * plain])
             problem = self._check(ids, labels, atoms, rendered, shown)
             source = conversations[k].source
@@ -220,7 +222,7 @@ class Encoder:
         atoms: list[_Atom] = []
         for piece in pieces:
             if piece.is_content:
-                atoms.append(_Atom(piece.text, False, piece.trained, piece.segment))
+                atoms.append(_Atom(piece.text, False, piece.trained, piece.segment, False))
             else:
                 atoms.extend(self._split_special(piece.text, piece.trained, piece.segment))
         return _merge_text_runs(atoms)
@@ -241,7 +243,7 @@ class Encoder:
             if len(self._splits) >= SPLITS_KEPT:
                 self._splits.clear()
             self._splits[text] = split
-        return [_Atom(part, special, trained, segment) for part, special in split]
+        return [_Atom(part, special, trained, segment, True) for part, special in split]
 
     def _tokenize(self, atoms: list[_Atom]) -> tuple[list[int], list[int]]:
         """Ids and labels of the atoms, appended together; each atom learns its tokens."""
@@ -275,6 +277,25 @@ class Encoder:
             ids += tokens
             labels += tokens if atom.trained else [IGNORE_INDEX] * len(tokens)
         return ids, labels
+
+    def _ids_remembering_template(
+        self, texts: list[str], from_template: list[bool]
+    ) -> list[list[int]]:
+        """`_ids(texts)`, where the ids of a template's own text (`from_template`: the same
+        text in conversation after conversation, a default system prompt maybe) are
+        tokenized once and then remembered. A text's ids depend on nothing but the text."""
+        remembered = self._template_ids
+        result = [
+            remembered.get(t) if f else None for t, f in zip(texts, from_template, strict=True)
+        ]
+        todo = [k for k, ids in enumerate(result) if ids is None]
+        for k, ids in zip(todo, self._ids([texts[k] for k in todo]) if todo else [], strict=True):
+            result[k] = ids
+            if from_template[k]:
+                if len(remembered) >= SPLITS_KEPT:
+                    remembered.clear()
+                remembered[texts[k]] = ids
+        return result
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Plain text to ids: no special tokens added, none recognised in the text. A fast
@@ -323,51 +344,15 @@ class Encoder:
         after = tokenizer(marker + probe, add_special_tokens=False).input_ids
         return True, after[1:] == alone
 
-    def _decodes_to(self, shown: str, atom: _Atom) -> bool:
-        """Whether an atom's tokens, decoded in place, give back its text. A string's start
-        may differ by the prefix space the tokenizer itself puts there (the same at
-        inference): added after a special token (legacy Llama), or absorbing a space the
-        text began with."""
-        if shown == atom.text:
-            return True
-        if not atom.string_start:
-            return False
-        return shown == " " + atom.text or " " + shown == atom.text
-
     def _check(self, ids, labels, atoms, rendered, shown_texts) -> str | None:
-        """Prove the mask, or say why it cannot be: every run of text decodes back from its
-        tokens where they stand (`shown_texts`: texts_in_place of the plain atoms; a special
-        atom's one id is the tokenizer's id for its very text, by construction), the runs of
-        trained tokens hold exactly the text of the trained spans, each trained turn ends
-        with a stop token, and the text starts with exactly one BOS where the model expects
-        one."""
-        text, spans = rendered.text, rendered.trained_spans
+        """Prove the mask (proof.mask_problem), and that the text starts with exactly one
+        BOS where the model expects one; or say why it cannot be proven."""
         if problem := self._bos_problem(ids):
             return problem
-        plain = [atom for atom in atoms if not atom.special]
-        for atom, shown in zip(plain, shown_texts, strict=True):
-            if not self._decodes_to(shown, atom):
-                return (
-                    f"the tokens of {atom.text[:60]!r} decode to {shown[:60]!r}: they do not "
-                    "decode back to the rendered text (a character the tokenizer cannot write?)"
-                )
-        runs = trained_runs(labels, IGNORE_INDEX)
-        if len(runs) != len(spans):
-            return f"expected {len(spans)} trained spans, found {len(runs)}"
-        for (t0, t1), (c0, c1) in zip(runs, spans, strict=True):
-            inside = [a for a in atoms if t0 <= a.tokens[0] and a.tokens[1] <= t1]
-            trained = "".join(a.text for a in inside)
-            if trained != text[c0:c1]:
-                return f"trained tokens hold {trained!r}, expected {text[c0:c1]!r}"
-            if self.train_on != "all_tokens" and ids[t1 - 1] not in self.stop_ids:
-                end = self.tokenizer.convert_ids_to_tokens(ids[t1 - 1])
-                stops = self.tokenizer.convert_ids_to_tokens(list(self.stop_ids))
-                return (
-                    f"an assistant turn ends with {end!r}, which is not one of the stop tokens "
-                    f"{stops} (the end of a one-turn conversation, and eos): generation would "
-                    "not stop where training taught it to"
-                )
-        return None
+        stops = self.stop_ids if self.train_on != "all_tokens" else None
+        return mask_problem(
+            ids, labels, atoms, rendered, shown_texts, IGNORE_INDEX, stops, self.tokenizer
+        )
 
     def _bos_problem(self, ids: list[int]) -> str | None:
         if self.bos_id is None or (ids[:1] == [self.bos_id] and ids[1:2] != [self.bos_id]):
@@ -391,6 +376,7 @@ def _merge_text_runs(atoms: list[_Atom]) -> list[_Atom]:
     for atom in atoms:
         if prev and not prev.special and not atom.special and prev.segment == atom.segment:
             prev.text += atom.text
+            prev.from_template = prev.from_template and atom.from_template
         else:
             merged.append(atom)
             prev = atom
