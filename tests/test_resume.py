@@ -203,10 +203,15 @@ def test_sigint_is_a_stop_request_like_sigterm_and_a_second_one_stops_at_once():
     from sftforge.cli import explain
     from sftforge.guards import RunInterrupted, stop_requests
 
-    with stop_requests() as stop:
-        signal.raise_signal(signal.SIGINT)  # the first: a request, no KeyboardInterrupt
-        assert stop.signal == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # the second: the usual handler is back
+    # Python's own handler first: an earlier test's library may have left another one.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stop_requests() as stop:
+            signal.raise_signal(signal.SIGINT)  # the first: a request, no KeyboardInterrupt
+            assert stop.signal == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # the second: the usual handler is back
+    finally:
+        signal.signal(signal.SIGINT, before)
     message, code = explain(RunInterrupted("stopped by SIGINT", signal.SIGINT))
     assert code == 130 and message == "stopped by SIGINT"
