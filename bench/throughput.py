@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, help="bf16 or fp32 matmul peak, for MFU")
+    p.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE")
     args = p.parse_args()
 
     if args.token_budget:
@@ -73,7 +74,7 @@ def main() -> None:
             overrides.append(f"training.micro_batch_tokens={args.token_budget}")
         if args.peak_tflops:
             overrides.append(f"training.peak_tflops={args.peak_tflops}")
-        train(load_config(None, overrides))
+        train(load_config(None, overrides + args.set))
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
     warm, last = rows[args.warmup_steps - 1], rows[-1]

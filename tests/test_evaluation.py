@@ -118,7 +118,7 @@ def small_data(tmp_path, n=12) -> str:
     return str(path)
 
 
-def test_training_run_measures_before_after_and_writes_the_report(tmp_path, tiny_model_dir):
+def test_training_run_measures_before_after_and_writes_the_report(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "run"
     code = main(
         [
@@ -146,6 +146,9 @@ def test_training_run_measures_before_after_and_writes_the_report(tmp_path, tiny
     assert len(summary["samples"]) == 2
     assert summary["data"]["held_out"] == 4 and summary["data"]["examples"] == 12
     assert_report_shows_the_run(out)
+    shown = capsys.readouterr().err  # each measuring phase has its progress bar
+    for phase in ("held-out loss", "generating answers", "corpus", "general prompts", "train"):
+        assert f"{phase}:" in shown, phase
 
 
 def test_eval_command_writes_per_example_results(tmp_path, tiny_model_dir):

@@ -7,20 +7,33 @@ import torch
 from .batches import collate, empty_batch
 from .formats import Conversation, Message
 from .loss import TokenLoss, trained_token_count
+from .metrics import progress_bar
 from .tokenize import Encoder, Example
 
 
 def mean_token_loss(
-    model, examples: list[Example], device, pad_id: int, batch_size: int = 8
+    model,
+    examples: list[Example],
+    device,
+    pad_id: int,
+    batch_size: int = 8,
+    description: str = "held-out loss",
 ) -> float:
     """Mean next-token loss over the trained tokens of `examples`, in fp32, in eval mode."""
-    total, count = summed_loss_and_count(TokenLoss(model), examples, device, pad_id, batch_size)
+    loss = TokenLoss(model)
+    total, count = summed_loss_and_count(loss, examples, device, pad_id, batch_size, 0, description)
     return total / max(count, 1)
 
 
 @torch.no_grad()
 def summed_loss_and_count(
-    loss_module, examples: list[Example], device, pad_id: int, batch_size: int = 8, passes: int = 0
+    loss_module,
+    examples: list[Example],
+    device,
+    pad_id: int,
+    batch_size: int = 8,
+    passes: int = 0,
+    description: str = "held-out loss",
 ) -> tuple[float, int]:
     """(summed next-token loss, trained tokens) of `examples` through `loss_module` (a
     TokenLoss, maybe under DDP or FSDP), in eval mode; at least `passes` forward passes, the
@@ -33,7 +46,7 @@ def summed_loss_and_count(
         collate(ordered[b : b + batch_size], pad_id) for b in range(0, len(ordered), batch_size)
     ]
     batches += [empty_batch(pad_id)] * (passes - len(batches))
-    for batch in batches:
+    for batch in progress_bar(batches, description, unit="batch"):
         batch = batch.to(device)
         total += float(loss_module(batch.input_ids, batch.labels))
         count += trained_token_count(batch.labels)
@@ -63,6 +76,7 @@ def generate_answers(
     was_training = model.training
     model.eval()
     answers: list[str] = []
+    bar = progress_bar(None, "generating answers", total=len(prompts), unit="answer")
     for b in range(0, len(prompts), batch_size):
         encoded = [encoder.encode_prompt(p) for p in prompts[b : b + batch_size]]
         width = max(len(ids) for ids in encoded)
@@ -82,6 +96,8 @@ def generate_answers(
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
             answers.append(tokenizer.decode(row[:cut], skip_special_tokens=False))
+        bar.update(len(encoded))
+    bar.close()
     model.train(was_training)
     return answers
 

@@ -44,7 +44,7 @@ def general_prompt_examples(encoder: Encoder, path: str | Path | None) -> list[E
 
 
 def perplexity(model, examples: list[Example], device, pad_id: int) -> float:
-    return math.exp(mean_token_loss(model, examples, device, pad_id))
+    return math.exp(mean_token_loss(model, examples, device, pad_id, description="corpus"))
 
 
 @dataclass
@@ -56,7 +56,9 @@ class ForgettingMeter:
     def measure(self, model, device, pad_id: int) -> dict:
         return {
             "corpus_ppl": perplexity(model, self.corpus, device, pad_id),
-            "prompts_loss": mean_token_loss(model, self.general_prompts, device, pad_id),
+            "prompts_loss": mean_token_loss(
+                model, self.general_prompts, device, pad_id, description="general prompts"
+            ),
         }
 
     @staticmethod

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import Config
 
@@ -112,3 +113,14 @@ def progress_figures(record: dict) -> dict:
     if "mfu" in record:
         shown["mfu"] = f"{record['mfu']:.0%}"
     return shown
+
+
+def progress_bar(iterable, description: str, total: int | None = None, unit: str = "it"):
+    """A transient progress bar for a phase that may take a while (evaluation, generation),
+    shown by the main process only: rank 0 under torchrun, or a process alone."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    main = not distributed or torch.distributed.get_rank() == 0
+    return tqdm(
+        iterable, description, total=total, unit=unit, leave=False, dynamic_ncols=True,
+        disable=not main,
+    )  # fmt: skip

@@ -324,6 +324,33 @@ def has_tied_head(model) -> bool:
     return head is None or head.weight is model.get_input_embeddings().weight
 
 
+def add_adapter_outputs_in_fp32(model) -> int:
+    """Make each LoRA layer add its adapter's output to the base layer's output in fp32
+    under autocast: a forward hook on the base layer hands its bf16/fp16 output on as fp32
+    (peft then adds the adapter's output to it, and keeps the sum's dtype; autocast casts it
+    for the next matmul). In bf16 the sum would round away what a young adapter adds, below
+    1/256 of the base output. Without autocast (fp32, or a bf16 model run as it is stored)
+    nothing changes. Returns the layers hooked."""
+    from peft.tuners.lora import LoraLayer
+
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module):
+            module.get_base_layer().register_forward_hook(_as_fp32)
+            hooked += 1
+    return hooked
+
+
+def _as_fp32(module, args, output):
+    if (
+        isinstance(output, torch.Tensor)
+        and output.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_autocast_enabled(output.device.type)
+    ):
+        return output.float()
+    return None
+
+
 def attach_lora(model, r: int, alpha: int, dropout: float, target_modules, new_token_ids):
     from peft import LoraConfig, get_peft_model
 

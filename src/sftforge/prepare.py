@@ -14,6 +14,7 @@ import torch
 
 from .config import Config, TrainOn
 from .model import (
+    add_adapter_outputs_in_fp32,
     add_missing_special_tokens,
     attach_lora,
     attention_implementation,
@@ -84,4 +85,6 @@ def prepare(config: Config, device: torch.device) -> Prepared:
     if config.uses_lora:
         lora = config.lora
         model = attach_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules, new_ids)
+        if lora.fp32_sum:
+            add_adapter_outputs_in_fp32(model)
     return Prepared(model, encoder, base_path)

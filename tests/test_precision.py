@@ -1,0 +1,73 @@
+"""The adapter's output is added to the base layer's in fp32: under bf16 the young adapter's
+small contribution survives the sum, and in fp32 nothing changes."""
+
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from sftforge.model import add_adapter_outputs_in_fp32, attach_lora
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def young_adapter(fp32_sum: bool):
+    """One LoRA layer whose B has taken a first small step (B starts at zero)."""
+    model = get_peft_model(OneLayer(), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.full_like(p, 1e-4))
+    if fp32_sum:
+        assert add_adapter_outputs_in_fp32(model) == 1
+    return model
+
+
+def adapter_share(model, x) -> torch.Tensor:
+    """(layer output - base output) under bf16 autocast: what the adapter added."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        with model.disable_adapter():
+            base = model(x)
+    return out.float() - base.float()
+
+
+def test_under_bf16_the_adapters_small_output_survives_the_sum_only_in_fp32():
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 10
+    expected = young_adapter(False).base_model.model.proj
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapter = expected.lora_B["default"](expected.lora_A["default"](x)).float() * 2.0
+    summed_in_fp32 = adapter_share(young_adapter(True), x)
+    summed_in_bf16 = adapter_share(young_adapter(False), x)
+    assert torch.allclose(summed_in_fp32, adapter, rtol=1e-2, atol=1e-6)
+    # In bf16 most of it is rounded away: the base output is ~1e3 times larger.
+    lost = (summed_in_bf16 - adapter).abs().mean() / adapter.abs().mean()
+    assert lost > 0.5
+
+
+def test_in_fp32_the_fp32_sum_changes_neither_outputs_nor_gradients(tiny_model_factory):
+    base = tiny_model_factory(vocab_size=512)
+    plain = attach_lora(copy.deepcopy(base), 4, 8, 0.0, "all-linear", [])
+    with torch.no_grad():
+        for p in (p for n, p in plain.named_parameters() if "lora_B" in n):
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
+    hooked = copy.deepcopy(plain)
+    assert add_adapter_outputs_in_fp32(hooked) > 0
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (plain, hooked):
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((out.logits.detach(), grads))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    assert torch.equal(logits_a, logits_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
