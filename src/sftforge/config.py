@@ -122,10 +122,7 @@ class LoraConfig(Strict):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
     fp32_sum: bool = Field(
-        default=True,
-        description="add each adapter's output to its base layer's in fp32 when the base "
-        "computes in bf16/fp16: a young adapter's small output is otherwise rounded away, "
-        "and bf16 learns less per step than fp32",
+        default=True, description="under autocast, add adapter and base outputs in fp32"
     )
 
 
