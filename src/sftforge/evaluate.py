@@ -20,8 +20,9 @@ def mean_token_loss(
     description: str = "held-out loss",
 ) -> float:
     """Mean next-token loss over the trained tokens of `examples`, in fp32, in eval mode."""
-    loss = TokenLoss(model)
-    total, count = summed_loss_and_count(loss, examples, device, pad_id, batch_size, 0, description)
+    total, count = summed_loss_and_count(
+        TokenLoss(model), examples, device, pad_id, batch_size, description=description
+    )
     return total / max(count, 1)
 
 

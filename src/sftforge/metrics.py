@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Config
+from .distributed import world_from_environment
 
 
 @dataclass
@@ -118,9 +119,7 @@ def progress_figures(record: dict) -> dict:
 def progress_bar(iterable, description: str, total: int | None = None, unit: str = "it"):
     """A transient progress bar for a phase that may take a while (evaluation, generation),
     shown by the main process only: rank 0 under torchrun, or a process alone."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    main = not distributed or torch.distributed.get_rank() == 0
     return tqdm(
         iterable, description, total=total, unit=unit, leave=False, dynamic_ncols=True,
-        disable=not main,
+        disable=not world_from_environment().is_main,
     )  # fmt: skip

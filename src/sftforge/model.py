@@ -335,7 +335,7 @@ def add_adapter_outputs_in_fp32(model) -> int:
 
     hooked = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module):
+        if isinstance(module, LoraLayer):
             module.get_base_layer().register_forward_hook(_as_fp32)
             hooked += 1
     return hooked

@@ -240,9 +240,7 @@ class Encoder:
                 pos = m.end()
             if pos < len(text):
                 split.append((text[pos:], False))
-            if len(self._splits) >= SPLITS_KEPT:
-                self._splits.clear()
-            self._splits[text] = split
+            _remember(self._splits, text, split)
         return [_Atom(part, special, trained, segment, True) for part, special in split]
 
     def _tokenize(self, atoms: list[_Atom]) -> tuple[list[int], list[int]]:
@@ -292,9 +290,7 @@ class Encoder:
         for k, ids in zip(todo, self._ids([texts[k] for k in todo]) if todo else [], strict=True):
             result[k] = ids
             if from_template[k]:
-                if len(remembered) >= SPLITS_KEPT:
-                    remembered.clear()
-                remembered[texts[k]] = ids
+                _remember(remembered, texts[k], ids)
         return result
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
@@ -364,6 +360,14 @@ class Encoder:
             "expects one BOS first; use a template that writes it once, or none (sftforge "
             "then writes it)"
         )
+
+
+def _remember(memory: dict, key, value) -> None:
+    """Keep `value` under `key`; a memory grown to SPLITS_KEPT entries starts over (the texts
+    of a template are few: more means text that differs each time, not worth keeping)."""
+    if len(memory) >= SPLITS_KEPT:
+        memory.clear()
+    memory[key] = value
 
 
 def _merge_text_runs(atoms: list[_Atom]) -> list[_Atom]:
