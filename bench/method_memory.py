@@ -26,7 +26,7 @@ DATA = ROOT / "src/sftforge/assets/demo_train.jsonl"
 
 CHILD = r"""
 import json, resource, sys, torch
-from sftforge.config import load_config
+from sftforge.config_file import load_config
 from sftforge.train import train
 method, model, steps, out, *extra = sys.argv[1:]
 config = load_config(None, [f"model={model}", f"method={method}", f"data.train={DATA}",

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 PREPARE = r"""
 import json, resource, sys, time
 from pathlib import Path
-from sftforge.config import load_config
+from sftforge.config_file import load_config
 from sftforge.examples import load_examples
 from sftforge.model import load_tokenizer, resolve_model_path
 from sftforge.prepare import text_side

@@ -15,7 +15,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from sftforge.config import load_config
+from sftforge.config_file import load_config
 from sftforge.train import train
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"

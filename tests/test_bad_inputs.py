@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sftforge.cli import main
-from sftforge.config import ConfigError, load_config
+from sftforge.config_file import ConfigError, load_config
 from sftforge.data import Rejects, load_conversations
 from sftforge.examples import encode_all
 from sftforge.formats import DataError

@@ -16,7 +16,7 @@ from sftforge.checkpoint import (
     save_checkpoint,
     step_checkpoints,
 )
-from sftforge.config import ConfigError, load_config
+from sftforge.config_file import ConfigError, load_config
 from sftforge.guards import NonFiniteError
 from sftforge.preflight import PreflightError, check_free_disk, resume_point
 from sftforge.train import train

@@ -2,7 +2,8 @@
 
 import pytest
 
-from sftforge.config import ConfigError, DataFormat, choices, dump_config, load_config
+from sftforge.config import DataFormat, choices
+from sftforge.config_file import ConfigError, dump_config, load_config
 from sftforge.formats import FORMATS
 
 

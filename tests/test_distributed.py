@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from sftforge.batches import step_batches, step_stream
 from sftforge.checkpoint import verify_checkpoint
-from sftforge.config import load_config
+from sftforge.config_file import load_config
 from sftforge.distributed import DistributedError, World, check_parallel_settings, share_of_step
 from sftforge.examples import load_examples
 from sftforge.export import convert_checkpoint

@@ -88,7 +88,7 @@ def write_data(path: Path, n: int, bad_at: int | None = None) -> Path:
 
 
 def run_config(tmp_path: Path, data: Path, *more: str):
-    from sftforge.config import load_config
+    from sftforge.config_file import load_config
 
     settings = [f"data.train={data}", f"cache_dir={tmp_path / 'cache'}", "max_length=1024"]
     return load_config(None, settings + list(more))
@@ -186,7 +186,7 @@ def test_encoding_reads_the_conversations_a_few_chunks_ahead_not_all(encoder, mo
 
 def test_the_cache_is_kept_before_the_max_length_policy(tmp_path, smollm2_tokenizer, capsys):
     """A run with another max_length reuses the entry and fits the examples itself."""
-    from sftforge.config import load_config
+    from sftforge.config_file import load_config
 
     encoder = text_side(smollm2_tokenizer, "auto")[0]
     data = tmp_path / "data.jsonl"

@@ -10,7 +10,7 @@ from run_report import assert_report_shows_the_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftforge.batches import collate
-from sftforge.config import load_config
+from sftforge.config_file import load_config
 from sftforge.data import load_conversations
 from sftforge.loss import summed_token_loss, trained_token_count
 from sftforge.templates import resolve_template

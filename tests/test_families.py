@@ -215,7 +215,7 @@ def test_a_gemma_like_base_trains_small_adapters_that_stop_at_the_end_of_turn(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftforge.config import load_config
+    from sftforge.config_file import load_config
     from sftforge.train import train
 
     data = tmp_path / "data.jsonl"

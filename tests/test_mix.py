@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.config import ConfigError, load_config
+from sftforge.config_file import ConfigError, load_config
 from sftforge.examples import load_examples
 from sftforge.prepare import text_side
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sftforge.cli import main
-from sftforge.config import ConfigError, load_config
+from sftforge.config_file import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
 

@@ -79,7 +79,7 @@ def test_a_released_lock_can_be_taken_again_and_a_held_one_cannot(tmp_path):
 def test_sftforge_train_on_an_output_dir_in_use_is_refused_before_loading_anything(
     tmp_path, holder
 ):
-    from sftforge.config import load_config
+    from sftforge.config_file import load_config
     from sftforge.train import train
 
     demo = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"

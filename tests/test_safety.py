@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftforge.config import dump_config, load_config
+from sftforge.config_file import dump_config, load_config
 from sftforge.data import Rejects, conversation_from_record
 from sftforge.export import load_base_with_adapter, merge_adapter, save_run
 from sftforge.formats import Message, Source

@@ -10,7 +10,7 @@ from model_families import LLAMA2_CHAT_TEMPLATE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftforge.cli import main
-from sftforge.config import load_config
+from sftforge.config_file import load_config
 from sftforge.export import save_run
 from sftforge.train import train
 from sftforge.update import learning_rate_at

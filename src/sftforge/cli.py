@@ -9,7 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import DataFormat, Method, ScorerKind, TrainOn, Truncation, choices, load_config
+from .config import DataFormat, Method, ScorerKind, TrainOn, Truncation, choices
+from .config_file import load_config
 from .data_commands import add_data_commands
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .assessment import headline
-from .config import load_config
+from .config_file import load_config
 from .forgetting import bundled
 from .train import train
 

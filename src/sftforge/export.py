@@ -69,7 +69,7 @@ def save_run(
     resolved config and the data report: everything inference needs to render and stop
     exactly as in training. The live model is left as it was: the generation config is
     written from a copy."""
-    from .config import dump_config
+    from .config_file import dump_config
 
     folder.mkdir(parents=True, exist_ok=True)
     is_adapter = hasattr(model, "peft_config")

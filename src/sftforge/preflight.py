@@ -19,7 +19,7 @@ from .checkpoint import (
     step_checkpoints,
     verify_checkpoint,
 )
-from .config import ConfigError
+from .config_file import ConfigError
 from .formats import DataError, Message
 from .readers import data_files
 from .templates import TemplateError

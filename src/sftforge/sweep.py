@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config_file import ConfigError, load_config
 
 ALIASES = {
     "lr": "training.lr",
