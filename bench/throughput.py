@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, help="bf16 or fp32 matmul peak, for MFU")
     p.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE")
+    p.add_argument("--held-out", help="held-out file: its loss every --eval-every steps")
+    p.add_argument("--eval-every", type=int, default=2)
     args = p.parse_args()
 
     if args.token_budget:
@@ -72,6 +74,8 @@ def main() -> None:
         ]
         if args.token_budget:
             overrides.append(f"training.micro_batch_tokens={args.token_budget}")
+        if args.held_out:
+            overrides += [f"eval.held_out={args.held_out}", f"eval.every={args.eval_every}"]
         if args.peak_tflops:
             overrides.append(f"training.peak_tflops={args.peak_tflops}")
         train(load_config(None, overrides + args.set))
@@ -98,6 +102,8 @@ def main() -> None:
         "mfu": tflops / args.peak_tflops if args.peak_tflops else None,
         "micro_batches_per_step": last["micro_batches"],
         "losses": [r["loss"] for r in rows],
+        # step -> (training seconds at its end, held-out loss): evaluation is not timed
+        "held_out": {r["step"]: (r["elapsed_s"], r["eval_loss"]) for r in rows if "eval_loss" in r},
         "trained_tokens_total": last["trained_tokens"],
         "versions": {k: version(k) for k in ("torch", "transformers", "peft")},
     }

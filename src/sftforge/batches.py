@@ -36,6 +36,9 @@ class Batch:
     position_ids: torch.Tensor | None = None  # set for packed rows: restarts at each example
     example_lengths: tuple[int, ...] = ()  # the examples' lengths, for FLOP counting
     trained_tokens: int = 0  # labels that are trained, after the shift
+    # [rows, length]: the length of the example each token belongs to (of its run, for
+    # padding); NEFTune scales its noise by it.
+    example_length_per_token: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         def move(t):
@@ -48,6 +51,7 @@ class Batch:
             move(self.position_ids),
             self.example_lengths,
             self.trained_tokens,
+            move(self.example_length_per_token),
         )
 
 
@@ -66,6 +70,7 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     packed = any(len(row) > 1 for row in rows)
     positions = torch.zeros((len(rows), length), dtype=torch.long) if packed else None
+    length_per_token = torch.zeros((len(rows), length), dtype=torch.long)
     lengths = []
     for r, row in enumerate(rows):
         start = 0
@@ -76,13 +81,17 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
             labels[r, start] = IGNORE_INDEX
             if positions is not None:
                 positions[r, start : start + n] = torch.arange(n)
+            length_per_token[r, start : start + n] = n
             start += n
             lengths.append(n)
+        length_per_token[r, start:] = length - start
         if positions is not None:
             # Padding restarts at 0 too: it forms its own segment, seen by no real token.
             positions[r, start:] = torch.arange(length - start)
     trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return Batch(input_ids, labels, sum(lengths), positions, tuple(lengths), trained)
+    return Batch(
+        input_ids, labels, sum(lengths), positions, tuple(lengths), trained, length_per_token
+    )
 
 
 def empty_batch(pad_id: int) -> Batch:
@@ -93,6 +102,7 @@ def empty_batch(pad_id: int) -> Batch:
         torch.full((1, 2), pad_id, dtype=torch.long),
         torch.full((1, 2), IGNORE_INDEX, dtype=torch.long),
         real_tokens=0,
+        example_length_per_token=torch.full((1, 2), 2, dtype=torch.long),
     )
 
 

@@ -24,6 +24,7 @@ TrainOn = Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"]
 Truncation = Literal["drop", "truncate"]
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "pure_bf16"]
+TokenLossKind = Literal["cross_entropy", "dft"]  # dft: weighted by the token's probability
 Parallelism = Literal["ddp", "fsdp"]  # under torchrun: whole copies, or sharded weights
 ScorerKind = Literal["exact", "normalized", "json", "contains", "regex", "python"]
 
@@ -156,6 +157,18 @@ class TrainingConfig(Strict):
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    loss: TokenLossKind = Field(
+        default="cross_entropy",
+        description="dft: each trained token's cross-entropy weighted by the model's "
+        "probability of it, held constant (dynamic fine-tuning); evaluation stays plain "
+        "cross-entropy",
+    )
+    neftune_alpha: float | None = Field(
+        default=None,
+        gt=0,
+        description="NEFTune: while training, add uniform noise of alpha / sqrt(example length "
+        "x hidden size) to the input embeddings (its paper: 5); null: off",
+    )
     seed: int = 42
     precision: Precision = Field(
         default="auto",

@@ -10,6 +10,13 @@ largest tensor: [tokens x vocab], 49k wide for SmolLM2 and 150k-262k for current
 So it runs only on the hidden states whose next token is trained, and in chunks of rows:
 each chunk's logits are made, reduced to a loss and dropped, and remade one chunk at a time
 in the backward pass. A full [trained tokens x vocab] tensor never exists.
+
+Two options change what training (never evaluation) computes:
+- **NEFTune** adds uniform noise to the input embeddings, of size alpha / sqrt(L x hidden)
+  with L the length of the token's own example (not of its padded or packed row).
+- **DFT** (dynamic fine-tuning) weights each token's cross-entropy by the model's probability
+  of that token, held constant: -p.detach() x log p. Confident tokens weigh more; tokens the
+  model finds unlikely are learned more slowly.
 """
 
 from __future__ import annotations
@@ -44,39 +51,92 @@ def summed_token_loss(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     position_ids: torch.Tensor | None = None,
+    example_length_per_token: torch.Tensor | None = None,
+    neftune_alpha: float | None = None,
+    probability_weighted: bool = False,
 ) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained positions (not averaged).
 
     `position_ids` restarting inside a row mark packed examples; the model then keeps each
-    example's attention to itself."""
+    example's attention to itself. `example_length_per_token` ([rows, length]) scales NEFTune's noise when `neftune_alpha` is set; `probability_weighted` is DFT."""
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     lm = causal_lm(model)
+    embedding = lm.get_input_embeddings()
+    embeds = _embeddings_with_trained_rows(embedding, input_ids)
+    if neftune_alpha is not None:
+        embeds = embedding(input_ids) if embeds is None else embeds
+        embeds = embeds + neftune_noise(embeds, example_length_per_token, neftune_alpha)
+    inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
     if not _head_is_plain_linear(lm):
-        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        logits = out.logits[:, :-1][trained]
-        return F.cross_entropy(logits.float(), targets[trained], reduction="sum")
-    decoder = lm.get_decoder()
-    inputs = {"input_ids": input_ids}
-    if (embeds := _embeddings_with_trained_rows(lm.get_input_embeddings(), input_ids)) is not None:
-        inputs = {"inputs_embeds": embeds}
-    hidden = decoder(**inputs, position_ids=position_ids, use_cache=False)[0]
-    return chunked_head_loss(lm.get_output_embeddings(), hidden[:, :-1][trained], targets[trained])
+        logits = model(**inputs, position_ids=position_ids, use_cache=False).logits
+        token_losses = F.cross_entropy(
+            logits[:, :-1][trained].float(), targets[trained], reduction="none"
+        )
+        return _summed(token_losses, probability_weighted)
+    hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False)[0]
+    return chunked_head_loss(
+        lm.get_output_embeddings(),
+        hidden[:, :-1][trained],
+        targets[trained],
+        probability_weighted=probability_weighted,
+    )
+
+
+def neftune_noise(embeds: torch.Tensor, example_length_per_token: torch.Tensor, alpha: float):
+    """Uniform noise in [-1, 1] x alpha / sqrt(L x hidden), L each token's example's length."""
+    if example_length_per_token is None:
+        raise ValueError(
+            "NEFTune needs each token's example length (Batch.example_length_per_token)"
+        )
+    scale = (
+        alpha / (example_length_per_token.clamp(min=1) * embeds.shape[-1]).to(torch.float32).sqrt()
+    )
+    noise = torch.rand_like(embeds, dtype=torch.float32).mul_(2).sub_(1)
+    return (noise * scale[..., None]).to(embeds.dtype)
+
+
+def _summed(token_losses: torch.Tensor, probability_weighted: bool) -> torch.Tensor:
+    """The sum of per-token cross-entropies; under DFT each weighted by exp(-loss), the
+    model's probability of the token, held constant."""
+    if probability_weighted:
+        token_losses = token_losses * torch.exp(-token_losses.detach())
+    return token_losses.sum()
 
 
 class TokenLoss(torch.nn.Module):
-    """The model as training calls it: (input ids, labels, positions) -> summed token loss.
+    """The model as training calls it: (input ids, labels, positions, each token's example's length)
+    ->
+    summed token loss. NEFTune and DFT apply in training mode only: evaluation always
+    measures plain cross-entropy on clean inputs.
 
     DDP and FSDP act on a module's forward (DDP readies its gradient reduction there, FSDP
     gathers the weights of the outermost unit: embeddings, final norm, head). The loss runs
     the decoder and the head itself, so it is this module that they wrap."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        neftune_alpha: float | None = None,
+        probability_weighted: bool = False,
+    ):
         super().__init__()
         self.model = model
+        self.neftune_alpha = neftune_alpha
+        self.probability_weighted = probability_weighted
 
-    def forward(self, input_ids, labels, position_ids=None) -> torch.Tensor:
-        return summed_token_loss(self.model, input_ids, labels, position_ids)
+    def forward(
+        self, input_ids, labels, position_ids=None, example_length_per_token=None
+    ) -> torch.Tensor:
+        return summed_token_loss(
+            self.model,
+            input_ids,
+            labels,
+            position_ids,
+            example_length_per_token,
+            neftune_alpha=self.neftune_alpha if self.training else None,
+            probability_weighted=self.probability_weighted and self.training,
+        )
 
 
 def _trained_rows(module):
@@ -116,6 +176,7 @@ def chunked_head_loss(
     hidden: torch.Tensor,
     targets: torch.Tensor,
     chunk_rows: int | None = None,
+    probability_weighted: bool = False,
 ) -> torch.Tensor:
     """Summed cross-entropy of head(hidden) against targets, `chunk_rows` rows at a time, so
     at most one chunk of logits is alive.
@@ -124,7 +185,8 @@ def chunked_head_loss(
     template added) takes the fused path: each chunk's gradient is computed with its loss, in
     the forward pass, and kept (it is as small as `hidden`), so nothing is recomputed, and the
     trained rows get their gradient alone, never the whole matrix's. Any other head is
-    checkpointed per chunk: its logits are recomputed in the backward."""
+    checkpointed per chunk: its logits are recomputed in the backward. `probability_weighted`:
+    each token's loss weighted by its probability (DFT)."""
     vocab = getattr(head, "out_features", None) or 262_144  # a wrapped head: assume wide
     chunk_rows = chunk_rows or max(1, CHUNK_LOGIT_ELEMENTS // vocab)
     chunks = [slice(s, s + chunk_rows) for s in range(0, hidden.shape[0], chunk_rows)]
@@ -136,14 +198,17 @@ def chunked_head_loss(
     if linear is not None:
         weight, row_ids, rows = linear
         if wants_grad:
-            return _LinearCrossEntropy.apply(hidden, weight, rows, targets, chunk_rows, row_ids)
+            return _LinearCrossEntropy.apply(
+                hidden, weight, rows, targets, chunk_rows, row_ids, probability_weighted
+            )
         head = functools.partial(_head_logits, weight=weight, rows=rows, row_ids=row_ids)
+    loss = functools.partial(_head_loss, head, probability_weighted=probability_weighted)
     if not wants_grad:  # evaluation: the loss alone
-        return sum((_head_loss(head, hidden[c], targets[c]) for c in chunks), start=zero)
+        return sum((loss(hidden[c], targets[c]) for c in chunks), start=zero)
     if len(chunks) == 1:
-        return _head_loss(head, hidden, targets)
+        return loss(hidden, targets)
     return sum(
-        (checkpoint(_head_loss, head, hidden[c], targets[c], use_reentrant=False) for c in chunks),
+        (checkpoint(loss, hidden[c], targets[c], use_reentrant=False) for c in chunks),
         start=zero,
     )
 
@@ -168,8 +233,9 @@ def _head_logits(hidden, weight, rows=None, row_ids=None) -> torch.Tensor:
     return logits
 
 
-def _head_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _head_loss(head, hidden, targets, probability_weighted: bool = False) -> torch.Tensor:
+    token_losses = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    return _summed(token_losses, probability_weighted)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -179,10 +245,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     The gradient of the summed loss with respect to a chunk's logits is softmax - one_hot;
     from it come the chunk's hidden gradient (@ W) and its share of the gradients of the
     weight and of the replacing rows (.T @ hidden, the rows' columns alone for them). Matmuls
-    run in the autocast dtype when autocast is on, softmax in fp32."""
+    run in the autocast dtype when autocast is on, softmax in fp32. Under DFT
+    (`probability_weighted`) a token's loss and its logits' gradient are scaled by its
+    probability, a constant."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, rows, targets, chunk_rows, row_ids):
+    def forward(ctx, hidden, weight, rows, targets, chunk_rows, row_ids, probability_weighted):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         with torch.autocast(device, enabled=False):
@@ -203,9 +271,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if r is not None:
                     logits[:, row_ids] = (h @ r.T).float()
                 logsumexp = logits.logsumexp(dim=-1, keepdim=True)
-                total += (logsumexp.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                token_losses = logsumexp.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)
+                total += _summed(token_losses, probability_weighted)
                 grad_logits = logits.sub_(logsumexp).exp_()  # softmax, in place
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+                if probability_weighted:
+                    grad_logits *= torch.exp(-token_losses)[:, None]
                 grad_logits = grad_logits.to(w.dtype)
                 grad_chunk = grad_logits @ w
                 if r is not None:
@@ -228,4 +299,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = (grad_hidden * grad_total).to(hidden_dtype)
         grad_w = None if grad_weight is None else (grad_weight * grad_total).to(weight_dtype)
         grad_r = None if grad_rows is None else (grad_rows * grad_total).to(rows_dtype)
-        return grad_h, grad_w, grad_r, None, None, None
+        return grad_h, grad_w, grad_r, None, None, None, None

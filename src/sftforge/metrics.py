@@ -104,6 +104,15 @@ def micro_batch_note(config: Config) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def objective_note(config: Config) -> str:
+    """The training loss when it is more than plain cross-entropy on clean inputs."""
+    t = config.training
+    parts = ["DFT: token losses weighted by their probability"] if t.loss == "dft" else []
+    if t.neftune_alpha is not None:
+        parts.append(f"NEFTune noise, alpha {t.neftune_alpha:g}")
+    return f"; {', '.join(parts)}" if parts else ""
+
+
 def progress_figures(record: dict) -> dict:
     shown = {
         "loss": f"{record['loss']:.4f}",

@@ -55,6 +55,7 @@ from .loss import TokenLoss
 from .metrics import (
     TrainingClock,
     micro_batch_note,
+    objective_note,
     open_metrics,
     precision_note,
     progress_figures,
@@ -156,7 +157,8 @@ def start(config: Config, world: World = ALONE) -> Run:
         compile_decoder_layers(model)
     model.train()
     layers = causal_lm(model).get_decoder().layers
-    trainer = wrap_for_training(TokenLoss(model), layers, world, t.parallelism, amp)
+    loss_module = TokenLoss(model, t.neftune_alpha, probability_weighted=t.loss == "dft")
+    trainer = wrap_for_training(loss_module, layers, world, t.parallelism, amp)
     params = [p for p in trainer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=config.learning_rate, weight_decay=t.weight_decay, **fast_adamw_options(device)
@@ -174,6 +176,7 @@ def start(config: Config, world: World = ALONE) -> Run:
         f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
         f"examples{micro_batch_note(config)}{shared_note(world)}, "
         f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
+        f"{objective_note(config)}"
     )
     run = Run(
         config=config,

@@ -61,7 +61,12 @@ def accumulate_gradients(
                 with torch.autocast(
                     device.type, dtype=amp or torch.float32, enabled=amp is not None
                 ):
-                    loss_sum = loss_module(batch.input_ids, batch.labels, batch.position_ids)
+                    loss_sum = loss_module(
+                        batch.input_ids,
+                        batch.labels,
+                        batch.position_ids,
+                        batch.example_length_per_token,
+                    )
                 (loss_sum * world.size / step_trained).backward()
             total += loss_sum.item()
     (total,) = sum_over_ranks([total], world, device)
