@@ -68,13 +68,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {threads} threads, cpu: {cpu}")
     print(f"{'shape (m x k @ k x n)':<26}" + "".join(f"{name + ' GFLOP/s':>16}" for name in DTYPES))
     best = dict.fromkeys(DTYPES, 0.0)
+    emulated = set()  # dtypes under a tenth of fp32's speed: no hardware support, not timed on
     for m, k, n in SHAPES:
         row = f"{f'{m} x {k} @ {k} x {n}':<26}"
         for name, dtype in DTYPES.items():
+            if name in emulated:
+                row += f"{'-':>16}"
+                continue
             gflops = 2 * m * k * n / time_matmul(m, k, n, dtype) / 1e9
             best[name] = max(best[name], gflops)
             row += f"{gflops:>16.0f}"
+            if gflops < 0.1 * best["fp32"]:
+                emulated.add(name)
         print(row, flush=True)
+    if emulated:
+        print(f"{', '.join(sorted(emulated))}: under a tenth of fp32's speed (emulated here)")
     result = {
         "fp32_gflops": round(best["fp32"], 1),
         "bf16_gflops": round(best["bf16"], 1),
