@@ -282,11 +282,23 @@ def enable_gradient_checkpointing(model) -> None:
     causal_lm(model).gradient_checkpointing_enable({"use_reentrant": False})
 
 
-def compile_decoder_layers(model) -> None:
-    """torch.compile each decoder layer in place (shapes vary with each batch: dynamic)."""
-    lm = causal_lm(model)
-    for layer in lm.get_decoder().layers:
-        layer.compile(dynamic=True)
+def compile_decoder_layers(model, probe, backend="inductor") -> str | None:
+    """torch.compile each decoder layer in place (shapes vary with each batch: dynamic) and
+    compile them now, by running `probe` (a small forward and backward), so that a compiler
+    that fails does so here rather than in the first step. The random generators are left
+    as they were. Returns None, or why compiling failed: the caller then runs the model
+    under torch.compiler.set_stance("force_eager")."""
+    for layer in causal_lm(model).get_decoder().layers:
+        layer.compile(dynamic=True, backend=backend)
+    try:
+        with torch.random.fork_rng():
+            probe()
+    except Exception as error:  # the compiler's errors have no common base but Exception
+        cause = error
+        while cause.__cause__ is not None:  # the compiler's own error, under dynamo's
+            cause = cause.__cause__
+        return f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+    return None
 
 
 def add_missing_special_tokens(tokenizer, model, tokens: tuple[str, ...]) -> list[int]:

@@ -51,6 +51,7 @@ class Run:
     stream: Iterator[tuple[int, list[int]]]  # (epoch, example indices) of each step to come
     done: int = 0  # steps done before this process started (resumed)
     before: dict | None = None  # the measurements before training
+    compile_failed: bool = False  # training.compile was asked for, and torch.compile failed
     progress: Progress = field(default_factory=Progress)
 
     @property

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .assessment import build_assessment, finish_report
-from .batches import Batch, step_batches, step_stream
+from .batches import Batch, collate, step_batches, step_stream
 from .checkpoint import (
     latest_checkpoint,
     publish_best,
@@ -92,8 +92,10 @@ def train(config: Config) -> Path:
     world = world_from_environment()
     with _one_run_per_output_dir(Path(config.output_dir), world):
         run = start(config, world)
-        last_record = steps(run)
-        output_dir = finish(run, last_record)
+        # A compiler that failed: the compiled layers run eagerly, for this run only.
+        with torch.compiler.set_stance("force_eager" if run.compile_failed else "default"):
+            last_record = steps(run)
+            output_dir = finish(run, last_record)
     end_processes()
     return output_dir
 
@@ -148,14 +150,10 @@ def start(config: Config, world: World = ALONE) -> Run:
         verify_packing_isolation(model, device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if t.compile:
-        print(
-            "warning: training.compile is experimental: on SmolLM2 LoRA bf16 its loss curve "
-            "differs from eager bf16 after the first update, lying nearer to fp32 "
-            "(docs/benchmarks.md)"
-        )
-        compile_decoder_layers(model)
     model.train()
+    compile_failure = None
+    if t.compile:
+        compile_failure = compile_with_fallback(model, data, prepared.encoder, device, amp)
     layers = causal_lm(model).get_decoder().layers
     loss_module = TokenLoss(model, t.neftune_alpha, probability_weighted=t.loss == "dft")
     trainer = wrap_for_training(loss_module, layers, world, t.parallelism, amp)
@@ -197,6 +195,7 @@ def start(config: Config, world: World = ALONE) -> Run:
         total_steps=total_steps,
         stream=step_stream(len(data.examples), t.batch_size * t.grad_accum, t.seed),
         before=before,
+        compile_failed=bool(compile_failure),
     )
     if resume_from is not None:
         run.resume(resume_from)
@@ -269,6 +268,24 @@ def steps(run: Run) -> dict:
                 )
     bar.close()
     return record
+
+
+def compile_with_fallback(model, data, encoder, device, amp) -> str | None:
+    """Compile the decoder layers and run one small step's forward and backward through
+    them (gradients dropped); None, or why compiling failed, having said so."""
+
+    def probe():
+        batch = collate(
+            [data.examples[i] for i in range(min(2, len(data.examples)))], encoder.pad_id
+        )
+        accumulate_gradients(TokenLoss(model), [batch], device, amp, pad_id=encoder.pad_id)
+        model.zero_grad(set_to_none=True)
+
+    print("compiling the decoder layers (torch.compile; cached for later runs)")
+    failure = compile_decoder_layers(model, probe)
+    if failure:
+        print(f"warning: torch.compile failed, so this run trains without it: {failure}")
+    return failure
 
 
 def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) -> bool:
