@@ -58,7 +58,9 @@ def summed_token_loss(
     """Sum of next-token cross-entropy over trained positions (not averaged).
 
     `position_ids` restarting inside a row mark packed examples; the model then keeps each
-    example's attention to itself. `example_length_per_token` ([rows, length]) scales NEFTune's noise when `neftune_alpha` is set; `probability_weighted` is DFT."""
+    example's attention to itself. With `neftune_alpha`, noise scaled by
+    `example_length_per_token` ([rows, length]) is added to the input embeddings;
+    `probability_weighted` is DFT."""
     targets = labels[:, 1:]
     trained = targets != IGNORE_INDEX
     lm = causal_lm(model)
@@ -105,10 +107,9 @@ def _summed(token_losses: torch.Tensor, probability_weighted: bool) -> torch.Ten
 
 
 class TokenLoss(torch.nn.Module):
-    """The model as training calls it: (input ids, labels, positions, each token's example's length)
-    ->
-    summed token loss. NEFTune and DFT apply in training mode only: evaluation always
-    measures plain cross-entropy on clean inputs.
+    """The model as training calls it: (input ids, labels, positions, each token's example
+    length) -> summed token loss. NEFTune and DFT apply in training mode only: evaluation
+    always measures plain cross-entropy on clean inputs.
 
     DDP and FSDP act on a module's forward (DDP readies its gradient reduction there, FSDP
     gathers the weights of the outermost unit: embeddings, final norm, head). The loss runs
