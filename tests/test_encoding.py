@@ -227,7 +227,7 @@ def test_a_chunk_counts_trained_tokens_as_each_example_does():
         Example([6, 7, 8], [ignored, 7, 8], "c"),
         Example([9, 10], [ignored, ignored], "d"),
     ]
-    chunk = EncodedChunk.of(examples, [])
+    chunk = EncodedChunk.of([[e] for e in examples], [])
     assert (
         chunk.trained_counts.tolist() == [e.trained_token_count for e in examples] == [2, 0, 2, 0]
     )
@@ -243,8 +243,8 @@ def test_template_text_tokenized_once_and_remembered_gives_what_a_fresh_encoder_
     template = "auto" if family == "smollm2" else "chatml"
     chats = conversations(30)
     warm = text_side(tokenizer, template)[0]
-    first = warm.encode_many(chats)
-    again = warm.encode_many(chats)  # every template text remembered by now
+    first = [example for (example,) in warm.encode_many(chats)]
+    again = [example for (example,) in warm.encode_many(chats)]  # every text remembered
     assert warm._template_ids  # the texts were remembered
     fresh = [text_side(tokenizer, template)[0].encode(c) for c in chats]
     assert same(first, fresh) and same(again, fresh)

@@ -21,6 +21,8 @@ OnInvalid = Literal["error", "skip"]
 Method = Literal["full", "lora", "qlora"]  # qlora: LoRA on a base held in 4-bit NF4
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 TrainOn = Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"]
+# An assistant's reasoning: trained with its answer, shown but not trained, or left out.
+ReasoningMode = Literal["train", "context", "drop"]
 Truncation = Literal["drop", "truncate"]
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "pure_bf16"]
@@ -256,6 +258,16 @@ class Config(Strict):
     )
     template: str = Field(default="auto", description="auto, a built-in name, or a Jinja file")
     train_on: TrainOn = "all_assistant_turns"
+    reasoning: ReasoningMode = Field(
+        default="train",
+        description="an assistant's reasoning: train (with its answer), context (shown, "
+        "not trained), drop (left out)",
+    )
+    template_options: dict = Field(
+        default_factory=dict,
+        description="variables for the chat template, e.g. {enable_thinking: false}; a "
+        "record's chat_template_kwargs take precedence",
+    )
     max_length: int = Field(default=1024, gt=1)
     truncation: Truncation = "drop"
     output_dir: str = resumable("runs/sftforge")

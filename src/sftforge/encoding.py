@@ -39,6 +39,7 @@ from .config import Truncation, choices
 from .formats import Conversation, DataError
 from .table import EncodedChunk, ExampleTable, ExampleView, TableWriter
 from .tokenize import Encoder, Example
+from .writers import conversation_record
 
 PARALLEL_FROM = 2000  # fewer conversations than this are encoded in this process
 CHUNK = 500  # conversations per task handed to a worker
@@ -52,6 +53,8 @@ ENCODER_SOURCES = (
     "templates.py",
     "encoding.py",
     "table.py",
+    "slots.py",
+    "messages.py",
 )
 
 
@@ -140,7 +143,7 @@ def _encode_chunk_with(encoder: Encoder, chunk: list[Conversation]) -> EncodedCh
 
 @dataclass
 class Encoded:
-    """Conversations encoded into a table: `table.row_of[i]` is conversation i's row, and
+    """Conversations encoded into a table: `table.rows_of([i])` are conversation i's rows, and
     `rejected` lists (i, error, the conversation as a record) for each the template refused."""
 
     table: ExampleTable
@@ -169,9 +172,7 @@ def encode_stream(
             for position, err in encoded.errors:
                 if on_invalid == "error":
                     raise err
-                conversation = chunk[position]
-                record = {"messages": [m.__dict__ for m in conversation.messages]}
-                rejected.append((index + position, err, record))
+                rejected.append((index + position, err, conversation_record(chunk[position])))
             writer.add(encoded, {p for p, _ in encoded.errors}, len(chunk))
             index += len(chunk)
     finally:
@@ -216,6 +217,8 @@ def encoder_fingerprint(encoder: Encoder) -> str:
             "special": sorted(encoder.special_ids.items()),
             "template": [template.name, template.source, template.expects_bos],
             "train_on": encoder.train_on,
+            "reasoning": encoder.reasoning,
+            "template_options": encoder.template_options,
             "bos": encoder.bos_id,
             "stop": list(encoder.stop_ids),
         },

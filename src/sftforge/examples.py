@@ -31,8 +31,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .config import Config, DataSource
 from .data import (
     LoadResult,
@@ -61,7 +59,15 @@ from .tokenize import Encoder, Example
 from .writers import conversation_as_json, conversation_from_json, write_jsonl
 
 # The code that reads and converts records: a change to it is a new cache key.
-READER_SOURCES = ("readers.py", "formats.py", "data.py", "oasst.py", "duplicate_keys.py")
+READER_SOURCES = (
+    "readers.py",
+    "formats.py",
+    "chat_messages.py",
+    "tools.py",
+    "data.py",
+    "oasst.py",
+    "duplicate_keys.py",
+)
 
 
 @dataclass
@@ -109,8 +115,8 @@ def load_examples(
         mine = [i for i in range(first, first + size) if i not in held_indices]
         taken = take(mine, source, config.training.seed, k) if data.is_mix else mine
         first += size
-        rows = table.row_of[np.asarray(taken, dtype=np.int64)] if taken else np.zeros(0, int)
-        fitted = fit_rows(table, rows[rows >= 0], config.max_length, config.truncation, report)
+        rows = table.rows_of(taken)
+        fitted = fit_rows(table, rows, config.max_length, config.truncation, report)
         views.append(fitted)
         if data.is_mix:
             trained = int(table.trained_counts[fitted.rows].sum()) if len(fitted) else 0
@@ -261,8 +267,7 @@ def _split(config: Config, sources: list[DataSource], table: ExampleTable, entry
     chosen = held_out_indices(n, spec, seed)
     print(f"held out {len(chosen)} of {n} examples (seed {seed})")
     held = _held_out_conversations(config, sources, chosen, entry)
-    rows = table.row_of[np.asarray(chosen, dtype=np.int64)]
-    return held, rows[rows >= 0], set(chosen)
+    return held, table.rows_of(chosen), set(chosen)
 
 
 def _held_out_conversations(config, sources, chosen: list[int], entry: Path | None):

@@ -12,78 +12,38 @@ detection and the `columns` mapping all read that table.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+from .chat_messages import message_of, text_parts
+from .messages import Conversation, DataError, Message, Source, ToolCall, keys_of, type_name
+from .messages import require as _require
+from .messages import require_str as _require_str
+from .tools import check_tool_flow, parse_json_text, parse_tool_calls, parse_tools
 
-@dataclass(frozen=True)
-class Source:
-    """Where a record came from: a file and a 1-based line (JSONL/CSV) or 0-based row index."""
-
-    path: str
-    line: int | None = None  # 1-based line number in a text file (JSON lines, CSV)
-    row: int | None = None  # 0-based index in a JSON array, Parquet file or `datasets` dataset
-
-    def __str__(self) -> str:
-        if self.line is not None:
-            return f"{self.path}:{self.line}"
-        if self.row is not None:
-            return f"{self.path}[row {self.row}]"
-        return self.path
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str  # "system", "user" or "assistant"
-    content: str
-    trained: bool = True  # False: an assistant turn kept as context only (weight 0)
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """A validated demonstration.
-
-    `messages` is a chat (system?, user, assistant, user, assistant, ...).
-    `text` is set instead for raw-text records, which are trained on every token and not
-    rendered through a chat template.
-    """
-
-    source: Source
-    messages: tuple[Message, ...] = ()
-    text: str | None = None
-    meta: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def is_raw_text(self) -> bool:
-        return self.text is not None
-
-    def assistant_indices(self) -> list[int]:
-        return [i for i, m in enumerate(self.messages) if m.role == "assistant"]
-
-
-class DataError(ValueError):
-    """A record that cannot become a valid Conversation. Names its source and field."""
-
-    def __init__(self, source: Source | str, reason: str, field: str | None = None):
-        self.source = source
-        self.reason = reason
-        self.field = field
-        where = f"{source}"
-        what = f" field '{field}':" if field else ""
-        super().__init__(f"{where}:{what} {reason}")
-
-    def __reduce__(self):  # rebuilt from its parts when it comes back from a worker process
-        return (type(self), (self.source, self.reason, self.field))
+# The types live in messages.py; they are named here too, beside the formats that make them.
+__all__ = [
+    "FIELDS",
+    "FORMATS",
+    "Conversation",
+    "DataError",
+    "Message",
+    "Source",
+    "ToolCall",
+    "keys_of",
+    "type_name",
+]
 
 
 # -- the formats ----------------------------------------------------------------------
 
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-# ShareGPT dumps often mix the chat names into the ShareGPT ones, so both are accepted.
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+CHAT_ROLES |= {"function": "tool"}  # OpenAI's older name for a function's result
+# ShareGPT dumps often mix the chat names into the ShareGPT ones, so both are accepted;
+# LLaMA-Factory writes an assistant's calls as `function_call` turns, results as `observation`.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-SHAREGPT_ROLES |= {"user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES |= {"function_call": "assistant", "observation": "tool"} | CHAT_ROLES
 
 
 class Turn(NamedTuple):
@@ -139,14 +99,43 @@ def _from_flan(record: dict, source: Source) -> Conversation:
 
 
 def _from_messages(record: dict, source: Source) -> Conversation:
-    """Chat messages, as OpenAI's chat fine-tuning files and Amazon Bedrock's conversation
-    records write them too: a content may be a list of text parts, an assistant message may
-    carry a `weight` (0: context only, not trained), and a top-level `system` (a string or
-    Bedrock's [{"text": ...}]) may hold the system prompt."""
+    """Chat messages, as OpenAI's chat fine-tuning files (tools and tool calls included) and
+    Amazon Bedrock's conversation records write them: a content may be a list of text parts
+    or null beside tool calls, an assistant message may carry a `weight` (0: context only,
+    not trained), and a top-level `system` (a string or Bedrock's [{"text": ...}]) may hold
+    the system prompt."""
     items = _message_list(record, "messages", source)
-    joined = _with_parts_joined(items, source)
-    turns = _turns(joined, "messages", source, "role", "content", CHAT_ROLES)
+    turns = _turns(items, "messages", source, "role", "content", CHAT_ROLES)
     turns = _weighted(turns, items, source)
+    return _chat_conversation(record, turns, source, "messages", "messages")
+
+
+def _from_sharegpt(record: dict, source: Source) -> Conversation:
+    """ShareGPT conversations, with LLaMA-Factory's `function_call` / `observation` turns, a
+    `tools` column and a `system` column; Hermes' `tool` turns and <tool_call> blocks."""
+    value = _message_list(record, "conversations", source)
+    turns = _turns(value, "conversations", source, "from", "value", SHAREGPT_ROLES)
+    return _chat_conversation(record, turns, source, "conversations", "sharegpt")
+
+
+def _from_xlam(record: dict, source: Source) -> Conversation:
+    """xLAM function-calling records: a `query`, the `tools` offered and the `answers` (the
+    calls that answer it), the last two as JSON strings or lists."""
+    query = _require_str(record, "query", source)
+    _require(record, "answers", source)
+    calls = parse_tool_calls(record["answers"], source, "answers")
+    turns = [
+        Turn(Message("user", query), "query", "query"),
+        Turn(Message("assistant", "", tool_calls=calls), "answers", "answers"),
+    ]
+    return _chat_conversation(record, turns, source, "answers", "xlam")
+
+
+def _chat_conversation(
+    record: dict, turns: list[Turn], source: Source, name: str, format: str
+) -> Conversation:
+    """The conversation of a chat record's turns, with what the record holds beside them:
+    a top-level system prompt, the tools its prompt shows, the chat template's options."""
     system = _top_level_system(record, source)
     if system.strip():
         inner = next((turn for turn in turns if turn.message.role == "system"), None)
@@ -154,13 +143,14 @@ def _from_messages(record: dict, source: Source) -> Conversation:
             reason = f"a system prompt here and a system message ({inner.role_field}); keep one"
             raise DataError(source, reason, "system")
         turns.insert(0, Turn(Message("system", system), "system", "system"))
-    return _conversation(turns, source, "messages", "messages")
-
-
-def _from_sharegpt(record: dict, source: Source) -> Conversation:
-    value = _message_list(record, "conversations", source)
-    turns = _turns(value, "conversations", source, "from", "value", SHAREGPT_ROLES)
-    return _conversation(turns, source, "conversations", "sharegpt")
+    conversation = _conversation(turns, source, name, format)
+    options = parse_json_text(record.get(OPTIONS_KEY), source, OPTIONS_KEY, "an object")
+    if options is not None and not isinstance(options, dict):
+        raise DataError(source, f"expected an object, found {type_name(options)}", OPTIONS_KEY)
+    tools = parse_tools(record.get("tools"), source)
+    if "id" in record and record["id"] is not None:
+        conversation.meta["id"] = record["id"]
+    return replace(conversation, tools=tools, template_options=options or {})
 
 
 def _from_prompt_completion(record: dict, source: Source) -> Conversation:
@@ -201,14 +191,18 @@ class Format:
     optional: tuple[str, ...] = ()  # other keys the converter reads when present
 
 
+# Per record, options for the chat template (`enable_thinking`), as vLLM and TRL name them.
+OPTIONS_KEY = "chat_template_kwargs"
+CHAT_OPTIONAL = ("system", "tools", OPTIONS_KEY, "id")
 OASST_KEYS = ("message_id", "parent_id", "role", "text")
 OASST_OPTIONAL = ("rank", "lang", "deleted")
 
 # The data formats, tried in this order when detecting one, because real datasets carry extra
 # columns: Alpaca ships a pre-rendered `text` next to instruction/output, chat sets often too.
 FORMATS: dict[str, Format] = {
-    "messages": Format(("messages",), _from_messages, optional=("system",)),
-    "sharegpt": Format(("conversations",), _from_sharegpt),
+    "messages": Format(("messages",), _from_messages, optional=CHAT_OPTIONAL),
+    "sharegpt": Format(("conversations",), _from_sharegpt, optional=CHAT_OPTIONAL),
+    "xlam": Format(("query", "answers"), _from_xlam, optional=CHAT_OPTIONAL),
     "prompt_completion": Format(("prompt", "completion"), _from_prompt_completion),
     "alpaca": Format(("instruction", "output"), _from_alpaca, optional=("input", "system")),
     # Dolly has no `output` and Alpaca no `response`, so each is detected as itself.
@@ -227,7 +221,8 @@ FIELDS = tuple(dict.fromkeys(key for f in FORMATS.values() for key in (*f.keys, 
 def _turns(
     value: Any, name: str, source: Source, role_key: str, content_key: str, roles: dict[str, str]
 ) -> list[Turn]:
-    """Parse a list of {role_key, content_key} objects, mapping role names through `roles`."""
+    """Parse a list of {role_key, content_key, ...} objects, mapping role names through
+    `roles`, with each message's reasoning, tool calls and tool-result fields."""
     turns = []
     for i, item in enumerate(value):
         where = f"{name}[{i}]"
@@ -240,37 +235,9 @@ def _turns(
         if role_name not in roles:
             reason = f"unknown role '{role_name}'; expected one of {', '.join(roles)}"
             raise DataError(source, reason, role_field)
-        content = _require_str(item, content_key, source, content_field)
-        turns.append(Turn(Message(roles[role_name], content), role_field, content_field))
+        message = message_of(item, roles[role_name], role_name, where, content_key, source)
+        turns.append(Turn(message, role_field, content_field))
     return turns
-
-
-def _with_parts_joined(items: list | tuple, source: Source) -> list:
-    """The messages, a content given as a list of text parts (OpenAI's {"type": "text",
-    "text": ...}, Bedrock's {"text": ...}) joined into one string with no separator."""
-    joined = []
-    for i, item in enumerate(items):
-        content = item.get("content") if isinstance(item, dict) else None
-        if isinstance(content, (list, tuple)):
-            texts = _text_parts(content, source, f"messages[{i}].content")
-            item = {**item, "content": "".join(texts)}
-        joined.append(item)
-    return joined
-
-
-def _text_parts(value: list | tuple, source: Source, field_path: str) -> list[str]:
-    texts = []
-    for j, part in enumerate(value):
-        where = f"{field_path}[{j}]"
-        if not isinstance(part, dict):
-            raise DataError(source, f"expected a text part, found {type_name(part)}", where)
-        kind = part.get("type", "text")  # Bedrock's blocks have no type: {"text": ...}
-        if kind != "text" or "text" not in part:
-            found = f"type {kind!r}" if kind != "text" else f"keys {keys_of(part)}"
-            reason = f"only text parts are supported, found a part with {found}; leave it out"
-            raise DataError(source, reason, where)
-        texts.append(_require_str(part, "text", source, f"{where}.text"))
-    return texts
 
 
 def _weighted(turns: list[Turn], items: list | tuple, source: Source) -> list[Turn]:
@@ -298,7 +265,7 @@ def _top_level_system(record: dict, source: Source) -> str:
     if value is None or isinstance(value, str):
         return value or ""
     if isinstance(value, (list, tuple)):
-        return "\n".join(_text_parts(value, source, "system"))
+        return "\n".join(text_parts(value, source, "system"))
     reason = f'expected a string or a list of {{"text": ...}} blocks, found {type_name(value)}'
     raise DataError(source, reason, "system")
 
@@ -306,15 +273,7 @@ def _top_level_system(record: dict, source: Source) -> str:
 def _message_list(record: dict, name: str, source: Source) -> list | tuple:
     """The list of messages under `name`, parsed first if it is a JSON string (CSV cells)."""
     _require(record, name, source)
-    value = record[name]
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            reason = f"expected a list of messages, found a string that is not JSON ({err.msg})"
-            raise DataError(source, reason, name) from None
-        except RecursionError:
-            raise DataError(source, "nested too deeply to parse", name) from None
+    value = parse_json_text(record[name], source, name, "a list of messages")
     if not isinstance(value, (list, tuple)):
         raise DataError(source, f"expected a list of messages, found {type_name(value)}", name)
     return value
@@ -351,31 +310,21 @@ def _check_turn_order(turns: list[Turn], source: Source, name: str) -> None:
     if first.message.role != "user":
         reason = f"the first non-system message must be from the user, found '{first.message.role}'"
         raise DataError(source, reason, first.role_field)
-    if dialogue[-1].message.role == "user":
+    if (last := dialogue[-1].message.role) in ("user", "tool"):
+        what = "a user turn" if last == "user" else "a tool result"
         reason = (
-            "conversation ends on a user turn, so nothing is learned from it; "
-            "end with an assistant reply or drop the trailing user message"
+            f"conversation ends on {what}, so nothing is learned from it; "
+            f"end with an assistant reply or drop the trailing {last} message"
         )
         raise DataError(source, reason, dialogue[-1].role_field)
     for turn in dialogue:
-        if turn.message.role == "assistant" and not turn.message.content.strip():
+        message = turn.message
+        if message.role == "assistant" and not (message.content.strip() or message.tool_calls):
             raise DataError(source, "empty assistant turn: nothing to learn", turn.content_field)
+    check_tool_flow([t.message for t in turns], [t.role_field for t in turns], source)
 
 
 # -- small helpers --------------------------------------------------------------------------
-
-
-def _require(record: dict, key: str, source: Source, field_path: str | None = None) -> None:
-    if key not in record:
-        raise DataError(source, f"missing; found keys {keys_of(record)}", field_path or key)
-
-
-def _require_str(record: dict, key: str, source: Source, field_path: str | None = None) -> str:
-    _require(record, key, source, field_path)
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(source, f"expected a string, found {type_name(value)}", field_path or key)
-    return value
 
 
 def _optional_str(record: dict, key: str, source: Source) -> str:
@@ -383,14 +332,3 @@ def _optional_str(record: dict, key: str, source: Source) -> str:
     if record.get(key) is None:
         return ""
     return _require_str(record, key, source)
-
-
-def type_name(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"number ({value})"
-    names = {type(None): "null", bool: "boolean", str: "string", list: "list", dict: "object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def keys_of(record: dict) -> str:
-    return "(" + ", ".join(map(str, record)) + ")" if record else "(none)"

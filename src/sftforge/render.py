@@ -1,38 +1,48 @@
 """Conversation -> rendered text, cut into pieces at every assistant turn's start and end,
-each piece marked trained or not.
+each piece marked trained or not; one conversation may give several examples.
 
 We never guess where the assistant's answer starts: the span of assistant turn i begins
 where the template's *generation prompt* for messages[:i] ends (the text a model is given at
 inference) and ends after the turn's end-of-turn marker (`<|im_end|>`, `</s>`, `<|eot_id|>`
-...), the token that teaches the model to stop. Anything the template does that breaks these
+...), the token that teaches the model to stop. The turn holds all the assistant wrote:
+its reasoning, text and tool calls. Anything the template does that breaks these
 guarantees is an error, not a warning.
 
-To tell template text from message text we render the conversation twice: once with each
-message's content replaced by a unique sentinel, once for real. The sentinel render cuts the
-text into template pieces and content slots; the real render must equal those pieces with
-each content inserted (verbatim, or trimmed as some official templates do).
+Templates that rewrite history (Qwen3 drops the reasoning of turns before the last user
+query) write an earlier turn one way when it is the turn being generated and another way
+once later turns follow. Each trained turn is learned as inference sees it: the turns that
+one sequence holds as at inference are trained in it, and the rest in the conversation cut
+after the last of them, and so on: the fewest examples, each proven alike.
 
-The hand-off to tokenize.py is a list of Pieces: template markup (which may hold special
-tokens) or message text (which never does), cut at every assistant span's edges, each
-knowing whether it is trained and which stretch between two cuts it lies in.
+To tell template text from data we render twice: once with each slot of data (slots.py)
+replaced by a sentinel, once for real. The hand-off to tokenize.py is a list of Pieces:
+template markup (which may hold special tokens) or data text (which never does), cut at
+every assistant span's edges, each knowing whether it is trained and which stretch between
+two cuts it lies in.
 """
 
 from __future__ import annotations
 
 import bisect
-import re
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from .config import TrainOn
-from .formats import Conversation, Message
+from .config import ReasoningMode, TrainOn
+from .messages import Conversation, Message
+from .slots import (
+    SENTINEL,
+    Element,
+    Slot,
+    align,
+    sentinel,
+    shape_key,
+    split_sentinel_render,
+    template_messages,
+    to_real_offset,
+    with_sentinels,
+)
 from .templates import ChatTemplate, TemplateError
-
-_SENTINEL = re.compile("\ue000(\\d+)\ue001")
-
-
-def _sentinel(i: int) -> str:
-    return f"\ue000{i}\ue001"
 
 
 class Part(NamedTuple):  # NamedTuples: made by the dozen for every conversation
@@ -58,114 +68,68 @@ class RenderedConversation:
     pieces: list[Piece]  # cover `text` exactly, in order
     assistant_spans: list[tuple[int, int]]  # [start, end) per assistant turn: answer + end marker
     trained_spans: list[tuple[int, int]]  # the spans whose text is trained
+    messages: int = 0  # how many of the conversation's messages this example holds
+    trained_turns: tuple[int, ...] = ()  # the messages (assistant turns) it trains
 
 
-def _as_dicts(messages) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+class _Span(NamedTuple):
+    start: int  # where the generation prompt ends
+    end: int  # after the end-of-turn marker
+    answer: int  # where the turn's first slot after its reasoning starts
+    missing: tuple[str, ...]  # fields of the turn's data the template did not write in it
 
 
-def _with_sentinels(messages: tuple[Message, ...]) -> list[dict]:
-    # Empty contents stay empty: a template may test for an empty system prompt.
-    return [
-        {"role": m.role, "content": _sentinel(i) if m.content else ""}
-        for i, m in enumerate(messages)
-    ]
+@dataclass(frozen=True)
+class _Layout:
+    """What the sentinel renders tell of a conversation's shape: the render with sentinels,
+    its elements, and the span of each assistant turn that this render writes as inference
+    does (by message index); or the TemplateError the shape meets."""
+
+    full: str
+    elements: tuple[tuple[str, int | None, int], ...]  # (text, slot, sentinel_start)
+    spans: dict[int, _Span]
+    error: str | None = None
 
 
-def _content_candidates(content: str) -> list[str]:
-    """What a template may have made of a message's content: verbatim, or trimmed."""
-    seen: list[str] = []
-    for c in (content, content.strip(), content.rstrip(), content.lstrip()):
-        if c not in seen:
-            seen.append(c)
-    return seen
+LAYOUTS_KEPT = 4096  # shapes remembered per template; beyond that the memory starts over
 
 
-@dataclass
-class _Element:
-    text_in_sentinel_render: str
-    slot: int | None  # message index when this element is a content slot
-    sentinel_start: int
-    real_start: int = -1
-    real_text: str = ""
-
-
-def _split_sentinel_render(rendered: str) -> list[_Element]:
-    elements, pos = [], 0
-    for m in _SENTINEL.finditer(rendered):
-        if m.start() > pos:
-            elements.append(_Element(rendered[pos : m.start()], None, pos))
-        elements.append(_Element(m.group(0), int(m.group(1)), m.start()))
-        pos = m.end()
-    if pos < len(rendered):
-        elements.append(_Element(rendered[pos:], None, pos))
-    return elements
-
-
-def _align(elements: list[_Element], real: str, messages: tuple[Message, ...], name: str):
-    """Fill in each element's real text and offset; fail unless they rebuild `real` exactly."""
-    pos = 0
-    for k, el in enumerate(elements):
-        el.real_start = pos
-        if el.slot is None:
-            if not real.startswith(el.text_in_sentinel_render, pos):
-                break
-            el.real_text = el.text_in_sentinel_render
-        else:
-            following = elements[k + 1] if k + 1 < len(elements) else None
-            for candidate in _content_candidates(messages[el.slot].content):
-                end = pos + len(candidate)
-                if not real.startswith(candidate, pos):
-                    continue
-                if following is None:
-                    if end == len(real):
-                        break
-                elif following.slot is not None or real.startswith(
-                    following.text_in_sentinel_render, end
-                ):
-                    break
-            else:
-                break
-            el.real_text = candidate
-        pos += len(el.real_text)
-    else:
-        if pos == len(real):
-            return
-    raise TemplateError(
-        f"chat template '{name}' transforms message text in a way sftforge cannot align "
-        "(only verbatim or trimmed content is supported), so the loss mask cannot be proven"
-    )
-
-
-def _to_real_offset(elements: list[_Element], p: int) -> int:
-    for el in elements:
-        end = el.sentinel_start + len(el.text_in_sentinel_render)
-        if el.slot is None and el.sentinel_start <= p <= end:
-            return el.real_start + (p - el.sentinel_start)
-        if el.slot is not None and p == el.sentinel_start:
-            return el.real_start
-        if el.slot is not None and p == end:
-            return el.real_start + len(el.real_text)
-    raise TemplateError(f"offset {p} falls inside a message's content")
-
-
-def _assistant_span_in_sentinel_render(
-    template: ChatTemplate, sentinel_msgs: list[dict], i: int, full: str, end_markers: set[str]
-) -> tuple[int, int]:
-    prompt = template.render(sentinel_msgs[:i], add_generation_prompt=True)
-    through_turn = template.render(sentinel_msgs[: i + 1], add_generation_prompt=False)
-    if not (full.startswith(through_turn) and through_turn.startswith(prompt)):
+def _assistant_span(
+    template: ChatTemplate,
+    sentinel_msgs: list[dict],
+    slots: list[Slot],
+    i: int,
+    full: str,
+    end_markers: set[str],
+    tools,
+    options: dict,
+) -> _Span | None:
+    """Turn i's span in `full`; None where `full` writes the turn otherwise than inference
+    does (a template that rewrites history)."""
+    prompt = template.render(sentinel_msgs[:i], True, tools, options)
+    through_turn = template.render(sentinel_msgs[: i + 1], False, tools, options)
+    if not through_turn.startswith(prompt):
+        at = len(os.path.commonprefix([prompt, through_turn]))
         raise TemplateError(
-            f"chat template '{template.name}' is not prefix-consistent at message {i}: "
-            "the generation prompt (or the conversation up to this turn) is not how the full "
-            "conversation begins, so what training sees would differ from inference"
+            f"chat template '{template.name}' is not prefix-consistent at message {i}: it "
+            "writes the turn otherwise than its generation prompt begins: the prompt has {prompt[at : at + 30]!r} where the turn "
+            f"has {through_turn[at : at + 30]!r}, so what training sees would differ from "
+            "inference (a template option such as enable_thinking=false with reasoning in "
+            "the data?)"
         )
-    content_end = len(prompt)
-    slots = [m for m in _SENTINEL.finditer(through_turn) if int(m.group(1)) == i]
-    if slots:
-        if slots[0].start() < len(prompt):
-            raise TemplateError(f"chat template '{template.name}' renders message {i} early")
-        content_end = slots[-1].end()
+    if not full.startswith(through_turn):
+        return None
+    mine = [m for m in SENTINEL.finditer(through_turn) if slots[int(m.group(1))].message == i]
+    if mine and mine[0].start() < len(prompt):
+        raise TemplateError(f"chat template '{template.name}' renders message {i} early")
+    content_end = mine[-1].end() if mine else len(prompt)
+    answers = [m.start() for m in mine if slots[int(m.group(1))].field != "reasoning_content"]
+    written = {int(m.group(1)) for m in mine}
+    missing = tuple(
+        slot.field
+        for k, slot in enumerate(slots)
+        if slot.message == i and k not in written and not slot.field.endswith(".id")
+    )
     marker = through_turn[content_end:].rstrip()
     if not any(marker.endswith(t) for t in end_markers):
         eos = f" (its eos is {template.eos_token!r})" if template.eos_token else ""
@@ -174,58 +138,71 @@ def _assistant_span_in_sentinel_render(
             "not end with a special token of this tokenizer (an end-of-turn token), so the "
             f"model would never learn to stop; end them with one of its special tokens{eos}"
         )
-    return len(prompt), content_end + len(marker)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """What the sentinel renders tell of a conversation's shape (its roles, and which
-    contents are empty): the render with sentinels, its elements, and each assistant turn's
-    span in it; or the TemplateError the shape meets."""
-
-    full: str
-    elements: tuple[tuple[str, int | None, int], ...]  # (text, slot, sentinel_start)
-    spans: tuple[tuple[int, int], ...]
-    error: str | None = None
-
-
-LAYOUTS_KEPT = 4096  # shapes remembered per template; beyond that the memory starts over
+    answer = answers[0] if answers else content_end
+    return _Span(len(prompt), content_end + len(marker), answer, missing)
 
 
 def _layout(
     template: ChatTemplate,
     messages: tuple[Message, ...],
+    tools: tuple,
+    options: dict,
     end_markers: set[str],
     add_generation_prompt: bool,
     cached: bool = True,
-) -> _Layout:
-    """The layout of `messages`' shape. The sentinel renders (one, and two per assistant
-    turn) depend on nothing but the shape, so the layout is kept per template and shape: a
-    dataset of a few shapes renders each with sentinels once."""
-    shape = tuple((m.role, bool(m.content)) for m in messages)
-    key = (shape, add_generation_prompt, frozenset(end_markers))
+) -> tuple[_Layout, list[Slot]]:
+    """The layout of `messages`' shape, and their slots. The sentinel renders (one, and two
+    per assistant turn) depend on nothing but the shape, so the layout is kept per template
+    and shape: a dataset of a few shapes renders each with sentinels once."""
+    sentinel_msgs, slots = with_sentinels(messages)
+    key = (shape_key(sentinel_msgs, tools, options), add_generation_prompt, frozenset(end_markers))
     layouts = template.layouts
     if cached and key in layouts:
-        return layouts[key]
-    sentinel_msgs = _with_sentinels(messages)
+        return layouts[key], slots
+    tool_list = list(tools) or None
     try:
-        full = template.render(sentinel_msgs, add_generation_prompt=add_generation_prompt)
-        spans = tuple(
-            _assistant_span_in_sentinel_render(template, sentinel_msgs, i, full, end_markers)
-            for i, message in enumerate(messages)
-            if message.role == "assistant"
-        )
+        full = template.render(sentinel_msgs, add_generation_prompt, tool_list, options)
+        _check_everything_written(template, full, slots, messages, tools)
+        spans = {}
+        for i, message in enumerate(messages):
+            if message.role == "assistant":
+                args = (sentinel_msgs, slots, i, full, end_markers, tool_list, options)
+                if (span := _assistant_span(template, *args)) is not None:
+                    spans[i] = span
         elements = tuple(
             (e.text_in_sentinel_render, e.slot, e.sentinel_start)
-            for e in _split_sentinel_render(full)
+            for e in split_sentinel_render(full)
         )
         layout = _Layout(full, elements, spans)
     except TemplateError as e:
-        layout = _Layout("", (), (), str(e))
+        layout = _Layout("", (), {}, str(e))
     if len(layouts) >= LAYOUTS_KEPT:
         layouts.clear()
     layouts[key] = layout
-    return layout
+    return layout, slots
+
+
+def _check_everything_written(template, full: str, slots, messages, tools) -> None:
+    """Nothing the model is shown is dropped: every non-assistant message's text and every
+    tool offered appear in the render (ids and names that answer a call may not: many
+    templates match results to calls by order). (An assistant turn's own data is checked where it is
+    trained: a template may leave an earlier turn's reasoning out of later prompts.)"""
+    for k, slot in enumerate(slots):
+        role = messages[slot.message].role
+        if role != "assistant" and slot.field == "content" and sentinel(k) not in full:
+            raise TemplateError(
+                f"chat template '{template.name}' does not write the {slot.field} of message "
+                f"{slot.message} (a {role} message): the model would never see it"
+            )
+    for tool in tools:
+        name = tool["function"]["name"]
+        if name not in full:
+            raise TemplateError(
+                f"chat template '{template.name}' does not show the tools offered (the "
+                f"function {name!r} is nowhere in its render): the model would learn to call "
+                "tools it was never shown. Use the model's own template or one that writes "
+                "tools (chatml)"
+            )
 
 
 def _render(
@@ -233,42 +210,61 @@ def _render(
     template: ChatTemplate,
     end_markers: set[str],
     add_generation_prompt: bool,
-) -> tuple[str, list[Part], list[tuple[int, int]]]:
-    """The rendered text, its parts, and the span of each assistant turn. Should the real
-    render not fit a remembered layout (a template that reads the clock), the layout is
-    rendered afresh before that counts as the template's fault."""
-    real = template.render(_as_dicts(messages), add_generation_prompt=add_generation_prompt)
+    tools: tuple = (),
+    options: dict | None = None,
+) -> tuple[str, list[Part], dict[int, _Span]]:
+    """The rendered text, its parts, and the span of each assistant turn written as at
+    inference. Should the real render not fit a remembered layout (a template that reads
+    the clock), the layout is rendered afresh before that counts as the template's fault."""
+    options = options or {}
+    real = template.render(
+        template_messages(messages), add_generation_prompt, list(tools) or None, options
+    )
     for cached in (True, False):
-        layout = _layout(template, messages, end_markers, add_generation_prompt, cached)
+        layout, slots = _layout(
+            template, messages, tools, options, end_markers, add_generation_prompt, cached
+        )
         if layout.error:
             raise TemplateError(layout.error)
-        elements = [_Element(text, slot, start) for text, slot, start in layout.elements]
-        try:
-            _align(elements, real, messages, template.name)
-        except TemplateError:
-            if not cached:
-                raise
-            continue
-        break
-    spans = [(_to_real_offset(elements, a), _to_real_offset(elements, b)) for a, b in layout.spans]
+        elements = [Element(text, slot, start) for text, slot, start in layout.elements]
+        changed = align(elements, real, slots)
+        if changed is None:
+            break
+        if not cached:
+            raise TemplateError(_unaligned(template.name, changed))
+    spans = {
+        i: span._replace(
+            start=to_real_offset(elements, span.start),
+            end=to_real_offset(elements, span.end),
+            answer=to_real_offset(elements, span.answer),
+        )
+        for i, span in layout.spans.items()
+    }
     parts = [
         Part(el.real_text, el.slot is not None, el.real_start) for el in elements if el.real_text
     ]
     return real, parts, spans
 
 
-def _trained_spans(
-    text: str, assistant_spans: list[tuple[int, int]], train_on: str, trained: list[bool]
-):
-    """The spans `train_on` trains. `trained` says, per assistant turn, whether its data lets
-    it be trained (False: weight 0, context only). A turn that is not is never trained, not
-    even as the last turn with last_assistant_turn (that conversation then trains nothing and
-    is dropped as such); all_tokens trains every token whatever the flags."""
-    if train_on == "all_tokens":
-        return [(0, len(text))]
-    if train_on == "last_assistant_turn":
-        return assistant_spans[-1:] if trained[-1:] == [True] else []
-    return [span for span, flag in zip(assistant_spans, trained, strict=True) if flag]
+def _unaligned(name: str, changed: Slot | str) -> str:
+    if isinstance(changed, Slot):
+        what = f"the {changed.field} of message {changed.message}"
+        hint = ""
+        if "<think>" in changed.text or "</think>" in changed.text:
+            hint = (
+                ": it holds <think>/</think>, which this template splits out of the text; give "
+                "the reasoning in 'reasoning_content' (or as one <think> block opening an "
+                "assistant's content, which sftforge reads as its reasoning)"
+            )
+        return (
+            f"chat template '{name}' changes {what}, and sftforge cannot align text other than "
+            f"verbatim, trimmed or JSON-escaped, so the loss mask cannot be proven{hint}"
+        )
+    return (
+        f"chat template '{name}' renders differently with the real text than with "
+        f"placeholders (near {changed!r}): it reads the text itself, and sftforge cannot "
+        "align what it writes, so the loss mask cannot be proven"
+    )
 
 
 def _cut(parts: list[Part], assistant_spans, trained_spans) -> list[Piece]:
@@ -290,28 +286,95 @@ def _cut(parts: list[Part], assistant_spans, trained_spans) -> list[Piece]:
     return pieces
 
 
-def render_conversation(
+def without_reasoning(conversation: Conversation) -> Conversation:
+    """The conversation with every assistant's reasoning left out (reasoning=drop)."""
+    messages = tuple(replace(m, reasoning=None) for m in conversation.messages)
+    return replace(conversation, messages=messages)
+
+
+def render_examples(
     conversation: Conversation,
     template: ChatTemplate,
     end_markers: set[str],
     train_on: TrainOn = "all_assistant_turns",
-) -> RenderedConversation:
-    """Render a chat cut into pieces, with the exact span of each assistant turn (answer +
-    end marker) and the spans `train_on` trains.
+    reasoning: ReasoningMode = "train",
+    options: dict | None = None,
+) -> list[RenderedConversation]:
+    """The examples a chat trains, in order: usually one. Each trained assistant turn is
+    trained in the first of the conversation and its cuts (after a later trained turn) that
+    writes it as inference does; every turn in one, and the fewest examples that can.
 
-    `end_markers` are the strings that count as an end-of-turn token (the tokenizer's special
-    tokens)."""
-    text, parts, spans = _render(conversation.messages, template, end_markers, False)
-    flags = [m.trained for m in conversation.messages if m.role == "assistant"]
-    trained = _trained_spans(text, spans, train_on, flags)
-    return RenderedConversation(text, _cut(parts, spans, trained), spans, trained)
+    `end_markers` are the strings that count as an end-of-turn token (the tokenizer's
+    special tokens); `options` the chat template's (the record's own take precedence);
+    reasoning "context" trains each turn's text and calls, its reasoning shown but not
+    trained; "drop" leaves reasoning out."""
+    if reasoning == "drop":
+        conversation = without_reasoning(conversation)
+    messages, tools = conversation.messages, conversation.tools
+    options = {**(options or {}), **conversation.template_options}
+    if train_on == "all_tokens":
+        text, parts, spans = _render(messages, template, end_markers, False, tools, options)
+        edges = [(s.start, s.end) for s in spans.values()]
+        trained = [(0, len(text))]
+        pieces = _cut(parts, edges, trained)
+        return [RenderedConversation(text, pieces, edges, trained, len(messages))]
+    turns = [i for i, m in enumerate(messages) if m.role == "assistant" and m.trained]
+    if train_on == "last_assistant_turn":
+        last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+        turns = [last] if last in turns else []
+    examples, end = [], len(messages)
+    while True:
+        text, parts, spans = _render(messages[:end], template, end_markers, False, tools, options)
+        here = [i for i in turns if i in spans]
+        if turns and not here:
+            raise TemplateError(
+                f"chat template '{template.name}' is not prefix-consistent at message "
+                f"{turns[-1]}: it does not write that turn as its own generation prompt and "
+                "turn do, even in the conversation cut after it, so what training sees would "
+                "differ from inference"
+            )
+        for i in here:
+            _check_turn_written(template.name, i, spans[i], reasoning)
+        trained = [
+            (spans[i].answer if reasoning == "context" else spans[i].start, spans[i].end)
+            for i in here
+        ]
+        edges = [(s.start, s.end) for s in spans.values()]
+        pieces = _cut(parts, edges, trained)
+        examples.append(RenderedConversation(text, pieces, edges, trained, end, tuple(here)))
+        turns = [i for i in turns if i not in here]
+        if not turns:
+            return examples[::-1]
+        end = turns[-1] + 1
+
+
+def _check_turn_written(name: str, i: int, span: _Span, reasoning: str) -> None:
+    if not span.missing:
+        return
+    field = span.missing[0]
+    hint = (
+        "; set reasoning=drop to train the answers without it"
+        if field == "reasoning_content"
+        else "; use the model's own template or one that writes tool calls (chatml)"
+        if field.startswith("tool_calls")
+        else ""
+    )
+    raise TemplateError(
+        f"chat template '{name}' does not write the {field} of assistant message {i}: "
+        f"the model would be trained without it{hint}"
+    )
 
 
 def render_prompt(
-    messages: list[Message] | tuple[Message, ...], template: ChatTemplate, end_markers: set[str]
+    messages: list[Message] | tuple[Message, ...],
+    template: ChatTemplate,
+    end_markers: set[str],
+    tools: tuple = (),
+    options: dict | None = None,
 ) -> RenderedConversation:
     """The text a model is given at inference: the history plus the generation prompt, with
     the spans of the history's assistant turns (tokenized as the model generated them);
     nothing trained."""
-    text, parts, spans = _render(tuple(messages), template, end_markers, True)
-    return RenderedConversation(text, _cut(parts, spans, []), spans, [])
+    text, parts, spans = _render(tuple(messages), template, end_markers, True, tools, options)
+    edges = [(s.start, s.end) for s in spans.values()]
+    return RenderedConversation(text, _cut(parts, edges, []), edges, [], len(messages))

@@ -6,8 +6,10 @@ for all examples, with each example's length, trained-token count and source bes
 Written to a folder, the arrays are memory-mapped when read back: the encoded data of a
 run stays in the page cache, not in the process.
 
-- `ExampleTable`: the encoded examples of a run's conversations, in the order encoded, and
-  `row_of`: for each conversation, its row (-1 where the chat template rejected it).
+- `ExampleTable`: the encoded examples of a run's conversations, in the order encoded;
+  `row_of`: for each conversation, its first row (-1 where the chat template rejected it),
+  and `examples_of`: how many rows it has (more than one where its template rewrites
+  history: render.py).
 - `TableWriter`: appends encoded chunks, to a folder or to memory.
 - `ExampleView`: the rows a run trains on (a subset, some repeated, some cut to max_length),
   read like a list of Examples: `len(view)`, `view[i]`, `view.lengths`.
@@ -25,13 +27,23 @@ import numpy as np
 
 from .tokenize import IGNORE_INDEX, Example
 
-COLUMNS = ("ids", "trained", "lengths", "trained_counts", "row_of", "source_text", "source_ends")
+COLUMNS = (
+    "ids",
+    "trained",
+    "lengths",
+    "trained_counts",
+    "row_of",
+    "examples_of",
+    "source_text",
+    "source_ends",
+)
 _DTYPES = {
     "ids": np.int32,
     "trained": np.bool_,
     "lengths": np.int64,
     "trained_counts": np.int64,
     "row_of": np.int64,
+    "examples_of": np.int64,
     "source_text": np.uint8,
     "source_ends": np.int64,
 }
@@ -48,16 +60,20 @@ class EncodedChunk:
     trained_counts: np.ndarray  # int64, per example: trained tokens after the first token
     sources: list[str]
     errors: list  # [(position in the chunk, DataError)]
+    counts: list[int]  # per conversation encoded: how many examples it made
 
     @classmethod
-    def of(cls, examples: list[Example], errors: list) -> EncodedChunk:
+    def of(cls, encoded: list[list[Example]], errors: list) -> EncodedChunk:
+        """From the examples of each conversation encoded (in order), and the errors."""
+        examples = [e for group in encoded for e in group]
         lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
         count = int(lengths.sum())
         ids = np.fromiter(chain.from_iterable(e.input_ids for e in examples), np.int32, count)
         labels = np.fromiter(chain.from_iterable(e.labels for e in examples), np.int32, count)
         trained = labels != IGNORE_INDEX
         counts = _trained_after_first(trained, lengths)
-        return cls(ids, trained, lengths, counts, [e.source for e in examples], errors)
+        sources = [e.source for e in examples]
+        return cls(ids, trained, lengths, counts, sources, errors, [len(g) for g in encoded])
 
 
 def _trained_after_first(trained: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -78,13 +94,25 @@ class ExampleTable:
         self.trained = columns["trained"]
         self.lengths = columns["lengths"]
         self.trained_counts = columns["trained_counts"]
-        self.row_of = columns["row_of"]  # per conversation: its row, or -1 (rejected)
+        self.row_of = columns["row_of"]  # per conversation: its first row, or -1 (rejected)
+        self.examples_of = columns["examples_of"]  # per conversation: its rows' count
         self._source_text = columns["source_text"]
         self._source_ends = columns["source_ends"]
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def rows_of(self, conversations) -> np.ndarray:
+        """Every row of these conversations, in order (none for one the template rejected)."""
+        conversations = np.asarray(conversations, dtype=np.int64)
+        firsts, counts = self.row_of[conversations], self.examples_of[conversations]
+        kept = firsts >= 0
+        firsts, counts = firsts[kept], counts[kept]
+        if not len(firsts) or (counts == 1).all():
+            return np.asarray(firsts, dtype=np.int64)
+        offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        return np.repeat(firsts, counts) + offsets
 
     def source(self, row: int) -> str:
         start = int(self._source_ends[row - 1]) if row else 0
@@ -136,9 +164,12 @@ class TableWriter:
     def add(self, chunk: EncodedChunk, rejected_positions: set[int], count: int) -> None:
         """Append a chunk of `count` conversations, those at `rejected_positions` rejected."""
         row_of = np.full(count, -1, dtype=np.int64)
+        examples_of = np.zeros(count, dtype=np.int64)
         encoded = [p for p in range(count) if p not in rejected_positions]
-        row_of[encoded] = np.arange(self.rows, self.rows + len(encoded))
-        self.rows += len(encoded)
+        made = np.asarray(chunk.counts, dtype=np.int64)
+        row_of[encoded] = self.rows + np.cumsum(made) - made
+        examples_of[encoded] = made
+        self.rows += int(made.sum())
         text = "".join(chunk.sources).encode("utf-8")
         sizes = np.array([len(s.encode("utf-8")) for s in chunk.sources], dtype=np.int64)
         ends = self._source_bytes + np.cumsum(sizes)
@@ -149,6 +180,7 @@ class TableWriter:
             "lengths": chunk.lengths,
             "trained_counts": chunk.trained_counts,
             "row_of": row_of,
+            "examples_of": examples_of,
             "source_text": np.frombuffer(text, dtype=np.uint8),
             "source_ends": ends,
         }

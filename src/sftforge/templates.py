@@ -8,6 +8,7 @@ expects one. render.py renders conversations with it.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -81,8 +82,16 @@ def sandboxed_environment() -> ImmutableSandboxedEnvironment:
     )
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    env.policies["json.dumps_kwargs"] = {"ensure_ascii": False, "sort_keys": False}
+    env.filters["tojson"] = _tojson
     return env
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """`tojson` as transformers defines it for chat templates: plain JSON, no HTML escaping
+    (Jinja's own writes < > & ' as \\u003c ..., which no model was trained on)."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 @dataclass
@@ -103,10 +112,21 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(f"chat template '{self.name}' is not valid Jinja: {e}") from e
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        tools: list[dict] | None = None,
+        options: dict | None = None,
+    ) -> str:
+        """The template's text, given what transformers' apply_chat_template gives it: the
+        messages, the tools (None when there are none), the generation prompt flag, BOS and
+        EOS, and the template's options (`enable_thinking`) as variables."""
         try:
             return self._compiled.render(
+                **(options or {}),
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,

@@ -26,13 +26,14 @@ How text becomes tokens, and why:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
-from .config import TrainOn, choices
-from .formats import Conversation, DataError, Message, Source
+from .config import ReasoningMode, TrainOn, choices
+from .messages import Conversation, DataError, Message, Source
 from .proof import decode_all, decode_windows, mask_problem, texts_of, trained_runs
-from .render import Piece, render_conversation, render_prompt
+from .render import Piece, render_examples, render_prompt
 from .templates import ChatTemplate, TemplateError
 
 IGNORE_INDEX = -100
@@ -84,14 +85,24 @@ class Encoder:
     the stop ids and the pad id they imply."""
 
     def __init__(
-        self, tokenizer, template: ChatTemplate, train_on: TrainOn = "all_assistant_turns"
+        self,
+        tokenizer,
+        template: ChatTemplate,
+        train_on: TrainOn = "all_assistant_turns",
+        reasoning: ReasoningMode = "train",
+        template_options: dict | None = None,
     ):
-        if train_on not in choices(TrainOn):
-            allowed = ", ".join(choices(TrainOn))
-            raise ValueError(f"train_on must be one of {allowed}, not {train_on!r}")
+        for name, value, allowed in (
+            ("train_on", train_on, choices(TrainOn)),
+            ("reasoning", reasoning, choices(ReasoningMode)),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on
+        self.reasoning = reasoning
+        self.template_options = dict(template_options or {})
         self.special_ids: dict[str, int] = dict(tokenizer.get_added_vocab())
         for tok in (tokenizer.eos_token, tokenizer.bos_token):
             if tok and tok not in self.special_ids:
@@ -117,38 +128,55 @@ class Encoder:
     # ---- public -------------------------------------------------------------------------
 
     def encode(self, conversation: Conversation) -> Example:
-        """Tokens and labels for one conversation; raises DataError naming its source."""
+        """Tokens and labels for a conversation that makes one example; raises DataError
+        naming its source (also where its template makes it several: `encode_examples`)."""
+        examples = self.encode_examples(conversation)
+        if len(examples) != 1:
+            reason = f"makes {len(examples)} examples (its template rewrites history)"
+            raise DataError(conversation.source, reason + "; use encode_examples", "messages")
+        return examples[0]
+
+    def encode_examples(self, conversation: Conversation) -> list[Example]:
+        """The examples of one conversation (several where its template rewrites history:
+        render.render_examples); raises DataError naming its source."""
         (result,) = self.encode_many([conversation])
         if isinstance(result, DataError):
             raise result
         return result
 
-    def encode_many(self, conversations: list[Conversation]) -> list[Example | DataError]:
-        """`encode` for each conversation, the DataError in place of an Example it cannot
-        become. The same results, faster: one call to the tokenizer and one to its decoder
-        for all of them (each call costs about a millisecond beyond its work, more than a
-        conversation's own tokenizing and decoding)."""
-        results: list[Example | DataError | None] = [None] * len(conversations)
+    def encode_many(self, conversations: list[Conversation]) -> list[list[Example] | DataError]:
+        """`encode_examples` for each conversation, the DataError in place of the examples
+        it cannot become. The same results, faster: one call to the tokenizer and one to its
+        decoder for all of them (each call costs about a millisecond beyond its work, more
+        than a conversation's own tokenizing and decoding)."""
+        results: list[list[Example] | DataError] = [[] for _ in conversations]
         staged, texts, from_template = [], [], []
         for k, conversation in enumerate(conversations):
             try:
                 if conversation.is_raw_text:
-                    results[k] = self._encode_raw_text(conversation)
+                    results[k] = [self._encode_raw_text(conversation)]
                     continue
-                rendered = render_conversation(
-                    conversation, self.template, self._end_markers, self.train_on
+                self._refuse_special_text_in_structure(conversation)
+                renders = render_examples(
+                    conversation,
+                    self.template,
+                    self._end_markers,
+                    self.train_on,
+                    self.reasoning,
+                    self.template_options,
                 )
             except TemplateError as e:
-                results[k] = DataError(conversation.source, str(e), field="messages")
+                results[k] = DataError(conversation.source, str(e), field=_field_of(conversation))
                 continue
             except DataError as e:
                 results[k] = e
                 continue
-            atoms = self._atoms(rendered.pieces)
-            anchored, plain_texts = self._plain_texts(atoms)
-            staged.append((k, rendered, atoms, anchored, len(texts), len(plain_texts)))
-            texts += plain_texts
-            from_template += [a.from_template for a in atoms if not a.special]
+            for rendered in renders:
+                atoms = self._atoms(rendered.pieces)
+                anchored, plain_texts = self._plain_texts(atoms)
+                staged.append((k, rendered, atoms, anchored, len(texts), len(plain_texts)))
+                texts += plain_texts
+                from_template += [a.from_template for a in atoms if not a.special]
         encoded = self._ids_remembering_template(texts, from_template)
         assembled, windows = [], []
         for k, rendered, atoms, anchored, at, count in staged:
@@ -158,23 +186,31 @@ class Encoder:
         decoded = decode_all(self.tokenizer, windows)
         for k, rendered, atoms, ids, labels, at, plain in assembled:
             shown = texts_of(decoded[at : at + 2 * plain])
+            if isinstance(results[k], DataError):
+                continue  # an earlier example of the same conversation failed its proof
             problem = self._check(ids, labels, atoms, rendered, shown)
             source = conversations[k].source
-            results[k] = (
-                DataError(
+            if problem:
+                results[k] = DataError(
                     source,
-                    "loss mask cannot be proven right with template "
-                    f"'{self.template.name}': {problem}",
-                    field="messages",
+                    f"loss mask cannot be proven right with template '{self.template.name}': "
+                    f"{problem}",
+                    field=_field_of(conversations[k]),
                 )
-                if problem
-                else Example(ids, labels, str(source))
-            )
+            else:
+                results[k].append(Example(ids, labels, str(source)))
         return results
 
-    def encode_prompt(self, messages: list[Message] | tuple[Message, ...]) -> list[int]:
-        """The ids a model is given at inference: history plus generation prompt."""
-        rendered = render_prompt(messages, self.template, self._end_markers)
+    def encode_prompt(
+        self,
+        messages: list[Message] | tuple[Message, ...],
+        tools: tuple[dict, ...] = (),
+        options: dict | None = None,
+    ) -> list[int]:
+        """The ids a model is given at inference: history plus generation prompt, with the
+        tools offered and the template's options (the config's, then `options`)."""
+        options = {**self.template_options, **(options or {})}
+        rendered = render_prompt(messages, self.template, self._end_markers, tools, options)
         ids, _ = self._tokenize(self._atoms(rendered.pieces))
         if problem := self._bos_problem(ids):
             raise TemplateError(f"chat template '{self.template.name}': {problem}")
@@ -209,7 +245,7 @@ class Encoder:
         """The token that closes an assistant turn in this template, from a probe."""
         for probe in _PROBES:
             try:
-                rendered = render_conversation(probe, self.template, self._end_markers)
+                (rendered,) = render_examples(probe, self.template, self._end_markers)
             except TemplateError:
                 continue  # e.g. a template that requires a system message: try the next
             ids, labels = self._tokenize(self._atoms(rendered.pieces))
@@ -340,6 +376,25 @@ class Encoder:
         after = tokenizer(marker + probe, add_special_tokens=False).input_ids
         return True, after[1:] == alone
 
+    def _refuse_special_text_in_structure(self, conversation: Conversation) -> None:
+        """Data never becomes special tokens. Message text cannot (it is never read for
+        them); tool definitions and argument names reach the template as structure, not
+        slots, so special-token text in them is refused here."""
+        structure = [conversation.tools] if conversation.tools else []
+        for m in conversation.messages:
+            structure += [list(call.arguments) for call in m.tool_calls]
+            structure += [_keys_within(call.arguments) for call in m.tool_calls]
+        if not structure:
+            return
+        found = self._special_pattern.search(json.dumps(structure, ensure_ascii=False))
+        if found:
+            raise DataError(
+                conversation.source,
+                f"holds the text {found.group(0)!r}, a special token of this tokenizer, in a "
+                "tool definition or an argument's name; it would become that token. Remove it",
+                "tools",
+            )
+
     def _check(self, ids, labels, atoms, rendered, shown_texts) -> str | None:
         """Prove the mask (proof.mask_problem), and that the text starts with exactly one
         BOS where the model expects one; or say why it cannot be proven."""
@@ -360,6 +415,20 @@ class Encoder:
             "expects one BOS first; use a template that writes it once, or none (sftforge "
             "then writes it)"
         )
+
+
+def _field_of(conversation: Conversation) -> str:
+    """The record field a chat came from, for errors: `conversations` for ShareGPT."""
+    return "conversations" if conversation.meta.get("format") == "sharegpt" else "messages"
+
+
+def _keys_within(value) -> list:
+    """Every key of the dicts nested in `value` (arguments' names at any depth)."""
+    if isinstance(value, dict):
+        return [*value, *(k for v in value.values() for k in _keys_within(v))]
+    if isinstance(value, list):
+        return [k for v in value for k in _keys_within(v)]
+    return []
 
 
 def _remember(memory: dict, key, value) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import Conversation, DataError, Message, Source
+from .messages import Conversation, DataError, Message, Source, ToolCall
 
 
 def _trained(message) -> bool:
@@ -25,14 +25,23 @@ def _trained(message) -> bool:
 
 def _to_messages(conversation: Conversation) -> dict:
     """sftforge's messages format, which is also the chat fine-tuning JSONL hosted services
-    take (OpenAI's): `weight: 0` marks an assistant turn that is not trained."""
-    messages = []
-    for m in conversation.messages:
-        item = {"role": m.role, "content": m.content}
-        if m.role == "assistant" and not _trained(m):
-            item["weight"] = 0
-        messages.append(item)
-    return {"messages": messages}
+    take (OpenAI's): `weight: 0` marks an assistant turn that is not trained; reasoning,
+    tool calls (arguments as JSON strings), tool results, the tools offered and the
+    template's options are kept."""
+    record: dict = {"messages": [m.as_json() for m in conversation.messages]}
+    return record | _beside_messages(conversation)
+
+
+def _beside_messages(conversation: Conversation) -> dict:
+    """What a chat record holds beside its turns: its id, tools and template options."""
+    extra: dict = {}
+    if "id" in conversation.meta:
+        extra["id"] = conversation.meta["id"]
+    if conversation.tools:
+        extra["tools"] = list(conversation.tools)
+    if conversation.template_options:
+        extra["chat_template_kwargs"] = conversation.template_options
+    return extra
 
 
 def _to_sharegpt(conversation: Conversation) -> dict:
@@ -136,15 +145,23 @@ def conversation_as_json(conversation: Conversation) -> dict:
         "messages": [dataclasses.asdict(m) for m in conversation.messages],
         "text": conversation.text,
         "meta": conversation.meta,
+        "tools": list(conversation.tools),
+        "template_options": conversation.template_options,
     }
 
 
 def conversation_from_json(record: dict) -> Conversation:
+    messages = tuple(
+        Message(**{**m, "tool_calls": tuple(ToolCall(**c) for c in m.get("tool_calls", ()))})
+        for m in record["messages"]
+    )
     return Conversation(
         Source(**record["source"]),
-        tuple(Message(**m) for m in record["messages"]),
+        messages,
         record["text"],
         record["meta"],
+        tuple(record.get("tools", ())),
+        record.get("template_options", {}),
     )
 
 
