@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import signal
 import sys
 from pathlib import Path
 
-from .config import DataFormat, Method, ScorerKind, TrainOn, Truncation, choices
+from .config import DataFormat, Method, ReasoningMode, ScorerKind, TrainOn, Truncation, choices
 from .config_file import load_config
 from .data_commands import add_data_commands
 
@@ -34,40 +35,36 @@ def _train(args) -> None:
 
 
 def _inspect(args) -> None:
-    from .data import load_conversations
-    from .encoding import EncodingReport, fit_to_length
-    from .model import load_tokenizer, resolve_model_path
-    from .prepare import text_side
-    from .show import example_counts, format_example
+    from contextlib import redirect_stdout
 
-    path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(path)
-    encoder, _ = text_side(tokenizer, args.template, args.train_on, model_type=_model_type(path))
-    loaded = load_conversations(args.data, format=args.format, on_invalid="error")
+    from .inspection import inspect_data
+
+    # --json: stdout holds the examples' lines alone; what is said about them goes to stderr.
+    with redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        inspected = inspect_data(
+            args.data,
+            model=args.model,
+            template=args.template,
+            data_format=args.format,
+            train_on=args.train_on,
+            reasoning=args.reasoning,
+            template_options=dict(parse_option(o) for o in args.template_option),
+        )
+    if args.json:
+        inspected.write_json(sys.stdout, args.n)
+        return
     color = sys.stdout.isatty() and not args.plain
-    report = EncodingReport()
-    shown = "in green" if color else "in [[ ]]"
-    print(f"template: {encoder.template.name}; trained tokens shown {shown}")
-    examples = [encoder.encode(c) for c in loaded.conversations]
-    for conv, example in zip(loaded.conversations[: args.n], examples, strict=False):
-        print(f"\n--- {conv.source}  ({example_counts(example)})")
-        print(format_example(tokenizer, example, color))
-        if len(example.input_ids) > args.max_length:
-            policy = "truncated" if args.truncation == "truncate" else "dropped"
-            print(f"(longer than max_length {args.max_length}: would be {policy})")
-    fit_to_length(examples, args.max_length, args.truncation, report)
-    print("\n" + loaded.summary())
-    print(report.summary(args.max_length))
+    inspected.show(args.n if args.n is not None else 3, color, args.max_length, args.truncation)
 
 
-def _model_type(path: str) -> str | None:
-    """The model's family (config.json's model_type), without loading its weights."""
-    from transformers import AutoConfig
+def parse_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as YAML (false, 3, text), as config overrides are."""
+    import yaml
 
-    try:
-        return AutoConfig.from_pretrained(path).model_type
-    except (OSError, ValueError):  # a tokenizer-only folder: choose by the vocabulary alone
-        return None
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--template-option {text!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)
 
 
 def _merge(args) -> None:
@@ -225,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="fine-tune a model on demonstrations")
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.lr=1e-4")
-    p.add_argument("--model", help="embedded name, HF directory, hub id or .gguf file")
+    p.add_argument("--model", help="embedded name, model or run folder, hub id or .gguf file")
     p.add_argument("--data", help="data file or folder")
     p.add_argument("--output", help="output directory")
     p.add_argument("--method", choices=choices(Method))
@@ -235,14 +232,34 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", parents=[common], help="show rendered examples token by token with the mask"
     )
     p.add_argument("data", help="data file or folder")
-    p.add_argument("--model", default="smollm2-135m", help="model whose tokenizer to use")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model, run or tokenizer-only folder, embedded name, .gguf file or hub id",
+    )
     p.add_argument("--template", default="auto")
     p.add_argument("--format", default="auto", choices=choices(DataFormat))
     p.add_argument("--train-on", default="all_assistant_turns", choices=choices(TrainOn))
-    p.add_argument("-n", type=int, default=3, help="examples to show")
+    p.add_argument("--reasoning", default="train", choices=choices(ReasoningMode))
+    p.add_argument(
+        "--template-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a chat template variable, e.g. enable_thinking=false (value read as YAML)",
+    )
+    p.add_argument(
+        "-n", type=int, default=None, help="conversations to show (3), or examples to write (all)"
+    )
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--truncation", default="drop", choices=choices(Truncation))
     p.add_argument("--plain", action="store_true", help="no colour, even on a terminal")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='one line per training example: {"source", "input_ids", "labels"} (-100: not '
+        "trained), every example unless -n is given",
+    )
     p.set_defaults(run=_inspect)
 
     p = sub.add_parser(

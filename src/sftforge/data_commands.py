@@ -13,13 +13,14 @@ def _stats(args) -> None:
     from .data import LoadResult, Rejects, iter_conversations
     from .dedup import DuplicateFinder
     from .encoding import default_num_proc
-    from .model import load_tokenizer, resolve_model_path
+    from .model import load_tokenizer
+    from .model_source import resolve_model_source
     from .prepare import text_side
     from .stats import add_duplicates, collect_stats, format_stats, write_plots
 
-    path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(path)
-    encoder, _ = text_side(tokenizer, args.template, args.train_on)
+    source = resolve_model_source(args.model)  # a tokenizer-only folder will do
+    tokenizer = load_tokenizer(source.tokenizer)
+    encoder, _ = text_side(tokenizer, args.template, args.train_on, model_type=source.model_type)
     loaded = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
     conversations = iter_conversations(args.files, loaded, format=args.format, on_invalid="skip")
     finder = DuplicateFinder(threshold=args.near, num_perm=args.num_perm, near=not args.exact_only)
@@ -83,9 +84,10 @@ def _filter(args) -> None:
     )
     token_count = None
     if args.model and (args.min_tokens or args.max_tokens):
-        from .model import load_tokenizer, resolve_model_path
+        from .model import load_tokenizer
+        from .model_source import resolve_model_source
 
-        tokenizer = load_tokenizer(resolve_model_path(args.model))
+        tokenizer = load_tokenizer(resolve_model_source(args.model).tokenizer)
         token_count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     result = filter_conversations(loaded.conversations, rules, token_count)
     rejected = Path(args.rejected or f"{args.output}.rejected.jsonl")

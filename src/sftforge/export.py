@@ -7,40 +7,35 @@ import json
 import shutil
 from pathlib import Path
 
-from .model import adapter_pickle_weights, check_pickle_weights, load_model, load_tokenizer
+from .model import load_source_model, load_tokenizer
+from .model_source import ModelSource, resolve_model_source
+
+
+def load_from_source(source: ModelSource, purpose: str, allow_pickle: bool = False):
+    """(model, tokenizer) of `source`: a LoRA run's base with its adapter attached and the
+    run's tokenizer, or a model and its tokenizer. Weights load from safetensors only,
+    unless allow_pickle; a tokenizer-only folder is refused, naming `purpose`."""
+    source.require_weights(purpose)  # before the tokenizer: refuse early
+    tokenizer = load_tokenizer(source.tokenizer)
+    return load_source_model(source, tokenizer, purpose, allow_pickle), tokenizer
 
 
 def load_base_with_adapter(adapter_dir: Path, allow_pickle: bool = False):
-    """Base model (embeddings resized to the adapter's tokenizer) with the adapter attached.
-    Adapter and base weights load from safetensors only, unless allow_pickle."""
-    from peft import PeftModel
-
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a LoRA run")
-    # peft falls back to adapter_model.bin (pickle) when there is no adapter_model.safetensors.
-    check_pickle_weights(
-        f"LoRA adapter {adapter_dir}", adapter_pickle_weights(adapter_dir), allow_pickle
-    )
-    base_path = json.loads(config_path.read_text())["base_model_name_or_path"]
-    tokenizer = load_tokenizer(str(adapter_dir))
-    base = load_model(base_path, allow_pickle=allow_pickle)
-    if base.get_input_embeddings().num_embeddings != len(tokenizer):
-        # The run added template tokens: the adapter's trained rows expect them.
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    return PeftModel.from_pretrained(base, adapter_dir), tokenizer
+    """(base with the adapter attached, the run's tokenizer) of a LoRA run folder."""
+    source = resolve_model_source(str(adapter_dir))
+    source.require_weights("merging a LoRA adapter")
+    if source.adapter is None:
+        raise FileNotFoundError(
+            f"{adapter_dir} holds no adapter_config.json: not a LoRA run, so there is no "
+            "adapter to fold in. Give the folder a LoRA training run wrote"
+        )
+    return load_from_source(source, "merging a LoRA adapter", allow_pickle)
 
 
 def load_for_inference(spec: str, allow_pickle: bool = False):
     """(model, tokenizer) from a run directory (adapter or full model), a model directory,
     an embedded name, a .gguf file or a hub id."""
-    from .model import resolve_model_path
-
-    path = Path(spec)
-    if (path / "adapter_config.json").is_file():
-        return load_base_with_adapter(path, allow_pickle)
-    resolved = str(path) if (path / "config.json").is_file() else resolve_model_path(spec)
-    return load_model(resolved, allow_pickle=allow_pickle), load_tokenizer(resolved)
+    return load_from_source(resolve_model_source(spec), "generating text", allow_pickle)
 
 
 def merge_adapter(adapter_dir: Path, output_dir: Path, allow_pickle: bool = False) -> str:

@@ -1,6 +1,7 @@
-"""Load a base model and tokenizer (HF directory, hub id, GGUF file or the embedded default),
-make the chat template's special tokens real tokens, and attach LoRA adapters; and the device
-and precision it trains on.
+"""Load the model and tokenizer a ModelSource names (model_source.py resolves `--model`: a
+model or run folder, hub id, GGUF file or the embedded default), a run's LoRA adapter with
+them; make the chat template's special tokens real tokens, and attach LoRA adapters; and the
+device and precision it trains on.
 
 Weights are read from safetensors only (pickle only with allow_pickle, after a warning), and
 remote code runs only when asked for.
@@ -8,18 +9,21 @@ remote code runs only when asked for.
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .gguf import EMBEDDED_MODELS, convert_gguf, embedded_gguf_path
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SFTFORGE_CACHE", Path.home() / ".cache" / "sftforge"))
+from .model_source import (  # noqa: F401 - default_cache_dir, resolve_model_path: re-exported
+    ModelNotFoundError,
+    ModelSource,
+    ModelSourceError,
+    default_cache_dir,
+    not_found_message,
+    resolve_model_path,
+    unreadable_tokenizer_model,
+)
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -77,55 +81,10 @@ def adapter_input_casts(model, enabled: bool):
             m.cast_input_dtype_enabled = value
 
 
-class ModelNotFoundError(ValueError):
-    """A model name that is no embedded model, no directory or file, and no known hub id."""
-
-
-def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
-    """Embedded name, GGUF file, local model directory, or hub id (returned unchanged)."""
-    cache_dir = cache_dir or default_cache_dir()
-    if name in EMBEDDED_MODELS:
-        return str(convert_gguf(embedded_gguf_path(name), cache_dir))
-    path = Path(name)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist")
-        return str(convert_gguf(path, cache_dir))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"model {name}: the folder holds no config.json, so it is not a transformers "
-                "model directory (saved with save_pretrained)"
-            )
-        return name
-    if path.exists() or not _could_be_on_the_hub(name):
-        raise ModelNotFoundError(_not_found(name, ""))
-    return name
-
-
-def _could_be_on_the_hub(name: str) -> bool:
-    """Whether `name` is a hub id transformers can load: cached locally, or reachable."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(name, "config.json")
-    except ValueError:  # not shaped like a hub id at all
-        return False
-    return isinstance(cached, str) or not constants.HF_HUB_OFFLINE
-
-
-def _not_found(name: str, why: str) -> str:
-    embedded = ", ".join(EMBEDDED_MODELS)
-    return (
-        f"model '{name}' is not an embedded model ({embedded}), not a model directory or "
-        f".gguf file, and not a hub id in the local cache{why}. Give one of the embedded "
-        "names, a directory written by save_pretrained, a .gguf file, or a hub id (downloaded "
-        "once, with network access)"
-    )
-
-
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    # Tokenizers load from JSON (tokenizer.json, tokenizer_config.json): nothing is unpickled.
+    """The tokenizer in `path` (a folder or hub id), with its chat template. It loads from
+    JSON (tokenizer.json, tokenizer_config.json) or from a SentencePiece tokenizer.model
+    (protobuf, read with the sentencepiece package): nothing is unpickled."""
     from transformers import AutoTokenizer
 
     try:
@@ -134,7 +93,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         if Path(path).exists():
             raise
         # A hub id that could not be fetched: no such repository, or no network.
-        raise ModelNotFoundError(_not_found(path, f" ({error})")) from error
+        raise ModelNotFoundError(not_found_message(path, f" ({error})")) from error
+    except (ValueError, ImportError) as error:
+        folder = Path(path)
+        if (folder / "tokenizer.json").is_file() or not (folder / "tokenizer.model").is_file():
+            raise
+        raise ModelSourceError(unreadable_tokenizer_model(folder, error)) from error
 
 
 # Weight files written with Python's pickle; safetensors files hold nothing but tensors.
@@ -228,6 +192,29 @@ def load_model(
         attn_implementation=attention,
         **loading,
     )
+
+
+def load_source_model(
+    source: ModelSource, tokenizer, purpose: str, allow_pickle: bool = False, **loading
+):
+    """The causal LM `source` names (`purpose` is what the refusal of a tokenizer-only folder
+    names). A LoRA run's adapter is attached to its base (a peft model), whose embeddings are
+    first resized to the run's tokenizer when the run added template tokens: the adapter's
+    trained rows expect them. `loading` goes to load_model."""
+    from peft import PeftModel
+
+    weights = source.require_weights(purpose)
+    adapter = source.adapter
+    if adapter is not None:
+        # peft falls back to adapter_model.bin (pickle) when there is no .safetensors.
+        pickled = adapter_pickle_weights(adapter)
+        check_pickle_weights(f"LoRA adapter {adapter}", pickled, allow_pickle)
+    model = load_model(weights, allow_pickle=allow_pickle, **loading)
+    if adapter is None:
+        return model
+    if model.get_input_embeddings().num_embeddings != len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return PeftModel.from_pretrained(model, adapter)
 
 
 def attention_implementation(choice: str) -> str:

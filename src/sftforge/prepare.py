@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, TrainOn
+from .config import Config, ReasoningMode, TrainOn
 from .model import (
     add_adapter_outputs_in_fp32,
     add_missing_special_tokens,
@@ -20,10 +20,10 @@ from .model import (
     attention_implementation,
     autocast_dtype,
     default_cache_dir,
-    load_model,
+    load_source_model,
     load_tokenizer,
-    resolve_model_path,
 )
+from .model_source import ModelSourceError, resolve_model_source
 from .preflight import check_max_length
 from .quantize import load_4bit_model
 from .templates import ChatTemplate, resolve_template
@@ -43,12 +43,15 @@ def text_side(
     train_on: TrainOn = "all_assistant_turns",
     model=None,
     model_type: str | None = None,
+    reasoning: ReasoningMode = "train",
+    template_options: dict | None = None,
 ) -> tuple[Encoder, list[int]]:
     """The encoder for `tokenizer` with the chat template `template` ("auto", a built-in name,
     a Jinja file, or another model's ChatTemplate), and the ids of special tokens added for it: those the template writes
     and the tokenizer lacks (`model`'s embeddings are resized to match, when given). The
     template is set on the tokenizer, so that a saved tokenizer renders as in training.
-    `model_type` (else `model`'s) lets "auto" choose the family's template."""
+    `model_type` (else `model`'s) lets "auto" choose the family's template; `reasoning` and
+    `template_options` are the encoder's (render.render_examples)."""
     if model_type is None and model is not None:
         model_type = getattr(model.config, "model_type", None)
     chosen = resolve_template(template, tokenizer, model_type)
@@ -58,15 +61,24 @@ def text_side(
     if new_ids:
         print(f"added {len(new_ids)} special tokens the template needs: {chosen.extra_tokens}")
     tokenizer.chat_template = chosen.source
-    return Encoder(tokenizer, chosen, train_on), new_ids
+    return Encoder(tokenizer, chosen, train_on, reasoning, template_options), new_ids
 
 
 def prepare(config: Config, device: torch.device) -> Prepared:
     """The base model on `device` (with adapters for LoRA and QLoRA) and its encoder,
     checked against max_length before any data is read."""
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    base_path = resolve_model_path(config.model, cache)
-    tokenizer = load_tokenizer(base_path, config.trust_remote_code)
+    source = resolve_model_source(config.model, cache)
+    base_path = source.require_weights("training")
+    if source.adapter is not None and config.uses_lora:
+        raise ModelSourceError(
+            f"model {config.model} is a LoRA run (an adapter on {base_path}): method="
+            f"{config.method} would train a new adapter on that base and save it for the base "
+            f"alone, without this run's adapter. Fold the adapter in first (`sftforge merge "
+            f"{config.model} MERGED`, then model=MERGED), or train with method=full, which "
+            "folds it in as it loads"
+        )
+    tokenizer = load_tokenizer(source.tokenizer, config.trust_remote_code)
     loading = {
         "trust_remote_code": config.trust_remote_code,
         "attention": attention_implementation(config.attention),
@@ -79,8 +91,19 @@ def prepare(config: Config, device: torch.device) -> Prepared:
         # pure_bf16 stores the frozen weights in bf16 (peft keeps the adapters in fp32): half
         # the memory, and no fp32 -> bf16 casts of weights and activations at every layer.
         dtype = torch.bfloat16 if config.training.precision == "pure_bf16" else torch.float32
-        model = load_model(base_path, dtype=dtype, **loading).to(device)
-    encoder, new_ids = text_side(tokenizer, config.template, config.train_on, model)
+        model = load_source_model(source, tokenizer, "training", dtype=dtype, **loading)
+        if source.adapter is not None:  # full fine-tuning of a LoRA run: its adapter folded in
+            model = model.merge_and_unload()
+            base_path = str(source.adapter)
+        model = model.to(device)
+    encoder, new_ids = text_side(
+        tokenizer,
+        config.template,
+        config.train_on,
+        model,
+        reasoning=config.reasoning,
+        template_options=config.template_options,
+    )
     check_max_length(encoder, config.max_length)  # before reading data that could not fit
     if config.uses_lora:
         lora = config.lora
