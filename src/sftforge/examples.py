@@ -107,6 +107,13 @@ def load_examples(
     if encoded.rejected and write_rejects:
         print(f"rejected by the chat template: {len(encoded.rejected)} (written to {rejects_path})")
 
+    several, made, once, tokens = table.split_cost()
+    if several:
+        print(
+            f"split by the chat template (it rewrites history, so each trained turn is "
+            f"learned in the context inference gives it): {several} conversations into {made} "
+            f"examples, {once} tokens into {tokens} ({tokens / once:.2f}x)"
+        )
     held_out, held_rows, held_indices = _split(config, sources, table, entry)
     report = EncodingReport()
     views, shares = [], []

@@ -200,8 +200,8 @@ def _check_everything_written(template, full: str, slots, messages, tools) -> No
             raise TemplateError(
                 f"chat template '{template.name}' does not show the tools offered (the "
                 f"function {name!r} is nowhere in its render): the model would learn to call "
-                "tools it was never shown. Use the model's own template or one that writes "
-                "tools (chatml)"
+                "tools it was never shown. Use a template that writes tools: the built-in "
+                "chatml (template=chatml), the model family's own, or a Jinja file"
             )
 
 

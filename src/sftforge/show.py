@@ -1,7 +1,11 @@
-"""Show examples token by token with trained tokens marked, to see the mask with your eyes."""
+"""Show examples token by token with trained tokens marked, to see the mask with your eyes;
+and what each conversation holds (reasoning, tool definitions, calls and results) apart."""
 
 from __future__ import annotations
 
+import json
+
+from .messages import Conversation, Message
 from .proof import texts_in_place
 from .tokenize import IGNORE_INDEX, Example
 
@@ -46,3 +50,43 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 def example_counts(example: Example) -> str:
     return f"tokens: {len(example.input_ids)}, trained tokens: {example.trained_token_count}"
+
+
+def describe_conversation(conversation: Conversation, width: int = 70) -> str:
+    """One line for the tools offered and one per message, each part of a message named:
+    its reasoning, text, tool calls (name and arguments) and the call a result answers."""
+    lines = []
+    if conversation.tools:
+        names = ", ".join(tool["function"]["name"] for tool in conversation.tools)
+        lines.append(f"tools offered ({len(conversation.tools)}): {names}")
+    if conversation.template_options:
+        lines.append(f"template options: {json.dumps(conversation.template_options)}")
+    for i, message in enumerate(conversation.messages):
+        lines.append(f"[{i}] {_role_label(message)}: {' | '.join(_parts(message, width))}")
+    return "\n".join(lines)
+
+
+def _role_label(message: Message) -> str:
+    if message.role == "tool":
+        answers = message.tool_call_id or message.name
+        return f"tool result (answers {answers})" if answers else "tool result"
+    if message.role == "assistant" and not message.trained:
+        return "assistant (weight 0: context)"
+    return message.role
+
+
+def _parts(message: Message, width: int) -> list[str]:
+    parts = []
+    if message.reasoning is not None:
+        parts.append(f"reasoning {_short(message.reasoning, width)}")
+    if message.content or not message.tool_calls:
+        parts.append(f"text {_short(message.content, width)}")
+    for call in message.tool_calls:
+        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        parts.append(f"call {call.name}({_short(arguments, width, quote=False)})")
+    return parts
+
+
+def _short(text: str, width: int, quote: bool = True) -> str:
+    cut = text if len(text) <= width else text[: width - 3] + "..."
+    return repr(cut) if quote else cut

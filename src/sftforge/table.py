@@ -114,6 +114,18 @@ class ExampleTable:
         offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         return np.repeat(firsts, counts) + offsets
 
+    def split_cost(self) -> tuple[int, int, int, int]:
+        """(conversations made into several examples, their examples, their tokens as one
+        example each, their tokens as all those examples): the cost of templates that
+        rewrite history (the last example of each holds the whole conversation)."""
+        several = np.flatnonzero(self.examples_of > 1)
+        if not len(several):
+            return 0, 0, 0, 0
+        rows = self.rows_of(several)
+        last = self.row_of[several] + self.examples_of[several] - 1
+        made = int(self.examples_of[several].sum())
+        return len(several), made, int(self.lengths[last].sum()), int(self.lengths[rows].sum())
+
     def source(self, row: int) -> str:
         start = int(self._source_ends[row - 1]) if row else 0
         return bytes(self._source_text[start : self._source_ends[row]]).decode("utf-8")
