@@ -381,7 +381,7 @@ BAD_FOR_ALL = {
     ],
     "unknown_role": [
         {"role": "user", "content": "a"},
-        {"role": "tool", "content": "b"},
+        {"role": "narrator", "content": "b"},
     ],
 }
 

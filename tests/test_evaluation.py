@@ -247,7 +247,7 @@ def test_chat_reads_piped_lines_and_keeps_the_conversation(tiny_model_dir):
     encoder = Encoder(tokenizer, resolve_template("auto", tokenizer))
     seen = []
     original = encoder.encode_prompt
-    encoder.encode_prompt = lambda history: seen.append(list(history)) or original(history)
+    encoder.encode_prompt = lambda history, *rest: seen.append(list(history)) or original(history)
     out = io.StringIO()
     chat(model, encoder, max_new_tokens=3, stdin=io.StringIO("hello\n\nagain\n"), out=out)
     assert [len(h) for h in seen] == [1, 3]  # the second turn sees the first exchange

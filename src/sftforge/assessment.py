@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .evaluate import generate_answers, mean_token_loss, prompt_and_reference
+from .evaluate import Prompt, generate_answers, mean_token_loss, prompt_and_reference
 from .examples import TrainingData
 from .forgetting import ForgettingMeter, corpus_examples, general_prompt_examples
-from .formats import Conversation, Message
+from .formats import Conversation
 from .scoring import make_scorer
 from .tokenize import Encoder, Example
 
@@ -19,7 +19,7 @@ from .tokenize import Encoder, Example
 @dataclass
 class Assessment:
     held_out: list[Example]  # encoded held-out examples: eval loss
-    prompts: list[list[Message]]  # held-out prompts to answer (at most eval.max_prompts)
+    prompts: list[Prompt]  # held-out prompts to answer (at most eval.max_prompts)
     references: list[str]
     sources: list[str]
     encoder: Encoder
@@ -69,7 +69,7 @@ class Assessment:
             )
         summary["samples"] = [
             {
-                "prompt": prompt[-1].content if prompt else "",
+                "prompt": prompt.last_text,
                 "reference": ref,
                 "before": before["answers"][k],
                 "after": after["answers"][k],

@@ -15,6 +15,7 @@ from transformers import TextStreamer
 
 from .formats import Message
 from .tokenize import Encoder
+from .tools import generated_turn
 
 
 class _Streamer(TextStreamer):
@@ -32,8 +33,16 @@ class _Streamer(TextStreamer):
 
 
 @torch.no_grad()
-def reply(model, encoder: Encoder, history: list[Message], out: TextIO, max_new_tokens: int) -> str:
-    ids = torch.tensor([encoder.encode_prompt(history)], device=next(model.parameters()).device)
+def reply(
+    model,
+    encoder: Encoder,
+    history: list[Message],
+    out: TextIO,
+    max_new_tokens: int,
+    tools: tuple[dict, ...] = (),
+) -> str:
+    prompt = encoder.encode_prompt(history, tools)
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     stops = list(encoder.stop_ids)
     generated = model.generate(
         input_ids=ids,
@@ -55,7 +64,10 @@ def chat(
     max_new_tokens: int = 256,
     stdin: TextIO | None = None,
     out: TextIO | None = None,
+    tools: tuple[dict, ...] = (),
 ) -> None:
+    """Answer each line read; with `tools` (function definitions) offered in every prompt,
+    the model's calls are kept in the history as calls (tool results are not run here)."""
     # Read at call time, not bound when the module is imported: a redirected stream counts.
     stdin, out = stdin or sys.stdin, out or sys.stdout
     interactive = stdin.isatty()
@@ -79,5 +91,24 @@ def chat(
         if not text.strip():
             continue
         history.append(Message("user", text))
-        answer = reply(model, encoder, history, out, max_new_tokens)
-        history.append(Message("assistant", answer))
+        answer = reply(model, encoder, history, out, max_new_tokens, tools)
+        history.append(generated_message(answer))
+
+
+def generated_message(answer: str) -> Message:
+    """A generated answer as the assistant message it is: its reasoning and tool calls
+    apart from its text, so that the next prompt writes them as the template does."""
+    reasoning, text, calls = generated_turn(answer)
+    if calls is None:  # a call that does not parse stays text, as the model wrote it
+        return Message("assistant", answer)
+    return Message("assistant", text, reasoning=reasoning, tool_calls=calls)
+
+
+def tools_from_file(path: str) -> tuple[dict, ...]:
+    """The function definitions a JSON file lists (`chat --tools`), checked as data's are."""
+    from pathlib import Path
+
+    from .messages import Source
+    from .tools import parse_tools
+
+    return parse_tools(Path(path).read_text("utf-8"), Source(path))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import DataFormat, Method, ReasoningMode, ScorerKind, TrainOn, Truncation, choices
-from .config_file import load_config
+from .config_file import load_config, parse_option
 from .data_commands import add_data_commands
 
 
@@ -35,12 +35,10 @@ def _train(args) -> None:
 
 
 def _inspect(args) -> None:
-    from contextlib import redirect_stdout
-
     from .inspection import inspect_data
 
     # --json: stdout holds the examples' lines alone; what is said about them goes to stderr.
-    with redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         inspected = inspect_data(
             args.data,
             model=args.model,
@@ -48,23 +46,15 @@ def _inspect(args) -> None:
             data_format=args.format,
             train_on=args.train_on,
             reasoning=args.reasoning,
-            template_options=dict(parse_option(o) for o in args.template_option),
+            template_options=dict(
+                parse_option(o, "--template-option") for o in args.template_option
+            ),
         )
     if args.json:
         inspected.write_json(sys.stdout, args.n)
         return
     color = sys.stdout.isatty() and not args.plain
     inspected.show(args.n if args.n is not None else 3, color, args.max_length, args.truncation)
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE, the value read as YAML (false, 3, text), as config overrides are."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--template-option {text!r}: expected KEY=VALUE")
-    return key, yaml.safe_load(value)
 
 
 def _merge(args) -> None:
@@ -180,7 +170,7 @@ def _mark(score) -> str:
 
 
 def _chat(args) -> None:
-    from .chat import chat
+    from .chat import chat, tools_from_file
     from .export import load_for_inference
     from .model import pick_device
     from .prepare import text_side
@@ -188,7 +178,8 @@ def _chat(args) -> None:
     model, tokenizer = load_for_inference(args.model, allow_pickle=args.allow_pickle)
     encoder, _ = text_side(tokenizer, args.template, model=model)
     model.to(pick_device(args.device))
-    chat(model, encoder, system=args.system, max_new_tokens=args.max_new_tokens)
+    tools = tools_from_file(args.tools) if args.tools else ()
+    chat(model, encoder, system=args.system, max_new_tokens=args.max_new_tokens, tools=tools)
 
 
 def _sweep(args) -> None:
@@ -313,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model")
     p.add_argument("--system", help="system message")
+    p.add_argument("--tools", help="JSON file: a list of function definitions to offer")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--template", default="auto")
     p.add_argument("--device", default="auto")

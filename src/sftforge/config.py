@@ -28,7 +28,7 @@ Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "fp32", "bf16", "pure_bf16"]
 TokenLossKind = Literal["cross_entropy", "dft"]  # dft: weighted by the token's probability
 Parallelism = Literal["ddp", "fsdp"]  # under torchrun: whole copies, or sharded weights
-ScorerKind = Literal["exact", "normalized", "json", "contains", "regex", "python"]
+ScorerKind = Literal["exact", "normalized", "json", "contains", "regex", "python", "tool_call"]
 
 
 def choices(values) -> tuple[str, ...]:

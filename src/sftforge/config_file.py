@@ -103,3 +103,11 @@ def load_config(
 
 def dump_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False), "utf-8")
+
+
+def parse_option(text: str, flag: str) -> tuple[str, object]:
+    """KEY=VALUE given to `flag`, the value read as YAML (false, 3, text) as overrides are."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{flag} {text!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)

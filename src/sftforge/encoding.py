@@ -55,6 +55,7 @@ ENCODER_SOURCES = (
     "table.py",
     "slots.py",
     "messages.py",
+    "atoms.py",
 )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .batches import collate, empty_batch
@@ -9,6 +11,7 @@ from .formats import Conversation, Message
 from .loss import TokenLoss, trained_token_count
 from .metrics import progress_bar
 from .tokenize import Encoder, Example
+from .tools import calls_as_text
 
 
 def mean_token_loss(
@@ -55,17 +58,35 @@ def summed_loss_and_count(
     return total, count
 
 
-def prompt_and_reference(conversation: Conversation) -> tuple[list[Message], str]:
-    """The messages before the last assistant turn, and that turn's text (the reference)."""
+class Prompt(NamedTuple):
+    """What a model is given to answer: the messages so far, the tools offered, and the
+    chat template's options (a record's own)."""
+
+    messages: list[Message]
+    tools: tuple[dict, ...] = ()
+    options: dict | None = None
+
+    @property
+    def last_text(self) -> str:
+        return self.messages[-1].content if self.messages else ""
+
+
+def prompt_and_reference(conversation: Conversation) -> tuple[Prompt, str]:
+    """The prompt before the last assistant turn, and that turn as text (the reference): its
+    text, and its tool calls written as the chatml built-in writes them."""
     last = conversation.assistant_indices()[-1]
-    return list(conversation.messages[:last]), conversation.messages[last].content
+    message = conversation.messages[last]
+    prompt = Prompt(
+        list(conversation.messages[:last]), conversation.tools, conversation.template_options
+    )
+    return prompt, calls_as_text(message.content, message.tool_calls)
 
 
 @torch.no_grad()
 def generate_answers(
     model,
     encoder: Encoder,
-    prompts: list[list[Message]],
+    prompts: list[Prompt],
     max_new_tokens: int = 128,
     batch_size: int = 16,
 ) -> list[str]:
@@ -79,7 +100,10 @@ def generate_answers(
     answers: list[str] = []
     bar = progress_bar(None, "generating answers", total=len(prompts), unit="answer")
     for b in range(0, len(prompts), batch_size):
-        encoded = [encoder.encode_prompt(p) for p in prompts[b : b + batch_size]]
+        encoded = [
+            encoder.encode_prompt(p.messages, p.tools, p.options)
+            for p in prompts[b : b + batch_size]
+        ]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -111,7 +135,7 @@ def answer_and_score(
     answers = generate_answers(model, encoder, [p for p, _ in pairs], max_new_tokens)
     results = []
     for conv, (prompt, reference), answer in zip(conversations, pairs, answers, strict=True):
-        record = {"source": str(conv.source), "prompt": prompt[-1].content if prompt else ""}
+        record = {"source": str(conv.source), "prompt": prompt.last_text}
         score = float(scorer(answer, reference, record)) if scorer else None
         results.append(record | {"reference": reference, "answer": answer, "score": score})
     return results

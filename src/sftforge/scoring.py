@@ -29,6 +29,7 @@ OPTIONS_BY_KIND = {
     "contains": ("ignore_case",),
     "regex": ("pattern",),
     "python": ("function",),
+    "tool_call": (),
 }
 
 Score = float  # in [0, 1]
@@ -87,6 +88,7 @@ def make_scorer(spec: ScorerConfig | dict) -> Scorer:
     - contains: the stripped reference occurs in the answer.
     - regex: `pattern` (or, if None, the reference) is found by re.search in the answer.
     - python: `fn(answer, reference, record)` from "package.module:function".
+    - tool_call: the answer's tool calls equal the reference's (`tool_call_score`).
     """
     spec = _spec_from_dict(spec) if isinstance(spec, dict) else spec
     _check_spec(spec)
@@ -100,6 +102,8 @@ def make_scorer(spec: ScorerConfig | dict) -> Scorer:
         return _contains_scorer(spec.ignore_case)
     if spec.kind == "regex":
         return _regex_scorer(spec.pattern)
+    if spec.kind == "tool_call":
+        return tool_call_score
     return _python_scorer(spec.function)
 
 
@@ -227,3 +231,23 @@ def _python_scorer(function: str | None) -> Scorer:
         raise ScoringError(f"python scorer {function!r} returned {result!r}, not a bool or [0, 1]")
 
     return score
+
+
+def tool_call_score(answer: str, reference: str, record: dict) -> Score:
+    """1 when the answer makes the reference's tool calls: the same functions with equal
+    arguments as JSON values (key order ignored; parallel calls in any order), read by the
+    template's convention (tools.generated_turn); 0 otherwise, and for a call that does not
+    parse. A reference with no call is a bug in the eval set."""
+    from .tools import generated_turn
+
+    *_, expected = generated_turn(reference)
+    if not expected:
+        raise ScoringError(f"{record.get('source', 'reference')}: the reference makes no tool call")
+    *_, made = generated_turn(answer)
+    if made is None:
+        return 0.0
+    return float(_call_keys(made) == _call_keys(expected))
+
+
+def _call_keys(calls) -> list[str]:
+    return sorted(json.dumps([c.name, c.arguments], sort_keys=True) for c in calls)

@@ -26,10 +26,16 @@ How text becomes tokens, and why:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
+from .atoms import (
+    Atom,
+    field_of,
+    merge_text_runs,
+    refuse_special_text_in_structure,
+    remember,
+)
 from .config import ReasoningMode, TrainOn, choices
 from .messages import Conversation, DataError, Message, Source
 from .proof import decode_all, decode_windows, mask_problem, texts_of, trained_runs
@@ -40,7 +46,6 @@ IGNORE_INDEX = -100
 # Text tokenized in front of a run that must not get a string's prefix space; its tokens are
 # dropped. A newline: SentencePiece vocabularies hold it as a byte, merged with nothing.
 ANCHOR = "\n"
-SPLITS_KEPT = 65536  # template texts whose split at special tokens (or ids) is remembered
 
 
 @dataclass
@@ -56,17 +61,6 @@ class Example:
         """Tokens whose prediction is trained: labelled tokens after the first, which nothing
         comes before to predict it from (the count the loss divides by)."""
         return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
-
-
-@dataclass(slots=True)
-class _Atom:
-    text: str
-    special: bool
-    trained: bool
-    segment: int  # index of the stretch between two cuts that this text lies in
-    from_template: bool  # template text only, no message's: the same in many conversations
-    tokens: tuple[int, int] = (0, 0)  # [start, end) of its ids, once tokenized
-    string_start: bool = False  # tokenized as a string of its own, prefix space and all
 
 
 # One-turn conversations rendered once to learn the template's end-of-turn token; the second
@@ -156,7 +150,7 @@ class Encoder:
                 if conversation.is_raw_text:
                     results[k] = [self._encode_raw_text(conversation)]
                     continue
-                self._refuse_special_text_in_structure(conversation)
+                refuse_special_text_in_structure(conversation, self._special_pattern)
                 renders = render_examples(
                     conversation,
                     self.template,
@@ -166,7 +160,7 @@ class Encoder:
                     self.template_options,
                 )
             except TemplateError as e:
-                results[k] = DataError(conversation.source, str(e), field=_field_of(conversation))
+                results[k] = DataError(conversation.source, str(e), field=field_of(conversation))
                 continue
             except DataError as e:
                 results[k] = e
@@ -195,7 +189,7 @@ class Encoder:
                     source,
                     f"loss mask cannot be proven right with template '{self.template.name}': "
                     f"{problem}",
-                    field=_field_of(conversations[k]),
+                    field=field_of(conversations[k]),
                 )
             else:
                 results[k].append(Example(ids, labels, str(source)))
@@ -252,18 +246,18 @@ class Encoder:
             return {ids[end - 1] for _, end in trained_runs(labels, IGNORE_INDEX)}
         return set()
 
-    def _atoms(self, pieces: list[Piece]) -> list[_Atom]:
+    def _atoms(self, pieces: list[Piece]) -> list[Atom]:
         """Message text as it is; template text split at the special tokens it wrote; then
         neighbouring plain text between the same two cuts joined into one run."""
-        atoms: list[_Atom] = []
+        atoms: list[Atom] = []
         for piece in pieces:
             if piece.is_content:
-                atoms.append(_Atom(piece.text, False, piece.trained, piece.segment, False))
+                atoms.append(Atom(piece.text, False, piece.trained, piece.segment, False))
             else:
                 atoms.extend(self._split_special(piece.text, piece.trained, piece.segment))
-        return _merge_text_runs(atoms)
+        return merge_text_runs(atoms)
 
-    def _split_special(self, text: str, trained: bool, segment: int) -> list[_Atom]:
+    def _split_special(self, text: str, trained: bool, segment: int) -> list[Atom]:
         """Template text: special tokens the template wrote become their ids. (The same few
         template texts come back in every conversation: their split is remembered.)"""
         split = self._splits.get(text)
@@ -276,22 +270,22 @@ class Encoder:
                 pos = m.end()
             if pos < len(text):
                 split.append((text[pos:], False))
-            _remember(self._splits, text, split)
-        return [_Atom(part, special, trained, segment, True) for part, special in split]
+            remember(self._splits, text, split)
+        return [Atom(part, special, trained, segment, True) for part, special in split]
 
-    def _tokenize(self, atoms: list[_Atom]) -> tuple[list[int], list[int]]:
+    def _tokenize(self, atoms: list[Atom]) -> tuple[list[int], list[int]]:
         """Ids and labels of the atoms, appended together; each atom learns its tokens."""
         anchored, texts = self._plain_texts(atoms)
         return self._assemble(atoms, anchored, self._ids(texts) if texts else [])
 
-    def _plain_texts(self, atoms: list[_Atom]) -> tuple[set[int], list[str]]:
+    def _plain_texts(self, atoms: list[Atom]) -> tuple[set[int], list[str]]:
         """(the plain atoms tokenized behind the anchor, the texts to tokenize: one per plain
         atom, in order)."""
         plain = [k for k, a in enumerate(atoms) if not a.special]
         anchored = {k for k in plain if self._continues_text(atoms, k)}
         return anchored, [ANCHOR + atoms[k].text if k in anchored else atoms[k].text for k in plain]
 
-    def _assemble(self, atoms: list[_Atom], anchored: set[int], encoded: list[list[int]]):
+    def _assemble(self, atoms: list[Atom], anchored: set[int], encoded: list[list[int]]):
         """Ids and labels from the plain atoms' `encoded` texts (`_plain_texts`)."""
         plain_ids = iter(encoded)
         ids: list[int] = []
@@ -326,7 +320,7 @@ class Encoder:
         for k, ids in zip(todo, self._ids([texts[k] for k in todo]) if todo else [], strict=True):
             result[k] = ids
             if from_template[k]:
-                _remember(remembered, texts[k], ids)
+                remember(remembered, texts[k], ids)
         return result
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
@@ -345,7 +339,7 @@ class Encoder:
         finally:
             backend.encode_special_tokens = recognised
 
-    def _continues_text(self, atoms: list[_Atom], k: int) -> bool:
+    def _continues_text(self, atoms: list[Atom], k: int) -> bool:
         """Whether plain atom k must be tokenized as text that continues (no prefix space),
         where tokenizing it alone would give it the prefix space of a string's start."""
         if not self._prefix_at_start or k == 0:
@@ -376,25 +370,6 @@ class Encoder:
         after = tokenizer(marker + probe, add_special_tokens=False).input_ids
         return True, after[1:] == alone
 
-    def _refuse_special_text_in_structure(self, conversation: Conversation) -> None:
-        """Data never becomes special tokens. Message text cannot (it is never read for
-        them); tool definitions and argument names reach the template as structure, not
-        slots, so special-token text in them is refused here."""
-        structure = [conversation.tools] if conversation.tools else []
-        for m in conversation.messages:
-            structure += [list(call.arguments) for call in m.tool_calls]
-            structure += [_keys_within(call.arguments) for call in m.tool_calls]
-        if not structure:
-            return
-        found = self._special_pattern.search(json.dumps(structure, ensure_ascii=False))
-        if found:
-            raise DataError(
-                conversation.source,
-                f"holds the text {found.group(0)!r}, a special token of this tokenizer, in a "
-                "tool definition or an argument's name; it would become that token. Remove it",
-                "tools",
-            )
-
     def _check(self, ids, labels, atoms, rendered, shown_texts) -> str | None:
         """Prove the mask (proof.mask_problem), and that the text starts with exactly one
         BOS where the model expects one; or say why it cannot be proven."""
@@ -415,42 +390,3 @@ class Encoder:
             "expects one BOS first; use a template that writes it once, or none (sftforge "
             "then writes it)"
         )
-
-
-def _field_of(conversation: Conversation) -> str:
-    """The record field a chat came from, for errors: `conversations` for ShareGPT."""
-    return "conversations" if conversation.meta.get("format") == "sharegpt" else "messages"
-
-
-def _keys_within(value) -> list:
-    """Every key of the dicts nested in `value` (arguments' names at any depth)."""
-    if isinstance(value, dict):
-        return [*value, *(k for v in value.values() for k in _keys_within(v))]
-    if isinstance(value, list):
-        return [k for v in value for k in _keys_within(v)]
-    return []
-
-
-def _remember(memory: dict, key, value) -> None:
-    """Keep `value` under `key`; a memory grown to SPLITS_KEPT entries starts over (the texts
-    of a template are few: more means text that differs each time, not worth keeping)."""
-    if len(memory) >= SPLITS_KEPT:
-        memory.clear()
-    memory[key] = value
-
-
-def _merge_text_runs(atoms: list[_Atom]) -> list[_Atom]:
-    """Join neighbouring plain-text atoms between the same two cuts, so text between two
-    special tokens is tokenized as one run (as a tokenizer does with a whole prompt), but
-    never across the start or end of an assistant turn. (Joined in place: the atoms are
-    made afresh for each conversation.)"""
-    merged: list[_Atom] = []
-    prev = None
-    for atom in atoms:
-        if prev and not prev.special and not atom.special and prev.segment == atom.segment:
-            prev.text += atom.text
-            prev.from_template = prev.from_template and atom.from_template
-        else:
-            merged.append(atom)
-            prev = atom
-    return merged

@@ -9,6 +9,7 @@ Every problem is a DataError naming the record's source and the field.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ def parse_json_text(value: Any, source: Source, where: str, expected: str) -> An
     try:
         return json.loads(value)
     except json.JSONDecodeError as err:
-        reason = f"expected {expected}, found a string that is not valid JSON ({err.msg})"
+        reason = f"expected {expected}, found a string that is not JSON ({err.msg})"
         raise DataError(source, reason, where) from None
     except RecursionError:
         raise DataError(source, "nested too deeply to parse", where) from None
@@ -184,3 +185,40 @@ def check_tool_flow(messages: Sequence[Message], fields: Sequence[str], source: 
 
 def _keys(value: dict) -> str:
     return "(" + ", ".join(map(str, value)) + ")" if value else "(none)"
+
+
+# ---- generated text read back -------------------------------------------------------------
+
+
+def generated_turn(text: str) -> tuple[str | None, str, tuple[ToolCall, ...] | None]:
+    """(reasoning, text, calls) of a generated assistant turn, read by the Hermes convention
+    that the chatml built-in and Qwen's templates write (<think> first, <tool_call>{json}
+    </tool_call> blocks after the text); a bare JSON call ({"name", "arguments"}) or list of
+    calls (Llama 3's way) is read too. `calls` is None when the text holds a call that does
+    not parse: a model's mistake, not the data's."""
+    source = Source("generated")
+    reasoning, rest = None, text
+    with contextlib.suppress(DataError):
+        reasoning, rest = split_reasoning(text, source, "answer")
+    try:
+        content, calls = split_hermes_calls(rest, source, "answer")
+    except DataError:
+        return reasoning, rest, None
+    if not calls and rest.strip()[:1] in ("{", "["):
+        try:
+            return reasoning, "", parse_tool_calls(rest.strip(), source, "answer")
+        except DataError:
+            return reasoning, rest, ()
+    return reasoning, content, calls
+
+
+def calls_as_text(content: str, calls: tuple[ToolCall, ...]) -> str:
+    """A turn's text and calls written the Hermes way, as `generated_turn` reads them: the
+    reference an answer is scored against."""
+    blocks = [
+        "<tool_call>\n"
+        + json.dumps({"name": c.name, "arguments": c.arguments}, ensure_ascii=False)
+        + "\n</tool_call>"
+        for c in calls
+    ]
+    return "\n".join([content, *blocks] if content else blocks)
