@@ -12,25 +12,25 @@ def message_of(item: dict, role: str, role_name: str, where: str, content_key: s
     """One message of a chat record: its text (a string, text parts, or null beside tool
     calls), and by role its reasoning and tool calls, or the call its result answers."""
     content_field = f"{where}.{content_key}"
+    reasoning, key = reasoning_of(item, source, where)
+    if reasoning is not None and role != "assistant":
+        reason = f"only assistant messages have reasoning, found it on a {role} message"
+        raise DataError(source, reason, f"{where}.{key}")
     if role_name == "function_call":  # LLaMA-Factory: the turn's value is the call(s)
         calls = parse_tool_calls(item.get(content_key), source, content_field)
-        return Message("assistant", "", tool_calls=calls)
-    for key, owner in (("tool_calls", "assistant"), ("function_call", "assistant")) + (
+        return Message("assistant", "", reasoning=reasoning, tool_calls=calls)
+    for name, owner in (("tool_calls", "assistant"), ("function_call", "assistant")) + (
         ("tool_call_id", "tool"),
     ):
-        if item.get(key) is not None and role != owner:
-            reason = f"only {owner} messages have {key}, found it on a {role} message"
-            raise DataError(source, reason, f"{where}.{key}")
+        if item.get(name) is not None and role != owner:
+            reason = f"only {owner} messages have {name}, found it on a {role} message"
+            raise DataError(source, reason, f"{where}.{name}")
     calls = _structured_calls(item, where, source) if role == "assistant" else ()
     content = _content(item, content_key, content_field, source, may_be_null=bool(calls))
     if role == "tool":
         return Message(
             "tool", _unwrapped_result(content), **_tool_result_fields(item, where, source)
         )
-    reasoning, key = reasoning_of(item, source, where)
-    if reasoning is not None and role != "assistant":
-        reason = f"only assistant messages have reasoning, found it on a {role} message"
-        raise DataError(source, reason, f"{where}.{key}")
     if role != "assistant":
         return Message(role, content)
     thought, content = split_reasoning(content, source, content_field)
@@ -39,7 +39,8 @@ def message_of(item: dict, role: str, role_name: str, where: str, content_key: s
         raise DataError(source, reason, content_field)
     if not calls:
         content, calls = split_hermes_calls(content, source, content_field)
-    return Message("assistant", content, reasoning=reasoning or thought, tool_calls=calls)
+    reasoning = reasoning if reasoning is not None else thought  # "": thought nothing
+    return Message("assistant", content, reasoning=reasoning, tool_calls=calls)
 
 
 def _structured_calls(item: dict, where: str, source: Source) -> tuple[ToolCall, ...]:

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftforge.config import DataFormat, OnInvalid, choices
-from sftforge.formats import FIELDS, FORMATS, Conversation, DataError, Source, keys_of, type_name
+from sftforge.formats import (
+    FIELDS,
+    FORMATS,
+    META_RECORD,
+    Conversation,
+    DataError,
+    Source,
+    keys_of,
+    type_name,
+)
 from sftforge.oasst import TREE_FORMATS, conversations_from_trees
 from sftforge.readers import RawRecord, read_sources
 
@@ -103,6 +112,7 @@ def load_conversations(
     columns: dict[str, str] | None = None,
     on_invalid: str = "error",
     rejects_path: str | Path | None = None,
+    keep_records: bool = False,
 ) -> LoadResult:
     """Read `data` (a .json/.jsonl/.parquet/.csv file, a folder of them, a list, or a Dataset)
     whole: `iter_conversations`, with every conversation kept in the LoadResult.
@@ -111,6 +121,7 @@ def load_conversations(
     file never misleads)."""
     result = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
     options = {"format": format, "columns": columns, "on_invalid": on_invalid}
+    options["keep_records"] = keep_records
     result.conversations.extend(iter_conversations(data, result, **options))
     if on_invalid == "skip" and rejects_path is not None:
         result.rejects.write_jsonl(rejects_path)
@@ -126,6 +137,7 @@ def iter_conversations(
     columns: dict[str, str] | None = None,
     on_invalid: str = "error",
     repeats: RepeatCounter | None = None,
+    keep_records: bool = False,
 ) -> Iterator[Conversation]:
     """The valid conversations of `data`, one at a time, in order; what was read, rejected,
     detected and repeated is counted into `result` as they go (its `conversations` is left
@@ -139,7 +151,10 @@ def iter_conversations(
     `result.rejects` and goes on. A file that holds no record to reject (empty, a broken
     JSON array, UTF-16) raises a DataError either way; a JSON line over
     readers.MAX_RECORD_BYTES is a rejected record. Exact repeats are counted by `repeats`
-    (pass one to count them across several calls).
+    (pass one to count them across several calls). `keep_records=True` keeps each record,
+    as the file had it, in the conversation's meta (`formats.META_RECORD`), for `dedup` and
+    `filter` to write back whole (an OpenAssistant conversation, made of several records,
+    has none).
     """
     _check_choice("format", format, choices(DataFormat))
     _check_choice("on_invalid", on_invalid, choices(OnInvalid))
@@ -158,6 +173,8 @@ def iter_conversations(
                     tree_messages.append((raw, record))
                     continue
                 conversation = _convert(record, raw.source, file_format, columns)
+                if keep_records:
+                    conversation.meta[META_RECORD] = raw.record
             except DataError as err:
                 if on_invalid == "error":
                     raise
@@ -197,6 +214,14 @@ class RepeatCounter:
         for m in conversation.messages:
             trained = b"1" if m.trained else b"0"
             digest.update(b"\x02" + m.role.encode() + trained + m.content.encode() + b"\x03")
+            if m.reasoning is not None or m.tool_calls:  # as JSON values: key order aside
+                calls = [(c.name, c.arguments) for c in m.tool_calls]
+                digest.update(
+                    json.dumps([m.reasoning, calls], sort_keys=True, default=str).encode()
+                )
+        if conversation.tools or conversation.template_options:
+            tools = [conversation.tools, conversation.template_options]
+            digest.update(b"\x04" + json.dumps(tools, sort_keys=True, default=str).encode())
         key = digest.digest()
         if key in self._digests:
             return True
@@ -285,7 +310,7 @@ def _convert(
     record: dict, source: Source, format: str, columns: dict[str, str] | None
 ) -> Conversation:
     try:
-        return FORMATS[format].convert(record, source)
+        return FORMATS[format].read(record, source)
     except DataError as err:
         # Name the field as the user's dataset spells it, not as we renamed it.
         if columns and err.field:

@@ -57,7 +57,8 @@ def _dedup(args) -> None:
     from .writers import write_conversations
 
     loaded = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
-    conversations = iter_conversations(args.files, loaded, format=args.format)
+    # Each kept record is written as the input had it, every field kept (writers.py).
+    conversations = iter_conversations(args.files, loaded, format=args.format, keep_records=True)
     near = not args.exact_only
     finder = DuplicateFinder(threshold=args.threshold, num_perm=args.num_perm, near=near)
     # Streamed: each record is written as soon as it is known to be kept.
@@ -73,7 +74,8 @@ def _filter(args) -> None:
     from .data import load_conversations
     from .filters import FilterRules, filter_conversations, write_filter
 
-    loaded = load_conversations(args.files, format=args.format, on_invalid="error")
+    # Each kept (and rejected) record is written as the input had it, every field kept.
+    loaded = load_conversations(args.files, format=args.format, keep_records=True)
     rules = FilterRules(
         min_tokens=args.min_tokens,
         max_tokens=args.max_tokens,

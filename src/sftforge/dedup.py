@@ -1,13 +1,19 @@
 """Exact and near duplicates: the records to keep, and which kept one each dropped one repeats.
 
 Records are compared after `scoring.normalize` (case and whitespace do not count), over the
-whole conversation: every role and every content, the system prompt included.
+whole conversation: every role and every content, the system prompt, reasoning and tool
+results included, and each tool call's name and arguments (as JSON values: key order and
+spacing aside, but case counts, since an argument is data a program reads).
 
-- exact: the normalised conversations are equal;
+- exact: the normalised conversations are equal, and so are the tools they offer and the
+  template options;
 - near: MinHash LSH (datasketch) over word shingles of the normalised text proposes
   candidates, and a candidate counts only when the MinHash estimate of the Jaccard
   similarity of the two shingle sets is at least `threshold`, so no record is dropped for a
-  false positive of LSH.
+  false positive of LSH; and only when the two make the same tool calls, with the same
+  arguments: records differing in one argument teach different calls, however alike their
+  words. (The tools' definitions are not shingled: long and shared across a dataset, they
+  would make unrelated queries look alike.)
 
 Records are read once, in input order. Each is compared with the records kept so far, so the
 first record of a cluster is the one kept and every dropped record was measured against the
@@ -20,7 +26,7 @@ beyond the record being hashed. Measured at num_perm=128, threshold 0.85: about
 3.8 KB per kept record (0.6 KB MinHash, about 3 KB in datasketch's in-memory index: 11 bands,
 each a bytes key and a set) and 0.25 KB per dropped one (its digest and its Duplicate). So
 1M distinct records take about 4 GB (5 GB at the peak, while dicts grow); num_perm=64 about
-halves it. About 0.15 ms per record on one core.
+halves it. A kept record that calls tools holds a 16-byte digest of its calls too. About 0.15 ms per record on one core.
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ class DuplicateFinder:
         self._blank = MinHash(num_perm=num_perm, seed=SEED)
         self._kept_sources: list[Source] = []
         self._minhashes: list[LeanMinHash] = []  # of the kept records, by position
+        self._calls: list[bytes | None] = []  # digest of their tool calls (None: no calls)
         # normalised-conversation digest -> (position of the kept record it resolves to,
         # kind, similarity)
         self._seen: dict[bytes, tuple[int, str, float]] = {}
@@ -139,7 +146,8 @@ class DuplicateFinder:
     def keeps(self, conversation: Conversation) -> bool:
         self.records += 1
         parts = _normalised(conversation)
-        digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).digest()
+        whole = [parts, conversation.tools, conversation.template_options]
+        digest = _digest(json.dumps(whole, sort_keys=True, default=str))
         if digest in self._seen:
             # An exact repeat of a kept record, or of one dropped as a near duplicate: then it
             # is as near to that one's kept record as that one was.
@@ -152,12 +160,15 @@ class DuplicateFinder:
             minhash = self._blank.copy()
             minhash.update_batch(_shingles(parts, self.shingle))
             minhash = LeanMinHash(minhash)
-            match = _closest(minhash, self._index, self._minhashes, self.threshold)
+            calls = _calls_digest(parts)
+            candidates = [p for p in self._index.query(minhash) if self._calls[p] == calls]
+            match = _closest(minhash, candidates, self._minhashes, self.threshold)
             if match is None:
                 position = len(self._kept_sources)
                 self._seen[digest] = (position, "exact", 1.0)
                 self._index.insert(position, minhash)
                 self._minhashes.append(minhash)
+                self._calls.append(calls)
                 self._kept_sources.append(conversation.source)
                 return True
             position, similarity = match
@@ -176,7 +187,8 @@ class DuplicateFinder:
 
 
 def write_dedup(result: DedupResult, out_path: str | Path, report_path: str | Path) -> None:
-    """The kept records as JSONL (see `writers.conversation_record`), and the report
+    """The kept records as JSONL, each as the input had it when it was loaded with
+    `keep_records=True` (see `writers.write_conversations`), and the report
     (`write_dedup_report`)."""
     write_conversations(out_path, result.kept)
     write_dedup_report(result, report_path)
@@ -202,14 +214,34 @@ def write_dedup_report(result: DedupResult, report_path: str | Path) -> None:
 
 def shingles(conversation: Conversation, size: int = 5) -> set[bytes]:
     """The set of `size`-word shingles `find_duplicates` compares: the normalised words of the
-    conversation, each turn led by its role as a word (<user>, <assistant>, ...)."""
+    conversation, each turn led by its role as a word (<user>, <assistant>, ...), reasoning by
+    <reasoning>, each tool call by <call>."""
     return set(_shingles(_normalised(conversation), size))
 
 
 def _normalised(conversation: Conversation) -> list[tuple[str, str]]:
+    """(label, text) of each part compared: per message its reasoning, its role and content,
+    then each tool call as "name {arguments as JSON, keys sorted}" (not normalised)."""
     if conversation.is_raw_text:
         return [("text", normalize(conversation.text))]
-    return [(message.role, normalize(message.content)) for message in conversation.messages]
+    parts = []
+    for message in conversation.messages:
+        if message.reasoning is not None:
+            parts.append(("reasoning", normalize(message.reasoning)))
+        parts.append((message.role, normalize(message.content)))
+        for call in message.tool_calls:
+            arguments = json.dumps(call.arguments, sort_keys=True, ensure_ascii=False, default=str)
+            parts.append(("call", f"{call.name} {arguments}"))
+    return parts
+
+
+def _calls_digest(parts: list[tuple[str, str]]) -> bytes | None:
+    calls = [text for label, text in parts if label == "call"]
+    return _digest(json.dumps(calls)) if calls else None
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def _shingles(parts: list[tuple[str, str]], size: int) -> list[bytes]:
@@ -220,12 +252,13 @@ def _shingles(parts: list[tuple[str, str]], size: int) -> list[bytes]:
 
 
 def _closest(
-    minhash: LeanMinHash, index: MinHashLSH, minhashes: list[LeanMinHash], threshold: float
+    minhash: LeanMinHash, candidates: list[int], minhashes: list[LeanMinHash], threshold: float
 ) -> tuple[int, float] | None:
-    """(position, similarity) of the most similar kept record at or above `threshold`, the
-    earliest of equals; None when LSH proposes none that really is that similar."""
+    """(position, similarity) of the most similar kept record at or above `threshold` among
+    the `candidates` LSH proposed, the earliest of equals; None when none really is that
+    similar."""
     best = None
-    for position in index.query(minhash):
+    for position in candidates:
         similarity = minhashes[position].jaccard(minhash)
         if similarity >= threshold and (best is None or (similarity, -position) > best):
             best = (similarity, -position)

@@ -22,7 +22,7 @@ from pathlib import Path
 from sftforge.data import Rejects
 from sftforge.formats import Conversation, Source
 from sftforge.scoring import import_user_function
-from sftforge.writers import conversation_record, write_conversations
+from sftforge.writers import record_as_read, write_conversations
 
 RULES = (
     "min_tokens",
@@ -111,12 +111,14 @@ def filter_conversations(
 
 
 def write_filter(result: FilterResult, kept_path: str | Path, rejected_path: str | Path) -> None:
-    """The kept records as JSONL (see `writers.conversation_record`), and the rejected ones as
-    {"source": "file:line", "reason": ..., "record": {...}} lines, like a load's rejects."""
+    """The kept records as JSONL, and the rejected ones as {"source": "file:line", "reason":
+    ..., "record": {...}} lines, like a load's rejects: each record as the input had it when
+    it was loaded with `keep_records=True` (see `writers.write_conversations`)."""
     write_conversations(kept_path, result.kept)
     rejects = Rejects()
     for rejected in result.rejected:
-        rejects.add(rejected.source, rejected.reason, conversation_record(rejected.conversation))
+        record = record_as_read(rejected.conversation)[1]
+        rejects.add(rejected.source, rejected.reason, record)
     rejects.write_jsonl(rejected_path)
 
 
@@ -170,7 +172,7 @@ class _Checker:
         if least is None:
             return None
         for where, text in _responses(conversation):
-            if len(text.strip()) < least:
+            if len(text.strip()) < least and where not in _calls_alone(conversation):
                 reason = (
                     f"response too short: {len(text.strip())} characters in {where} "
                     f"< min_response_chars {least}"
@@ -252,6 +254,15 @@ def _text(conversation: Conversation) -> str:
     if conversation.is_raw_text:
         return conversation.text
     return "\n\n".join(message.content for message in conversation.messages)
+
+
+def _calls_alone(conversation: Conversation) -> set[str]:
+    """Where an assistant turn only calls tools: a response with no text, not a short one."""
+    return {
+        f"messages[{i}]"
+        for i, message in enumerate(conversation.messages)
+        if message.tool_calls and not message.content.strip()
+    }
 
 
 def _prompts(conversation: Conversation) -> list[tuple[str, str]]:

@@ -148,13 +148,13 @@ def _chat_conversation(
     if options is not None and not isinstance(options, dict):
         raise DataError(source, f"expected an object, found {type_name(options)}", OPTIONS_KEY)
     tools = parse_tools(record.get("tools"), source)
-    if "id" in record and record["id"] is not None:
-        conversation.meta["id"] = record["id"]
     return replace(conversation, tools=tools, template_options=options or {})
 
 
 def _from_prompt_completion(record: dict, source: Source) -> Conversation:
-    """A string prompt/completion is one user/assistant message; a list is its messages."""
+    """A string prompt/completion is one user/assistant message; a list is its messages
+    (tool calls and results included). As in TRL, `tools` and `chat_template_kwargs`
+    columns may go with them."""
     turns = []
     for name, role in (("prompt", "user"), ("completion", "assistant")):
         _require(record, name, source)
@@ -166,7 +166,7 @@ def _from_prompt_completion(record: dict, source: Source) -> Conversation:
         else:
             reason = f"expected a string or a list of messages, found {type_name(value)}"
             raise DataError(source, reason, name)
-    return _conversation(turns, source, "completion", "prompt_completion")
+    return _chat_conversation(record, turns, source, "completion", "prompt_completion")
 
 
 def _from_oasst_message(record: dict, source: Source) -> Conversation:
@@ -190,10 +190,19 @@ class Format:
     convert: Callable[[dict, Source], Conversation]
     optional: tuple[str, ...] = ()  # other keys the converter reads when present
 
+    def read(self, record: dict, source: Source) -> Conversation:
+        """The record's conversation, with its `id` (any format may have one) in meta."""
+        conversation = self.convert(record, source)
+        if record.get(ID_KEY) is not None:
+            conversation.meta["id"] = record[ID_KEY]
+        return conversation
+
 
 # Per record, options for the chat template (`enable_thinking`), as vLLM and TRL name them.
 OPTIONS_KEY = "chat_template_kwargs"
-CHAT_OPTIONAL = ("system", "tools", OPTIONS_KEY, "id")
+ID_KEY = "id"  # a record's id, kept in meta["id"] and written back by `data convert`
+META_RECORD = "record"  # meta key of the record itself, when the loader keeps it (dedup, filter)
+CHAT_OPTIONAL = ("system", "tools", OPTIONS_KEY, ID_KEY)
 OASST_KEYS = ("message_id", "parent_id", "role", "text")
 OASST_OPTIONAL = ("rank", "lang", "deleted")
 
@@ -203,8 +212,8 @@ FORMATS: dict[str, Format] = {
     "messages": Format(("messages",), _from_messages, optional=CHAT_OPTIONAL),
     "sharegpt": Format(("conversations",), _from_sharegpt, optional=CHAT_OPTIONAL),
     "xlam": Format(("query", "answers"), _from_xlam, optional=CHAT_OPTIONAL),
-    "prompt_completion": Format(("prompt", "completion"), _from_prompt_completion),
-    "alpaca": Format(("instruction", "output"), _from_alpaca, optional=("input", "system")),
+    "prompt_completion": Format(("prompt", "completion"), _from_prompt_completion, CHAT_OPTIONAL),
+    "alpaca": Format(("instruction", "output"), _from_alpaca, ("input", "system", ID_KEY)),
     # Dolly has no `output` and Alpaca no `response`, so each is detected as itself.
     "dolly": Format(("instruction", "response"), _from_dolly, ("context", "category", "system")),
     "flan": Format(("inputs", "targets"), _from_flan),

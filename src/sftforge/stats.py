@@ -4,6 +4,8 @@ One streamed pass over the conversations, each rendered and tokenized exactly as
 would (the same Encoder, template and mask; in parallel, encoding.py), keeping only small
 per-conversation numbers, so a million conversations take tens of MB here:
 - records per format, turns per conversation, messages per role;
+- tools: records offering tools and how many each, tool calls, tool results, and assistant
+  turns with reasoning;
 - token lengths of prompts (untrained tokens), responses (trained tokens) and whole
   examples, as terminal histograms (and SVG charts);
 - examples over `max_length`, and the trained tokens dropping or truncating them costs;
@@ -64,6 +66,13 @@ class DataStats:
     # Per-conversation numbers as compact arrays: 1M conversations take 32 MB.
     turns: array = field(default_factory=lambda: array("l"))  # messages per conversation
     roles: Counter = field(default_factory=Counter)
+    records_with_tools: int = 0  # records offering the model tools
+    tools_offered: int = 0  # tool definitions, summed over those records
+    most_tools: int = 0  # the most one record offers
+    tool_calls: int = 0
+    calling_turns: int = 0  # assistant turns with at least one tool call
+    tool_results: int = 0  # tool messages
+    reasoning_turns: int = 0  # assistant turns with reasoning
     prompt_tokens: array = field(default_factory=lambda: array("l"))  # untrained tokens per example
     response_tokens: array = field(default_factory=lambda: array("l"))  # trained tokens per example
     example_tokens: array = field(default_factory=lambda: array("l"))
@@ -120,7 +129,20 @@ def _count_conversation(stats: DataStats, conversation: Conversation) -> None:
     stats.formats[conversation.meta.get("format", "?")] += 1
     stats.turns.append(len(conversation.messages))
     stats.roles.update(m.role for m in conversation.messages)
+    _count_tools(stats, conversation)
     _check_responses(stats, conversation)
+
+
+def _count_tools(stats: DataStats, conversation: Conversation) -> None:
+    if conversation.tools:
+        stats.records_with_tools += 1
+        stats.tools_offered += len(conversation.tools)
+        stats.most_tools = max(stats.most_tools, len(conversation.tools))
+    for message in conversation.messages:
+        stats.tool_calls += len(message.tool_calls)
+        stats.calling_turns += bool(message.tool_calls)
+        stats.tool_results += message.role == "tool"
+        stats.reasoning_turns += message.role == "assistant" and message.reasoning is not None
 
 
 def _count_example(stats: DataStats, encoded, row: int, conversation: Conversation) -> None:
@@ -212,6 +234,21 @@ def _finding(name: str, finding: Finding, of: int) -> str:
     return f"  {name:<28}{finding.count:>8,}{share}{shown}{more}"
 
 
+def _tool_lines(stats: DataStats) -> list[str]:
+    n, offering = stats.conversations, stats.records_with_tools
+    share = f" ({offering / n:.1%})" if n else ""
+    tools = f"records offering tools: {offering:,}{share}"
+    if offering:
+        tools += f"; tools per such record: mean {stats.tools_offered / offering:,.1f}, "
+        tools += f"max {stats.most_tools:,}"
+    return [
+        tools,
+        f"tool calls: {stats.tool_calls:,} (in {stats.calling_turns:,} assistant turns), "
+        f"tool results: {stats.tool_results:,}, assistant turns with reasoning: "
+        f"{stats.reasoning_turns:,}",
+    ]
+
+
 def format_stats(
     stats: DataStats, rejected: int = 0, near_duplicates: Finding | None = None
 ) -> str:
@@ -220,6 +257,7 @@ def format_stats(
     lines.append("formats: " + ", ".join(f"{k} {v:,}" for k, v in stats.formats.most_common()))
     lines.append("messages per role: " + ", ".join(f"{k} {v:,}" for k, v in stats.roles.items()))
     lines.append(f"turns per conversation: {_spread(stats.turns)}")
+    lines += _tool_lines(stats)
     for name, values in (
         ("prompt tokens (not trained)", stats.prompt_tokens),
         ("response tokens (trained)", stats.response_tokens),
