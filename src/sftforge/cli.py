@@ -195,7 +195,7 @@ def _sweep(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.output), args.overrides)
+    run_demo(args.output, args.overrides, args.task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", parents=[common], help="fine-tune the embedded model on the bundled task"
     )
-    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--output", default=None, help="default: runs/demo, runs/demo-tools")
+    p.add_argument("--task", default="extraction", choices=("extraction", "tools"))
     p.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     p.set_defaults(run=_demo)
     return parser

@@ -84,6 +84,7 @@ class LoadResult:
     records: int = 0  # records read: in OpenAssistant files, messages (fewer conversations)
     valid: int = 0  # conversations read and valid (all of them, even when not kept here)
     left_out: Counter = field(default_factory=Counter)  # valid records in no conversation, by why
+    contents: Counter = field(default_factory=Counter)  # tool calls, reasoning...: `count_contents`
 
     def summary(self) -> str:
         valid, rejected = self.valid, len(self.rejects)
@@ -102,7 +103,23 @@ class LoadResult:
             lines.append(f"left out:     {count} ({why})")
         lines.append(f"duplicates:   {self.duplicates} (kept; exact repeats of an earlier one)")
         lines.append(f"formats:      {formats or 'none detected'}")
+        if self.contents:
+            held = ", ".join(f"{what}: {count}" for what, count in self.contents.items())
+            lines.append(f"holding:      {held}")
         return "\n".join(lines)
+
+
+def count_contents(counts: Counter, conversation: Conversation) -> None:
+    """What a conversation holds beyond plain turns, added to `counts`: records offering
+    tools, tool calls, tool results, assistant turns with reasoning."""
+    if conversation.tools:
+        counts["records offering tools"] += 1
+    for m in conversation.messages:
+        counts["tool calls"] += len(m.tool_calls)
+        counts["tool results"] += m.role == "tool"
+        counts["reasoning turns"] += m.reasoning is not None
+    for key in [k for k, v in counts.items() if not v]:
+        del counts[key]
 
 
 def load_conversations(
@@ -182,6 +199,7 @@ def iter_conversations(
                 continue
             result.valid += 1
             result.duplicates += repeats.seen(conversation)
+            count_contents(result.contents, conversation)
             yield conversation
         if tree_messages:
             trees = conversations_from_trees(tree_messages, TREE_FORMATS[file_format])

@@ -231,6 +231,7 @@ def _write_meta(folder: Path, loaded: LoadResult, encoded: Encoded, sizes: list[
         "formats": loaded.formats,
         "duplicates": loaded.duplicates,
         "left_out": dict(loaded.left_out),
+        "contents": dict(loaded.contents),
         "sizes": sizes,
         "rejected": [
             [index, str(err.source), err.reason, err.field, record]
@@ -245,6 +246,7 @@ def _read_entry(entry: Path):
     loaded = LoadResult(conversations=[], rejects=Rejects(), formats=meta["formats"], duplicates=0)
     loaded.files, loaded.records, loaded.valid = meta["files"], meta["records"], meta["valid"]
     loaded.duplicates, loaded.left_out = meta["duplicates"], Counter(meta["left_out"])
+    loaded.contents = Counter(meta.get("contents", {}))
     with open(entry / "loader_rejects.jsonl", encoding="utf-8") as f:
         for line in f:
             item = json.loads(line)

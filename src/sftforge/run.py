@@ -62,6 +62,9 @@ class Run:
         """The loadable model or adapter, with everything inference needs (rank 0)."""
         encoder = self.encoder
         data_report = self.data.report.__dict__ | {"base_model": self.base_model_path}
+        if self.data.loaded.contents:  # tool calls, reasoning: and what was done with reasoning
+            data_report["contents"] = dict(self.data.loaded.contents)
+            data_report["reasoning"] = self.config.reasoning
         if self.data.mix:
             data_report["mix"] = self.data.mix
         save_run(
