@@ -301,3 +301,60 @@ def test_inspect_json_writes_one_line_per_example_after_the_split(
     expected = encoder.encode_examples(conversation(TOOL_LOOP))
     assert [line["input_ids"] for line in lines[:2]] == [e.input_ids for e in expected]
     assert [line["labels"] for line in lines[:2]] == [e.labels for e in expected]
+
+
+def test_a_split_conversation_s_examples_are_its_rows_of_the_table(qwen3_tokenizer):
+    from sftforge.encoding import encode_stream
+
+    encoder, _ = text_side(qwen3_tokenizer, "auto")
+    chats = [conversation(TOOL_LOOP, 1), conversation(PLAIN_WITH_THINKING, 2)]
+    chats.append(conversation(TOOL_LOOP, 3))
+    table = encode_stream(chats, encoder).table
+    assert table.examples_of.tolist() == [2, 1, 2] and table.row_of.tolist() == [0, 2, 3]
+    assert table.rows_of([2]).tolist() == [3, 4] and table.rows_of([0, 2]).tolist() == [0, 1, 3, 4]
+    assert [table.source(r) for r in range(5)] == ["tools.jsonl:1"] * 2 + ["tools.jsonl:2"] + [
+        "tools.jsonl:3"
+    ] * 2
+    several, made, once, tokens = table.split_cost()
+    lengths = table.lengths.tolist()
+    assert (several, made) == (2, 4)
+    assert once == lengths[1] + lengths[4] and tokens == sum(lengths) - lengths[2]
+
+
+def test_a_run_on_qwen3_tool_data_trains_every_split_example_and_holds_out_whole_conversations(
+    qwen3_tokenizer, tmp_path, capsys
+):
+    from model_families import save_model_with_tokenizer, tiny_llama
+
+    from sftforge.config_file import load_config
+    from sftforge.train import train
+
+    model = save_model_with_tokenizer(
+        tiny_llama(len(qwen3_tokenizer)), copy.deepcopy(qwen3_tokenizer), tmp_path / "tiny"
+    )
+    data = tmp_path / "tools.jsonl"
+    records = [TOOL_LOOP, PLAIN_WITH_THINKING] * 4
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = train(
+        load_config(
+            None,
+            [
+                f"model={model}",
+                f"data.train={data}",
+                f"output_dir={tmp_path / 'out'}",
+                "eval.held_out=2",
+                "eval.forgetting=false",
+                "training.max_steps=2",
+                "training.batch_size=4",
+                "max_length=512",
+            ],
+        )
+    )
+    said = capsys.readouterr().out
+    holding = "records offering tools: 4, tool calls: 12, tool results: 12, reasoning turns: 16"
+    assert f"holding:      {holding}" in said
+    report = json.loads((Path(out) / "data_report.json").read_text())
+    assert report["contents"]["tool calls"] == 12 and report["reasoning"] == "train"
+    # 8 conversations (4 of them split in two), 2 held out whole: 8 to 10 examples left.
+    assert 8 <= report["examples"] <= 10
+    assert "split by the chat template" in said

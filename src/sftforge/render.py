@@ -42,7 +42,7 @@ from .slots import (
     to_real_offset,
     with_sentinels,
 )
-from .templates import ChatTemplate, TemplateError
+from .templates import BUILTIN_TEMPLATES, ChatTemplate, TemplateError
 
 
 class Part(NamedTuple):  # NamedTuples: made by the dozen for every conversation
@@ -175,11 +175,22 @@ def _layout(
         )
         layout = _Layout(full, elements, spans)
     except TemplateError as e:
-        layout = _Layout("", (), {}, str(e))
+        layout = _Layout("", (), {}, str(e) + _no_tool_format(template, messages, tools))
     if len(layouts) >= LAYOUTS_KEPT:
         layouts.clear()
     layouts[key] = layout
     return layout, slots
+
+
+def _no_tool_format(template: ChatTemplate, messages, tools) -> str:
+    """A hint for tool data refused by a built-in that has no tool format."""
+    uses_tools = tools or any(m.role == "tool" or m.tool_calls for m in messages)
+    if not uses_tools or template.name not in BUILTIN_TEMPLATES or template.name == "chatml":
+        return ""
+    return (
+        f" (the {template.name} built-in has no tool format: use the model's own template, "
+        "the chatml built-in, or a Jinja file that writes tools)"
+    )
 
 
 def _check_everything_written(template, full: str, slots, messages, tools) -> None:
