@@ -65,31 +65,26 @@ class Message:
     def as_template_dict(self) -> dict:
         """The message as transformers passes it to a chat template: role and content, and
         `reasoning_content`, `tool_calls`, `tool_call_id`, `name` where given."""
-        out: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.reasoning is not None:
-            out["reasoning_content"] = self.reasoning
-        if self.tool_calls:
-            out["tool_calls"] = [call.as_template_dict() for call in self.tool_calls]
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        if self.name is not None:
-            out["name"] = self.name
-        return out
+        return self._as_dict([call.as_template_dict() for call in self.tool_calls])
 
     def as_json(self) -> dict:
         """The message as an OpenAI-style chat record writes it (what `data convert` and the
-        rejects file write): only the fields that are set."""
+        rejects file write): only the fields that are set, calls' arguments as JSON text."""
+        out = self._as_dict([call.as_json() for call in self.tool_calls])
+        if self.role == "assistant" and not self.trained:
+            out["weight"] = 0
+        return out
+
+    def _as_dict(self, calls: list[dict]) -> dict:
         out: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.reasoning is not None:
             out["reasoning_content"] = self.reasoning
-        if self.tool_calls:
-            out["tool_calls"] = [call.as_json() for call in self.tool_calls]
+        if calls:
+            out["tool_calls"] = calls
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if self.name is not None:
             out["name"] = self.name
-        if self.role == "assistant" and not self.trained:
-            out["weight"] = 0
         return out
 
 
