@@ -68,8 +68,6 @@ class RenderedConversation:
     pieces: list[Piece]  # cover `text` exactly, in order
     assistant_spans: list[tuple[int, int]]  # [start, end) per assistant turn: answer + end marker
     trained_spans: list[tuple[int, int]]  # the spans whose text is trained
-    messages: int = 0  # how many of the conversation's messages this example holds
-    trained_turns: tuple[int, ...] = ()  # the messages (assistant turns) it trains
 
 
 class _Span(NamedTuple):
@@ -328,7 +326,7 @@ def render_examples(
         edges = [(s.start, s.end) for s in spans.values()]
         trained = [(0, len(text))]
         pieces = _cut(parts, edges, trained)
-        return [RenderedConversation(text, pieces, edges, trained, len(messages))]
+        return [RenderedConversation(text, pieces, edges, trained)]
     turns = [i for i, m in enumerate(messages) if m.role == "assistant" and m.trained]
     if train_on == "last_assistant_turn":
         last = max(i for i, m in enumerate(messages) if m.role == "assistant")
@@ -352,7 +350,7 @@ def render_examples(
         ]
         edges = [(s.start, s.end) for s in spans.values()]
         pieces = _cut(parts, edges, trained)
-        examples.append(RenderedConversation(text, pieces, edges, trained, end, tuple(here)))
+        examples.append(RenderedConversation(text, pieces, edges, trained))
         turns = [i for i in turns if i not in here]
         if not turns:
             return examples[::-1]
@@ -388,4 +386,4 @@ def render_prompt(
     nothing trained."""
     text, parts, spans = _render(tuple(messages), template, end_markers, True, tools, options)
     edges = [(s.start, s.end) for s in spans.values()]
-    return RenderedConversation(text, _cut(parts, edges, []), edges, [], len(messages))
+    return RenderedConversation(text, _cut(parts, edges, []), edges, [])
