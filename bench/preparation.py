@@ -192,11 +192,14 @@ print("RESULT " + json.dumps({"seconds": done - started, "conversations": len(pr
 """
 
 
+def words_from(r: random.Random):
+    """sentence(k): k words drawn by `r`, capitalised, with a full stop."""
+    return lambda k: " ".join(r.choice(WORDS) for _ in range(k)).capitalize() + "."
+
+
 def generate(n: int, path: Path) -> None:
     r = random.Random(0)
-
-    def sentence(k: int) -> str:
-        return " ".join(r.choice(WORDS) for _ in range(k)).capitalize() + "."
+    sentence = words_from(r)
 
     with open(path, "w") as f:
         for _ in range(n):
@@ -237,9 +240,7 @@ def generate_tools(n: int, path: Path) -> None:
     """Tool-calling conversations: every record offers TOOLS; in each round the user asks,
     the assistant calls one or two tools (no text), the results come back, it answers."""
     r = random.Random(0)
-
-    def sentence(k: int) -> str:
-        return " ".join(r.choice(WORDS) for _ in range(k)).capitalize() + "."
+    sentence = words_from(r)
 
     with open(path, "w") as f:
         for _ in range(n):
