@@ -429,3 +429,19 @@ def test_every_bad_tool_record_is_rejected_and_none_is_trained():
     assert [(r.source, r.reason.split("'")[1]) for r in loaded.rejects] == [
         (f"{BAD}:{line}", field) for line, field, _ in BAD_CASES
     ]
+
+
+def test_a_participant_name_on_a_user_message_is_carried_to_the_template(tmp_path):
+    from sftforge.data import load_conversations
+
+    path = tmp_path / "named.jsonl"
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi", "name": "ana"},
+            {"role": "assistant", "content": "Hello"},
+        ]
+    }
+    path.write_text(json.dumps(record) + "\n")
+    (conversation,) = load_conversations(str(path)).conversations
+    assert conversation.messages[0].name == "ana"
+    assert conversation.messages[0].as_template_dict()["name"] == "ana"

@@ -31,8 +31,9 @@ def message_of(item: dict, role: str, role_name: str, where: str, content_key: s
         return Message(
             "tool", _unwrapped_result(content), **_tool_result_fields(item, where, source)
         )
+    speaker = _speaker_name(item, where, source)
     if role != "assistant":
-        return Message(role, content)
+        return Message(role, content, name=speaker)
     thought, content = split_reasoning(content, source, content_field)
     if thought is not None and reasoning is not None:
         reason = f"reasoning given twice ({key} and a <think> block in the content); keep one"
@@ -40,7 +41,16 @@ def message_of(item: dict, role: str, role_name: str, where: str, content_key: s
     if not calls:
         content, calls = split_hermes_calls(content, source, content_field)
     reasoning = reasoning if reasoning is not None else thought  # "": thought nothing
-    return Message("assistant", content, reasoning=reasoning, tool_calls=calls)
+    return Message("assistant", content, reasoning=reasoning, tool_calls=calls, name=speaker)
+
+
+def _speaker_name(item: dict, where: str, source: Source) -> str | None:
+    """OpenAI's participant `name` on a system, user or assistant message: carried to the
+    template as transformers passes it, never dropped."""
+    value = item.get("name")
+    if value is not None and not isinstance(value, str):
+        raise DataError(source, f"expected a string, found {type_name(value)}", f"{where}.name")
+    return value
 
 
 def _structured_calls(item: dict, where: str, source: Source) -> tuple[ToolCall, ...]:

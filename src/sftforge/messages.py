@@ -60,7 +60,7 @@ class Message:
     reasoning: str | None = None  # assistant only: the thinking before its answer
     tool_calls: tuple[ToolCall, ...] = ()  # assistant only
     tool_call_id: str | None = None  # tool only: the id of the call this result answers
-    name: str | None = None  # tool only: the function whose result this is
+    name: str | None = None  # a tool result's function; else OpenAI's participant name
 
     def as_template_dict(self) -> dict:
         """The message as transformers passes it to a chat template: role and content, and
