@@ -83,7 +83,7 @@ def test_packed_rows_restart_positions_and_unlabel_each_examples_first_token():
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     # b's first token would be predicted from a's last token: not trained.
     assert batch.labels.tolist()[0] == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
-    assert batch.real_tokens == 7 and batch.example_lengths == (3, 2, 2)
+    assert batch.real_tokens == 7 and batch.attended_pairs == 6 + 3 + 3
     assert collate([a, b], 0).position_ids is None  # unpacked rows need no positions
 
 
@@ -322,8 +322,8 @@ def test_flop_model_counts_decoder_matmuls_attention_and_the_head(tiny_model_fac
     assert full.head_params == 32 * VOCAB
     # One example of 3 tokens, 2 trained: context 1 + 2 + 3 = 6.
     forward = 2 * full.matmul_params * 3 + 4 * full.attention_width * 6 + 2 * 32 * VOCAB * 2
-    assert full.step_flops([3], 2) == 3 * forward
-    assert flop_model(model, "lora").step_flops([3], 2) == 2 * forward
+    assert full.step_flops(3, 6, 2) == 3 * forward
+    assert flop_model(model, "lora").step_flops(3, 6, 2) == 2 * forward
 
 
 def test_flop_model_ignores_lora_adapter_matrices(tiny_model_factory):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,24 +34,29 @@ class Batch:
     labels: torch.Tensor  # [rows, length], IGNORE_INDEX on prompt and padding
     real_tokens: int  # tokens that are not padding
     position_ids: torch.Tensor | None = None  # set for packed rows: restarts at each example
-    example_lengths: tuple[int, ...] = ()  # the examples' lengths, for FLOP counting
     trained_tokens: int = 0  # labels that are trained, after the shift
     # [rows, length]: the length of the example each token belongs to (of its run, for
     # padding); NEFTune scales its noise by it.
     example_length_per_token: torch.Tensor | None = None
+    # Query-key pairs the attention computes (each token and the positions it sees), for
+    # FLOP counting.
+    attended_pairs: int = 0
+    # [rows, 1, length, length], True where a token may attend: set for rows that share a
+    # prefix (prefix_sharing.py); None leaves the mask to the model (causal, or restarting
+    # positions).
+    attention_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(
-            move(self.input_ids),
-            move(self.labels),
-            self.real_tokens,
-            move(self.position_ids),
-            self.example_lengths,
-            self.trained_tokens,
-            move(self.example_length_per_token),
+        return replace(
+            self,
+            input_ids=move(self.input_ids),
+            labels=move(self.labels),
+            position_ids=move(self.position_ids),
+            example_length_per_token=move(self.example_length_per_token),
+            attention_mask=move(self.attention_mask),
         )
 
 
@@ -90,8 +95,19 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
             positions[r, start:] = torch.arange(length - start)
     trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return Batch(
-        input_ids, labels, sum(lengths), positions, tuple(lengths), trained, length_per_token
+        input_ids,
+        labels,
+        sum(lengths),
+        positions,
+        trained,
+        length_per_token,
+        attended_pairs=sum(causal_pairs(n) for n in lengths),
     )
+
+
+def causal_pairs(n: int, before: int = 0) -> int:
+    """Query-key pairs of `n` tokens attending causally, after `before` tokens they all see."""
+    return n * before + n * (n + 1) // 2
 
 
 def empty_batch(pad_id: int) -> Batch:
@@ -157,23 +173,28 @@ def plan_micro_batches(
     """Cut one step's examples into micro-batches of rows of example indices.
 
     `pack_length` packs examples into rows of at most that many tokens; otherwise each row
-    holds one example. Rows are sorted longest first, so rows of like length share a
-    micro-batch. `token_budget` caps rows x longest row; without one a micro-batch holds
-    `batch_size` rows."""
+    holds one example."""
     if pack_length:
         bins = pack_best_fit_decreasing([lengths[i] for i in step], pack_length)
         rows = [[step[j] for j in b] for b in bins]
     else:
         rows = [[i] for i in step]
-    rows.sort(key=lambda row: -sum(lengths[i] for i in row))
+    return cut_micro_batches(
+        rows, [sum(lengths[i] for i in row) for row in rows], batch_size, token_budget
+    )
+
+
+def cut_micro_batches(
+    rows: list, row_lengths: list[int], batch_size: int, token_budget: int | None
+):
+    """Rows into micro-batches, longest rows first so that rows of like length share one.
+    `token_budget` caps rows x longest row; without one a micro-batch holds `batch_size`
+    rows."""
+    order = sorted(range(len(rows)), key=lambda r: -row_lengths[r])
     micro, start = [], 0
-    while start < len(rows):
-        if token_budget:
-            longest = sum(lengths[i] for i in rows[start])
-            count = max(1, token_budget // longest)
-        else:
-            count = batch_size
-        micro.append(rows[start : start + count])
+    while start < len(order):
+        count = max(1, token_budget // row_lengths[order[start]]) if token_budget else batch_size
+        micro.append([rows[r] for r in order[start : start + count]])
         start += count
     return micro
 

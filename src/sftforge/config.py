@@ -145,6 +145,12 @@ class TrainingConfig(Strict):
         description="pack a step's examples into rows of max_length tokens (best-fit "
         "decreasing); attention stays within each example",
     )
+    share_prefixes: bool = Field(
+        default=False,
+        description="with packing: examples of a step that begin with the same untrained "
+        "tokens (a system prompt, tool definitions) share one copy of them in their row; "
+        "exact: each token attends to what it sees alone",
+    )
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations in the backward: less memory, slower"
     )
@@ -292,6 +298,21 @@ class Config(Strict):
             raise ConfigKeyError(
                 "overwrite_output_dir",
                 f"true deletes the run that resume={self.resume} would continue; set one of them",
+            )
+        t = self.training
+        if t.share_prefixes and not t.packing:
+            raise ConfigKeyError("training.share_prefixes", "needs training.packing=true")
+        if t.share_prefixes and t.neftune_alpha is not None:
+            raise ConfigKeyError(
+                "training.share_prefixes",
+                "cannot go with training.neftune_alpha: a shared prefix would get one noise "
+                "for examples of different lengths; set one of them",
+            )
+        if t.share_prefixes and self.attention == "flash_attention_2":
+            raise ConfigKeyError(
+                "training.share_prefixes",
+                "needs a 4D attention mask, which flash_attention_2 does not take; use "
+                "attention=sdpa",
             )
         if self.eval.save_best and self.eval.held_out is None:
             raise ConfigKeyError(

@@ -26,15 +26,12 @@ class FlopModel:
     head_params: int  # hidden x vocab
     backward_factor: float  # 2.0 full fine-tuning, 1.0 LoRA
 
-    def step_flops(
-        self, example_lengths: list[int] | tuple[int, ...], trained_tokens: int
-    ) -> float:
-        tokens = sum(example_lengths)
-        # Causal attention: token t attends to t+1 positions; QK^T and AV are 2 FLOPs each.
-        context = sum(n * (n + 1) // 2 for n in example_lengths)
+    def step_flops(self, tokens: int, attended_pairs: int, trained_tokens: int) -> float:
+        """`attended_pairs`: the query-key pairs (a causal example of n tokens has
+        n(n+1)/2); QK^T and AV are 2 FLOPs each per pair and head dim."""
         forward = (
             2 * self.matmul_params * tokens
-            + 4 * self.attention_width * context
+            + 4 * self.attention_width * attended_pairs
             + 2 * self.head_params * trained_tokens
         )
         return forward * (1 + self.backward_factor)

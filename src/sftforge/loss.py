@@ -54,11 +54,13 @@ def summed_token_loss(
     example_length_per_token: torch.Tensor | None = None,
     neftune_alpha: float | None = None,
     probability_weighted: bool = False,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained positions (not averaged).
 
     `position_ids` restarting inside a row mark packed examples; the model then keeps each
-    example's attention to itself. With `neftune_alpha`, noise scaled by
+    example's attention to itself. `attention_mask` ([rows, 1, length, length], True where
+    a token may attend) replaces the model's own mask: rows sharing a prefix. With `neftune_alpha`, noise scaled by
     `example_length_per_token` ([rows, length]) is added to the input embeddings;
     `probability_weighted` is DFT."""
     targets = labels[:, 1:]
@@ -70,6 +72,8 @@ def summed_token_loss(
         embeds = embedding(input_ids) if embeds is None else embeds
         embeds = embeds + neftune_noise(embeds, example_length_per_token, neftune_alpha)
     inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+    if attention_mask is not None:
+        inputs["attention_mask"] = as_model_mask(lm, attention_mask)
     if not _head_is_plain_linear(lm):
         logits = model(**inputs, position_ids=position_ids, use_cache=False).logits
         token_losses = F.cross_entropy(
@@ -82,6 +86,17 @@ def summed_token_loss(
         hidden[:, :-1][trained],
         targets[trained],
         probability_weighted=probability_weighted,
+    )
+
+
+def as_model_mask(lm, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask as the model's attention takes it: SDPA takes it as it is, eager
+    attention adds it to the scores (0 where allowed, the dtype's lowest elsewhere)."""
+    if getattr(lm.config, "_attn_implementation", "sdpa") != "eager":
+        return allowed
+    dtype = lm.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
     )
 
 
@@ -127,7 +142,12 @@ class TokenLoss(torch.nn.Module):
         self.probability_weighted = probability_weighted
 
     def forward(
-        self, input_ids, labels, position_ids=None, example_length_per_token=None
+        self,
+        input_ids,
+        labels,
+        position_ids=None,
+        example_length_per_token=None,
+        attention_mask=None,
     ) -> torch.Tensor:
         return summed_token_loss(
             self.model,
@@ -137,6 +157,7 @@ class TokenLoss(torch.nn.Module):
             example_length_per_token,
             neftune_alpha=self.neftune_alpha if self.training else None,
             probability_weighted=self.probability_weighted and self.training,
+            attention_mask=attention_mask,
         )
 
 

@@ -100,7 +100,8 @@ def micro_batch_note(config: Config) -> str:
     if t.micro_batch_tokens:
         parts.append(f"micro-batches of <= {t.micro_batch_tokens} tokens")
     if t.packing:
-        parts.append(f"packed into rows of {config.max_length}")
+        shared = ", sharing common prefixes" if t.share_prefixes else ""
+        parts.append(f"packed into rows of {config.max_length}{shared}")
     return f" ({', '.join(parts)})" if parts else ""
 
 

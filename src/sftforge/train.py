@@ -70,6 +70,7 @@ from .model import (
     pick_device,
     verify_packing_isolation,
 )
+from .prefix_sharing import shared_step_batches, verify_prefix_sharing
 from .preflight import (
     check_data_files,
     check_free_disk,
@@ -148,6 +149,8 @@ def start(config: Config, world: World = ALONE) -> Run:
     wait_for_all(world, "measuring the model before training")
     if t.packing:
         verify_packing_isolation(model, device)
+    if t.share_prefixes:
+        verify_prefix_sharing(model, device, config.max_length)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
@@ -215,6 +218,7 @@ def steps(run: Run) -> dict:
         "token_budget": t.micro_batch_tokens,
         "pack_length": config.max_length if t.packing else None,
     }
+    make_batches = shared_step_batches if t.share_prefixes else step_batches
     warmup = int(t.warmup_ratio * total)
     clock = TrainingClock(progress.elapsed_s)
     record: dict = {}
@@ -236,7 +240,7 @@ def steps(run: Run) -> dict:
             torch.manual_seed(step_seed(t.seed, step, world.rank))
             epoch, indices = next(run.stream)
             mine = share_of_step(indices, lengths, world)
-            batches = step_batches(run.data.examples, lengths, mine, run.encoder.pad_id, **batching)
+            batches = make_batches(run.data.examples, lengths, mine, run.encoder.pad_id, **batching)
             loss, trained = accumulate_gradients(
                 run.trainer, batches, run.device, run.amp, world, run.encoder.pad_id
             )
@@ -332,7 +336,9 @@ def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: 
     """Add the step's tokens and FLOPs (of every rank) to the progress; returns whether any
     rank was asked to stop (so that every rank stops after the same step), and the step's
     rows over all ranks."""
-    flops = sum(run.flops.step_flops(b.example_lengths, b.trained_tokens) for b in batches)
+    flops = sum(
+        run.flops.step_flops(b.real_tokens, b.attended_pairs, b.trained_tokens) for b in batches
+    )
     real = sum(b.real_tokens for b in batches)
     rows = sum(len(b.input_ids) for b in batches)
     totals = sum_over_ranks([real, flops, rows, stop_requested], run.world, run.device)

@@ -66,6 +66,7 @@ def accumulate_gradients(
                         batch.labels,
                         batch.position_ids,
                         batch.example_length_per_token,
+                        batch.attention_mask,
                     )
                 (loss_sum * world.size / step_trained).backward()
             total += loss_sum.item()
