@@ -307,3 +307,41 @@ def test_compare_renders_the_base_with_the_tuned_models_template_and_says_so(
     assert main(["eval", untied_sentencepiece_model_dir, "--template", "chatml", *eval_args]) == 0
     with_chatml = [json.loads(x)["answer"] for x in base_with_chatml.read_text().splitlines()]
     assert [json.loads(x)["base"] for x in out.read_text().splitlines()] == with_chatml
+
+
+def test_prompts_that_begin_alike_share_one_cache_and_get_their_answers_alone(
+    smollm2_tokenizer, tiny_model_factory
+):
+    from sftforge.evaluate import Prompt, _common_start, generate_answers
+    from sftforge.prepare import text_side
+
+    torch.manual_seed(0)
+    model = tiny_model_factory(len(smollm2_tokenizer), tie=False).eval()
+    with torch.no_grad():  # sharp logits and strong attention: answers depend on the prompt
+        model.lm_head.weight.mul_(200)
+        for name, p in model.named_parameters():
+            if name.endswith(("v_proj.weight", "o_proj.weight")):
+                p.mul_(20)
+    encoder = text_side(smollm2_tokenizer, "auto")[0]
+    system = Message("system", "You answer in one short sentence. " * 12)
+    questions = ("What is two plus two?", "Name a colour.", "Hi", "Which planet is the largest?")
+    prompts = [Prompt([system, Message("user", q)]) for q in questions]
+    encoded = [encoder.encode_prompt(p.messages) for p in prompts]
+    assert _common_start(encoded) > 60  # the system prompt is computed once
+
+    together = generate_answers(model, encoder, prompts, max_new_tokens=16)
+
+    alone = []
+    stops = list(encoder.stop_ids)
+    for ids in encoded:  # no cache shared, no padding: plain generate
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=encoder.pad_id,
+        )[0, len(ids) :].tolist()
+        cut = next((i for i, t in enumerate(out) if t in stops), len(out))
+        alone.append(smollm2_tokenizer.decode(out[:cut], skip_special_tokens=False))
+    assert together == alone
+    assert len(set(together)) > 1

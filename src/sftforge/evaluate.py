@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from transformers import DynamicCache
 
 from .batches import collate, empty_batch
 from .formats import Conversation, Message
 from .loss import TokenLoss, trained_token_count
 from .metrics import progress_bar
+from .model import attends_in_sliding_windows, causal_lm
 from .tokenize import Encoder, Example
 from .tools import calls_as_text
 
@@ -90,11 +92,15 @@ def generate_answers(
     max_new_tokens: int = 128,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers, batched with left padding and the KV cache, stopping at the
-    encoder's stop tokens."""
+    """Greedy answers, batched with the KV cache, stopping at the encoder's stop tokens.
+
+    The tokens that a batch's prompts begin with alike (a system prompt, tool definitions)
+    are computed once and their cache shared; each prompt's rest is padded on its left, after
+    that prefix. Positions follow the attention mask, so padding shifts nothing."""
     tokenizer = encoder.tokenizer
     device = next(model.parameters()).device
     stops, pad_id = list(encoder.stop_ids), encoder.pad_id
+    share = not attends_in_sliding_windows(causal_lm(model).config)
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -104,15 +110,25 @@ def generate_answers(
             encoder.encode_prompt(p.messages, p.tools, p.options)
             for p in prompts[b : b + batch_size]
         ]
-        width = max(len(ids) for ids in encoded)
+        shared = _common_start(encoded) if share else 0
+        rests = [ids[shared:] for ids in encoded]
+        width = shared + max(len(ids) for ids in rests)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
+        input_ids[:, :shared] = torch.tensor(encoded[0][:shared])
+        attention[:, :shared] = 1
+        for row, ids in enumerate(rests):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention[row, width - len(ids) :] = 1
+        cache = None
+        if shared:
+            cache = DynamicCache(config=causal_lm(model).config)
+            model(input_ids=input_ids[:1, :shared].to(device), cache=cache, use_cache=True)
+            cache.batch_repeat_interleave(len(encoded))
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
+            cache=cache,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stops,
@@ -127,20 +143,8 @@ def generate_answers(
     return answers
 
 
-def answer_and_score(
-    model, encoder: Encoder, conversations: list[Conversation], scorer, max_new_tokens: int
-) -> list[dict]:
-    """One result per conversation: its prompt, reference (last assistant turn), answer, score."""
-    pairs = [prompt_and_reference(c) for c in conversations]
-    answers = generate_answers(model, encoder, [p for p, _ in pairs], max_new_tokens)
-    results = []
-    for conv, (prompt, reference), answer in zip(conversations, pairs, answers, strict=True):
-        record = {"source": str(conv.source), "prompt": prompt.last_text}
-        score = float(scorer(answer, reference, record)) if scorer else None
-        results.append(record | {"reference": reference, "answer": answer, "score": score})
-    return results
-
-
-def mean_score(results: list[dict]) -> float | None:
-    scores = [r["score"] for r in results if r["score"] is not None]
-    return sum(scores) / len(scores) if scores else None
+def _common_start(encoded: list[list[int]]) -> int:
+    """Leading tokens every prompt has (leaving each at least one of its own to start from)."""
+    first = encoded[0]
+    n = min(len(ids) for ids in encoded) - 1
+    return next((i for i in range(n) if any(ids[i] != first[i] for ids in encoded)), max(n, 0))

@@ -230,6 +230,19 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def attends_in_sliding_windows(config) -> bool:
+    """Whether some of the model's layers attend only within a sliding window (Gemma 3,
+    Mistral): such windows are counted in tokens of the row or cache, which a custom mask
+    or a padded gap would change."""
+    config = config.get_text_config()
+    if not getattr(config, "sliding_window", None):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return any("sliding" in kind for kind in layer_types)
+    return bool(getattr(config, "use_sliding_window", True))
+
+
 class PackingError(RuntimeError):
     pass
 

@@ -26,7 +26,7 @@ import torch
 
 from .batches import Batch, causal_pairs, cut_micro_batches
 from .loss import as_model_mask
-from .model import PackingError, causal_lm
+from .model import PackingError, attends_in_sliding_windows, causal_lm
 from .tokenize import IGNORE_INDEX, Example
 
 
@@ -174,7 +174,7 @@ def verify_prefix_sharing(model, device: torch.device, row_length: int) -> None:
     lm = causal_lm(model)
     config = lm.config.get_text_config()
     window = getattr(config, "sliding_window", None)
-    if window and window < row_length and _uses_sliding_window(config):
+    if window and window < row_length and attends_in_sliding_windows(config):
         raise PackingError(
             f"training.share_prefixes: this model's layers attend within a sliding window of "
             f"{window} tokens, and a shared row's mask replaces it in rows of up to "
@@ -213,10 +213,3 @@ def verify_prefix_sharing(model, device: torch.device, row_length: int) -> None:
             f"shared row's hidden states differ from the examples' own by {gap:.3g}. Set "
             "training.share_prefixes=false, or attention=sdpa."
         )
-
-
-def _uses_sliding_window(config) -> bool:
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return any("sliding" in kind for kind in layer_types)
-    return bool(getattr(config, "use_sliding_window", True))
