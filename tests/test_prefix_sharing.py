@@ -174,3 +174,16 @@ def test_settings_that_cannot_share_prefixes_are_refused_by_key(overrides, why):
     with pytest.raises(ConfigError, match=why) as raised:
         load_config(None, ["data.train=x.jsonl", *overrides])
     assert "training.share_prefixes" in str(raised.value)
+
+
+def test_the_held_out_loss_in_shared_rows_is_the_plain_one(tiny_model_factory):
+    from sftforge.evaluate import mean_token_loss, summed_loss_and_count
+
+    model = tiny_model_factory(VOCAB)
+    examples = examples_with_prefixes(20, seed=9)
+    plain = mean_token_loss(model, examples, CPU, 0, batch_size=4)
+    shared = mean_token_loss(model, examples, CPU, 0, batch_size=4, shared_rows_of=120)
+    assert shared == pytest.approx(plain, rel=1e-6)
+    # As many forward passes as asked for, however few the shared rows need.
+    _, count = summed_loss_and_count(TokenLoss(model), examples, CPU, 0, 4, 5, shared_rows_of=120)
+    assert count == sum(e.trained_token_count for e in examples)

@@ -28,11 +28,18 @@ class Assessment:
     scorer_kind: str | None = None
     forgetting: ForgettingMeter | None = None
     max_new_tokens: int = 128
+    shared_rows_of: int | None = None  # rows' length, when training shares prefixes
 
     def loss(self, model) -> float | None:
         if not self.held_out:
             return None
-        return mean_token_loss(model, self.held_out, self.device, self.encoder.pad_id)
+        return mean_token_loss(
+            model,
+            self.held_out,
+            self.device,
+            self.encoder.pad_id,
+            shared_rows_of=self.shared_rows_of,
+        )
 
     def measure(self, model, eval_loss: float | None = None) -> dict:
         """Eval loss (unless already measured on this model), answers, scores, forgetting."""
@@ -111,6 +118,7 @@ def build_assessment(
         scorer_kind=ev.scorer.kind if ev.scorer is not None else None,
         forgetting=forgetting,
         max_new_tokens=ev.max_new_tokens,
+        shared_rows_of=config.max_length if config.training.share_prefixes else None,
     )
 
 

@@ -12,6 +12,7 @@ from .formats import Conversation, Message
 from .loss import TokenLoss, trained_token_count
 from .metrics import progress_bar
 from .model import attends_in_sliding_windows, causal_lm
+from .prefix_sharing import shared_step_batches
 from .tokenize import Encoder, Example
 from .tools import calls_as_text
 
@@ -23,10 +24,17 @@ def mean_token_loss(
     pad_id: int,
     batch_size: int = 8,
     description: str = "held-out loss",
+    shared_rows_of: int | None = None,
 ) -> float:
     """Mean next-token loss over the trained tokens of `examples`, in fp32, in eval mode."""
     total, count = summed_loss_and_count(
-        TokenLoss(model), examples, device, pad_id, batch_size, description=description
+        TokenLoss(model),
+        examples,
+        device,
+        pad_id,
+        batch_size,
+        description=description,
+        shared_rows_of=shared_rows_of,
     )
     return total / max(count, 1)
 
@@ -40,21 +48,38 @@ def summed_loss_and_count(
     batch_size: int = 8,
     passes: int = 0,
     description: str = "held-out loss",
+    shared_rows_of: int | None = None,
 ) -> tuple[float, int]:
     """(summed next-token loss, trained tokens) of `examples` through `loss_module` (a
     TokenLoss, maybe under DDP or FSDP), in eval mode; at least `passes` forward passes, the
-    extra ones empty (under FSDP every rank takes part in every forward)."""
+    extra ones empty (under FSDP every rank takes part in every forward). With
+    `shared_rows_of`, `batch_size` rows of that many tokens each hold their examples' common
+    prefix once (prefix_sharing.py): the same loss, fewer tokens computed."""
     was_training = loss_module.training
     loss_module.eval()
     total, count = 0.0, 0
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
-    batches = [
-        collate(ordered[b : b + batch_size], pad_id) for b in range(0, len(ordered), batch_size)
-    ]
+    if shared_rows_of:
+        lengths = [len(e.input_ids) for e in examples]
+        everything = list(range(len(examples)))
+        batches = shared_step_batches(
+            examples, lengths, everything, pad_id, batch_size, pack_length=shared_rows_of
+        )
+    else:
+        ordered = sorted(examples, key=lambda e: len(e.input_ids))  # little padding
+        batches = [
+            collate(ordered[b : b + batch_size], pad_id) for b in range(0, len(ordered), batch_size)
+        ]
     batches += [empty_batch(pad_id)] * (passes - len(batches))
     for batch in progress_bar(batches, description, unit="batch"):
         batch = batch.to(device)
-        total += float(loss_module(batch.input_ids, batch.labels))
+        total += float(
+            loss_module(
+                batch.input_ids,
+                batch.labels,
+                batch.position_ids,
+                attention_mask=batch.attention_mask,
+            )
+        )
         count += trained_token_count(batch.labels)
     loss_module.train(was_training)
     return total, count
@@ -148,3 +173,22 @@ def _common_start(encoded: list[list[int]]) -> int:
     first = encoded[0]
     n = min(len(ids) for ids in encoded) - 1
     return next((i for i in range(n) if any(ids[i] != first[i] for ids in encoded)), max(n, 0))
+
+
+def answer_and_score(
+    model, encoder: Encoder, conversations: list[Conversation], scorer, max_new_tokens: int
+) -> list[dict]:
+    """One result per conversation: its prompt, reference (last assistant turn), answer, score."""
+    pairs = [prompt_and_reference(c) for c in conversations]
+    answers = generate_answers(model, encoder, [p for p, _ in pairs], max_new_tokens)
+    results = []
+    for conv, (prompt, reference), answer in zip(conversations, pairs, answers, strict=True):
+        record = {"source": str(conv.source), "prompt": prompt.last_text}
+        score = float(scorer(answer, reference, record)) if scorer else None
+        results.append(record | {"reference": reference, "answer": answer, "score": score})
+    return results
+
+
+def mean_score(results: list[dict]) -> float | None:
+    scores = [r["score"] for r in results if r["score"] is not None]
+    return sum(scores) / len(scores) if scores else None

@@ -142,6 +142,8 @@ def start(config: Config, world: World = ALONE) -> Run:
     assessment = build_assessment(
         config, prepared.encoder, data.held_out, data.held_out_examples, device
     )
+    if t.share_prefixes:  # before any held-out loss is measured in shared rows
+        verify_prefix_sharing(model, device, config.max_length)
     before = None
     if resume_from is None and world.is_main:
         print("measuring the model before training")
@@ -149,8 +151,6 @@ def start(config: Config, world: World = ALONE) -> Run:
     wait_for_all(world, "measuring the model before training")
     if t.packing:
         verify_packing_isolation(model, device)
-    if t.share_prefixes:
-        verify_prefix_sharing(model, device, config.max_length)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
@@ -320,7 +320,13 @@ def _eval_loss_keeping_the_best(run: Run) -> float:
     share = held_out[world.rank :: world.size]
     passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, run.device)
     total, count = summed_loss_and_count(
-        run.trainer, share, run.device, run.encoder.pad_id, EVAL_BATCH, passes
+        run.trainer,
+        share,
+        run.device,
+        run.encoder.pad_id,
+        EVAL_BATCH,
+        passes,
+        shared_rows_of=run.assessment.shared_rows_of,
     )
     total, count = sum_over_ranks([total, count], world, run.device)
     eval_loss = total / max(count, 1)
