@@ -98,6 +98,9 @@ TEMPLATES = {
             ("t-w3", ["get_weather"], "Weather check for {city}, in {unit_word} please."),
             ("t-w4", ["get_weather"], "Tell me the current weather in {city} in {unit_word}."),
             ("t-w5", ["get_weather"], "I'm heading out in {city}. What's the temperature there in {unit_word}?"),
+            ("t-w6", ["get_weather"], "Is it cold in {city} today? Answer in {unit_word}."),
+            ("t-w7", ["get_weather"], "Should I pack an umbrella for {city}? Show me how it looks there, {unit_word}."),
+            ("t-w8", ["get_weather"], "What's it like outdoors in {city}? Use {unit_word}."),
             ("t-c1", ["convert_currency"], "Convert {amount} {src} to {dst}."),
             ("t-c2", ["convert_currency"], "How much is {amount} {src} in {dst}?"),
             ("t-c3", ["convert_currency"], "What would {amount} {src} be worth in {dst}?"),
@@ -113,6 +116,8 @@ TEMPLATES = {
             ("t-e3", ["add_calendar_event"], 'Create a calendar event called "{title}" on {date}, {time}.'),
             ("t-e4", ["add_calendar_event"], 'Please book "{title}" in my calendar: {date} at {time}.'),
             ("t-e5", ["add_calendar_event"], 'Put "{title}" on {date} at {time} in my calendar.'),
+            ("t-e6", ["add_calendar_event"], 'At {time} on {date}, add "{title}" to my calendar.'),
+            ("t-e7", ["add_calendar_event"], 'Block {time}, {date} for "{title}".'),
         ],
         "parallel": [
             ("t-p1", ["get_weather", "get_weather"], "What's the weather in {city} and in {city2}? Use {unit_word} for both."),
@@ -127,6 +132,7 @@ TEMPLATES = {
             ("t-l2", ["search_flights", "add_calendar_event"], 'Search flights {origin} to {destination} for {date}, then put the earliest departure in my calendar titled "{title}".'),
             ("t-l3", ["convert_currency", "convert_currency"], "Convert {amount} {src} to {dst}, then convert the result to {dst2}."),
             ("t-l4", ["convert_currency", "convert_currency"], "Change {amount} {src} into {dst} and then turn that amount into {dst2}."),
+            ("t-l5", ["convert_currency", "convert_currency"], "First convert {amount} {src} to {dst}; after that, convert the result into {dst2}."),
         ],
         "followup": ["Thanks! ", "Great. ", "OK, one more thing. "],
         "no_tool": [
@@ -170,7 +176,10 @@ POOLS = {
                    "Riga", "Toronto", "Denver", "Chicago", "Seattle", "Osaka", "Melbourne", "Nairobi", "Lima",
                    "Buenos Aires", "Cape Town", "Milan", "Athens", "Hanoi", "Mumbai", "Cairo", "Boston",
                    "Sydney", "Zurich", "Warsaw", "Budapest", "Stockholm", "Edinburgh", "Vancouver", "Miami",
-                   "Bangkok", "Seoul", "Istanbul", "Marrakesh", "Santiago", "Mexico City"],
+                   "Bangkok", "Seoul", "Istanbul", "Marrakesh", "Santiago", "Mexico City", "Nantes",
+                   "Valencia", "Turin", "Bergen", "Tallinn", "Leeds", "Halifax", "Austin",
+                   "Phoenix", "Kyoto", "Auckland", "Brisbane", "Quito", "Accra", "Tunis", "Kraków",
+                   "Reykjavik", "São Paulo", "Da Nang"],
         "amounts": [5, 12, 20, 25, 40, 45, 60, 75, 80, 100, 120, 150, 199.99, 250, 300, 320, 500, 640,
                     750, 1000, 1200, 2500, 9.5, 18.75, 35, 64.2, 90, 410, 875, 1500],
         "titles": ["Dentist appointment", "Team standup", "Lunch with Sam", "Yoga class", "Project review",
@@ -210,7 +219,7 @@ CONDITIONS = ["sunny", "cloudy", "rainy", "windy", "foggy", "clear", "snowy"]
 AIRLINES = ["SF", "NA", "BX", "QL"]
 
 MIX = {  # kind -> share of the split, in this order (the rest: single)
-    "train": [("parallel", 0.15), ("loop", 0.15), ("followup", 0.08), ("no_tool", 0.08)],
+    "train": [("parallel", 0.15), ("loop", 0.22), ("followup", 0.1), ("no_tool", 0.06)],
     "eval": [("parallel", 0.2), ("loop", 0.2), ("followup", 0.1)],
 }
 SALT = {"train": 0, "eval": 1}

@@ -96,7 +96,7 @@ def test_every_record_offers_the_same_tools_in_order(files):
 
 def test_training_holds_every_kind(examples, files):
     kinds = Counter(ex["meta"]["kind"] for ex in examples["train"])
-    assert kinds == {"single": 108, "parallel": 30, "loop": 30, "followup": 16, "no_tool": 16}
+    assert kinds == {"single": 94, "parallel": 30, "loop": 44, "followup": 20, "no_tool": 12}
     for record, ex in zip(files["train"], examples["train"], strict=True):
         turns = [m for m in record["messages"] if m["role"] == "assistant"]
         calls_per_turn = [len(m.get("tool_calls") or []) for m in turns]
