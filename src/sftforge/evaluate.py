@@ -119,28 +119,28 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers, batched with the KV cache, stopping at the encoder's stop tokens.
 
-    The tokens that a batch's prompts begin with alike (a system prompt, tool definitions)
-    are computed once and their cache shared; each prompt's rest is padded on its left, after
-    that prefix. Positions follow the attention mask, so padding shifts nothing."""
+    Prompts are batched by length, so little is padded. The tokens that a batch's prompts
+    begin with alike (a system prompt, tool definitions) are computed once and their cache
+    shared; each prompt's rest is padded on its left, after that prefix. Positions follow
+    the attention mask, so padding shifts nothing."""
     tokenizer = encoder.tokenizer
     device = next(model.parameters()).device
     stops, pad_id = list(encoder.stop_ids), encoder.pad_id
     share = not attends_in_sliding_windows(causal_lm(model).config)
     was_training = model.training
     model.eval()
-    answers: list[str] = []
+    encoded = [encoder.encode_prompt(p.messages, p.tools, p.options) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))
+    answers: list[str] = [""] * len(prompts)
     bar = progress_bar(None, "generating answers", total=len(prompts), unit="answer")
-    for b in range(0, len(prompts), batch_size):
-        encoded = [
-            encoder.encode_prompt(p.messages, p.tools, p.options)
-            for p in prompts[b : b + batch_size]
-        ]
-        shared = _common_start(encoded) if share else 0
-        rests = [ids[shared:] for ids in encoded]
+    for b in range(0, len(order), batch_size):
+        batch = [encoded[k] for k in order[b : b + batch_size]]
+        shared = _common_start(batch) if share else 0
+        rests = [ids[shared:] for ids in batch]
         width = shared + max(len(ids) for ids in rests)
-        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        input_ids[:, :shared] = torch.tensor(encoded[0][:shared])
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        input_ids[:, :shared] = torch.tensor(batch[0][:shared])
         attention[:, :shared] = 1
         for row, ids in enumerate(rests):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
@@ -149,7 +149,7 @@ def generate_answers(
         if shared:
             cache = DynamicCache(config=causal_lm(model).config)
             model(input_ids=input_ids[:1, :shared].to(device), cache=cache, use_cache=True)
-            cache.batch_repeat_interleave(len(encoded))
+            cache.batch_repeat_interleave(len(batch))
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
@@ -159,10 +159,10 @@ def generate_answers(
             eos_token_id=stops,
             pad_token_id=pad_id,
         )
-        for row in out[:, width:].tolist():
+        for k, row in zip(order[b : b + batch_size], out[:, width:].tolist(), strict=True):
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            answers.append(tokenizer.decode(row[:cut], skip_special_tokens=False))
-        bar.update(len(encoded))
+            answers[k] = tokenizer.decode(row[:cut], skip_special_tokens=False)
+        bar.update(len(batch))
     bar.close()
     model.train(was_training)
     return answers
