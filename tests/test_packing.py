@@ -21,7 +21,8 @@ from sftforge.batches import (
 )
 from sftforge.flops import flop_model
 from sftforge.loss import TokenLoss, chunked_head_loss, summed_token_loss, trained_token_count
-from sftforge.model import PackingError, verify_packing_isolation
+from sftforge.model import PackingError
+from sftforge.packing_check import verify_packing_isolation
 from sftforge.tokenize import IGNORE_INDEX, Example
 from sftforge.update import accumulate_gradients
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .devices import autocast
 from .evaluate import Prompt, generate_answers, mean_token_loss, prompt_and_reference
 from .examples import TrainingData
 from .forgetting import ForgettingMeter, corpus_examples, general_prompt_examples
@@ -29,6 +30,7 @@ class Assessment:
     forgetting: ForgettingMeter | None = None
     max_new_tokens: int = 128
     shared_rows_of: int | None = None  # rows' length, when training shares prefixes
+    amp: object | None = None  # the run's autocast dtype: measured as trained
 
     def loss(self, model) -> float | None:
         if not self.held_out:
@@ -42,7 +44,13 @@ class Assessment:
         )
 
     def measure(self, model, eval_loss: float | None = None) -> dict:
-        """Eval loss (unless already measured on this model), answers, scores, forgetting."""
+        """Eval loss (unless already measured on this model), answers, scores, forgetting,
+        under the run's autocast (flash-attention runs in bf16 or fp16 only, and a loss
+        measured in another precision than training's is not the loss training saw)."""
+        with autocast(self.device, self.amp):
+            return self._measure(model, eval_loss)
+
+    def _measure(self, model, eval_loss: float | None) -> dict:
         result: dict = {"eval_loss": eval_loss if eval_loss is not None else self.loss(model)}
         if self.prompts:
             answers = generate_answers(model, self.encoder, self.prompts, self.max_new_tokens)
@@ -94,6 +102,7 @@ def build_assessment(
     held_out: list[Conversation],
     held_out_examples: list[Example],
     device,
+    amp=None,
 ) -> Assessment:
     ev = config.eval
     # Answers are generated for scoring (up to max_prompts) or only for the report's samples.
@@ -119,6 +128,7 @@ def build_assessment(
         forgetting=forgetting,
         max_new_tokens=ev.max_new_tokens,
         shared_rows_of=config.max_length if config.training.share_prefixes else None,
+        amp=amp,
     )
 
 

@@ -8,7 +8,9 @@ gives the same update. Two choices:
 - **Rows.** One example per row, right-padded; or, with packing, several examples per row
   (best-fit decreasing), their `position_ids` restarting at 0 so that the attention of each
   example sees only itself (transformers turns restarting positions into a block-diagonal
-  causal mask for SDPA, and into the variable-length path for flash-attention).
+  causal mask for SDPA and eager attention). Flash-attention keeps examples apart only
+  within a batch of one row, so for it the loss reads a packed micro-batch as one row, with
+  the lengths of its segments (`cu_seq_lens`, found here on the host).
 - **Micro-batches.** `batch_size` examples each, or as many rows as fit a token budget
   (rows x longest row <= `micro_batch_tokens`), so short and long examples cost alike.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,10 +48,23 @@ class Batch:
     # prefix (prefix_sharing.py); None leaves the mask to the model (causal, or restarting
     # positions).
     attention_mask: torch.Tensor | None = None
+    # Flat indices (row x length + position) of the positions whose next token is trained,
+    # found on the host when the batch is made: the loss gathers them without a device sync.
+    trained_positions: torch.Tensor | None = None
+    # Packed rows, for flash-attention: the micro-batch read as one row, its segments (each
+    # example, each row's padding) as cumulative lengths, and the longest segment.
+    cu_seq_lens: torch.Tensor | None = None
+    longest_segment: int = 0
+
+    def __post_init__(self):
+        if self.trained_positions is None:
+            self.trained_positions = trained_positions_of(self.labels)
 
     def to(self, device: torch.device) -> Batch:
+        """On `device`; copies from pinned memory (`pinned`) do not wait for the device."""
+
         def move(t):
-            return None if t is None else t.to(device, non_blocking=True)
+            return None if t is None else t.to(device, non_blocking=t.is_pinned())
 
         return replace(
             self,
@@ -57,7 +73,42 @@ class Batch:
             position_ids=move(self.position_ids),
             example_length_per_token=move(self.example_length_per_token),
             attention_mask=move(self.attention_mask),
+            trained_positions=move(self.trained_positions),
+            cu_seq_lens=move(self.cu_seq_lens),
         )
+
+    def pinned(self) -> Batch:
+        """The batch in page-locked host memory, from which a GPU copies asynchronously."""
+
+        def pin(t):
+            return None if t is None else t.pin_memory()
+
+        return replace(
+            self,
+            input_ids=pin(self.input_ids),
+            labels=pin(self.labels),
+            position_ids=pin(self.position_ids),
+            example_length_per_token=pin(self.example_length_per_token),
+            attention_mask=pin(self.attention_mask),
+            trained_positions=pin(self.trained_positions),
+            cu_seq_lens=pin(self.cu_seq_lens),
+        )
+
+
+def trained_positions_of(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (row x length + position) of the positions whose next token's label is
+    trained."""
+    rows, length = labels.shape
+    row, position = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return row * length + position
+
+
+def packed_segments(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cumulative lengths, longest) of the segments of packed rows read as one row: a
+    segment starts wherever a position restarts at 0 (an example, or a row's padding)."""
+    starts = (position_ids.reshape(-1) == 0).nonzero().flatten()
+    bounds = torch.cat([starts, torch.tensor([position_ids.numel()])])
+    return bounds.to(torch.int32), int(bounds.diff().max())
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
@@ -94,6 +145,7 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
             # Padding restarts at 0 too: it forms its own segment, seen by no real token.
             positions[r, start:] = torch.arange(length - start)
     trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    cu_seq_lens, longest = packed_segments(positions) if packed else (None, 0)
     return Batch(
         input_ids,
         labels,
@@ -102,6 +154,8 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
         trained,
         length_per_token,
         attended_pairs=sum(causal_pairs(n) for n in lengths),
+        cu_seq_lens=cu_seq_lens,
+        longest_segment=longest,
     )
 
 
@@ -211,3 +265,22 @@ def step_batches(
     """The micro-batches of one optimizer step, as tensors (`lengths`: of every example)."""
     plan = plan_micro_batches(lengths, step, batch_size, token_budget, pack_length)
     return [collate_rows([[examples[i] for i in row] for row in mb], pad_id) for mb in plan]
+
+
+def made_ahead(stream, make, pin: bool = False):
+    """(epoch, example indices, micro-batches) of each optimizer step of `stream`, the
+    micro-batches made by `make(indices)`. The next step's are made by a background thread
+    while this one trains (in pinned memory for `pin`, from which the GPU copies without
+    waiting), so the device never waits for collation."""
+
+    def next_step():
+        epoch, indices = next(stream)
+        batches = make(indices)
+        return epoch, indices, [b.pinned() for b in batches] if pin else batches
+
+    with ThreadPoolExecutor(1, thread_name_prefix="sftforge-batches") as pool:
+        upcoming = pool.submit(next_step)
+        while True:
+            step = upcoming.result()
+            upcoming = pool.submit(next_step)
+            yield step

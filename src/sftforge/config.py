@@ -158,8 +158,8 @@ class TrainingConfig(Strict):
     peak_tflops: float | None = resumable(
         None,
         gt=0,
-        description="the device's matmul peak in TFLOP/s at the training precision; "
-        "shows MFU (bench/matmul_peak.py measures it)",
+        description="one device's matmul peak in TFLOP/s at the training precision; "
+        "shows MFU, over every process's devices (bench/matmul_peak.py measures it)",
     )
     schedule: Schedule = "cosine"
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
@@ -178,6 +178,13 @@ class TrainingConfig(Strict):
         "x hidden size) to the input embeddings (its paper: 5); null: off",
     )
     seed: int = 42
+    deterministic: bool = Field(
+        default=False,
+        description="only algorithms that give the same bits on every run (torch's "
+        "deterministic mode, cuBLAS's fixed workspace, deterministic flash-attention): a "
+        "resumed GPU run then equals the uninterrupted one bitwise, a little slower. CPU "
+        "runs are bitwise repeatable without it",
+    )
     precision: Precision = Field(
         default="auto",
         description="auto: bf16 autocast (fp32 master weights) where the device runs bf16 "

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from .batches import collate, empty_batch
 from .formats import Conversation, Message
-from .loss import TokenLoss, trained_token_count
+from .loss import TokenLoss, batch_loss
 from .metrics import progress_bar
 from .model import attends_in_sliding_windows, causal_lm
 from .prefix_sharing import shared_step_batches
@@ -57,7 +57,7 @@ def summed_loss_and_count(
     prefix once (prefix_sharing.py): the same loss, fewer tokens computed."""
     was_training = loss_module.training
     loss_module.eval()
-    total, count = 0.0, 0
+    count = 0
     if shared_rows_of:
         lengths = [len(e.input_ids) for e in examples]
         everything = list(range(len(examples)))
@@ -70,19 +70,12 @@ def summed_loss_and_count(
             collate(ordered[b : b + batch_size], pad_id) for b in range(0, len(ordered), batch_size)
         ]
     batches += [empty_batch(pad_id)] * (passes - len(batches))
+    summed = torch.zeros((), dtype=torch.float64, device=device)  # read once, at the end
     for batch in progress_bar(batches, description, unit="batch"):
-        batch = batch.to(device)
-        total += float(
-            loss_module(
-                batch.input_ids,
-                batch.labels,
-                batch.position_ids,
-                attention_mask=batch.attention_mask,
-            )
-        )
-        count += trained_token_count(batch.labels)
+        summed += batch_loss(loss_module, batch.to(device))
+        count += batch.trained_tokens
     loss_module.train(was_training)
-    return total, count
+    return float(summed), count
 
 
 class Prompt(NamedTuple):

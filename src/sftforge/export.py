@@ -17,7 +17,7 @@ def load_from_source(source: ModelSource, purpose: str, allow_pickle: bool = Fal
     unless allow_pickle; a tokenizer-only folder is refused, naming `purpose`."""
     source.require_weights(purpose)  # before the tokenizer: refuse early
     tokenizer = load_tokenizer(source.tokenizer)
-    return load_source_model(source, tokenizer, purpose, allow_pickle), tokenizer
+    return load_source_model(source, len(tokenizer), purpose, allow_pickle), tokenizer
 
 
 def load_base_with_adapter(adapter_dir: Path, allow_pickle: bool = False):

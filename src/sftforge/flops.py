@@ -43,9 +43,11 @@ def flop_model(model: torch.nn.Module, method: str) -> FlopModel:
     decoder = lm.get_decoder()
     matmul = 0
     for name, module in decoder.named_modules():
-        # peft's adapter matrices live under lora_A / lora_B; count the base layers only
+        # peft's adapter matrices live under lora_A / lora_B; count the base layers only.
+        # A matmul's size is in x out features, whatever the weight's storage (bitsandbytes'
+        # 4-bit weight is a packed uint8 tensor of half as many elements).
         if isinstance(module, torch.nn.Linear) and ".lora_" not in name:
-            matmul += module.weight.numel()
+            matmul += module.in_features * module.out_features
     config = lm.config.get_text_config()
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

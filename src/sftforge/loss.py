@@ -26,7 +26,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.utils.generic import is_flash_attention_requested
 
+from .batches import Batch, packed_segments, trained_positions_of
 from .model import causal_lm
 from .tokenize import IGNORE_INDEX
 
@@ -55,38 +57,77 @@ def summed_token_loss(
     neftune_alpha: float | None = None,
     probability_weighted: bool = False,
     attention_mask: torch.Tensor | None = None,
+    trained_positions: torch.Tensor | None = None,
+    segments: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained positions (not averaged).
 
     `position_ids` restarting inside a row mark packed examples; the model then keeps each
     example's attention to itself. `attention_mask` ([rows, 1, length, length], True where
-    a token may attend) replaces the model's own mask: rows sharing a prefix. With `neftune_alpha`, noise scaled by
-    `example_length_per_token` ([rows, length]) is added to the input embeddings;
-    `probability_weighted` is DFT."""
-    targets = labels[:, 1:]
-    trained = targets != IGNORE_INDEX
+    a token may attend) replaces the model's own mask: rows sharing a prefix. With
+    `neftune_alpha`, noise scaled by `example_length_per_token` ([rows, length]) is added to
+    the input embeddings; `probability_weighted` is DFT. `trained_positions` and `segments`
+    (a Batch's `trained_positions`, and `cu_seq_lens` with `longest_segment`) are found from
+    the labels and positions when not given, which waits for the device."""
     lm = causal_lm(model)
+    if trained_positions is None:
+        trained_positions = trained_positions_of(labels)
+    targets = labels.reshape(-1).index_select(0, trained_positions + 1)
     embedding = lm.get_input_embeddings()
     embeds = _embeddings_with_trained_rows(embedding, input_ids)
     if neftune_alpha is not None:
         embeds = embedding(input_ids) if embeds is None else embeds
         embeds = embeds + neftune_noise(embeds, example_length_per_token, neftune_alpha)
     inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
-    if attention_mask is not None:
-        inputs["attention_mask"] = as_model_mask(lm, attention_mask)
     if not _head_is_plain_linear(lm):
-        logits = model(**inputs, position_ids=position_ids, use_cache=False).logits
+        logits = model(
+            **_attention_inputs(lm, inputs, position_ids, attention_mask, segments),
+            use_cache=False,
+        ).logits
         token_losses = F.cross_entropy(
-            logits[:, :-1][trained].float(), targets[trained], reduction="none"
+            _rows_at(logits, trained_positions).float(), targets, reduction="none"
         )
         return _summed(token_losses, probability_weighted)
-    hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False)[0]
+    hidden = last_hidden_states(lm, inputs, position_ids, attention_mask, segments)
     return chunked_head_loss(
         lm.get_output_embeddings(),
-        hidden[:, :-1][trained],
-        targets[trained],
+        _rows_at(hidden, trained_positions),
+        targets,
         probability_weighted=probability_weighted,
     )
+
+
+def last_hidden_states(lm, inputs: dict, position_ids=None, attention_mask=None, segments=None):
+    """The decoder's output for `inputs` (input_ids or inputs_embeds), [rows, length, hidden]
+    or, for packed rows under flash-attention, [1, rows x length, hidden]."""
+    decoder = lm.get_decoder()
+    return decoder(
+        **_attention_inputs(lm, inputs, position_ids, attention_mask, segments), use_cache=False
+    )[0]
+
+
+def _attention_inputs(lm, inputs: dict, position_ids, attention_mask, segments) -> dict:
+    """What the model's attention needs besides the tokens. Flash-attention separates packed
+    examples only in a batch of one row (and otherwise attends across them): packed rows are
+    handed to it as one row with their segments' lengths."""
+    if attention_mask is not None:
+        return inputs | {"position_ids": position_ids, "attention_mask": as_model_mask(lm, attention_mask)}
+    if position_ids is None or not is_flash_attention_requested(lm.config):
+        return inputs | {"position_ids": position_ids}
+    cu_seq_lens, longest = segments if segments is not None else packed_segments(position_ids)
+    flat = {name: value.reshape(1, -1, *value.shape[2:]) for name, value in inputs.items()}
+    return flat | {
+        "position_ids": position_ids.reshape(1, -1),
+        "cu_seq_lens_q": cu_seq_lens.to(position_ids.device),
+        "cu_seq_lens_k": cu_seq_lens.to(position_ids.device),
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def _rows_at(states: torch.Tensor, flat_positions: torch.Tensor) -> torch.Tensor:
+    """[positions, features] of [rows, length, features] states at flat row x length indices."""
+    return states.reshape(-1, states.shape[-1]).index_select(0, flat_positions)
 
 
 def as_model_mask(lm, allowed: torch.Tensor) -> torch.Tensor:
@@ -148,6 +189,8 @@ class TokenLoss(torch.nn.Module):
         position_ids=None,
         example_length_per_token=None,
         attention_mask=None,
+        trained_positions=None,
+        segments=None,
     ) -> torch.Tensor:
         return summed_token_loss(
             self.model,
@@ -158,7 +201,24 @@ class TokenLoss(torch.nn.Module):
             neftune_alpha=self.neftune_alpha if self.training else None,
             probability_weighted=self.probability_weighted and self.training,
             attention_mask=attention_mask,
+            trained_positions=trained_positions,
+            segments=segments,
         )
+
+
+def batch_loss(loss_module, batch: Batch) -> torch.Tensor:
+    """The summed token loss of `batch` (on the model's device) through `loss_module`: a
+    TokenLoss, maybe under DDP or FSDP, which act on its forward."""
+    segments = None if batch.cu_seq_lens is None else (batch.cu_seq_lens, batch.longest_segment)
+    return loss_module(
+        batch.input_ids,
+        batch.labels,
+        batch.position_ids,
+        batch.example_length_per_token,
+        batch.attention_mask,
+        batch.trained_positions,
+        segments,
+    )
 
 
 def _trained_rows(module):

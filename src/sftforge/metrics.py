@@ -49,7 +49,9 @@ class TrainingClock:
             self._paused += time.perf_counter() - since
 
 
-def step_record(step, epoch, loss, lr, grad_norm, progress: Progress, t) -> dict:
+def step_record(step, epoch, loss, lr, grad_norm, progress: Progress, t, world=None) -> dict:
+    """One metrics.jsonl row. Tokens and FLOPs are every process's, so MFU divides by the
+    peak of all their devices (`peak_tflops` is one device's)."""
     elapsed = max(progress.elapsed_s, 1e-9)
     record = {
         "step": step,
@@ -65,7 +67,8 @@ def step_record(step, epoch, loss, lr, grad_norm, progress: Progress, t) -> dict
         "elapsed_s": progress.elapsed_s,
     }
     if t.peak_tflops:
-        record["mfu"] = record["tflops"] / t.peak_tflops
+        devices = world.size if world is not None else 1
+        record["mfu"] = record["tflops"] / (t.peak_tflops * devices)
     return record
 
 

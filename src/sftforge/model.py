@@ -195,12 +195,12 @@ def load_model(
 
 
 def load_source_model(
-    source: ModelSource, tokenizer, purpose: str, allow_pickle: bool = False, **loading
+    source: ModelSource, vocabulary_size: int, purpose: str, allow_pickle: bool = False, **loading
 ):
     """The causal LM `source` names (`purpose` is what the refusal of a tokenizer-only folder
     names). A LoRA run's adapter is attached to its base (a peft model), whose embeddings are
-    first resized to the run's tokenizer when the run added template tokens: the adapter's
-    trained rows expect them. `loading` goes to load_model."""
+    first resized to the run's tokenizer (`vocabulary_size` tokens) when the run added
+    template tokens: the adapter's trained rows expect them. `loading` goes to load_model."""
     from peft import PeftModel
 
     weights = source.require_weights(purpose)
@@ -212,8 +212,8 @@ def load_source_model(
     model = load_model(weights, allow_pickle=allow_pickle, **loading)
     if adapter is None:
         return model
-    if model.get_input_embeddings().num_embeddings != len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if model.get_input_embeddings().num_embeddings != vocabulary_size:
+        model.resize_token_embeddings(vocabulary_size, mean_resizing=False)
     return PeftModel.from_pretrained(model, adapter)
 
 
@@ -245,35 +245,6 @@ def attends_in_sliding_windows(config) -> bool:
 
 class PackingError(RuntimeError):
     pass
-
-
-@torch.no_grad()
-def verify_packing_isolation(model, device: torch.device) -> None:
-    """Prove, on this model as loaded, that packed examples cannot see each other: two short
-    sequences packed in one row (positions restarting) must give the hidden states they give
-    alone. Packing is refused otherwise: a leak would train silently on the wrong context."""
-    lm = causal_lm(model)
-    decoder = lm.get_decoder()
-    vocab = lm.get_input_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randint(0, vocab, (1, n), generator=g).to(device) for n in (5, 7))
-    positions = torch.cat([torch.arange(5), torch.arange(7)]).unsqueeze(0).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        packed = decoder(input_ids=torch.cat([a, b], 1), position_ids=positions, use_cache=False)
-        alone = torch.cat([decoder(input_ids=x, use_cache=False)[0] for x in (a, b)], 1)
-    finally:
-        model.train(was_training)
-    gap = float((packed[0].float() - alone.float()).abs().max())
-    scale = float(alone.float().abs().max())
-    if gap > 1e-3 * max(1.0, scale):
-        implementation = getattr(lm.config, "_attn_implementation", "?")
-        raise PackingError(
-            f"packing would let examples attend to each other with this model's attention "
-            f"({implementation}): packed and separate hidden states differ by {gap:.3g}. "
-            "Set training.packing=false, or attention=sdpa / flash_attention_2."
-        )
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -311,14 +282,22 @@ def add_missing_special_tokens(tokenizer, model, tokens: tuple[str, ...]) -> lis
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if not missing:
         return []
-    known = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": missing})
     new_ids = tokenizer.convert_tokens_to_ids(missing)
     if model is not None:
-        if model.get_input_embeddings().weight.shape[0] <= max(new_ids):
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        start_rows_at_the_mean(model, new_ids, known)
+        fit_new_token_rows(model, tokenizer, new_ids)
     return new_ids
+
+
+def fit_new_token_rows(model, tokenizer, new_ids: list[int]) -> None:
+    """Give `model` rows for the tokens `new_ids` that were just added to `tokenizer` (the
+    model may be loaded after the tokenizer got them), started at the mean of the rows of
+    the tokens it had before."""
+    if not new_ids:
+        return
+    if model.get_input_embeddings().weight.shape[0] <= max(new_ids):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    start_rows_at_the_mean(model, new_ids, known=len(tokenizer) - len(new_ids))
 
 
 @torch.no_grad()

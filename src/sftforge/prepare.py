@@ -20,10 +20,11 @@ from .model import (
     attention_implementation,
     autocast_dtype,
     default_cache_dir,
+    fit_new_token_rows,
     load_source_model,
     load_tokenizer,
 )
-from .model_source import ModelSourceError, resolve_model_source
+from .model_source import ModelSource, ModelSourceError, resolve_model_source
 from .preflight import check_max_length
 from .quantize import load_4bit_model
 from .templates import ChatTemplate, resolve_template
@@ -64,9 +65,28 @@ def text_side(
     return Encoder(tokenizer, chosen, train_on, reasoning, template_options), new_ids
 
 
+@dataclass
+class PreparedText:
+    """What a run reads and writes text with, known before any weights load."""
+
+    source: ModelSource
+    base_model_path: str
+    encoder: Encoder
+    new_ids: list[int]  # special tokens the template needs, added to the tokenizer
+
+
 def prepare(config: Config, device: torch.device) -> Prepared:
     """The base model on `device` (with adapters for LoRA and QLoRA) and its encoder,
     checked against max_length before any data is read."""
+    text = prepare_text(config)
+    model, base_path = prepare_model(config, device, text)
+    return Prepared(model, text.encoder, base_path)
+
+
+def prepare_text(config: Config) -> PreparedText:
+    """The tokenizer with its template (and any tokens the template needs) as an Encoder,
+    checked against max_length. Nothing touches a device: data can be encoded (in forked
+    workers) before CUDA or NCCL start in this process."""
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     source = resolve_model_source(config.model, cache)
     base_path = source.require_weights("training")
@@ -79,6 +99,22 @@ def prepare(config: Config, device: torch.device) -> Prepared:
             "folds it in as it loads"
         )
     tokenizer = load_tokenizer(source.tokenizer, config.trust_remote_code)
+    encoder, new_ids = text_side(
+        tokenizer,
+        config.template,
+        config.train_on,
+        model_type=source.model_type or _model_type(base_path, config.trust_remote_code),
+        reasoning=config.reasoning,
+        template_options=config.template_options,
+    )
+    check_max_length(encoder, config.max_length)  # before reading data that could not fit
+    return PreparedText(source, base_path, encoder, new_ids)
+
+
+def prepare_model(config: Config, device: torch.device, text: PreparedText):
+    """(the model on `device`, rows for the template's new tokens, adapters for LoRA and
+    QLoRA; the path of the weights it was loaded from)."""
+    source, base_path, tokenizer = text.source, text.base_model_path, text.encoder.tokenizer
     loading = {
         "trust_remote_code": config.trust_remote_code,
         "attention": attention_implementation(config.attention),
@@ -91,23 +127,28 @@ def prepare(config: Config, device: torch.device) -> Prepared:
         # pure_bf16 stores the frozen weights in bf16 (peft keeps the adapters in fp32): half
         # the memory, and no fp32 -> bf16 casts of weights and activations at every layer.
         dtype = torch.bfloat16 if config.training.precision == "pure_bf16" else torch.float32
-        model = load_source_model(source, tokenizer, "training", dtype=dtype, **loading)
+        vocabulary = len(tokenizer) - len(text.new_ids)  # the run's, for a run's adapter
+        model = load_source_model(source, vocabulary, "training", dtype=dtype, **loading)
         if source.adapter is not None:  # full fine-tuning of a LoRA run: its adapter folded in
             model = model.merge_and_unload()
             base_path = str(source.adapter)
         model = model.to(device)
-    encoder, new_ids = text_side(
-        tokenizer,
-        config.template,
-        config.train_on,
-        model,
-        reasoning=config.reasoning,
-        template_options=config.template_options,
-    )
-    check_max_length(encoder, config.max_length)  # before reading data that could not fit
+    fit_new_token_rows(model, tokenizer, text.new_ids)
     if config.uses_lora:
         lora = config.lora
-        model = attach_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules, new_ids)
+        model = attach_lora(
+            model, lora.r, lora.alpha, lora.dropout, lora.target_modules, text.new_ids
+        )
         if lora.fp32_sum:
             add_adapter_outputs_in_fp32(model)
-    return Prepared(model, encoder, base_path)
+    return model, base_path
+
+
+def _model_type(weights: str, trust_remote_code: bool) -> str | None:
+    """The model_type of the config beside `weights` (a hub id's config.json only is read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None

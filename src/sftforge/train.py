@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .assessment import build_assessment, finish_report
-from .batches import Batch, collate, step_batches, step_stream
+from .batches import Batch, collate, made_ahead, step_batches, step_stream
 from .checkpoint import (
     latest_checkpoint,
     publish_best,
@@ -29,6 +29,7 @@ from .checkpoint import (
     save_final,
 )
 from .config import Config
+from .devices import autocast, check_attention_precision, deterministic_algorithms
 from .distributed import (
     ALONE,
     World,
@@ -68,8 +69,8 @@ from .model import (
     enable_gradient_checkpointing,
     fast_adamw_options,
     pick_device,
-    verify_packing_isolation,
 )
+from .packing_check import verify_packing_isolation
 from .prefix_sharing import shared_step_batches, verify_prefix_sharing
 from .preflight import (
     check_data_files,
@@ -78,20 +79,25 @@ from .preflight import (
     checkpoint_bytes,
     resume_point,
 )
-from .prepare import prepare
+from .prepare import prepare, prepare_model, prepare_text
 from .run import Run
 from .runlock import lock_output_dir
-from .sharded import (
-    gather_whole_model,
+from .sharded import gather_whole_model
+from .update import (
+    accumulate_gradients,
+    gradient_norm,
+    learning_rate_at,
+    optimizer_steps,
+    step_seed,
 )
-from .update import accumulate_gradients, gradient_norm, learning_rate_at, optimizer_steps
 
 EVAL_BATCH = 8  # held-out examples per forward pass
 
 
 def train(config: Config) -> Path:
     world = world_from_environment()
-    with _one_run_per_output_dir(Path(config.output_dir), world):
+    deterministic = deterministic_algorithms(config.training.deterministic)
+    with _one_run_per_output_dir(Path(config.output_dir), world), deterministic:
         run = start(config, world)
         # A compiler that failed: the compiled layers run eagerly, for this run only.
         with torch.compiler.set_stance("force_eager" if run.compile_failed else "default"):
@@ -122,25 +128,27 @@ def start(config: Config, world: World = ALONE) -> Run:
     t = config.training
     quiet_other_ranks(world)
     check_data_files(config)
-    device = device_of_rank(pick_device(t.device), world)
     check_parallel_settings(config, world)
-    start_processes(world, device, t.collective_timeout_s)
     resume_from = None
     if world.is_main:
         for leftover in remove_unfinished(output_dir):
             print(f"removed {leftover.name}, left unfinished by an interrupted run")
         resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
+    text = prepare_text(config)
+    # The data is encoded (by forked workers) before CUDA or NCCL start in this process.
+    data = load_examples(config, text.encoder, output_dir, write_rejects=world.is_main)
+    device = device_of_rank(pick_device(t.device), world)
+    start_processes(world, device, t.collective_timeout_s)
     resume_from = from_main(resume_from, world)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
-    prepared = prepare(config, device)
-    data = load_examples(config, prepared.encoder, output_dir, write_rejects=world.is_main)
+    model, base_model_path = prepare_model(config, device, text)
     wait_for_all(world, "loading the model and the data")
-    model = prepared.model
     amp = autocast_dtype(t.precision, device)
+    check_attention_precision(config.attention, amp)
     total_steps = optimizer_steps(config, len(data.examples))
     assessment = build_assessment(
-        config, prepared.encoder, data.held_out, data.held_out_examples, device
+        config, text.encoder, data.held_out, data.held_out_examples, device, amp
     )
     if t.share_prefixes:  # before any held-out loss is measured in shared rows
         verify_prefix_sharing(model, device, config.max_length)
@@ -150,13 +158,13 @@ def start(config: Config, world: World = ALONE) -> Run:
         before = assessment.measure(model)
     wait_for_all(world, "measuring the model before training")
     if t.packing:
-        verify_packing_isolation(model, device)
+        verify_packing_isolation(model, device, amp)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     compile_failure = None
     if t.compile:
-        compile_failure = compile_with_fallback(model, data, prepared.encoder, device, amp)
+        compile_failure = compile_with_fallback(model, data, text.encoder, device, amp)
     layers = causal_lm(model).get_decoder().layers
     loss_module = TokenLoss(model, t.neftune_alpha, probability_weighted=t.loss == "dft")
     trainer = wrap_for_training(loss_module, layers, world, t.parallelism, amp)
@@ -187,9 +195,9 @@ def start(config: Config, world: World = ALONE) -> Run:
         amp=amp,
         model=model,
         trainer=trainer,
-        encoder=prepared.encoder,
+        encoder=text.encoder,
         data=data,
-        base_model_path=prepared.base_model_path,
+        base_model_path=base_model_path,
         params=params,
         optimizer=optimizer,
         assessment=assessment,
@@ -232,22 +240,26 @@ def steps(run: Run) -> dict:
     )
     metrics_path = run.output_dir / "metrics.jsonl"
     metrics = open_metrics(metrics_path, run.done) if world.is_main else open(os.devnull, "w")  # noqa: SIM115
-    with metrics, stop_requests() as stop:
+
+    def my_batches(indices):
+        mine = share_of_step(indices, lengths, world)
+        return make_batches(run.data.examples, lengths, mine, run.encoder.pad_id, **batching)
+
+    upcoming = made_ahead(run.stream, my_batches, pin=run.device.type == "cuda")
+    with metrics, stop_requests() as stop, contextlib.closing(upcoming):
         for step in bar:
             lr = learning_rate_at(step, total, warmup, config.learning_rate, t.schedule)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             torch.manual_seed(step_seed(t.seed, step, world.rank))
-            epoch, indices = next(run.stream)
-            mine = share_of_step(indices, lengths, world)
-            batches = make_batches(run.data.examples, lengths, mine, run.encoder.pad_id, **batching)
+            epoch, indices, batches = next(upcoming)
             loss, trained = accumulate_gradients(
                 run.trainer, batches, run.device, run.amp, world, run.encoder.pad_id
             )
             grad_norm = gradient_norm(run.params, t.max_grad_norm)
             applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)
             stopping, rows = _count(run, batches, trained, clock, stop.signal is not None)
-            record = step_record(step + 1, epoch + 1, loss, lr, grad_norm, progress, t)
+            record = step_record(step + 1, epoch + 1, loss, lr, grad_norm, progress, t, world)
             record["micro_batches"] = max_over_ranks(len(batches), world, run.device)
             record["rows"] = rows  # < examples when packed
             if not applied:
@@ -319,15 +331,16 @@ def _eval_loss_keeping_the_best(run: Run) -> float:
     world, held_out = run.world, run.assessment.held_out
     share = held_out[world.rank :: world.size]
     passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, run.device)
-    total, count = summed_loss_and_count(
-        run.trainer,
-        share,
-        run.device,
-        run.encoder.pad_id,
-        EVAL_BATCH,
-        passes,
-        shared_rows_of=run.assessment.shared_rows_of,
-    )
+    with autocast(run.device, run.amp):
+        total, count = summed_loss_and_count(
+            run.trainer,
+            share,
+            run.device,
+            run.encoder.pad_id,
+            EVAL_BATCH,
+            passes,
+            shared_rows_of=run.assessment.shared_rows_of,
+        )
     total, count = sum_over_ranks([total, count], world, run.device)
     eval_loss = total / max(count, 1)
     if run.config.eval.save_best and eval_loss < run.progress.best_eval:
@@ -381,15 +394,6 @@ def finish(run: Run, last_record: dict) -> Path:
     return run.output_dir
 
 
-# ---- helpers ------------------------------------------------------------------------------
-
-
 def _due(step: int, total: int, every: int | None) -> bool:
     """Whether something done every `every` steps, and after the last, is due after `step`."""
     return step == total or (every is not None and step % every == 0)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The random numbers of a step (dropout) come from (seed, step, rank) alone, so a
-    resumed run draws them as the uninterrupted one did, whatever it saved."""
-    return seed * 1_000_003 + step * 1009 + rank

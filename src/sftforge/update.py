@@ -13,7 +13,9 @@ import torch
 
 from .batches import Batch, empty_batch
 from .config import Config
+from .devices import autocast
 from .distributed import ALONE, World, gradient_sync, max_over_ranks, sum_over_ranks
+from .loss import batch_loss
 from .model import adapter_input_casts
 
 
@@ -51,26 +53,18 @@ def accumulate_gradients(
     counted = sum_over_ranks([sum(b.trained_tokens for b in batches)], world, device)
     step_trained = int(counted[0])
     micro_batches = max_over_ranks(len(batches), world, device)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # read once: no sync a batch
     # Under autocast, peft's own cast of each adapter's input to fp32 only adds a copy per
     # adapter (kept for the backward): autocast runs those matmuls in bf16 anyway.
     with adapter_input_casts(loss_module, enabled=amp is None):
         for k in range(micro_batches):
             batch = (batches[k] if k < len(batches) else empty_batch(pad_id)).to(device)
             with gradient_sync(loss_module, enabled=k == micro_batches - 1):
-                with torch.autocast(
-                    device.type, dtype=amp or torch.float32, enabled=amp is not None
-                ):
-                    loss_sum = loss_module(
-                        batch.input_ids,
-                        batch.labels,
-                        batch.position_ids,
-                        batch.example_length_per_token,
-                        batch.attention_mask,
-                    )
+                with autocast(device, amp):
+                    loss_sum = batch_loss(loss_module, batch)
                 (loss_sum * world.size / step_trained).backward()
-            total += loss_sum.item()
-    (total,) = sum_over_ranks([total], world, device)
+            total += loss_sum.detach()
+    (total,) = sum_over_ranks([float(total)], world, device)
     return total / step_trained, step_trained
 
 
@@ -86,3 +80,9 @@ def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> f
     if max_norm:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The random numbers of a step (dropout) come from (seed, step, rank) alone, so a
+    resumed run draws them as the uninterrupted one did, whatever it saved."""
+    return seed * 1_000_003 + step * 1009 + rank
