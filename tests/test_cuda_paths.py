@@ -271,7 +271,9 @@ class Stop(Exception):
     pass
 
 
-def test_a_run_encodes_its_data_before_it_touches_the_device(monkeypatch, tmp_path, demo_records_40):
+def test_a_run_encodes_its_data_before_it_touches_the_device(
+    monkeypatch, tmp_path, demo_records_40
+):
     """Forked encoding workers must start before CUDA and NCCL do in this process; and a
     run with training.deterministic trains in deterministic mode."""
     import sftforge.train as train_module

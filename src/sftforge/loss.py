@@ -111,7 +111,10 @@ def _attention_inputs(lm, inputs: dict, position_ids, attention_mask, segments) 
     examples only in a batch of one row (and otherwise attends across them): packed rows are
     handed to it as one row with their segments' lengths."""
     if attention_mask is not None:
-        return inputs | {"position_ids": position_ids, "attention_mask": as_model_mask(lm, attention_mask)}
+        return inputs | {
+            "position_ids": position_ids,
+            "attention_mask": as_model_mask(lm, attention_mask),
+        }
     if position_ids is None or not is_flash_attention_requested(lm.config):
         return inputs | {"position_ids": position_ids}
     cu_seq_lens, longest = segments if segments is not None else packed_segments(position_ids)

@@ -45,13 +45,17 @@ def verify_packing_isolation(model, device: torch.device, amp: torch.dtype | Non
                 lm, {"input_ids": batch.input_ids}, batch.position_ids, None, segments
             ).reshape(*batch.input_ids.shape, -1)
             alone = [
-                last_hidden_states(lm, {"input_ids": torch.tensor([ex.input_ids], device=device)})[0]
+                last_hidden_states(lm, {"input_ids": torch.tensor([ex.input_ids], device=device)})[
+                    0
+                ]
                 for row in rows
                 for ex in row
             ]
     finally:
         model.train(was_training)
-    together = [packed[r, start : start + n] for r, row in enumerate(lengths) for start, n in _spans(row)]
+    together = [
+        packed[r, start : start + n] for r, row in enumerate(lengths) for start, n in _spans(row)
+    ]
     gap = max(_relative_gap(got, want) for got, want in zip(together, alone, strict=True))
     dtype = amp or lm.get_input_embeddings().weight.dtype
     tolerance = TOLERANCE.get(dtype, 5e-2)
