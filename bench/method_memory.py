@@ -2,8 +2,8 @@
 
 Each method runs in its own process (peak RSS from the OS, and on CUDA the peak GPU memory
 torch saw), one at a time, alternating over --repeats rounds; the median of each is shown.
-With --reference FILE the per-step losses are compared with a reference run's (the CPU fp32
-one bench/gpu_check.sh uses is written with --write-reference).
+With --reference FILE the per-step losses are compared with a reference run's (one written
+by --write-reference, e.g. on the CPU in fp32).
 
     .venv/bin/python bench/method_memory.py [--model smollm2-135m] [--steps 6] [--repeats 2]
         [--device auto|cpu|cuda] [--precision auto|fp32|bf16] [--attention auto|flash_attention_2]

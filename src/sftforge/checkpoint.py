@@ -4,7 +4,7 @@
         (the model or adapter, tokenizer, chat template: loadable like the final model)
         trainable.safetensors   the trainable weights, bit for bit (adapters, or the whole model)
         optimizer.safetensors   the optimizer's per-parameter state (AdamW's moments and steps)
-        rng.safetensors         torch's generator states (CPU, and each CUDA device)
+        rng.safetensors         torch's generator states (CPU, and the run's GPU)
         state.json              step, data position, python/numpy RNG, counters, the run's
                                 config and data fingerprint, the "before" measurements
         checksums.json          each file's sha256 and size when written
@@ -304,18 +304,19 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict, sta
 
 
 def torch_rng_states() -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and the run's own GPU's (the current device, once CUDA is
+    in use): never every visible GPU's, which would start a CUDA context on each. (Every
+    step reseeds its generators from the seed and the step anyway: update.step_seed.)"""
     states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            states[f"cuda.{i}"] = cuda_state
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def restore_rng_states(tensors: dict, state: dict) -> None:
     torch.set_rng_state(tensors["cpu"])
-    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])  # the current device: this run's GPU
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     if state.get("numpy_rng") is not None:

@@ -81,22 +81,46 @@ def world_from_environment() -> World:
 
 
 def device_of_rank(device: torch.device, world: World) -> torch.device:
-    """Each process on a machine takes its own GPU (its LOCAL_RANK); CPU ranks share the CPU."""
-    if not world.is_distributed or device.type != "cuda":
+    """The GPU this process computes on, with its index, made the current CUDA device (which
+    bitsandbytes, flash-attention and memory statistics use). Alone: the one asked for (no
+    index: the current one). Among many: the GPU of its LOCAL_RANK, or the only GPU it sees
+    when the launcher gives each process its own (Slurm --gpus-per-task=1, or
+    CUDA_VISIBLE_DEVICES per process). CPU ranks share the CPU."""
+    if device.type != "cuda":
         return device
-    if device.index not in (None, world.local_rank):
+    count = torch.cuda.device_count()
+    if count == 0:
         raise DistributedError(
-            f"config key 'training.device': {device} under torchrun; each process takes the "
-            "GPU of its LOCAL_RANK. Use training.device=cuda (or auto), and choose GPUs with "
-            "CUDA_VISIBLE_DEVICES"
+            f"config key 'training.device': {device}, but torch sees no GPU (torch "
+            f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}). Use "
+            "training.device=auto or cpu, or install the torch build for your CUDA"
         )
-    if world.local_rank >= torch.cuda.device_count():
+    if not world.is_distributed:
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= count:
+            raise DistributedError(
+                f"config key 'training.device': {device}, but this machine shows {count} "
+                f"GPUs: use cuda:0 to cuda:{count - 1}, or auto"
+            )
+    elif world.local_rank < count:
+        index = world.local_rank
+    elif count == 1:
+        index = 0  # the launcher made one GPU visible to each process: it is this one's
+    else:
         raise DistributedError(
             f"rank {world.rank} has LOCAL_RANK {world.local_rank} but this machine shows "
-            f"{torch.cuda.device_count()} GPUs; start at most that many processes per machine"
+            f"{count} GPUs: start at most {count} processes per machine (torchrun "
+            f"--nproc_per_node {count}), or give each process one GPU of its own "
+            "(Slurm --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per process)"
         )
-    torch.cuda.set_device(world.local_rank)
-    return torch.device("cuda", world.local_rank)
+    if world.is_distributed and device.index not in (None, index):
+        raise DistributedError(
+            f"config key 'training.device': {device} under torchrun; each process takes the "
+            f"GPU of its LOCAL_RANK (here cuda:{index}). Use training.device=cuda (or auto), "
+            "and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def start_processes(world: World, device: torch.device, timeout_s: float) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 
 from .model_source import (  # noqa: F401 - default_cache_dir, resolve_model_path: re-exported
     ModelNotFoundError,
@@ -46,16 +48,31 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast (fp32 master weights) where the hardware runs bf16 fast, else none."""
+    """bf16 autocast (fp32 master weights) where the hardware runs bf16 fast, else none: on
+    CUDA, compute capability >= 8.0 of `device` (no index: the current one); below, bf16 is
+    emulated and auto computes in fp32 (fp16 autocast would need a gradient scaler)."""
     if precision == "fp32":
         return None
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device.index)
+        if precision in ("bf16", "pure_bf16") and capability < (8, 0):
+            warn_emulated_bf16(precision, device, capability)
+        return torch.bfloat16 if precision != "auto" or capability >= (8, 0) else None
     if precision in ("bf16", "pure_bf16"):
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return None
+
+
+@cache
+def warn_emulated_bf16(precision: str, device: torch.device, capability: tuple) -> None:
+    print(
+        f"warning: training.precision={precision} on {device}, compute capability "
+        f"{capability[0]}.{capability[1]}: bf16 runs natively from 8.0 (Ampere) on, and is "
+        "emulated here, slowly (training.precision=auto computes in fp32 on this GPU)",
+        file=sys.stderr,
+    )
 
 
 def fast_adamw_options(device: torch.device) -> dict:
@@ -163,6 +180,19 @@ def check_pickle_weights(where: str, pickle_files: list[str], allow_pickle: bool
     )
 
 
+def check_torch_version() -> None:
+    """Refuse a torch older than what training calls: torch.compiler.set_stance,
+    torch.nn.utils.get_total_norm and torch.distributed.fsdp.fully_shard (torch 2.6)."""
+    if Version(torch.__version__).release[:2] < (2, 6):  # 2.6.0a0+nv... builds too
+        raise ValueError(
+            f"sftforge needs torch >= 2.6 (set_stance, get_total_norm, fully_shard); this "
+            f"environment has torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}). "
+            "Install a newer build for your CUDA: pip install --upgrade torch --index-url "
+            "https://download.pytorch.org/whl/cu126 (cu118, cu124, cu126...; the command for "
+            "yours is at https://pytorch.org/get-started/locally/)"
+        )
+
+
 def load_model(
     path: str,
     trust_remote_code: bool = False,
@@ -175,6 +205,7 @@ def load_model(
     allow_pickle, after a warning. `loading` goes to from_pretrained (quantize.py's 4-bit)."""
     from transformers import AutoModelForCausalLM
 
+    check_torch_version()
     pickled = model_pickle_weights(path, trust_remote_code)
     if allow_pickle and not pickled and not Path(path).is_dir():
         # A hub repository's files are known only once transformers looks: warn beforehand.
@@ -261,8 +292,9 @@ def compile_decoder_layers(model, probe, backend="inductor") -> str | None:
     under torch.compiler.set_stance("force_eager")."""
     for layer in causal_lm(model).get_decoder().layers:
         layer.compile(dynamic=True, backend=backend)
+    device = next(model.parameters()).device  # fork only its GPU's generator, not every GPU's
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
             probe()
     except Exception as error:  # the compiler's errors have no common base but Exception
         cause = error
