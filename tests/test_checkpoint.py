@@ -308,7 +308,9 @@ def held_out_loss(model_dir: Path, held_out: Path) -> float:
     model, tokenizer = load_for_inference(str(model_dir))
     encoder = Encoder(tokenizer, resolve_template("auto", tokenizer))
     held = load_conversations(held_out).conversations
-    return mean_token_loss(model, [encoder.encode(c) for c in held], torch.device("cpu"), 0)
+    # as the run measured it: under its autocast (training.precision=bf16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return mean_token_loss(model, [encoder.encode(c) for c in held], torch.device("cpu"), 0)
 
 
 def test_save_best_keeps_the_weights_of_the_lowest_held_out_loss_not_the_last(diverging_run):
