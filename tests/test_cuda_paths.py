@@ -306,5 +306,6 @@ def test_a_run_encodes_its_data_before_it_touches_the_device(
     )
     with pytest.raises(Stop):
         train_module.train(config)
-    assert order == ["load_examples", "device_of_rank", "start_processes", "prepare_model", True]
+    # the process group starts first, without a device: NCCL starts at the first collective
+    assert order == ["start_processes", "load_examples", "device_of_rank", "prepare_model", True]
     assert not torch.are_deterministic_algorithms_enabled()

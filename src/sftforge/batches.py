@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import random
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -62,37 +62,15 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         """On `device`; copies from pinned memory (`pinned`) do not wait for the device."""
-
-        def move(t):
-            return None if t is None else t.to(device, non_blocking=t.is_pinned())
-
-        return replace(
-            self,
-            input_ids=move(self.input_ids),
-            labels=move(self.labels),
-            position_ids=move(self.position_ids),
-            example_length_per_token=move(self.example_length_per_token),
-            attention_mask=move(self.attention_mask),
-            trained_positions=move(self.trained_positions),
-            cu_seq_lens=move(self.cu_seq_lens),
-        )
+        return self._each_tensor(lambda t: t.to(device, non_blocking=t.is_pinned()))
 
     def pinned(self) -> Batch:
         """The batch in page-locked host memory, from which a GPU copies asynchronously."""
+        return self._each_tensor(lambda t: t.pin_memory())
 
-        def pin(t):
-            return None if t is None else t.pin_memory()
-
-        return replace(
-            self,
-            input_ids=pin(self.input_ids),
-            labels=pin(self.labels),
-            position_ids=pin(self.position_ids),
-            example_length_per_token=pin(self.example_length_per_token),
-            attention_mask=pin(self.attention_mask),
-            trained_positions=pin(self.trained_positions),
-            cu_seq_lens=pin(self.cu_seq_lens),
-        )
+    def _each_tensor(self, change) -> Batch:
+        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        return replace(self, **{name: change(getattr(self, name)) for name in names})
 
 
 def trained_positions_of(labels: torch.Tensor) -> torch.Tensor:

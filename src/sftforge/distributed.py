@@ -125,16 +125,14 @@ def device_of_rank(device: torch.device, world: World) -> torch.device:
 
 def start_processes(world: World, device: torch.device, timeout_s: float) -> None:
     """Join the process group: NCCL between GPUs, gloo between CPU processes. Also a gloo
-    group with a long timeout for the waits that are not training collectives."""
+    group with a long timeout for the waits that are not training collectives. No device is
+    bound here: NCCL starts (its communicator and threads) at the first collective, on the
+    GPU device_of_rank made current, after the data is encoded by forked workers."""
     global _waiting_group
     if not world.is_distributed:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend,
-        timeout=timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     _waiting_group = dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT)
 
 
@@ -244,7 +242,8 @@ def from_main(value, world: World):
     if not world.is_distributed:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    # On the waiting group (gloo, long timeout): a rank may still be preparing its data.
+    dist.broadcast_object_list(box, src=0, group=_waiting_group)
     return box[0]
 
 

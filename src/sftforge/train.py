@@ -134,11 +134,11 @@ def start(config: Config, world: World = ALONE) -> Run:
         for leftover in remove_unfinished(output_dir):
             print(f"removed {leftover.name}, left unfinished by an interrupted run")
         resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
+    start_processes(world, pick_device(t.device), t.collective_timeout_s)
     text = prepare_text(config)
     # The data is encoded (by forked workers) before CUDA or NCCL start in this process.
     data = load_examples(config, text.encoder, output_dir, write_rejects=world.is_main)
     device = device_of_rank(pick_device(t.device), world)
-    start_processes(world, device, t.collective_timeout_s)
     resume_from = from_main(resume_from, world)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
