@@ -7,8 +7,10 @@ from pathlib import Path
 
 import torch
 
-from sftforge.checkpoint import load_checkpoint, save_checkpoint
-from sftforge.model import attach_lora, load_model, load_tokenizer, resolve_model_path
+from sftforge.models.loading import attach_lora, load_model
+from sftforge.models.source import resolve_model_path
+from sftforge.models.tokenizer import load_tokenizer
+from sftforge.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def measure(method: str, path: str, tokenizer, folder: Path, saves: int = 3) -> str:

@@ -136,7 +136,7 @@ def ensure_trl_venv(dry_run: bool) -> None:
 
 
 def model_dir() -> str:
-    from sftforge.model import default_cache_dir, resolve_model_path
+    from sftforge.models.source import default_cache_dir, resolve_model_path
 
     return str(resolve_model_path("smollm2-135m", default_cache_dir()))
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from sftforge.data import load_conversations
-from sftforge.demo import demo_config
-from sftforge.evaluate import generate_answers, prompt_and_reference
-from sftforge.forgetting import bundled
-from sftforge.prepare import prepare
+from sftforge.data.loading import load_conversations
+from sftforge.evaluation.forgetting import bundled
+from sftforge.evaluation.generation import generate_answers, prompt_and_reference
+from sftforge.training.demo import demo_config
+from sftforge.training.prepare import prepare
 
 
 def main() -> None:

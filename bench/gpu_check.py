@@ -224,8 +224,8 @@ def describe(record: dict) -> str:
 
 TRAIN = r"""
 import json, sys, torch
-from sftforge.config_file import load_config
-from sftforge.train import train
+from sftforge.config.loading import load_config
+from sftforge.training.loop import train
 train(load_config(None, sys.argv[1:]))
 cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
 gib = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
@@ -383,13 +383,13 @@ def packed_against_alone(s: Settings, attention: str, amp) -> dict:
     `leak_gap`: the same packed rows without their restarting positions (a leak)."""
     import torch
 
-    from sftforge.batches import collate, collate_rows, plan_micro_batches
-    from sftforge.config_file import load_config
-    from sftforge.devices import autocast
-    from sftforge.examples import load_examples
-    from sftforge.loss import TokenLoss, batch_loss
-    from sftforge.prepare import prepare_model, prepare_text
-    from sftforge.tokenize import IGNORE_INDEX
+    from sftforge.config.loading import load_config
+    from sftforge.encode.batches import collate, collate_rows, plan_micro_batches
+    from sftforge.encode.encoder import IGNORE_INDEX
+    from sftforge.models.devices import autocast
+    from sftforge.models.loss import TokenLoss, batch_loss
+    from sftforge.training.prepare import prepare_model, prepare_text
+    from sftforge.training.training_data import load_examples
 
     config = load_config(
         None, train_overrides(s, attention, f"attention={attention}", "training.packing=true")

@@ -279,7 +279,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     if args.model is None:
-        from sftforge.model import default_cache_dir, resolve_model_path
+        from sftforge.models.source import default_cache_dir, resolve_model_path
 
         args.model = resolve_model_path("smollm2-135m", default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(args.model)

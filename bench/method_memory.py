@@ -26,8 +26,8 @@ DATA = ROOT / "src/sftforge/assets/demo_train.jsonl"
 
 CHILD = r"""
 import json, resource, sys, torch
-from sftforge.config_file import load_config
-from sftforge.train import train
+from sftforge.config.loading import load_config
+from sftforge.training.loop import train
 method, model, steps, out, *extra = sys.argv[1:]
 config = load_config(None, [f"model={model}", f"method={method}", f"data.train={DATA}",
     f"output_dir={out}", f"training.max_steps={steps}", "training.batch_size=8",

@@ -139,10 +139,11 @@ WORDS = [
 
 OURS = r"""
 import json, sys, time
-from sftforge.data import load_conversations
-from sftforge.encoding import encode_stream
-from sftforge.model import load_tokenizer, resolve_model_path
-from sftforge.prepare import text_side
+from sftforge.data.loading import load_conversations
+from sftforge.encode.parallel import encode_stream
+from sftforge.models.source import resolve_model_path
+from sftforge.models.tokenizer import load_tokenizer
+from sftforge.models.tokenizer import text_side
 data, num_proc, train_on, template = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 encoder, _ = text_side(load_tokenizer(resolve_model_path("smollm2-135m")), template, train_on)
 started = time.perf_counter()
@@ -301,14 +302,14 @@ def main() -> None:
     args = parser.parse_args()
     data = generated_data(args.conversations, args.kind)
     sys.path.insert(0, str(ROOT / "src"))
-    from sftforge.model import resolve_model_path
+    from sftforge.models.source import resolve_model_path
 
     model_dir = str(resolve_model_path("smollm2-135m"))
     template = "auto" if args.kind == "chat" else "chatml"
     ours = [sys.executable, "-c", OURS, str(data), str(args.num_proc), args.train_on, template]
     trl = [str(TRL_PYTHON), "-c", TRL, str(data), str(args.num_proc), model_dir, "/tmp/prep-trl"]
     if args.kind == "tools":
-        trl.append(str(ROOT / "src/sftforge/chat_templates/chatml.jinja"))
+        trl.append(str(ROOT / "src/sftforge/encode/chat_templates/chatml.jinja"))
     results: dict[str, list[dict]] = {"sftforge": [], "TRL": []}
     for round_ in range(args.repeats):
         for name, command in (("sftforge", ours), ("TRL", trl)):

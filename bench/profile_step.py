@@ -19,10 +19,10 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from sftforge.batches import collate
-from sftforge.config_file import load_config
-from sftforge.train import start
-from sftforge.update import accumulate_gradients
+from sftforge.config.loading import load_config
+from sftforge.encode.batches import collate
+from sftforge.training.loop import start
+from sftforge.training.update import accumulate_gradients
 
 DEMO = Path(__file__).resolve().parent.parent / "src/sftforge/assets/demo_train.jsonl"
 GROUPS = {  # operator name fragments -> group; the first match wins

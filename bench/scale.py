@@ -34,10 +34,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 PREPARE = r"""
 import json, resource, sys, time
 from pathlib import Path
-from sftforge.config_file import load_config
-from sftforge.examples import load_examples
-from sftforge.model import load_tokenizer, resolve_model_path
-from sftforge.prepare import text_side
+from sftforge.config.loading import load_config
+from sftforge.training.training_data import load_examples
+from sftforge.models.source import resolve_model_path
+from sftforge.models.tokenizer import load_tokenizer
+from sftforge.models.tokenizer import text_side
 data, cache, num_proc, out = sys.argv[1:]
 encoder, _ = text_side(load_tokenizer(resolve_model_path("smollm2-135m")), "auto")
 config = load_config(None, [f"data.train={data}", f"cache_dir={cache}", "max_length=512",

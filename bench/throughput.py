@@ -15,8 +15,8 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from sftforge.config_file import load_config
-from sftforge.train import train
+from sftforge.config.loading import load_config
+from sftforge.training.loop import train
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 

@@ -87,9 +87,9 @@ class HeldOutLoss:
     def __init__(self, args):
         import torch
 
-        from sftforge.config_file import load_config
-        from sftforge.examples import load_examples
-        from sftforge.prepare import prepare
+        from sftforge.config.loading import load_config
+        from sftforge.training.prepare import prepare
+        from sftforge.training.training_data import load_examples
 
         self.config = load_config(
             None,
@@ -111,7 +111,7 @@ class HeldOutLoss:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from sftforge.evaluate import mean_token_loss
+        from sftforge.evaluation.generation import mean_token_loss
 
         model = self.prepared.model
         result = set_peft_model_state_dict(
@@ -126,9 +126,7 @@ class HeldOutLoss:
 
 def curve_of_trl(save_dir: Path, held_out_loss: HeldOutLoss) -> dict[int, tuple[float, float]]:
     seconds = json.loads((save_dir / "train_seconds.json").read_text())
-    return {
-        int(step): (s, held_out_loss(save_dir / f"step-{step}")) for step, s in seconds.items()
-    }
+    return {int(step): (s, held_out_loss(save_dir / f"step-{step}")) for step, s in seconds.items()}
 
 
 def time_to(target: float, curve: dict[int, tuple[float, float]]) -> float | None:
@@ -156,7 +154,9 @@ def main() -> None:
         "command": shlex.join([sys.executable, *sys.argv]),
         "machine": {"cpu": compare.lscpu_field("Model name"), "cores": os.cpu_count()},
         "versions": {
-            "sftforge_venv": compare.versions(compare.OUR_PYTHON, ["torch", "transformers", "peft"]),
+            "sftforge_venv": compare.versions(
+                compare.OUR_PYTHON, ["torch", "transformers", "peft"]
+            ),
             "trl_venv": compare.versions(compare.TRL_PYTHON, ["trl", "torch", "transformers"]),
         },
         "git": compare.git_state(),

@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from sftforge.data import load_conversations  # noqa: E402
-from sftforge.messages import DataError  # noqa: E402
-from sftforge.model import load_tokenizer, resolve_model_path  # noqa: E402
-from sftforge.prepare import text_side  # noqa: E402
+from sftforge.data.loading import load_conversations  # noqa: E402
+from sftforge.data.messages import DataError  # noqa: E402
+from sftforge.models.source import resolve_model_path  # noqa: E402
+from sftforge.models.tokenizer import load_tokenizer, text_side  # noqa: E402
 
 DEFAULT_FILES = [
     *(ROOT / "tests/data/tools" / f"{name}.jsonl" for name in ("openai", "sharegpt", "hermes")),

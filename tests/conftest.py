@@ -17,7 +17,7 @@ from model_families import (  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The embedded SmolLM2-135M, converted once to safetensors (cached across runs)."""
-    from sftforge.model import resolve_model_path
+    from sftforge.models.source import resolve_model_path
 
     return resolve_model_path("smollm2-135m")
 
@@ -30,7 +30,7 @@ def smollm2_tokenizer_path(smollm2_path) -> str:
 @pytest.fixture(scope="session")
 def shared_smollm2_tokenizer(smollm2_tokenizer_path):
     """SmolLM2's tokenizer, loaded once: for tests that only read it."""
-    from sftforge.model import load_tokenizer
+    from sftforge.models.tokenizer import load_tokenizer
 
     return load_tokenizer(smollm2_tokenizer_path)
 
@@ -49,7 +49,7 @@ def sentencepiece_tokenizer_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def shared_sentencepiece_tokenizer(sentencepiece_tokenizer_path):
-    from sftforge.model import load_tokenizer
+    from sftforge.models.tokenizer import load_tokenizer
 
     return load_tokenizer(sentencepiece_tokenizer_path)
 
@@ -62,7 +62,7 @@ def sentencepiece_tokenizer(shared_sentencepiece_tokenizer):
 @pytest.fixture(scope="session")
 def shared_legacy_sentencepiece_tokenizer(tmp_path_factory):
     """The same tokenizer with `legacy: true`: a prefix space after special tokens too."""
-    from sftforge.model import load_tokenizer
+    from sftforge.models.tokenizer import load_tokenizer
 
     path = build_sentencepiece_tokenizer(tmp_path_factory.mktemp("legacy"), legacy=True)
     return load_tokenizer(str(path))

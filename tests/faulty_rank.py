@@ -9,14 +9,14 @@ import os
 import sys
 import time
 
-import sftforge.train
-from sftforge.cli import main
+import sftforge.training.loop
+from sftforge.cli.main import main
 
 faulty = os.environ.get("RANK") == os.environ.get("FAULTY_RANK")
 
 if faulty and "FAIL_AT_STEP" in os.environ:
     fail_at = int(os.environ["FAIL_AT_STEP"])
-    accumulate = sftforge.train.accumulate_gradients
+    accumulate = sftforge.training.loop.accumulate_gradients
     calls = []
 
     def accumulate_then_fail(*args, **kwargs):
@@ -25,15 +25,15 @@ if faulty and "FAIL_AT_STEP" in os.environ:
             raise RuntimeError(f"injected failure in step {fail_at}")
         return accumulate(*args, **kwargs)
 
-    sftforge.train.accumulate_gradients = accumulate_then_fail
+    sftforge.training.loop.accumulate_gradients = accumulate_then_fail
 
 if faulty and "SLOW_PREPARE_S" in os.environ:
-    load_examples = sftforge.train.load_examples
+    load_examples = sftforge.training.loop.load_examples
 
     def slow_load_examples(*args, **kwargs):
         time.sleep(float(os.environ["SLOW_PREPARE_S"]))
         return load_examples(*args, **kwargs)
 
-    sftforge.train.load_examples = slow_load_examples
+    sftforge.training.loop.load_examples = slow_load_examples
 
 sys.exit(main())

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.cli import main
-from sftforge.formats import FORMATS, DataError
-from sftforge.messages import Source
-from sftforge.model import load_tokenizer
-from sftforge.prepare import text_side
-from sftforge.tokenize import IGNORE_INDEX
+from sftforge.cli.main import main
+from sftforge.data.formats import FORMATS
+from sftforge.data.messages import DataError, Source
+from sftforge.encode.encoder import IGNORE_INDEX
+from sftforge.models.tokenizer import load_tokenizer, text_side
 
 WEATHER = {
     "type": "function",
@@ -304,7 +303,7 @@ def test_inspect_json_writes_one_line_per_example_after_the_split(
 
 
 def test_a_split_conversation_s_examples_are_its_rows_of_the_table(qwen3_tokenizer):
-    from sftforge.encoding import encode_stream
+    from sftforge.encode.parallel import encode_stream
 
     encoder, _ = text_side(qwen3_tokenizer, "auto")
     chats = [conversation(TOOL_LOOP, 1), conversation(PLAIN_WITH_THINKING, 2)]
@@ -326,8 +325,8 @@ def test_a_run_on_qwen3_tool_data_trains_every_split_example_and_holds_out_whole
 ):
     from model_families import save_model_with_tokenizer, tiny_llama
 
-    from sftforge.config_file import load_config
-    from sftforge.train import train
+    from sftforge.config.loading import load_config
+    from sftforge.training.loop import train
 
     model = save_model_with_tokenizer(
         tiny_llama(len(qwen3_tokenizer)), copy.deepcopy(qwen3_tokenizer), tmp_path / "tiny"

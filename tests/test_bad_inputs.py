@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftforge.cli import main
-from sftforge.config_file import ConfigError, load_config
-from sftforge.data import Rejects, load_conversations
-from sftforge.examples import encode_all
-from sftforge.formats import DataError
-from sftforge.readers import MAX_RECORD_BYTES
-from sftforge.templates import resolve_template
-from sftforge.tokenize import Encoder
+from sftforge.cli.main import main
+from sftforge.config.loading import ConfigError, load_config
+from sftforge.data.loading import Rejects, load_conversations
+from sftforge.data.messages import DataError
+from sftforge.data.readers import MAX_RECORD_BYTES
+from sftforge.encode.encoder import Encoder
+from sftforge.encode.templates import resolve_template
+from sftforge.training.training_data import encode_all
 
 BAD_INPUTS = Path(__file__).parent / "bad_inputs"
 
@@ -691,7 +691,7 @@ def test_skip_over_the_whole_corpus_rejects_every_bad_record_and_trains_on_the_r
     The file-level cases (files/, the folders) are left out: a file holding no record to
     reject aborts the load even with skip, which is their expected behaviour (tested above).
     """
-    from sftforge.train import train
+    from sftforge.training.loop import train
 
     corpus = tmp_path / "corpus"
     shutil.copytree(BAD_INPUTS / "records", corpus / "records")

@@ -1,4 +1,4 @@
-"""The built-in chat templates in src/sftforge/chat_templates/.
+"""The built-in chat templates in src/sftforge/encode/chat_templates/.
 
 sftforge derives loss masks by rendering prefixes of a conversation, so every template must:
   * render the official format of its family (golden strings, written by hand);
@@ -23,7 +23,9 @@ import pytest
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "src" / "sftforge" / "chat_templates"
+TEMPLATE_DIR = (
+    Path(__file__).resolve().parents[1] / "src" / "sftforge" / "encode" / "chat_templates"
+)
 
 
 def _raise_exception(message: str) -> None:

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from sftforge.atomic import write_atomically
-from sftforge.checkpoint import (
+from sftforge.config.loading import ConfigError, load_config
+from sftforge.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     remove_unfinished,
     save_checkpoint,
     step_checkpoints,
 )
-from sftforge.config_file import ConfigError, load_config
-from sftforge.guards import NonFiniteError
-from sftforge.preflight import PreflightError, check_free_disk, resume_point
-from sftforge.train import train
+from sftforge.training.guards import NonFiniteError
+from sftforge.training.loop import train
+from sftforge.training.preflight import PreflightError, check_free_disk, resume_point
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 FINISHED = ("adapter_model.safetensors", "model.safetensors", "summary.json")
@@ -145,7 +145,7 @@ def test_checkpoints_hold_weights_optimizer_rng_and_data_position(finished_run):
 def test_a_checkpoint_loads_for_inference_with_the_weights_it_resumes_from(finished_run):
     from safetensors.torch import load_file
 
-    from sftforge.export import load_for_inference
+    from sftforge.models.trained import load_for_inference
 
     checkpoint = step_checkpoints(finished_run)[0]
 
@@ -299,11 +299,11 @@ def eval_losses(run: Path) -> list[float]:
 
 
 def held_out_loss(model_dir: Path, held_out: Path) -> float:
-    from sftforge.data import load_conversations
-    from sftforge.evaluate import mean_token_loss
-    from sftforge.export import load_for_inference
-    from sftforge.templates import resolve_template
-    from sftforge.tokenize import Encoder
+    from sftforge.data.loading import load_conversations
+    from sftforge.encode.encoder import Encoder
+    from sftforge.encode.templates import resolve_template
+    from sftforge.evaluation.generation import mean_token_loss
+    from sftforge.models.trained import load_for_inference
 
     model, tokenizer = load_for_inference(str(model_dir))
     encoder = Encoder(tokenizer, resolve_template("auto", tokenizer))
@@ -512,7 +512,7 @@ def test_checkpoint_files_get_no_permission_the_umask_withholds(tmp_path, umask)
 
 
 def test_resumed_metrics_keep_the_steps_done_and_drop_later_or_cut_rows(tmp_path):
-    from sftforge.metrics import open_metrics
+    from sftforge.training.metrics import open_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": step, "loss": 1.0}) for step in range(1, 6)]

@@ -9,14 +9,14 @@ import pytest
 from test_checkpoint import tiny_optimizer_and_model
 
 from sftforge.atomic import write_atomically
-from sftforge.checkpoint import (
+from sftforge.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
     step_checkpoints,
     verify_checkpoint,
 )
-from sftforge.preflight import PreflightError, resume_point
+from sftforge.training.preflight import PreflightError, resume_point
 
 
 def checkpoints(output_dir: Path, *steps: int) -> list[Path]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftforge.cli import explain, main
-from sftforge.guards import NonFiniteError, RunInterrupted
+from sftforge.cli.main import explain, main
+from sftforge.training.guards import NonFiniteError, RunInterrupted
 
 
 def test_a_missing_data_file_is_one_paragraph_and_exit_code_2(tmp_path, capsys):

@@ -4,9 +4,9 @@ falls back to eager execution with the reason, instead of failing the first step
 import torch
 from test_loss import VOCAB, random_examples
 
-from sftforge.batches import collate
-from sftforge.loss import TokenLoss
-from sftforge.model import compile_decoder_layers
+from sftforge.encode.batches import collate
+from sftforge.models.loading import compile_decoder_layers
+from sftforge.models.loss import TokenLoss
 
 
 def test_a_compiler_that_fails_is_reported_and_the_model_still_runs_eagerly(tiny_model_factory):

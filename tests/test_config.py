@@ -1,10 +1,11 @@
 """The typed config: YAML + key=value overrides, mistakes named."""
 
+from typing import get_args
+
 import pytest
 
-from sftforge.config import DataFormat, choices
-from sftforge.config_file import ConfigError, dump_config, load_config
-from sftforge.formats import FORMATS
+from sftforge.config.loading import ConfigError, dump_config, load_config
+from sftforge.data.formats import FORMATS, DataFormat
 
 
 def write(tmp_path, text):
@@ -97,6 +98,6 @@ def test_a_resume_may_change_exactly_the_fields_marked_resumable():
 
 
 def test_the_data_formats_the_config_allows_are_the_format_table():
-    assert choices(DataFormat) == ("auto", *sorted(FORMATS))
+    assert get_args(DataFormat) == ("auto", *sorted(FORMATS))
     for name in FORMATS:
         assert load_config(None, ["data.train=x", f"data.format={name}"]).data.format == name

@@ -13,15 +13,15 @@ from model_families import tiny_llama
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface
 
-from sftforge.batches import collate, collate_rows, made_ahead, pack_best_fit_decreasing
-from sftforge.devices import autocast, check_attention_precision, deterministic_algorithms
-from sftforge.flops import flop_model
-from sftforge.loss import TokenLoss, batch_loss
-from sftforge.metrics import Progress, step_record
-from sftforge.model import PackingError
-from sftforge.packing_check import verify_packing_isolation
-from sftforge.tokenize import IGNORE_INDEX, Example
-from sftforge.update import accumulate_gradients
+from sftforge.encode.batches import collate, collate_rows, made_ahead, pack_best_fit_decreasing
+from sftforge.encode.encoder import IGNORE_INDEX, Example
+from sftforge.models.devices import autocast, check_attention_precision, deterministic_algorithms
+from sftforge.models.flops import flop_model
+from sftforge.models.loading import PackingError
+from sftforge.models.loss import TokenLoss, batch_loss
+from sftforge.models.packing_check import verify_packing_isolation
+from sftforge.training.metrics import Progress, step_record
+from sftforge.training.update import accumulate_gradients
 
 CPU = torch.device("cpu")
 VOCAB = 64
@@ -180,10 +180,10 @@ def test_the_next_steps_batches_are_made_ahead_in_pinned_memory_when_asked():
 
 
 def test_evaluation_runs_under_the_runs_autocast(smollm2_tokenizer):
-    from sftforge.assessment import Assessment
-    from sftforge.evaluate import Prompt
-    from sftforge.formats import Message
-    from sftforge.prepare import text_side
+    from sftforge.data.messages import Message
+    from sftforge.evaluation.generation import Prompt
+    from sftforge.models.tokenizer import text_side
+    from sftforge.training.assessment import Assessment
 
     encoder, _ = text_side(smollm2_tokenizer, "chatml")
     model = tiny_llama(len(smollm2_tokenizer))
@@ -222,7 +222,7 @@ def test_autocast_is_off_for_fp32():
 def test_mfu_divides_by_the_peak_of_every_devices():
     from types import SimpleNamespace
 
-    from sftforge.distributed import World
+    from sftforge.training.distributed import World
 
     progress = Progress(tokens=1000, flops=4e12, elapsed_s=2.0)
     t = SimpleNamespace(peak_tflops=1.0)
@@ -276,8 +276,8 @@ def test_a_run_encodes_its_data_before_it_touches_the_device(
 ):
     """Forked encoding workers must start before CUDA and NCCL do in this process; and a
     run with training.deterministic trains in deterministic mode."""
-    import sftforge.train as train_module
-    from sftforge.config_file import load_config
+    import sftforge.training.loop as train_module
+    from sftforge.config.loading import load_config
 
     order = []
 

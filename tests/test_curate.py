@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.data import conversation_from_record, load_conversations
-from sftforge.dedup import DuplicateFinder, find_duplicates, shingles, write_dedup
-from sftforge.filters import FilterError, FilterRules, filter_conversations, write_filter
-from sftforge.formats import Conversation, Message, Source
-from sftforge.writers import conversation_record, write_conversations
+from sftforge.curate.dedup import DuplicateFinder, find_duplicates, shingles, write_dedup
+from sftforge.curate.filters import FilterError, FilterRules, filter_conversations, write_filter
+from sftforge.data.loading import conversation_from_record, load_conversations
+from sftforge.data.messages import Conversation, Message, Source
+from sftforge.data.writers import conversation_record, write_conversations
 
 DATA = Path(__file__).parent / "data" / "curate"
 # chats.jsonl: 1 coffee question (A); 2 sorting in Python (B); 3 A in other case and

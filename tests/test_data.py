@@ -12,14 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftforge.data import (
+from sftforge.data.formats import FORMATS
+from sftforge.data.loading import (
     LoadResult,
     Rejects,
     conversation_from_record,
     detect_format,
     load_conversations,
 )
-from sftforge.formats import FORMATS, DataError, Message, Source
+from sftforge.data.messages import DataError, Message, Source
 
 DATA = Path(__file__).parent / "data"
 BAD_RECORDS = Path(__file__).parent / "bad_inputs" / "records"  # see test_bad_inputs.py

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.data import load_conversations
-from sftforge.dedup import find_duplicates
-from sftforge.prepare import text_side
-from sftforge.stats import add_duplicates, collect_stats, format_stats, histogram_bins
-from sftforge.writers import WRITERS, write_records
+from sftforge.curate.dedup import find_duplicates
+from sftforge.curate.stats import add_duplicates, collect_stats, format_stats, histogram_bins
+from sftforge.data.loading import load_conversations
+from sftforge.data.writers import WRITERS, write_records
+from sftforge.models.tokenizer import text_side
 
 PLANTED = Path(__file__).parent / "data" / "data_tools" / "planted.jsonl"
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
@@ -152,7 +152,7 @@ def test_data_convert_command_says_what_it_could_not_write_and_fails(tmp_path):
 
 
 def test_the_dedup_command_streams_the_kept_records_and_reports_each_dropped_one(tmp_path):
-    from sftforge.cli import main
+    from sftforge.cli.main import main
 
     out = tmp_path / "kept.jsonl"
     assert main(["data", "dedup", str(PLANTED), "-o", str(out)]) == 0
@@ -165,7 +165,7 @@ def test_the_dedup_command_streams_the_kept_records_and_reports_each_dropped_one
 
 
 def test_the_stats_command_prints_the_findings_exact_only_too(tmp_path, capsys):
-    from sftforge.cli import main
+    from sftforge.cli.main import main
 
     assert main(["data", "stats", str(PLANTED), "--max-length", "60", "--exact-only"]) == 0
     text = capsys.readouterr().out

@@ -9,15 +9,10 @@ import pytest
 import torch
 from model_families import tiny_llama
 
-from sftforge import model as model_module
-from sftforge.distributed import ALONE, DistributedError, World, device_of_rank
-from sftforge.model import (
-    autocast_dtype,
-    check_torch_version,
-    compile_decoder_layers,
-    load_model,
-    warn_emulated_bf16,
-)
+from sftforge.models import devices as model_module
+from sftforge.models.devices import autocast_dtype, warn_emulated_bf16
+from sftforge.models.loading import check_torch_version, compile_decoder_layers, load_model
+from sftforge.training.distributed import ALONE, DistributedError, World, device_of_rank
 
 # ---- the torch floor ---------------------------------------------------------------------------
 
@@ -197,7 +192,7 @@ def test_compiling_a_model_on_cuda_1_forks_that_gpu_generator_only(forks):
 
 
 def test_a_checkpoint_keeps_the_runs_own_gpu_generator_and_touches_no_other(monkeypatch):
-    from sftforge import checkpoint
+    from sftforge.training import checkpoint
 
     def every_gpu():
         raise AssertionError("a checkpoint read every visible GPU's generator")

@@ -16,14 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftforge.batches import step_batches, step_stream
-from sftforge.checkpoint import verify_checkpoint
-from sftforge.config_file import load_config
-from sftforge.distributed import DistributedError, World, check_parallel_settings, share_of_step
-from sftforge.examples import load_examples
-from sftforge.export import convert_checkpoint
-from sftforge.model import load_tokenizer
-from sftforge.prepare import text_side
+from sftforge.config.loading import load_config
+from sftforge.encode.batches import step_batches, step_stream
+from sftforge.models.tokenizer import load_tokenizer, text_side
+from sftforge.training.checkpoint import verify_checkpoint
+from sftforge.training.distributed import (
+    DistributedError,
+    World,
+    check_parallel_settings,
+    share_of_step,
+)
+from sftforge.training.output import convert_checkpoint
+from sftforge.training.training_data import load_examples
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 FAULTY_RANK = Path(__file__).parent / "faulty_rank.py"

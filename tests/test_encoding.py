@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import sftforge.encoding as encoding
-from sftforge.data import Rejects
-from sftforge.examples import data_key, encode_all, load_examples
-from sftforge.formats import Conversation, DataError, Message, Source
-from sftforge.prepare import text_side
+import sftforge.encode.parallel as encoding
+from sftforge.data.loading import Rejects
+from sftforge.data.messages import Conversation, DataError, Message, Source
+from sftforge.models.tokenizer import text_side
+from sftforge.training.training_data import data_key, encode_all, load_examples
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 
@@ -88,7 +88,7 @@ def write_data(path: Path, n: int, bad_at: int | None = None) -> Path:
 
 
 def run_config(tmp_path: Path, data: Path, *more: str):
-    from sftforge.config_file import load_config
+    from sftforge.config.loading import load_config
 
     settings = [f"data.train={data}", f"cache_dir={tmp_path / 'cache'}", "max_length=1024"]
     return load_config(None, settings + list(more))
@@ -120,7 +120,7 @@ def test_the_cache_gives_back_the_examples_held_out_and_rejects_it_was_given(
 
 
 def test_a_cached_run_parses_no_record_held_out_ones_included(encoder, tmp_path, monkeypatch):
-    import sftforge.examples as examples
+    import sftforge.training.training_data as examples
 
     data = write_data(tmp_path / "data.jsonl", 30)
     config = run_config(tmp_path, data, "eval.held_out=0.2")
@@ -186,7 +186,7 @@ def test_encoding_reads_the_conversations_a_few_chunks_ahead_not_all(encoder, mo
 
 def test_the_cache_is_kept_before_the_max_length_policy(tmp_path, smollm2_tokenizer, capsys):
     """A run with another max_length reuses the entry and fits the examples itself."""
-    from sftforge.config_file import load_config
+    from sftforge.config.loading import load_config
 
     encoder = text_side(smollm2_tokenizer, "auto")[0]
     data = tmp_path / "data.jsonl"
@@ -217,8 +217,8 @@ def test_a_damaged_cache_entry_is_encoded_again_not_trusted(encoder, tmp_path, c
 
 
 def test_a_chunk_counts_trained_tokens_as_each_example_does():
-    from sftforge.table import EncodedChunk
-    from sftforge.tokenize import IGNORE_INDEX, Example
+    from sftforge.encode.encoder import IGNORE_INDEX, Example
+    from sftforge.encode.table import EncodedChunk
 
     ignored = IGNORE_INDEX
     examples = [

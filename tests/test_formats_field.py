@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftforge.data import conversation_from_record, detect_format, load_conversations
-from sftforge.encoding import EncodingReport, fit_to_length
-from sftforge.formats import Conversation, DataError, Message, Source
-from sftforge.prepare import text_side
-from sftforge.tokenize import IGNORE_INDEX, Encoder
+from sftforge.data.loading import conversation_from_record, detect_format, load_conversations
+from sftforge.data.messages import Conversation, DataError, Message, Source
+from sftforge.encode.encoder import IGNORE_INDEX, Encoder
+from sftforge.encode.parallel import EncodingReport, fit_to_length
+from sftforge.models.tokenizer import text_side
 
 FORMATS_DIR = Path(__file__).parent / "data" / "formats"
 BAD = FORMATS_DIR / "bad"

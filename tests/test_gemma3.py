@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.cli import main
+from sftforge.cli.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def test_gemma3_base_trains_with_its_own_turn_tokens_one_bos_and_a_small_adapter
 ):
     from transformers import AutoTokenizer
 
-    from sftforge.model import resolve_model_path
+    from sftforge.models.source import resolve_model_path
 
     run = gemma3_run.folder
     assert "chat template: gemma (the tokenizer has no template; its vocabulary holds" in (

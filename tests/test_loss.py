@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from model_families import tiny_gemma3
 
-from sftforge.batches import collate, epoch_steps
-from sftforge.loss import TokenLoss, summed_token_loss, trained_token_count
-from sftforge.tokenize import IGNORE_INDEX, Example
-from sftforge.update import accumulate_gradients
+from sftforge.encode.batches import collate, epoch_steps
+from sftforge.encode.encoder import IGNORE_INDEX, Example
+from sftforge.models.loss import TokenLoss, summed_token_loss, trained_token_count
+from sftforge.training.update import accumulate_gradients
 
 VOCAB = 512
 
@@ -112,7 +112,7 @@ def test_a_head_with_trained_rows_of_added_tokens_gives_peft_forwards_loss_and_g
 ):
     # Tokens a template added are trained as peft trainable-token rows; the loss puts those
     # rows in the embeddings and the head itself, and must equal peft's own forward.
-    from sftforge.model import attach_lora
+    from sftforge.models.loading import attach_lora
 
     new_ids = [VOCAB - 2, VOCAB - 1]
     base = (

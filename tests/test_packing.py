@@ -11,20 +11,25 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sftforge import loss as loss_module
-from sftforge.batches import (
+from sftforge.encode.batches import (
     collate,
     collate_rows,
     pack_best_fit_decreasing,
     plan_micro_batches,
     step_batches,
 )
-from sftforge.flops import flop_model
-from sftforge.loss import TokenLoss, chunked_head_loss, summed_token_loss, trained_token_count
-from sftforge.model import PackingError
-from sftforge.packing_check import verify_packing_isolation
-from sftforge.tokenize import IGNORE_INDEX, Example
-from sftforge.update import accumulate_gradients
+from sftforge.encode.encoder import IGNORE_INDEX, Example
+from sftforge.models import loss as loss_module
+from sftforge.models.flops import flop_model
+from sftforge.models.loading import PackingError
+from sftforge.models.loss import (
+    TokenLoss,
+    chunked_head_loss,
+    summed_token_loss,
+    trained_token_count,
+)
+from sftforge.models.packing_check import verify_packing_isolation
+from sftforge.training.update import accumulate_gradients
 
 VOCAB = 512
 CPU = torch.device("cpu")
@@ -185,7 +190,7 @@ def test_any_cut_of_a_step_gives_the_same_loss_and_gradients(
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_factory, method):
-    from sftforge.model import attach_lora, enable_gradient_checkpointing
+    from sftforge.models.loading import attach_lora, enable_gradient_checkpointing
 
     model = tiny_model_factory(VOCAB)
     if method == "lora":
@@ -328,7 +333,7 @@ def test_flop_model_counts_decoder_matmuls_attention_and_the_head(tiny_model_fac
 
 
 def test_flop_model_ignores_lora_adapter_matrices(tiny_model_factory):
-    from sftforge.model import attach_lora
+    from sftforge.models.loading import attach_lora
 
     model = tiny_model_factory(VOCAB)
     plain = flop_model(model, "lora").matmul_params

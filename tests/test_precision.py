@@ -6,7 +6,7 @@ import copy
 import torch
 from peft import LoraConfig, get_peft_model
 
-from sftforge.model import add_adapter_outputs_in_fp32, attach_lora
+from sftforge.models.loading import add_adapter_outputs_in_fp32, attach_lora
 
 
 class OneLayer(torch.nn.Module):

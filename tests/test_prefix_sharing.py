@@ -10,19 +10,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sftforge.batches import collate
-from sftforge.config_file import ConfigError, load_config
-from sftforge.loss import TokenLoss, summed_token_loss
-from sftforge.model import PackingError
-from sftforge.prefix_sharing import (
+from sftforge.config.loading import ConfigError, load_config
+from sftforge.encode.batches import collate
+from sftforge.encode.encoder import IGNORE_INDEX, Example
+from sftforge.models.loading import PackingError
+from sftforge.models.loss import TokenLoss, summed_token_loss
+from sftforge.models.prefix_sharing import (
     collate_shared_rows,
     pack_sharing_prefixes,
     shareable_length,
     shared_step_batches,
     verify_prefix_sharing,
 )
-from sftforge.tokenize import IGNORE_INDEX, Example
-from sftforge.update import accumulate_gradients
+from sftforge.training.update import accumulate_gradients
 
 VOCAB = 512
 CPU = torch.device("cpu")
@@ -177,7 +177,7 @@ def test_settings_that_cannot_share_prefixes_are_refused_by_key(overrides, why):
 
 
 def test_the_held_out_loss_in_shared_rows_is_the_plain_one(tiny_model_factory):
-    from sftforge.evaluate import mean_token_loss, summed_loss_and_count
+    from sftforge.evaluation.generation import mean_token_loss, summed_loss_and_count
 
     model = tiny_model_factory(VOCAB)
     examples = examples_with_prefixes(20, seed=9)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftforge.cli import main
-from sftforge.config_file import ConfigError, load_config
+from sftforge.cli.main import main
+from sftforge.config.loading import ConfigError, load_config
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_the_qlora_adapter_applies_to_the_full_precision_base_within_4_bit_error
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftforge.quantize import load_4bit_model
+    from sftforge.models.quantize import load_4bit_model
 
     adapter = json.loads((qlora_run / "adapter_config.json").read_text())
     base_path = adapter["base_model_name_or_path"]
@@ -92,7 +92,7 @@ def test_merge_folds_a_qlora_adapter_into_the_full_precision_base(qlora_run, tmp
 
 
 def test_an_already_quantized_base_is_refused_by_name(tmp_path):
-    from sftforge.quantize import QuantizedModelError, check_not_quantized
+    from sftforge.models.quantize import QuantizedModelError, check_not_quantized
 
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gptq"}})

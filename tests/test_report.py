@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from sftforge.evaluation.report import RunReport, render_report, write_report
 from sftforge.plots import bar_chart, format_number, line_chart, nice_ticks
-from sftforge.report import RunReport, render_report, write_report
 
 SECTION_IDS = ("summary", "loss", "lr", "accuracy", "forgetting", "samples", "data", "config")
 SVG = "{http://www.w3.org/2000/svg}"

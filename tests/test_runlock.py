@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.runlock import RunLockedError, lock_output_dir
+from sftforge.training.runlock import RunLockedError, lock_output_dir
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from sftforge.runlock import lock_output_dir
+from sftforge.training.runlock import lock_output_dir
 lock = lock_output_dir(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(60)
@@ -79,8 +79,8 @@ def test_a_released_lock_can_be_taken_again_and_a_held_one_cannot(tmp_path):
 def test_sftforge_train_on_an_output_dir_in_use_is_refused_before_loading_anything(
     tmp_path, holder
 ):
-    from sftforge.config_file import load_config
-    from sftforge.train import train
+    from sftforge.config.loading import load_config
+    from sftforge.training.loop import train
 
     demo = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
     config = load_config(None, [f"data.train={demo}", f"output_dir={tmp_path / 'out'}"])

@@ -15,19 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftforge.config_file import dump_config, load_config
-from sftforge.data import Rejects, conversation_from_record
-from sftforge.export import load_base_with_adapter, merge_adapter, save_run
-from sftforge.formats import Message, Source
-from sftforge.model import (
-    PickleWeightsError,
-    add_missing_special_tokens,
-    load_model,
-    load_tokenizer,
-)
-from sftforge.scoring import ScoringError, make_scorer
-from sftforge.templates import ChatTemplate, TemplateError, resolve_template
-from sftforge.tokenize import IGNORE_INDEX, Encoder
+from sftforge.config.loading import dump_config, load_config
+from sftforge.data.loading import Rejects, conversation_from_record
+from sftforge.data.messages import Message, Source
+from sftforge.encode.encoder import IGNORE_INDEX, Encoder
+from sftforge.encode.templates import ChatTemplate, TemplateError, resolve_template
+from sftforge.evaluation.scoring import ScoringError, make_scorer
+from sftforge.models.loading import PickleWeightsError, load_model
+from sftforge.models.tokenizer import add_missing_special_tokens, load_tokenizer
+from sftforge.models.trained import load_base_with_adapter, merge_adapter
+from sftforge.training.output import save_run
 
 # ---- pickle weights ---------------------------------------------------------------------
 
@@ -259,7 +256,7 @@ def test_trust_remote_code_does_run_the_custom_code(
         custom_code_tokenizer,
     )
     script = (
-        "from sftforge.model import load_model, load_tokenizer\n"
+        "from sftforge.models.loading import load_model\nfrom sftforge.models.tokenizer import load_tokenizer\n"
         f"print(type(load_model({str(model_dir)!r}, trust_remote_code=True)).__name__)\n"
         f"print(type(load_tokenizer({str(tokenizer_dir)!r}, trust_remote_code=True)).__name__)\n"
     )

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.config import ScorerConfig
-from sftforge.scoring import (
+from sftforge.data.text import normalize
+from sftforge.evaluation.scoring import (
     SCORER_KINDS,
+    ScorerConfig,
     ScoreSummary,
     ScoringError,
     json_field_scores,
     make_scorer,
-    normalize,
     summarize,
 )
 

@@ -2,8 +2,13 @@
 
 import pytest
 
-from sftforge.cli import main
-from sftforge.templates import BUILTIN_TEMPLATES, ChatTemplate, TemplateError, resolve_template
+from sftforge.cli.main import main
+from sftforge.encode.templates import (
+    BUILTIN_TEMPLATES,
+    ChatTemplate,
+    TemplateError,
+    resolve_template,
+)
 
 
 def test_template_cannot_reach_python_internals():

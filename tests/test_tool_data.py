@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.data import load_conversations
-from sftforge.dedup import DuplicateFinder, find_duplicates, write_dedup
-from sftforge.filters import FilterRules, filter_conversations, write_filter
-from sftforge.formats import Conversation, DataError, Message, Source, ToolCall
-from sftforge.prepare import text_side
-from sftforge.stats import collect_stats, format_stats
-from sftforge.writers import (
+from sftforge.curate.dedup import DuplicateFinder, find_duplicates, write_dedup
+from sftforge.curate.filters import FilterRules, filter_conversations, write_filter
+from sftforge.curate.stats import collect_stats, format_stats
+from sftforge.data.loading import load_conversations
+from sftforge.data.messages import Conversation, DataError, Message, Source, ToolCall
+from sftforge.data.writers import (
     WRITERS,
     conversation_as_json,
     conversation_from_json,
@@ -25,6 +24,7 @@ from sftforge.writers import (
     write_conversations,
     write_records,
 )
+from sftforge.models.tokenizer import text_side
 
 DATA = Path(__file__).parent / "data" / "tools"
 OPENAI, SHAREGPT, HERMES = DATA / "openai.jsonl", DATA / "sharegpt.jsonl", DATA / "hermes.jsonl"
@@ -274,7 +274,7 @@ def test_a_record_that_would_read_back_changed_is_refused_not_written():
 
 
 def test_convert_command_writes_sharegpt_and_names_each_refused_record(tmp_path, capsys):
-    from sftforge.cli import main
+    from sftforge.cli.main import main
 
     out = tmp_path / "out.jsonl"
     with pytest.raises(SystemExit) as failed:
@@ -334,7 +334,7 @@ def test_call_arguments_compare_as_json_values_and_reasoning_counts():
 
 
 def test_dedup_command_writes_kept_records_as_the_input_had_them(tmp_path):
-    from sftforge.cli import main
+    from sftforge.cli.main import main
 
     for path in (OPENAI, SHAREGPT, XLAM):
         out = tmp_path / f"{path.stem}.jsonl"
@@ -343,7 +343,7 @@ def test_dedup_command_writes_kept_records_as_the_input_had_them(tmp_path):
 
 
 def test_filter_command_keeps_and_rejects_records_as_the_input_had_them(tmp_path):
-    from sftforge.cli import main
+    from sftforge.cli.main import main
 
     out, rejected = tmp_path / "kept.jsonl", tmp_path / "rejected.jsonl"
     blocked = ["--response-blocklist", "Rome"]
@@ -432,7 +432,7 @@ def test_every_bad_tool_record_is_rejected_and_none_is_trained():
 
 
 def test_a_participant_name_on_a_user_message_is_carried_to_the_template(tmp_path):
-    from sftforge.data import load_conversations
+    from sftforge.data.loading import load_conversations
 
     path = tmp_path / "named.jsonl"
     record = {

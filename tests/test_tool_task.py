@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.data import load_conversations
-from sftforge.prepare import text_side
+from sftforge.data.loading import load_conversations
+from sftforge.models.tokenizer import text_side
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "make_tool_task.py"

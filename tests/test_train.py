@@ -9,11 +9,11 @@ import torch
 from model_families import LLAMA2_CHAT_TEMPLATE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftforge.cli import main
-from sftforge.config_file import load_config
-from sftforge.export import save_run
-from sftforge.train import train
-from sftforge.update import learning_rate_at
+from sftforge.cli.main import main
+from sftforge.config.loading import load_config
+from sftforge.training.loop import train
+from sftforge.training.output import save_run
+from sftforge.training.update import learning_rate_at
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 
@@ -72,7 +72,7 @@ def rows_at_start(base_dir: str, added: int):
 def assert_new_rows_trained_and_old_rows_kept(base_dir: str, out, new_tokens: list[str]):
     from peft import PeftModel
 
-    from sftforge.export import merge_adapter
+    from sftforge.models.trained import merge_adapter
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     new_ids = tokenizer.convert_tokens_to_ids(new_tokens)

@@ -1,0 +1,1 @@
+"""The command line: argument parsing that calls the Python API, and exit codes."""

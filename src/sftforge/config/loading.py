@@ -1,0 +1,113 @@
+"""Reading a config: a YAML file, then keyword fields, then `key=value` overrides, merged in
+that order and validated against the schema in config.py; and writing one back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from sftforge.config.schema import Config, ConfigKeyError
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (training.lr=1e-4)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        cause = e.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigKeyError):
+            lines.append(f"config key '{cause.key}': {cause.reason}")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            lines.append(f"config key '{key}': {e['input']!r} is not allowed; expected {allowed}")
+        else:
+            lines.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the
+    last, so a second `training:` section would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, **fields
+) -> Config:
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.load(Path(path).read_text("utf-8"), _UniqueKeyLoader) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top")
+    tree = _merge(tree, fields)
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(where + _describe(e)) from None
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(), sort_keys=False), "utf-8")
+
+
+def parse_option(text: str, flag: str) -> tuple[str, object]:
+    """KEY=VALUE given to `flag`, the value read as YAML (false, 3, text) as overrides are."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{flag} {text!r}: expected KEY=VALUE")
+    return key, yaml.safe_load(value)

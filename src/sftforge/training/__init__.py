@@ -1,0 +1,1 @@
+"""A training run: preparing the model and data, the loop (start -> steps -> finish), the optimizer update, checkpoints and exact resume, torchrun processes, metrics and trackers, sweeps and the demo."""

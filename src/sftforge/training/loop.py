@@ -1,0 +1,405 @@
+"""The training run in three phases: `start` (checks, model, data, optimizer, resume),
+`steps` (the loop), `finish` (measure after, save, report).
+
+The loss of each optimizer step is normalised by the number of trained tokens in the whole
+step, however it is split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sftforge.config.schema import Config
+from sftforge.encode.batches import Batch, collate, made_ahead, step_batches, step_stream
+from sftforge.evaluation.generation import summed_loss_and_count
+from sftforge.models.devices import (
+    autocast,
+    autocast_dtype,
+    check_attention_precision,
+    deterministic_algorithms,
+    fast_adamw_options,
+    pick_device,
+)
+from sftforge.models.flops import flop_model
+from sftforge.models.loading import causal_lm, compile_decoder_layers, enable_gradient_checkpointing
+from sftforge.models.loss import TokenLoss
+from sftforge.models.packing_check import verify_packing_isolation
+from sftforge.models.prefix_sharing import shared_step_batches, verify_prefix_sharing
+from sftforge.training.assessment import build_assessment, finish_report
+from sftforge.training.checkpoint import (
+    latest_checkpoint,
+    publish_best,
+    remove_unfinished,
+    run_identity,
+    save_best,
+    save_final,
+)
+from sftforge.training.distributed import (
+    ALONE,
+    World,
+    check_parallel_settings,
+    device_of_rank,
+    end_processes,
+    from_main,
+    max_over_ranks,
+    processes_note,
+    quiet_other_ranks,
+    share_of_step,
+    shared_note,
+    start_processes,
+    sum_over_ranks,
+    wait_for_all,
+    world_from_environment,
+    wrap_for_training,
+)
+from sftforge.training.guards import (
+    NonFiniteError,
+    RunInterrupted,
+    nonfinite_step,
+    nonfinite_stop,
+    stop_requests,
+)
+from sftforge.training.metrics import (
+    TrainingClock,
+    micro_batch_note,
+    objective_note,
+    open_metrics,
+    precision_note,
+    progress_figures,
+    step_record,
+)
+from sftforge.training.preflight import (
+    check_data_files,
+    check_free_disk,
+    check_writable,
+    checkpoint_bytes,
+    resume_point,
+)
+from sftforge.training.prepare import prepare, prepare_model, prepare_text
+from sftforge.training.run import Run
+from sftforge.training.runlock import lock_output_dir
+from sftforge.training.sharded import gather_whole_model
+from sftforge.training.training_data import load_examples
+from sftforge.training.update import (
+    accumulate_gradients,
+    gradient_norm,
+    learning_rate_at,
+    optimizer_steps,
+    step_seed,
+)
+
+EVAL_BATCH = 8  # held-out examples per forward pass
+
+
+def train(config: Config) -> Path:
+    world = world_from_environment()
+    deterministic = deterministic_algorithms(config.training.deterministic)
+    with _one_run_per_output_dir(Path(config.output_dir), world), deterministic:
+        run = start(config, world)
+        # A compiler that failed: the compiled layers run eagerly, for this run only.
+        with torch.compiler.set_stance("force_eager" if run.compile_failed else "default"):
+            last_record = steps(run)
+            output_dir = finish(run, last_record)
+    end_processes()
+    return output_dir
+
+
+def _one_run_per_output_dir(output_dir: Path, world: World):
+    """The output dir's lock, held by rank 0 for the whole run: a second run started there
+    is refused at once (runlock.py)."""
+    if not world.is_main:
+        return contextlib.nullcontext()
+    check_writable(output_dir)
+    return lock_output_dir(output_dir)
+
+
+# ---- start ---------------------------------------------------------------------------------
+
+
+def start(config: Config, world: World = ALONE) -> Run:
+    """Check what can be checked in seconds, load the model and the data, build the
+    optimizer, measure the model before training (or restore a checkpoint). Under torchrun
+    every rank loads and prepares the same data itself, deterministically; rank 0 checks the
+    output dir, measures and writes."""
+    output_dir = Path(config.output_dir)
+    t = config.training
+    quiet_other_ranks(world)
+    check_data_files(config)
+    check_parallel_settings(config, world)
+    resume_from = None
+    if world.is_main:
+        for leftover in remove_unfinished(output_dir):
+            print(f"removed {leftover.name}, left unfinished by an interrupted run")
+        resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
+    start_processes(world, pick_device(t.device), t.collective_timeout_s)
+    text = prepare_text(config)
+    # The data is encoded (by forked workers) before CUDA or NCCL start in this process.
+    data = load_examples(config, text.encoder, output_dir, write_rejects=world.is_main)
+    device = device_of_rank(pick_device(t.device), world)
+    resume_from = from_main(resume_from, world)
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    model, base_model_path = prepare_model(config, device, text)
+    wait_for_all(world, "loading the model and the data")
+    amp = autocast_dtype(t.precision, device)
+    check_attention_precision(config.attention, amp)
+    total_steps = optimizer_steps(config, len(data.examples))
+    assessment = build_assessment(
+        config, text.encoder, data.held_out, data.held_out_examples, device, amp
+    )
+    if t.share_prefixes:  # before any held-out loss is measured in shared rows
+        verify_prefix_sharing(model, device, config.max_length)
+    before = None
+    if resume_from is None and world.is_main:
+        print("measuring the model before training")
+        before = assessment.measure(model)
+    wait_for_all(world, "measuring the model before training")
+    if t.packing:
+        verify_packing_isolation(model, device, amp)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    compile_failure = None
+    if t.compile:
+        compile_failure = compile_with_fallback(model, data, text.encoder, device, amp)
+    layers = causal_lm(model).get_decoder().layers
+    loss_module = TokenLoss(model, t.neftune_alpha, probability_weighted=t.loss == "dft")
+    trainer = wrap_for_training(loss_module, layers, world, t.parallelism, amp)
+    params = [p for p in trainer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=config.learning_rate, weight_decay=t.weight_decay, **fast_adamw_options(device)
+    )
+    if world.is_main:
+        checkpoints = max(2, t.keep_checkpoints + 1)  # the newest K, and the one being written
+        check_free_disk(
+            output_dir,
+            checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
+            f"{checkpoints} checkpoints and the final weights",
+        )
+    print(
+        f"training {config.method} on {device}{processes_note(world, t.parallelism)} "
+        f"({precision_note(t.precision, amp, config.method)}): "
+        f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
+        f"examples{micro_batch_note(config)}{shared_note(world)}, "
+        f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
+        f"{objective_note(config)}"
+    )
+    run = Run(
+        config=config,
+        world=world,
+        output_dir=output_dir,
+        device=device,
+        amp=amp,
+        model=model,
+        trainer=trainer,
+        encoder=text.encoder,
+        data=data,
+        base_model_path=base_model_path,
+        params=params,
+        optimizer=optimizer,
+        assessment=assessment,
+        flops=flop_model(model, config.method),
+        identity=run_identity(config, data.examples),
+        total_steps=total_steps,
+        stream=step_stream(len(data.examples), t.batch_size * t.grad_accum, t.seed),
+        before=before,
+        compile_failed=bool(compile_failure),
+    )
+    if resume_from is not None:
+        run.resume(resume_from)
+    return run
+
+
+# ---- steps ---------------------------------------------------------------------------------
+
+
+def steps(run: Run) -> dict:
+    """Run the optimizer steps from `run.done` to the last; returns the last step's record."""
+    config, t, progress, total = run.config, run.config.training, run.progress, run.total_steps
+    world = run.world
+    lengths = run.data.examples.lengths
+    batching = {
+        "batch_size": t.batch_size,
+        "token_budget": t.micro_batch_tokens,
+        "pack_length": config.max_length if t.packing else None,
+    }
+    make_batches = shared_step_batches if t.share_prefixes else step_batches
+    warmup = int(t.warmup_ratio * total)
+    clock = TrainingClock(progress.elapsed_s)
+    record: dict = {}
+    bar = tqdm(
+        range(run.done, total),
+        "train",
+        initial=run.done,
+        total=total,
+        dynamic_ncols=True,
+        disable=not world.is_main,
+    )
+    metrics_path = run.output_dir / "metrics.jsonl"
+    metrics = open_metrics(metrics_path, run.done) if world.is_main else open(os.devnull, "w")  # noqa: SIM115
+
+    def my_batches(indices):
+        mine = share_of_step(indices, lengths, world)
+        return make_batches(run.data.examples, lengths, mine, run.encoder.pad_id, **batching)
+
+    upcoming = made_ahead(run.stream, my_batches, pin=run.device.type == "cuda")
+    with metrics, stop_requests() as stop, contextlib.closing(upcoming):
+        for step in bar:
+            lr = learning_rate_at(step, total, warmup, config.learning_rate, t.schedule)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(step_seed(t.seed, step, world.rank))
+            epoch, indices, batches = next(upcoming)
+            loss, trained = accumulate_gradients(
+                run.trainer, batches, run.device, run.amp, world, run.encoder.pad_id
+            )
+            grad_norm = gradient_norm(run.params, t.max_grad_norm)
+            applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)
+            stopping, rows = _count(run, batches, trained, clock, stop.signal is not None)
+            record = step_record(step + 1, epoch + 1, loss, lr, grad_norm, progress, t, world)
+            record["micro_batches"] = max_over_ranks(len(batches), world, run.device)
+            record["rows"] = rows  # < examples when packed
+            if not applied:
+                record["skipped"] = True
+            if run.assessment.held_out and _due(step + 1, total, config.eval.every):
+                with clock.paused():
+                    record["eval_loss"] = _eval_loss_keeping_the_best(run)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if (step + 1) % t.log_every == 0 or step + 1 == total:
+                bar.set_postfix(progress_figures(record), refresh=False)
+            if _due(step + 1, total, t.save_every) or stopping:
+                run.save_checkpoint(step + 1)
+            if stopping and step + 1 < total:
+                bar.close()
+                signal_number = stop.signal or signal.SIGTERM
+                raise RunInterrupted(
+                    f"stopped by {signal.Signals(signal_number).name} after step {step + 1} of "
+                    f"{total}; checkpoint saved to {latest_checkpoint(run.output_dir)}. To go "
+                    "on, run the same command with resume=auto",
+                    signal_number,
+                )
+    bar.close()
+    return record
+
+
+def compile_with_fallback(model, data, encoder, device, amp) -> str | None:
+    """Compile the decoder layers and run one small step's forward and backward through
+    them (gradients dropped); None, or why compiling failed, having said so."""
+
+    def probe():
+        batch = collate(
+            [data.examples[i] for i in range(min(2, len(data.examples)))], encoder.pad_id
+        )
+        accumulate_gradients(TokenLoss(model), [batch], device, amp, pad_id=encoder.pad_id)
+        model.zero_grad(set_to_none=True)
+
+    print("compiling the decoder layers (torch.compile; cached for later runs)")
+    failure = compile_decoder_layers(model, probe)
+    if failure:
+        print(f"warning: torch.compile failed, so this run trains without it: {failure}")
+    return failure
+
+
+def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) -> bool:
+    """Apply the update when loss and gradients are finite; otherwise skip it, or stop the
+    run once more steps were skipped than training.skip_nonfinite_steps allows. (Loss and
+    norm are the same on every rank, so every rank decides alike.)"""
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+    else:
+        run.progress.skipped_steps += 1
+        sources = [run.data.examples.source(i) for i in indices]
+        what = nonfinite_step(step, loss, grad_norm, sources)
+        allowed = run.config.training.skip_nonfinite_steps
+        if run.progress.skipped_steps > allowed:
+            raise NonFiniteError(nonfinite_stop(what, run.output_dir))
+        print(
+            f"warning: {what}; skipped it ({run.progress.skipped_steps} of "
+            f"training.skip_nonfinite_steps={allowed})"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def _eval_loss_keeping_the_best(run: Run) -> float:
+    """The held-out loss, each rank measuring its share of the held-out examples."""
+    world, held_out = run.world, run.assessment.held_out
+    share = held_out[world.rank :: world.size]
+    passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, run.device)
+    with autocast(run.device, run.amp):
+        total, count = summed_loss_and_count(
+            run.trainer,
+            share,
+            run.device,
+            run.encoder.pad_id,
+            EVAL_BATCH,
+            passes,
+            shared_rows_of=run.assessment.shared_rows_of,
+        )
+    total, count = sum_over_ranks([total, count], world, run.device)
+    eval_loss = total / max(count, 1)
+    if run.config.eval.save_best and eval_loss < run.progress.best_eval:
+        run.progress.best_eval = eval_loss
+        if world.is_main:
+            save_best(run.output_dir, run.save_model)
+        wait_for_all(world)
+    return eval_loss
+
+
+def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: bool):
+    """Add the step's tokens and FLOPs (of every rank) to the progress; returns whether any
+    rank was asked to stop (so that every rank stops after the same step), and the step's
+    rows over all ranks."""
+    flops = sum(
+        run.flops.step_flops(b.real_tokens, b.attended_pairs, b.trained_tokens) for b in batches
+    )
+    real = sum(b.real_tokens for b in batches)
+    rows = sum(len(b.input_ids) for b in batches)
+    totals = sum_over_ranks([real, flops, rows, stop_requested], run.world, run.device)
+    real, flops, rows, stops = totals
+    progress = run.progress
+    progress.tokens += int(real)
+    progress.trained_tokens += trained
+    progress.flops += flops
+    progress.elapsed_s = clock.elapsed()
+    return stops > 0, int(rows)
+
+
+# ---- finish --------------------------------------------------------------------------------
+
+
+def finish(run: Run, last_record: dict) -> Path:
+    """Measure the trained model, save it, and write the report (rank 0; under FSDP the
+    weights are first gathered into one whole model there)."""
+    model = run.model
+    if run.sharded:
+        model = gather_whole_model(
+            run.trainer, run.world, lambda: prepare(run.config, run.device).model
+        )
+    if run.world.is_main:
+        print("measuring the model after training")
+        # The loop already measured the final eval loss on these weights; do not repeat it.
+        after = run.assessment.measure(model, eval_loss=last_record.get("eval_loss"))
+        publish_best(run.output_dir)
+        save_final(run.output_dir, lambda folder: run.save_model(folder, model))
+        summary = run.assessment.compare(run.before, after, run.config.eval.samples)
+        finish_report(run.config, run.data, summary, run.output_dir)
+        print(f"saved to {run.output_dir}")
+    wait_for_all(run.world, "measuring and saving the trained model")
+    return run.output_dir
+
+
+def _due(step: int, total: int, every: int | None) -> bool:
+    """Whether something done every `every` steps, and after the last, is due after `step`."""
+    return step == total or (every is not None and step % every == 0)

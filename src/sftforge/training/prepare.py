@@ -1,0 +1,129 @@
+"""Config -> the model and its text side: tokenizer, chat template, and the Encoder that
+renders and tokenizes with them (and knows the stop ids and the pad id).
+
+`text_side` is the one way a tokenizer gets its template and encoder: training, `inspect`,
+`eval`, `compare` and `chat` all go through it, so what they render is what training rendered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sftforge.config.schema import Config
+from sftforge.encode.encoder import Encoder
+from sftforge.models.devices import autocast_dtype
+from sftforge.models.loading import (
+    add_adapter_outputs_in_fp32,
+    attach_lora,
+    attention_implementation,
+    fit_new_token_rows,
+    load_source_model,
+)
+from sftforge.models.quantize import load_4bit_model
+from sftforge.models.source import (
+    ModelSource,
+    ModelSourceError,
+    default_cache_dir,
+    resolve_model_source,
+)
+from sftforge.models.tokenizer import load_tokenizer, text_side
+from sftforge.training.preflight import check_max_length
+
+
+@dataclass
+class Prepared:
+    model: torch.nn.Module  # on its device, with LoRA adapters for lora and qlora
+    encoder: Encoder
+    base_model_path: str
+
+
+@dataclass
+class PreparedText:
+    """What a run reads and writes text with, known before any weights load."""
+
+    source: ModelSource
+    base_model_path: str
+    encoder: Encoder
+    new_ids: list[int]  # special tokens the template needs, added to the tokenizer
+
+
+def prepare(config: Config, device: torch.device) -> Prepared:
+    """The base model on `device` (with adapters for LoRA and QLoRA) and its encoder,
+    checked against max_length before any data is read."""
+    text = prepare_text(config)
+    model, base_path = prepare_model(config, device, text)
+    return Prepared(model, text.encoder, base_path)
+
+
+def prepare_text(config: Config) -> PreparedText:
+    """The tokenizer with its template (and any tokens the template needs) as an Encoder,
+    checked against max_length. Nothing touches a device: data can be encoded (in forked
+    workers) before CUDA or NCCL start in this process."""
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    source = resolve_model_source(config.model, cache)
+    base_path = source.require_weights("training")
+    if source.adapter is not None and config.uses_lora:
+        raise ModelSourceError(
+            f"model {config.model} is a LoRA run (an adapter on {base_path}): method="
+            f"{config.method} would train a new adapter on that base and save it for the base "
+            f"alone, without this run's adapter. Fold the adapter in first (`sftforge merge "
+            f"{config.model} MERGED`, then model=MERGED), or train with method=full, which "
+            "folds it in as it loads"
+        )
+    tokenizer = load_tokenizer(source.tokenizer, config.trust_remote_code)
+    encoder, new_ids = text_side(
+        tokenizer,
+        config.template,
+        config.train_on,
+        model_type=source.model_type or _model_type(base_path, config.trust_remote_code),
+        reasoning=config.reasoning,
+        template_options=config.template_options,
+    )
+    check_max_length(encoder, config.max_length)  # before reading data that could not fit
+    return PreparedText(source, base_path, encoder, new_ids)
+
+
+def prepare_model(config: Config, device: torch.device, text: PreparedText):
+    """(the model on `device`, rows for the template's new tokens, adapters for LoRA and
+    QLoRA; the path of the weights it was loaded from)."""
+    source, base_path, tokenizer = text.source, text.base_model_path, text.encoder.tokenizer
+    loading = {
+        "trust_remote_code": config.trust_remote_code,
+        "attention": attention_implementation(config.attention),
+        "allow_pickle": config.allow_pickle,
+    }
+    if config.method == "qlora":
+        compute_dtype = autocast_dtype(config.training.precision, device) or torch.float32
+        model = load_4bit_model(base_path, compute_dtype, device, **loading)
+    else:
+        # pure_bf16 stores the frozen weights in bf16 (peft keeps the adapters in fp32): half
+        # the memory, and no fp32 -> bf16 casts of weights and activations at every layer.
+        dtype = torch.bfloat16 if config.training.precision == "pure_bf16" else torch.float32
+        vocabulary = len(tokenizer) - len(text.new_ids)  # the run's, for a run's adapter
+        model = load_source_model(source, vocabulary, "training", dtype=dtype, **loading)
+        if source.adapter is not None:  # full fine-tuning of a LoRA run: its adapter folded in
+            model = model.merge_and_unload()
+            base_path = str(source.adapter)
+        model = model.to(device)
+    fit_new_token_rows(model, tokenizer, text.new_ids)
+    if config.uses_lora:
+        lora = config.lora
+        model = attach_lora(
+            model, lora.r, lora.alpha, lora.dropout, lora.target_modules, text.new_ids
+        )
+        if lora.fp32_sum:
+            add_adapter_outputs_in_fp32(model)
+    return model, base_path
+
+
+def _model_type(weights: str, trust_remote_code: bool) -> str | None:
+    """The model_type of the config beside `weights` (a hub id's config.json only is read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None

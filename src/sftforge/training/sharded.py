@@ -1,0 +1,163 @@
+"""Checkpoints of a model sharded by FSDP, and checkpoints read by a run of another shape.
+
+Under FSDP no rank holds a whole weight, so every rank writes its shards of the trainable
+weights and of the optimizer state with torch.distributed.checkpoint (DCP), into one folder:
+
+    <output_dir>/checkpoints/step-000120/
+        sharded/        DCP's files: each rank's shards and the metadata that joins them
+        state.json      step, counters, the run's identity (as in any checkpoint)
+
+It is written into a hidden folder and renamed into place like any checkpoint (rank 0
+renames once every rank has written). DCP reshards on load, so such a checkpoint resumes on
+any number of processes, under FSDP, DDP or alone; and a checkpoint written by one process
+or by DDP (whole weights) resumes under FSDP. `sftforge convert CHECKPOINT OUT` makes a
+plain model or adapter of a sharded checkpoint.
+
+State dicts go through torch's `get_state_dict` / `set_state_dict`, which name weights the
+same way whatever wraps the model (DDP's prefix is dropped; FSDP keeps the names).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from sftforge.atomic import write_atomically
+from sftforge.training.checkpoint import (
+    CheckpointError,
+    Resumed,
+    checkpoint_root,
+    prune_checkpoints,
+)
+from sftforge.training.distributed import World, from_main
+
+SHARDED = "sharded"
+TRAINABLE_ONLY = StateDictOptions(ignore_frozen_params=True)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / SHARDED).is_dir()
+
+
+def save_sharded_checkpoint(
+    output_dir: Path,
+    step: int,
+    trainer: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    keep: int,
+    world: World,
+) -> None:
+    """Every rank writes its shards into checkpoint `step`; rank 0 adds state.json, renames
+    the folder into place and deletes all but the newest `keep`."""
+    model_state, optimizer_state = get_state_dict(trainer, optimizer, options=TRAINABLE_ONLY)
+    shards = {"model": model_state, "optimizer": optimizer_state}
+    if not world.is_main:
+        dcp.save(shards, checkpoint_id=from_main(None, world))
+        return
+
+    def write(folder: Path) -> None:
+        dcp.save(shards, checkpoint_id=from_main(folder / SHARDED, world))
+        full_state = state | {"step": step, "world_size": world.size}
+        (folder / "state.json").write_text(json.dumps(full_state), "utf-8")
+
+    write_atomically(checkpoint_root(output_dir) / f"step-{step:06d}", write)
+    prune_checkpoints(output_dir, keep, written=step)
+
+
+def load_any_checkpoint(
+    path: Path, trainer: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> Resumed:
+    """Restore the trainable weights and the optimizer of `trainer` (a TokenLoss, alone or
+    under DDP or FSDP) from a checkpoint written by any number of processes."""
+    state = json.loads((path / "state.json").read_text("utf-8"))
+    model_state, optimizer_state = get_state_dict(trainer, optimizer, options=TRAINABLE_ONLY)
+    if is_sharded_checkpoint(path):
+        shards = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(shards, checkpoint_id=path / SHARDED)
+        set_state_dict(
+            trainer,
+            optimizer,
+            model_state_dict=shards["model"],
+            optim_state_dict=shards["optimizer"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+    else:
+        whole_weights, whole_optimizer = _whole_checkpoint_state(path, trainer, state)
+        set_state_dict(
+            trainer,
+            optimizer,
+            model_state_dict=whole_weights,
+            optim_state_dict=whole_optimizer,
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+    return Resumed(step=state["step"], state=state)
+
+
+def load_trained_weights(path: Path, trainer: torch.nn.Module) -> None:
+    """The trained weights of checkpoint `path` (sharded or whole) into `trainer`, without
+    the optimizer: for a plain model made of a checkpoint."""
+    weights = get_model_state_dict(trainer, options=TRAINABLE_ONLY)
+    if is_sharded_checkpoint(path):
+        shards = {"model": weights}
+        dcp.load(shards, checkpoint_id=path / SHARDED)
+        weights = shards["model"]
+    else:
+        weights = {f"model.{n}": t for n, t in load_file(path / "trainable.safetensors").items()}
+    set_model_state_dict(
+        trainer, weights, options=StateDictOptions(ignore_frozen_params=True, strict=False)
+    )
+
+
+def _whole_checkpoint_state(path: Path, trainer, state: dict) -> tuple[dict, dict]:
+    """A one-process (or DDP) checkpoint as the state dicts `set_state_dict` takes: weights
+    named as in the TokenLoss ("model." + the model's names), optimizer state by those names
+    instead of by position."""
+    weights = {f"model.{name}": t for name, t in load_file(path / "trainable.safetensors").items()}
+    names = [name for name in _trainable_names(trainer)]
+    if sorted(names) != sorted(weights):
+        raise CheckpointError(
+            f"{path}: its trainable weights do not match this model's; was it written with "
+            "another model, method or LoRA config?"
+        )
+    tensors = load_file(path / "optimizer.safetensors")
+    layout = state["optimizer"]
+    per_param: dict[str, dict] = {}
+    for key, value in list(tensors.items()) + list(layout["scalars"].items()):
+        index, field = key.split(".", 1)
+        per_param.setdefault(names[int(index)], {})[field] = value
+    groups = []
+    for group in layout["param_groups"]:
+        groups.append(group | {"params": [names[i] for i in group["params"]]})
+    return weights, {"state": per_param, "param_groups": groups}
+
+
+def _trainable_names(trainer) -> list[str]:
+    """The trainable parameters' names, in the optimizer's order, without DDP's prefix."""
+    names = [name for name, p in trainer.named_parameters() if p.requires_grad]
+    return [name.removeprefix("module.") for name in names]
+
+
+def gather_whole_model(trainer, world: World, build_model):
+    """Under FSDP: gather the weights on rank 0 into a fresh whole model made by
+    `build_model()` (the base with its adapters), which is returned there; None elsewhere."""
+    whole = get_model_state_dict(
+        trainer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not world.is_main:
+        return None
+    model = build_model()
+    weights = {name.removeprefix("model."): t for name, t in whole.items()}
+    model.load_state_dict(weights, strict=True)
+    return model

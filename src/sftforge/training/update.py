@@ -1,0 +1,94 @@
+"""The parts of one optimizer step: its learning rate, its gradients accumulated over
+micro-batches (and ranks), and their norm.
+
+The loss of a step is the sum of token losses over every trained token of the step divided
+by the number of those tokens, however the step is cut into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sftforge.config.schema import Config
+from sftforge.encode.batches import Batch, empty_batch
+from sftforge.models.devices import autocast
+from sftforge.models.loading import adapter_input_casts
+from sftforge.models.loss import batch_loss
+from sftforge.training.distributed import (
+    ALONE,
+    World,
+    gradient_sync,
+    max_over_ranks,
+    sum_over_ranks,
+)
+
+
+def learning_rate_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def optimizer_steps(config: Config, n_examples: int) -> int:
+    t = config.training
+    if t.max_steps:
+        return t.max_steps
+    per_epoch = math.ceil(n_examples / (t.batch_size * t.grad_accum))
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def accumulate_gradients(
+    loss_module, batches: list[Batch], device, amp, world: World = ALONE, pad_id: int = 0
+) -> tuple[float, int]:
+    """Backward over this rank's micro-batches of one optimizer step (`loss_module`: a
+    TokenLoss, maybe under DDP or FSDP).
+
+    Each micro-batch contributes (sum of its token losses) x world size / (trained tokens in
+    the whole step, over all ranks): DDP and FSDP average gradients over the ranks, so the
+    gradient is that of the mean over the step's trained tokens, however the step is split.
+    Every rank runs as many micro-batches as the rank with most (padding with empty ones),
+    and only the last reduces gradients. Returns (that mean loss, the step's trained tokens),
+    the same on every rank."""
+    counted = sum_over_ranks([sum(b.trained_tokens for b in batches)], world, device)
+    step_trained = int(counted[0])
+    micro_batches = max_over_ranks(len(batches), world, device)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # read once: no sync a batch
+    # Under autocast, peft's own cast of each adapter's input to fp32 only adds a copy per
+    # adapter (kept for the backward): autocast runs those matmuls in bf16 anyway.
+    with adapter_input_casts(loss_module, enabled=amp is None):
+        for k in range(micro_batches):
+            batch = (batches[k] if k < len(batches) else empty_batch(pad_id)).to(device)
+            with gradient_sync(loss_module, enabled=k == micro_batches - 1):
+                with autocast(device, amp):
+                    loss_sum = batch_loss(loss_module, batch)
+                (loss_sum * world.size / step_trained).backward()
+            total += loss_sum.detach()
+    (total,) = sum_over_ranks([float(total)], world, device)
+    return total / step_trained, step_trained
+
+
+def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The gradients' total norm (over every rank's shard, under FSDP), clipping them to
+    `max_norm` when set."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):  # a DTensor: FSDP's shards of the gradients
+        norm = norm.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The random numbers of a step (dropout) come from (seed, step, rank) alone, so a
+    resumed run draws them as the uninterrupted one did, whatever it saved."""
+    return seed * 1_000_003 + step * 1009 + rank
