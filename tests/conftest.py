@@ -107,3 +107,14 @@ def untied_sentencepiece_model_dir(tmp_path_factory, shared_sentencepiece_tokeni
     )
     path = tmp_path_factory.mktemp("tiny-llama-untied-sentencepiece")
     return save_model_with_tokenizer(model, tokenizer, path)
+
+
+@pytest.fixture(autouse=True)
+def said(request):
+    """What the library says (sftforge.console.say, warn) printed, as the command line prints
+    it, so that a test can read it with capsys; a test marked `quiet` runs as a Python caller
+    who did not ask (verbose=False)."""
+    from sftforge.console import speaking
+
+    with speaking(request.node.get_closest_marker("quiet") is None):
+        yield

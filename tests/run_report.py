@@ -69,8 +69,8 @@ def assert_report_shows_the_run(out: Path) -> None:
     samples = section(html, "samples")
     assert samples.count("<tr><td class='num'>") == len(summary["samples"])
     for sample in summary["samples"]:
-        assert f"<pre>{escape(sample['before'])}</pre>" in samples
-        assert f"<pre>{escape(sample['after'])}</pre>" in samples
+        assert f"<pre>{escape(sample['base'])}</pre>" in samples
+        assert f"<pre>{escape(sample['tuned'])}</pre>" in samples
 
     data = section(html, "data")
     for key in ("examples", "held_out"):

@@ -348,7 +348,7 @@ def test_a_run_on_qwen3_tool_data_trains_every_split_example_and_holds_out_whole
                 "max_length=512",
             ],
         )
-    )
+    ).output_dir
     said = capsys.readouterr().out
     holding = "records offering tools: 4, tool calls: 12, tool results: 12, reasoning turns: 16"
     assert f"holding:      {holding}" in said

@@ -60,7 +60,9 @@ def finished_run(tmp_path_factory, tiny_model_dir, shared_data) -> Path:
     """One finished 4-step LoRA run with checkpoints at steps 2 and 4, for the tests that only
     read it (or a copy of it)."""
     root = tmp_path_factory.mktemp("finished")
-    return train(run_config(root, tiny_model_dir, "training.keep_checkpoints=5", data=shared_data))
+    return train(
+        run_config(root, tiny_model_dir, "training.keep_checkpoints=5", data=shared_data)
+    ).output_dir
 
 
 def copy_of(run: Path, tmp_path) -> Path:
@@ -170,7 +172,9 @@ def test_a_new_run_refuses_an_output_dir_holding_a_previous_run(
 
 
 def test_resume_auto_without_a_checkpoint_starts_afresh(tmp_path, tiny_model_dir):
-    out = train(run_config(tmp_path, tiny_model_dir, "resume=auto", "training.max_steps=2"))
+    out = train(
+        run_config(tmp_path, tiny_model_dir, "resume=auto", "training.max_steps=2")
+    ).output_dir
 
     assert (out / "adapter_model.safetensors").is_file()
 
@@ -290,7 +294,7 @@ def diverging_run(tmp_path_factory, tiny_model_dir) -> Path:
         )
     )
     config = diverging_config(root, tiny_model_dir, data=demo_subset(root), held_out=held_out)
-    return train(config)
+    return train(config).output_dir
 
 
 def eval_losses(run: Path) -> list[float]:
@@ -481,7 +485,7 @@ def test_skip_nonfinite_steps_skips_them_and_finishes_with_finite_weights(
         data=data_with_a_poisoned_record(tmp_path),
     )
 
-    out = train(config)
+    out = train(config).output_dir
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("skipped")] == [
@@ -518,7 +522,9 @@ def test_resumed_metrics_keep_the_steps_done_and_drop_later_or_cut_rows(tmp_path
     rows = [json.dumps({"step": step, "loss": 1.0}) for step in range(1, 6)]
     path.write_text("\n".join(rows) + '\n{"step": 6, "lo')
 
-    with open_metrics(path, done=4) as metrics:
+    metrics, kept = open_metrics(path, done=4)
+    with metrics:
         metrics.write(json.dumps({"step": 5, "loss": 0.5}) + "\n")
 
+    assert [row["step"] for row in kept] == [1, 2, 3, 4]
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]

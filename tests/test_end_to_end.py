@@ -72,7 +72,7 @@ def test_packed_lora_run_learns_and_reports_it_and_the_adapter_reloads_with_peft
             "eval.samples=4",
         ],
     )
-    out = train(config)
+    out = train(config).output_dir
     tokenizer = AutoTokenizer.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(smollm2_path)
     before = mean_loss(base, tokenizer, data_file)
@@ -123,7 +123,7 @@ def test_full_fine_tune_saves_a_model_that_plain_transformers_loads(tmp_path, da
             "eval.samples=0",
         ],
     )
-    out = train(config)
+    out = train(config).output_dir
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert "<|im_start|>" in tokenizer.chat_template

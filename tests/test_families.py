@@ -234,7 +234,7 @@ def test_a_gemma_like_base_trains_small_adapters_that_stop_at_the_end_of_turn(
                 "eval.forgetting=false",
             ],
         )
-    )
+    ).output_dir
 
     printed = capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(out)

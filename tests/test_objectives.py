@@ -140,7 +140,7 @@ def test_a_run_trains_with_dft_and_neftune_on_packed_rows_and_says_so(
     def first_loss(name, *options):
         (tmp_path / name).mkdir()
         run = config(tmp_path / name, tiny_model_dir, "training.packing=true", *options)
-        out = train(run)
+        out = train(run).output_dir
         return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
     plain = first_loss("plain")

@@ -43,7 +43,9 @@ def config(tmp_path, model, *overrides):
 def test_full_fine_tuning_leaves_model_tokenizer_template_config_and_metrics(
     tmp_path, tiny_model_dir
 ):
-    out = train(config(tmp_path, tiny_model_dir, "method=full", "training.precision=fp32"))
+    out = train(
+        config(tmp_path, tiny_model_dir, "method=full", "training.precision=fp32")
+    ).output_dir
     assert (out / "model.safetensors").is_file()
     assert (out / "sftforge.yaml").is_file()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +117,7 @@ def test_saving_a_run_writes_the_stop_tokens_and_leaves_the_live_model_as_it_was
 
 
 def test_lora_trains_the_rows_of_tokens_a_template_adds_under_a_tied_head(tmp_path, tiny_model_dir):
-    out = train(config(tmp_path, tiny_model_dir, "template=llama3", "training.lr=1e-2"))
+    out = train(config(tmp_path, tiny_model_dir, "template=llama3", "training.lr=1e-2")).output_dir
     tokens = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
     tokenizer, merged, new_ids = assert_new_rows_trained_and_old_rows_kept(
@@ -134,7 +136,7 @@ def test_lora_trains_the_rows_of_tokens_a_template_adds_in_an_untied_head_too(
     # model could never tell <|im_start|> from <|im_end|> when it writes them.
     out = train(
         config(tmp_path, untied_sentencepiece_model_dir, "template=chatml", "training.lr=1e-2")
-    )
+    ).output_dir
 
     assert_new_rows_trained_and_old_rows_kept(
         untied_sentencepiece_model_dir, out, ["<|im_start|>", "<|im_end|>"]
@@ -145,7 +147,7 @@ def test_a_llama2_style_model_trains_with_its_own_template_and_stops_at_eos(
     tmp_path, untied_sentencepiece_model_dir
 ):
     # BOS written by the template, eos </s> closing each answer, no pad token, untied head.
-    out = train(config(tmp_path, untied_sentencepiece_model_dir, "training.max_steps=2"))
+    out = train(config(tmp_path, untied_sentencepiece_model_dir, "training.max_steps=2")).output_dir
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template == LLAMA2_CHAT_TEMPLATE
@@ -171,7 +173,7 @@ def test_skip_policy_trains_on_the_valid_records_and_writes_every_reject(tmp_pat
     lines = [good[0], "{not json", *good[1:], '{"messages": []}', unrepresentable]
     data.write_text("\n".join(lines) + "\n")
     cfg = config(tmp_path, tiny_model_dir, f"data.train={data}", "data.on_invalid=skip")
-    out = train(cfg)
+    out = train(cfg).output_dir
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [r["source"] for r in rejects] == [f"{data}:2", f"{data}:8", f"{data}:9"]
     assert "decode" in rejects[2]["reason"]
@@ -179,7 +181,7 @@ def test_skip_policy_trains_on_the_valid_records_and_writes_every_reject(tmp_pat
 
 
 def test_examples_longer_than_max_length_are_dropped_and_reported(tmp_path, tiny_model_dir):
-    out = train(config(tmp_path, tiny_model_dir, "max_length=90", "method=full"))
+    out = train(config(tmp_path, tiny_model_dir, "max_length=90", "method=full")).output_dir
     report = json.loads((out / "data_report.json").read_text())
     assert report["dropped_too_long"], "some demo examples exceed 90 tokens"
     assert report["examples"] + len(report["dropped_too_long"]) == 12
@@ -262,7 +264,7 @@ def test_packed_budgeted_checkpointed_pure_bf16_lora_run_trains_and_reports_mfu(
             "training.peak_tflops=1.0",
             "training.gradient_checkpointing=true",
         )
-    )
+    ).output_dir
     metrics = step_rows(out)
     assert all(m["loss"] > 0 and m["tflops"] > 0 and m["mfu"] > 0 for m in metrics)
     # Steps of 8, 4 (the epoch's last 4 of 12) and 8 examples of 78-105 tokens, packed two
@@ -275,7 +277,7 @@ def test_packed_budgeted_checkpointed_pure_bf16_lora_run_trains_and_reports_mfu(
 
 def run_rows(tmp_path, model, *overrides) -> list[dict]:
     # Each call starts afresh in the same output_dir.
-    return step_rows(train(config(tmp_path, model, "overwrite_output_dir=true", *overrides)))
+    return train(config(tmp_path, model, "overwrite_output_dir=true", *overrides)).metrics
 
 
 def test_layout_and_checkpointing_change_neither_losses_nor_gradients(tmp_path, tiny_model_dir):

@@ -11,7 +11,7 @@ offline, unless the user set that library's own environment variable:
                TRACKIO_SPACE_ID or TRACKIO_SERVER_URL, there. With a Hugging Face token and
                HF_HUB_OFFLINE unset, trackio.init asks the Hub for the token's user (whoami)
   wandb        output_dir/wandb/offline-run-*/run-*.wandb, or the mode WANDB_MODE names
-`Trackers.locations` says where each went. Plain dicts in; nothing imported from sftforge.
+`Trackers.locations` says where each went. Plain dicts in: it knows nothing of a run.
 """
 
 from __future__ import annotations
@@ -26,9 +26,13 @@ import time
 from collections.abc import Mapping, Sequence
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
-TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
+from sftforge.errors import InputError
+
+# The allowed values of the config's report_to.
+Tracker = Literal["tensorboard", "mlflow", "trackio", "wandb"]
+TRACKERS = get_args(Tracker)
 PROJECT = "sftforge"  # the mlflow experiment, the trackio project, the wandb project
 
 # tracker -> the (module, pip package) pairs it needs. SQLAlchemy and Alembic: mlflow's local
@@ -42,7 +46,7 @@ _NEEDS = {
 _MLFLOW_PARAM_KEY, _MLFLOW_PARAM_VALUE = 250, 6000  # MLflow's longest param key and value
 
 
-class TrackerMissing(ImportError):
+class TrackerMissing(InputError, ImportError):
     """A tracker named in report_to whose library is not installed."""
 
     def __init__(self, missing: dict[str, list[str]]):
@@ -77,14 +81,8 @@ class Trackers:
     def open(cls, names: Sequence[str], output_dir: Path, run_name: str, config: dict) -> Trackers:
         """Starts every tracker in `names` for one run. Raises ValueError for a name not in
         TRACKERS and, before starting any, one TrackerMissing for all the missing libraries."""
-        names = [names] if isinstance(names, str) else list(dict.fromkeys(names))
-        unknown = [n for n in names if n not in TRACKERS]
-        if unknown:
-            raise ValueError(f"report_to: unknown tracker(s) {unknown}; expected any of {TRACKERS}")
+        names = check_installed(names, output_dir)
         output_dir = Path(output_dir)
-        missing = {name: failed for name in names if (failed := _import_failures(name, output_dir))}
-        if missing:
-            raise TrackerMissing(missing)
         started: dict[str, _Tracker] = {}
         try:
             for name in names:
@@ -133,6 +131,22 @@ class Trackers:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def check_installed(names: Sequence[str], output_dir: Path) -> list[str]:
+    """The trackers `names` once each, their libraries imported; raises ValueError for a name
+    not in TRACKERS and one TrackerMissing for all the missing libraries (a run checks this
+    before loading anything, and opens the trackers once it is ready to train)."""
+    names = [names] if isinstance(names, str) else list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise InputError(f"report_to: unknown tracker(s) {unknown}; expected any of {TRACKERS}")
+    missing = {
+        name: failed for name in names if (failed := _import_failures(name, Path(output_dir)))
+    }
+    if missing:
+        raise TrackerMissing(missing)
+    return names
 
 
 def _number(value: Any) -> float | None:

@@ -1,83 +1,62 @@
 """`sftforge data stats | dedup | filter | convert`: see, clean and convert demonstrations
-before training on them. The work is done in stats.py, dedup.py, filters.py and writers.py."""
+before training on them, through the API's data functions (api/curating.py)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import get_args
 
+import sftforge as api
 from sftforge.data.formats import DataFormat
+from sftforge.data.writers import WRITERS
 from sftforge.encode.render import TrainOn
 
 
 def _stats(args) -> None:
-    from sftforge.curate.dedup import DuplicateFinder
-    from sftforge.curate.stats import add_duplicates, collect_stats, format_stats, write_plots
-    from sftforge.data.loading import LoadResult, Rejects, iter_conversations
-    from sftforge.encode.parallel import default_num_proc
-    from sftforge.models.source import resolve_model_source
-    from sftforge.models.tokenizer import load_tokenizer, text_side
-
-    source = resolve_model_source(args.model)  # a tokenizer-only folder will do
-    tokenizer = load_tokenizer(source.tokenizer)
-    encoder, _ = text_side(tokenizer, args.template, args.train_on, model_type=source.model_type)
-    loaded = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
-    conversations = iter_conversations(args.files, loaded, format=args.format, on_invalid="skip")
-    finder = DuplicateFinder(threshold=args.near, num_perm=args.num_perm, near=not args.exact_only)
-    num_proc = args.num_proc or default_num_proc()
-    stats = collect_stats(conversations, encoder, args.max_length, num_proc, finder.keeps)
-    add_duplicates(stats, finder.result([]))
-    for reject in list(loaded.rejects)[:5]:
-        print(f"rejected: {reject.source}: {reject.reason}")
-    print(f"template: {encoder.template.name}")
-    print(format_stats(stats, rejected=len(loaded.rejects)))
-    if args.plots:
-        for written in write_plots(stats, Path(args.plots)):
-            print(f"chart: {written}")
+    api.data_stats(
+        args.files,
+        args.model,
+        template=args.template,
+        data_format=args.format,
+        train_on=args.train_on,
+        max_length=args.max_length,
+        near=args.near,
+        num_perm=args.num_perm,
+        exact_only=args.exact_only,
+        num_proc=args.num_proc,
+        plots=args.plots,
+        verbose=True,
+    )
 
 
 def _convert(args) -> None:
-    from sftforge.data.loading import load_conversations
-    from sftforge.data.writers import write_records
-
-    loaded = load_conversations(args.files, format=args.format, on_invalid=args.on_invalid)
-    written = write_records(loaded.conversations, args.to, Path(args.output))
-    print(f"{written.count:,} records written to {written.path} as {args.to}")
-    for source, reason in written.refused:
-        print(f"not written: {source}: {reason}")
-    if loaded.rejects:
-        print(loaded.summary())
+    loaded, written = api.convert_data(
+        args.files,
+        args.output,
+        args.to,
+        data_format=args.format,
+        on_invalid=args.on_invalid,
+        verbose=True,
+    )
     if written.refused or loaded.rejects:
         raise SystemExit(1)
 
 
 def _dedup(args) -> None:
-    from sftforge.curate.dedup import DuplicateFinder, write_dedup_report
-    from sftforge.data.loading import LoadResult, Rejects, iter_conversations
-    from sftforge.data.writers import write_conversations
-
-    loaded = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
-    # Each kept record is written as the input had it, every field kept (writers.py).
-    conversations = iter_conversations(args.files, loaded, format=args.format, keep_records=True)
-    near = not args.exact_only
-    finder = DuplicateFinder(threshold=args.threshold, num_perm=args.num_perm, near=near)
-    # Streamed: each record is written as soon as it is known to be kept.
-    write_conversations(args.output, (c for c in conversations if finder.keeps(c)))
-    found = finder.result([])
-    report = Path(args.report or f"{args.output}.duplicates.jsonl")
-    write_dedup_report(found, report)
-    print(found.summary())
-    print(f"kept records: {args.output}; each dropped one, with the one it repeats: {report}")
+    api.dedup(
+        args.files,
+        args.output,
+        report=args.report,
+        data_format=args.format,
+        threshold=args.threshold,
+        num_perm=args.num_perm,
+        exact_only=args.exact_only,
+        verbose=True,
+    )
 
 
 def _filter(args) -> None:
-    from sftforge.curate.filters import FilterRules, filter_conversations, write_filter
-    from sftforge.data.loading import load_conversations
-
-    # Each kept (and rejected) record is written as the input had it, every field kept.
-    loaded = load_conversations(args.files, format=args.format, keep_records=True)
-    rules = FilterRules(
+    rules = api.FilterRules(
         min_tokens=args.min_tokens,
         max_tokens=args.max_tokens,
         prompt_blocklist=args.prompt_blocklist,
@@ -85,18 +64,15 @@ def _filter(args) -> None:
         min_response_chars=args.min_response_chars,
         predicate=args.predicate,
     )
-    token_count = None
-    if args.model and (args.min_tokens or args.max_tokens):
-        from sftforge.models.source import resolve_model_source
-        from sftforge.models.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(resolve_model_source(args.model).tokenizer)
-        token_count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    result = filter_conversations(loaded.conversations, rules, token_count)
-    rejected = Path(args.rejected or f"{args.output}.rejected.jsonl")
-    write_filter(result, args.output, rejected)
-    print(result.summary())
-    print(f"kept records: {args.output}; rejected ones, each with its reason: {rejected}")
+    api.filter_data(
+        args.files,
+        args.output,
+        rules,
+        rejected=args.rejected,
+        model=args.model,
+        data_format=args.format,
+        verbose=True,
+    )
 
 
 EXACT_ONLY = (
@@ -107,8 +83,6 @@ EXACT_ONLY = (
 
 def add_data_commands(sub, common: argparse.ArgumentParser) -> None:
     """The `data` command and its subcommands, on the main parser's subparsers `sub`."""
-    from sftforge.data.writers import WRITERS
-
     data = sub.add_parser("data", help="see, clean and convert demonstrations")
     commands = data.add_subparsers(dest="data_command", required=True)
 

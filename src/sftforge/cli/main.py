@@ -11,42 +11,33 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+import sftforge as api
 from sftforge.cli.data import add_data_commands
-from sftforge.config.loading import load_config, parse_option
+from sftforge.config.loading import parse_option
 from sftforge.data.formats import DataFormat
 from sftforge.encode.parallel import Truncation
 from sftforge.encode.render import ReasoningMode, TrainOn
+from sftforge.errors import RunFailed
 from sftforge.evaluation.scoring import ScorerKind
 from sftforge.models.loading import Method
+from sftforge.training.guards import RunInterrupted
 
 
 def _train(args) -> None:
-    from sftforge.training.loop import train
-
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides.insert(0, args.config)  # `sftforge train key=value` without a file
         args.config = None
-    fields = {}
-    if args.model:
-        fields["model"] = args.model
-    if args.data:
-        fields["data"] = {"train": args.data}
-    if args.output:
-        fields["output_dir"] = args.output
-    if args.method:
-        fields["method"] = args.method
-    config = load_config(args.config, args.overrides, **fields)
-    train(config)
+    fields = {"model": args.model, "output_dir": args.output, "method": args.method}
+    fields = {key: value for key, value in fields.items() if value}
+    api.train(args.config, args.overrides, data=args.data, verbose=True, **fields)
 
 
 def _inspect(args) -> None:
-    from sftforge.encode.inspection import inspect_data
-
     # --json: stdout holds the examples' lines alone; what is said about them goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        inspected = inspect_data(
+        inspected = api.inspect(
             args.data,
-            model=args.model,
+            args.model,
             template=args.template,
             data_format=args.format,
             train_on=args.train_on,
@@ -54,38 +45,26 @@ def _inspect(args) -> None:
             template_options=dict(
                 parse_option(o, "--template-option") for o in args.template_option
             ),
+            verbose=True,
         )
     if args.json:
         inspected.write_json(sys.stdout, args.n)
         return
     color = sys.stdout.isatty() and not args.plain
-    inspected.show(args.n if args.n is not None else 3, color, args.max_length, args.truncation)
+    n = args.n if args.n is not None else 3
+    print(inspected.text(n, color, args.max_length, args.truncation))
 
 
 def _merge(args) -> None:
-    from sftforge.models.trained import merge_adapter
-
-    adapter = Path(args.adapter)
-    base = merge_adapter(adapter, Path(args.output), allow_pickle=args.allow_pickle)
-    print(f"merged model written to {args.output}: the adapter folded into {base}")
-    run_config = adapter / "sftforge.yaml"
-    if run_config.is_file() and "method: qlora" in run_config.read_text():
-        print(
-            "(a qlora run: its adapter was trained on a 4-bit copy of that base, and is "
-            "merged into the full-precision base itself, not into the 4-bit copy)"
-        )
+    api.merge(args.adapter, args.output, allow_pickle=args.allow_pickle, verbose=True)
 
 
 def _convert(args) -> None:
-    from sftforge.training.output import convert_checkpoint
-
-    output = convert_checkpoint(Path(args.checkpoint), Path(args.output))
-    print(f"plain model written to {output} from {args.checkpoint}")
+    api.convert(args.checkpoint, args.output, verbose=True)
 
 
-def _scorer_from(args):
-    from sftforge.evaluation.scoring import make_scorer
-
+def _scorer(args) -> dict | None:
+    """The scorer spec the options describe (checked by make_scorer)."""
     if not args.scorer:
         return None
     spec = {"kind": args.scorer}
@@ -95,112 +74,52 @@ def _scorer_from(args):
         spec["pattern"] = args.pattern
     if args.function:
         spec["function"] = args.function
-    return make_scorer(spec)
+    return spec
 
 
-def _answers(model_spec: str, template, args, scorer):
-    """(results, the encoder used) for `model_spec`'s answers to the prompts of args.data,
-    rendered with `template` (a choice, or another model's ChatTemplate)."""
-    from sftforge.data.loading import load_conversations
-    from sftforge.evaluation.generation import answer_and_score
-    from sftforge.models.devices import pick_device
-    from sftforge.models.tokenizer import text_side
-    from sftforge.models.trained import load_for_inference
-
-    model, tokenizer = load_for_inference(model_spec, allow_pickle=args.allow_pickle)
-    encoder, _ = text_side(tokenizer, template, model=model)
-    model.to(pick_device(args.device))
-    conversations = load_conversations(args.data).conversations[: args.limit]
-    results = answer_and_score(model, encoder, conversations, scorer, args.max_new_tokens)
-    return results, encoder
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    import json
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _generation_options(args) -> dict:
+    return {
+        "scorer": _scorer(args),
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "template": args.template,
+        "device": args.device,
+        "output": args.output,
+        "allow_pickle": args.allow_pickle,
+        "verbose": True,
+    }
 
 
 def _eval(args) -> None:
-    from sftforge.evaluation.generation import mean_score
-
-    results, _ = _answers(args.model, args.template, args, _scorer_from(args))
-    _write_jsonl(args.output, results)
-    score = mean_score(results)
-    print(f"{len(results)} answers written to {args.output}")
-    if score is not None:
-        correct = sum(1 for r in results if r["score"] == 1.0)
-        print(f"{args.scorer}: mean score {score:.1%} ({correct}/{len(results)} fully correct)")
+    api.evaluate(args.model, args.data, **_generation_options(args))
 
 
 def _compare(args) -> None:
-    from sftforge.evaluation.generation import mean_score
-
-    scorer = _scorer_from(args)
-    tuned, tuned_encoder = _answers(args.tuned, args.template, args, scorer)
-    # A fair comparison renders both alike: by default with the tuned model's own template.
-    template = tuned_encoder.template if args.template == "auto" else args.template
-    base, _ = _answers(args.base, template, args, scorer)
-    which = f"the tuned model's own template (from {args.tuned})"
-    print(f"both models rendered with {which if args.template == 'auto' else args.template}")
-    rows = [
-        {
-            "source": b["source"],
-            "prompt": b["prompt"],
-            "reference": b["reference"],
-            "base": b["answer"],
-            "base_score": b["score"],
-            "tuned": t["answer"],
-            "tuned_score": t["score"],
-        }
-        for b, t in zip(base, tuned, strict=True)
-    ]
-    _write_jsonl(args.output, rows)
-    for row in rows[: args.show]:
-        print("\n" + "=" * 78)
-        print("PROMPT     " + row["prompt"].replace("\n", " ")[:300])
-        print("REFERENCE  " + row["reference"][:300])
-        print(f"BASE  {_mark(row['base_score'])}  {row['base'].strip()[:300]!r}")
-        print(f"TUNED {_mark(row['tuned_score'])}  {row['tuned'].strip()[:300]!r}")
-    if scorer is not None:
-        print(f"\n{args.scorer}: base {mean_score(base):.1%} -> tuned {mean_score(tuned):.1%}")
-    print(f"side by side: {args.output}")
-
-
-def _mark(score) -> str:
-    return "   " if score is None else ("ok " if score == 1.0 else "BAD")
+    api.compare(args.base, args.tuned, args.data, show=args.show, **_generation_options(args))
 
 
 def _chat(args) -> None:
-    from sftforge.evaluation.chat import chat, tools_from_file
-    from sftforge.models.devices import pick_device
-    from sftforge.models.tokenizer import text_side
-    from sftforge.models.trained import load_for_inference
-
-    model, tokenizer = load_for_inference(args.model, allow_pickle=args.allow_pickle)
-    encoder, _ = text_side(tokenizer, args.template, model=model)
-    model.to(pick_device(args.device))
-    tools = tools_from_file(args.tools) if args.tools else ()
-    chat(model, encoder, system=args.system, max_new_tokens=args.max_new_tokens, tools=tools)
+    model = api.load_model(
+        args.model,
+        template=args.template,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        verbose=True,
+    )
+    tools = args.tools or ()
+    api.chat(model, system=args.system, tools=tools, max_new_tokens=args.max_new_tokens)
 
 
 def _sweep(args) -> None:
-    from sftforge.training.sweep import run_sweep
-
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not Path(config).exists():
         overrides.insert(0, config)
         config = None
-    run_sweep(config, overrides, args.steps)
+    api.sweep(config, overrides, args.steps, verbose=True)
 
 
 def _demo(args) -> None:
-    from sftforge.training.demo import run_demo
-
-    run_demo(args.output, args.overrides, args.task)
+    api.demo(args.task, args.output, args.overrides, verbose=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,12 +286,11 @@ def _rank_prefix() -> str:
 
 def explain(error: Exception) -> tuple[str, int]:
     """One paragraph (what, where, what to do) and the exit code for a failure."""
-    from sftforge.training.guards import NonFiniteError, RunInterrupted
-
     if isinstance(error, RunInterrupted):
         return str(error), 128 + error.signal_number
-    if isinstance(error, NonFiniteError):
+    if isinstance(error, RunFailed):
         return f"error: {error}", RUN_FAILED
+    # Our InputErrors, and a ValueError or missing file a library raised over the input.
     if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return f"error: {error}", INPUT_ERROR
     if isinstance(error, pickle.UnpicklingError):

@@ -9,9 +9,10 @@ import yaml
 from pydantic import ValidationError
 
 from sftforge.config.schema import Config, ConfigKeyError
+from sftforge.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     pass
 
 
@@ -79,10 +80,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, **fields
+    path: str | Path | Config | None = None, overrides: list[str] | None = None, **fields
 ) -> Config:
+    """The config of a YAML file at `path` (or a Config given, or the defaults), then keyword
+    fields (nested sections as dicts, merged key by key), then `key=value` overrides."""
     tree: dict = {}
-    if path is not None:
+    if isinstance(path, Config):
+        tree, path = path.model_dump(), None
+    elif path is not None:
         try:
             tree = yaml.load(Path(path).read_text("utf-8"), _UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
@@ -109,5 +114,5 @@ def parse_option(text: str, flag: str) -> tuple[str, object]:
     """KEY=VALUE given to `flag`, the value read as YAML (false, 3, text) as overrides are."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"{flag} {text!r}: expected KEY=VALUE")
+        raise InputError(f"{flag} {text!r}: expected KEY=VALUE")
     return key, yaml.safe_load(value)

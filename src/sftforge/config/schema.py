@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sftforge.data.formats import DataFormat
 from sftforge.data.loading import OnInvalid
 from sftforge.encode.parallel import Truncation
 from sftforge.encode.render import ReasoningMode, TrainOn
+from sftforge.errors import InputError
 from sftforge.evaluation.scoring import ScorerConfig
 from sftforge.models.devices import Precision
 from sftforge.models.loading import Attention, Method
 from sftforge.models.loss import TokenLossKind
+from sftforge.trackers import Tracker
 
 Schedule = Literal["cosine", "linear", "constant"]
 Parallelism = Literal["ddp", "fsdp"]  # under torchrun: whole copies, or sharded weights
@@ -32,7 +34,7 @@ def resumable(default, **field_options):
     return Field(default, json_schema_extra={"resumable": True}, **field_options)
 
 
-class ConfigKeyError(ValueError):
+class ConfigKeyError(InputError):
     """A check across keys, raised inside validation, that names the key to change."""
 
     def __init__(self, key: str, reason: str):
@@ -265,6 +267,16 @@ class Config(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    report_to: list[Tracker] = resumable(
+        [],
+        description="experiment trackers that get the metrics, config, data report and "
+        "before/after figures: tensorboard, mlflow, trackio, wandb (offline by default)",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_or_several(cls, value):
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self):

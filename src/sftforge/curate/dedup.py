@@ -42,6 +42,7 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 from sftforge.data.messages import Conversation, Source
 from sftforge.data.text import normalize
 from sftforge.data.writers import write_conversations, write_jsonl
+from sftforge.errors import InputError
 
 SEED = 1  # of the MinHash permutations: fixed, so a dataset always deduplicates the same way
 # How the LSH bands are chosen: weights of (false positives, false negatives). Every candidate
@@ -267,15 +268,15 @@ def _closest(
 
 def _lsh_index(threshold: float, num_perm: int, shingle: int) -> MinHashLSH:
     if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be a Jaccard similarity in (0, 1], not {threshold}")
+        raise InputError(f"threshold must be a Jaccard similarity in (0, 1], not {threshold}")
     if shingle < 1:
-        raise ValueError(f"shingle is a number of words, at least 1, not {shingle}")
+        raise InputError(f"shingle is a number of words, at least 1, not {shingle}")
     if num_perm < 2:
-        raise ValueError(f"num_perm must be at least 2 (128 is usual), not {num_perm}")
+        raise InputError(f"num_perm must be at least 2 (128 is usual), not {num_perm}")
     try:
         return MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
     except ValueError as e:  # e.g. too few bands for a threshold this high
-        raise ValueError(
+        raise InputError(
             f"no LSH index for threshold={threshold} with num_perm={num_perm} ({e}); "
             "raise num_perm or lower the threshold"
         ) from e

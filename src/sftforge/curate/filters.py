@@ -22,6 +22,7 @@ from pathlib import Path
 from sftforge.data.loading import Rejects
 from sftforge.data.messages import Conversation, Source
 from sftforge.data.writers import record_as_read, write_conversations
+from sftforge.errors import InputError
 from sftforge.user_code import import_user_function
 
 RULES = (
@@ -37,7 +38,7 @@ PROMPT_ROLES = ("system", "user")
 Predicate = Callable[[Conversation], bool | str]
 
 
-class FilterError(ValueError):
+class FilterError(InputError):
     """Filter rules that cannot be applied, or a predicate that misbehaves."""
 
 

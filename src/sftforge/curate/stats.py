@@ -86,6 +86,9 @@ class DataStats:
     refusals: Finding = field(default_factory=Finding)
     exact_duplicates: Finding = field(default_factory=Finding)  # set by add_duplicates
     near_duplicates: Finding | None = None  # set by add_duplicates when near ones were sought
+    template: str = ""  # the chat template the lengths were counted with
+    rejected: int = 0  # records that could not be read as conversations
+    charts: list[Path] = field(default_factory=list)  # the SVG charts written, if asked
 
     @property
     def tokens(self) -> int:

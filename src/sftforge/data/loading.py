@@ -26,6 +26,8 @@ from sftforge.data.formats import FIELDS, FORMATS, META_RECORD, DataFormat
 from sftforge.data.messages import Conversation, DataError, Source, keys_of, type_name
 from sftforge.data.oasst import TREE_FORMATS, conversations_from_trees
 from sftforge.data.readers import RawRecord, read_sources
+from sftforge.data.writers import write_jsonl
+from sftforge.errors import InputError
 
 OnInvalid = Literal["error", "skip"]
 
@@ -58,21 +60,21 @@ class Rejects:
         return iter(self._items)
 
     def write_jsonl(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            for item in self._items:
-                line = {"source": item.source, "reason": item.reason, "record": item.record}
-                # default=str: Parquet and datasets rows may hold dates or bytes.
-                f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        """One line a reject: {"source", "reason", "record"}."""
+        write_jsonl(
+            path, ({"source": r.source, "reason": r.reason, "record": r.record} for r in self)
+        )
 
 
 @dataclass
 class LoadResult:
-    conversations: list[Conversation]
-    rejects: Rejects
-    formats: dict[str, int]  # detected format -> number of files/datasets of that format
-    duplicates: int  # conversations exactly repeating an earlier one (kept, only counted)
+    """What reading data gave: the conversations (when kept), the rejects, and the counts.
+    `LoadResult()` is the empty one that `iter_conversations` fills as it reads."""
+
+    conversations: list[Conversation] = field(default_factory=list)
+    rejects: Rejects = field(default_factory=Rejects)
+    formats: dict[str, int] = field(default_factory=dict)  # format -> files/datasets of it
+    duplicates: int = 0  # conversations exactly repeating an earlier one (kept, only counted)
     files: list[str] = field(default_factory=list)  # every file or dataset read, in order
     rejects_path: Path | None = None  # where the rejects were written, if anywhere
     records: int = 0  # records read: in OpenAssistant files, messages (fewer conversations)
@@ -130,7 +132,7 @@ def load_conversations(
 
     on_invalid="skip" writes the rejects to `rejects_path` (always, even when empty, so an old
     file never misleads)."""
-    result = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+    result = LoadResult()
     options = {"format": format, "columns": columns, "on_invalid": on_invalid}
     options["keep_records"] = keep_records
     result.conversations.extend(iter_conversations(data, result, **options))
@@ -288,12 +290,12 @@ def held_out_indices(n: int, held_out: float | int, seed: int) -> list[int]:
     records keep their file order so reports are easy to read against the data."""
     if isinstance(held_out, float):
         if not 0 < held_out < 1:
-            raise ValueError(f"eval.held_out as a fraction must be in (0, 1), not {held_out}")
+            raise InputError(f"eval.held_out as a fraction must be in (0, 1), not {held_out}")
         count = max(1, round(held_out * n))
     else:
         count = held_out
     if not 0 < count < n:
-        raise ValueError(
+        raise InputError(
             f"eval.held_out={held_out} would hold out {count} of {n} examples; "
             "leave at least one to train on and hold out at least one"
         )
@@ -343,14 +345,14 @@ def reject_reason(err: DataError) -> str:
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        raise InputError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
 def _check_columns(columns: dict[str, str] | None) -> None:
     # The mapping goes ours -> theirs; the reverse ({'response': 'output'}) is an easy slip.
     unknown = [ours for ours in columns or {} if ours not in FIELDS]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"columns maps our field names to your column names, e.g. {{'output': 'response'}}; "
             f"{', '.join(map(repr, unknown))} is not one of our fields: {', '.join(FIELDS)}"
         )

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftforge.errors import InputError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -114,7 +116,7 @@ class Conversation:
         return [i for i, m in enumerate(self.messages) if m.role == "assistant"]
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A record that cannot become a valid Conversation. Names its source and field."""
 
     def __init__(self, source: Source | str, reason: str, field: str | None = None):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,8 +29,10 @@ from sftforge.data.duplicate_keys import (
     duplicate_key_reason,
 )
 from sftforge.data.messages import DataError, Source
+from sftforge.errors import InputError, MissingFileError
 
 EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
+RECORDS = "records"  # the name of records given in memory (a list of dicts): records[row N]
 
 # 16 MiB is about four million tokens, beyond any model's context, so no trainable record is
 # lost; a longer line is a binary file, a missing newline or a runaway field, and reading it
@@ -50,10 +52,15 @@ class RawRecord:
 
 
 def read_sources(data: Any) -> Iterator[tuple[str, Iterator[RawRecord]]]:
-    """Yield (source name, records) for each file or dataset in `data`, in a stable order."""
+    """Yield (source name, records) for each file in `data` (a file, a folder, a list of
+    them), for a `datasets` dataset, or for records in memory (a list of dicts), in a
+    stable order."""
     dataset = _as_dataset(data)
     if dataset is not None:
         yield _dataset_name(dataset), _read_dataset(dataset)
+        return
+    if _are_records(data):
+        yield RECORDS, (RawRecord(Source(RECORDS, row=row), r) for row, r in enumerate(data))
         return
     for path in data_files(data):
         yield str(path), _at_least_one_record(str(path), _read_file(path))
@@ -76,7 +83,7 @@ def _at_least_one_record(name: str, records: Iterator[RawRecord]) -> Iterator[Ra
 def data_files(data: Any) -> list[Path]:
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     if not items:
-        raise ValueError("no data given: pass a file, a folder, a list of them, or a Dataset")
+        raise InputError("no data given: pass a file, a folder, a list of them, or a Dataset")
     paths = []
     for item in items:
         path = Path(item)
@@ -86,7 +93,7 @@ def data_files(data: Any) -> list[Path]:
             _check_extension(path)
             paths.append(path)
         else:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path}: no such file or folder; expected a {_extensions_text()} file, "
                 "a folder of them, or a datasets.Dataset (for a Hugging Face hub dataset, "
                 "call datasets.load_dataset(...) and pass one split)"
@@ -341,6 +348,11 @@ def _read_parquet(path: Path) -> Iterator[RawRecord]:
             row += 1
 
 
+def _are_records(data: Any) -> bool:
+    """Whether `data` is records held in memory: a non-empty list of dicts."""
+    return isinstance(data, (list, tuple)) and bool(data) and isinstance(data[0], Mapping)
+
+
 def _as_dataset(data: Any) -> Any:
     """Return `data` if it is a `datasets` dataset, without importing `datasets` (slow) otherwise."""
     datasets = sys.modules.get("datasets")
@@ -348,7 +360,7 @@ def _as_dataset(data: Any) -> Any:
         return None
     if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         splits = ", ".join(data)
-        raise ValueError(
+        raise InputError(
             f"got a DatasetDict with splits {splits}; pass one split, e.g. ds['train']"
         )
     if isinstance(data, (datasets.Dataset, datasets.IterableDataset)):

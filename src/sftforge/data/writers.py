@@ -22,6 +22,7 @@ from typing import NoReturn
 
 from sftforge.data.formats import FORMATS, META_RECORD
 from sftforge.data.messages import Conversation, DataError, Message, Source, ToolCall
+from sftforge.errors import InputError
 
 
 def _to_messages(conversation: Conversation) -> dict:
@@ -195,7 +196,7 @@ def to_record(conversation: Conversation, format: str) -> dict:
     (else a DataError saying what the format cannot hold). A raw-text conversation stays
     text whatever the format, since it has no turns to lay out."""
     if format not in WRITERS:
-        raise ValueError(f"unknown output format '{format}'; expected one of {', '.join(WRITERS)}")
+        raise InputError(f"unknown output format '{format}'; expected one of {', '.join(WRITERS)}")
     if conversation.is_raw_text:
         format = "text"
     record = WRITERS[format](conversation)
@@ -332,7 +333,7 @@ def write_records(conversations: Iterable[Conversation], format: str, path: Path
     """Write each conversation as one JSON line of `format`, in order; those the format
     cannot hold are left out and returned with their reasons."""
     if format not in WRITERS:
-        raise ValueError(f"unknown output format '{format}'; expected one of {', '.join(WRITERS)}")
+        raise InputError(f"unknown output format '{format}'; expected one of {', '.join(WRITERS)}")
     written = Written(Path(path))
 
     def records():

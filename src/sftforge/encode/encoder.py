@@ -41,6 +41,7 @@ from sftforge.encode.atoms import (
 from sftforge.encode.proof import decode_all, decode_windows, mask_problem, texts_of, trained_runs
 from sftforge.encode.render import Piece, ReasoningMode, TrainOn, render_examples, render_prompt
 from sftforge.encode.templates import ChatTemplate, TemplateError
+from sftforge.errors import InputError
 
 IGNORE_INDEX = -100
 # Text tokenized in front of a run that must not get a string's prefix space; its tokens are
@@ -91,7 +92,7 @@ class Encoder:
             ("reasoning", reasoning, get_args(ReasoningMode)),
         ):
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+                raise InputError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
         self.tokenizer = tokenizer
         self.template = template
         self.train_on = train_on

@@ -36,10 +36,12 @@ from typing import Literal, get_args
 import numpy as np
 
 from sftforge.atomic import staging_folder, write_atomically
+from sftforge.console import say
 from sftforge.data.messages import Conversation, DataError
 from sftforge.data.writers import conversation_record
 from sftforge.encode.encoder import Encoder, Example
 from sftforge.encode.table import EncodedChunk, ExampleTable, ExampleView, TableWriter
+from sftforge.errors import InputError
 
 Truncation = Literal["drop", "truncate"]
 
@@ -244,7 +246,7 @@ def write_entry(cache_root: Path, key: str, write) -> Path | None:
     try:
         write_atomically(entry, write)
     except OSError as err:  # another process wrote it first, or the disk is full
-        print(f"note: the encoded examples were not cached ({err})")
+        say(f"note: the encoded examples were not cached ({err})")
         return None
     finally:
         shutil.rmtree(staging_folder(entry), ignore_errors=True)  # what a failure left
@@ -294,7 +296,7 @@ def fit_to_length(
     """Apply the max_length policy; every example cut or dropped is named in the report."""
     if truncation not in get_args(Truncation):
         allowed = ", ".join(get_args(Truncation))
-        raise ValueError(f"truncation must be one of {allowed}, not {truncation!r}")
+        raise InputError(f"truncation must be one of {allowed}, not {truncation!r}")
     kept = []
     for ex in examples:
         report.max_tokens = max(report.max_tokens, len(ex.input_ids))
@@ -321,7 +323,7 @@ def fit_rows(
     where truncated; every row cut or dropped is named in the report."""
     if truncation not in get_args(Truncation):
         allowed = ", ".join(get_args(Truncation))
-        raise ValueError(f"truncation must be one of {allowed}, not {truncation!r}")
+        raise InputError(f"truncation must be one of {allowed}, not {truncation!r}")
     rows = np.asarray(rows, dtype=np.int64)
     lengths = np.asarray(table.lengths[rows])
     counts = np.asarray(table.trained_counts[rows]).copy()

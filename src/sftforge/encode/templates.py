@@ -19,6 +19,8 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from sftforge.errors import InputError
+
 BUILTIN_TEMPLATES = (
     "chatml",
     "llama2",
@@ -47,7 +49,7 @@ BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
 _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|<[a-z]+(?:_[a-z]+)+>")
 
 
-class TemplateError(ValueError):
+class TemplateError(InputError):
     """The template cannot render this conversation, or cannot be proven to mask it right."""
 
 

@@ -271,8 +271,8 @@ def _samples(r: RunReport) -> str:
         rows += (
             f"<tr><td class='num'>{i}</td><td><pre>{escape(_text(s.get('prompt')))}</pre></td>"
             f"<td><pre>{escape(_text(s.get('reference')))}</pre></td>"
-            f"{_score_cell(s.get('before'), s.get('score_before'))}"
-            f"{_score_cell(s.get('after'), s.get('score_after'))}</tr>"
+            f"{_score_cell(s.get('base'), s.get('base_score'))}"
+            f"{_score_cell(s.get('tuned'), s.get('tuned_score'))}</tr>"
         )
     more = len(r.samples) - MAX_SAMPLES
     note = f"<p>Showing {MAX_SAMPLES} of {len(r.samples)} samples.</p>" if more > 0 else ""

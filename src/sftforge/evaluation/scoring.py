@@ -19,6 +19,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from sftforge.data.text import normalize
+from sftforge.errors import InputError
 from sftforge.user_code import import_user_function
 
 ScorerKind = Literal["exact", "normalized", "json", "contains", "regex", "python", "tool_call"]
@@ -57,7 +58,7 @@ Score = float  # in [0, 1]
 Scorer = Callable[[str, str, dict], Score]
 
 
-class ScoringError(ValueError):
+class ScoringError(InputError):
     """A scorer spec, or an eval-set reference, that cannot be scored against."""
 
 

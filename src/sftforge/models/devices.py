@@ -4,13 +4,15 @@ generation alike), what that precision allows, and deterministic algorithms."""
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from sftforge.console import warn
+from sftforge.errors import InputError
 
 Precision = Literal["auto", "fp32", "bf16", "pure_bf16"]
 
@@ -26,7 +28,7 @@ def check_attention_precision(attention: str, amp: torch.dtype | None) -> None:
     from transformers.utils.generic import is_flash_attention_requested
 
     if amp is None and is_flash_attention_requested(requested_attention_implementation=attention):
-        raise ValueError(
+        raise InputError(
             f"config key 'attention': {attention} computes in bf16 or fp16 only, and this run "
             "computes in fp32 (training.precision, or auto on a device without fast bf16). Set "
             "training.precision=bf16 on a GPU with bf16 (compute capability 8.0 or later), "
@@ -101,11 +103,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 @cache
 def warn_emulated_bf16(precision: str, device: torch.device, capability: tuple) -> None:
-    print(
+    warn(
         f"warning: training.precision={precision} on {device}, compute capability "
         f"{capability[0]}.{capability[1]}: bf16 runs natively from 8.0 (Ampere) on, and is "
-        "emulated here, slowly (training.precision=auto computes in fp32 on this GPU)",
-        file=sys.stderr,
+        "emulated here, slowly (training.precision=auto computes in fp32 on this GPU)"
     )
 
 

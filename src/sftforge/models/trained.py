@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from sftforge.errors import MissingFileError
 from sftforge.models.loading import load_source_model
 from sftforge.models.source import ModelSource, resolve_model_source
 from sftforge.models.tokenizer import load_tokenizer
@@ -25,7 +26,7 @@ def load_base_with_adapter(adapter_dir: Path, allow_pickle: bool = False):
     source = resolve_model_source(str(adapter_dir))
     source.require_weights("merging a LoRA adapter")
     if source.adapter is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{adapter_dir} holds no adapter_config.json: not a LoRA run, so there is no "
             "adapter to fold in. Give the folder a LoRA training run wrote"
         )

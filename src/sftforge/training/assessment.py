@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftforge.config.schema import Config
+from sftforge.console import say
 from sftforge.data.messages import Conversation
 from sftforge.encode.encoder import Encoder, Example
 from sftforge.evaluation.forgetting import ForgettingMeter, corpus_examples, general_prompt_examples
@@ -87,14 +88,15 @@ class Assessment:
             summary["forgetting"] = ForgettingMeter.compare(
                 before["forgetting"], after["forgetting"], self.forgetting.corpus_name
             )
+        # The base model's answers and the tuned one's, side by side as `compare` writes them.
         summary["samples"] = [
             {
                 "prompt": prompt.last_text,
                 "reference": ref,
-                "before": before["answers"][k],
-                "after": after["answers"][k],
-                "score_before": before.get("scores", [None] * (k + 1))[k],
-                "score_after": after.get("scores", [None] * (k + 1))[k],
+                "base": before["answers"][k],
+                "base_score": before.get("scores", [None] * (k + 1))[k],
+                "tuned": after["answers"][k],
+                "tuned_score": after.get("scores", [None] * (k + 1))[k],
             }
             for k, (prompt, ref) in enumerate(zip(self.prompts, self.references, strict=True))
         ][:samples]
@@ -174,10 +176,10 @@ def finish_report(config: Config, data: TrainingData, summary: dict, output_dir:
     )
     path = write_report(report, output_dir / "report.html")
     for line in headline(summary):
-        print(line)
+        say(line)
     for note in notes:
-        print("note: " + note)
-    print(f"report: {path}")
+        say("note: " + note)
+    say(f"report: {path}")
 
 
 def headline(summary: dict) -> list[str]:

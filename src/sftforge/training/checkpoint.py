@@ -50,13 +50,14 @@ from sftforge.atomic import (
 from sftforge.config.schema import Config
 from sftforge.encode.encoder import Example
 from sftforge.encode.table import ExampleView
+from sftforge.errors import InputError
 
 CHECKPOINTS = "checkpoints"
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
 RESUME_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     pass
 
 

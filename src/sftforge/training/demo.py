@@ -5,14 +5,16 @@ the base model's answers beside the fine-tuned model's, with accuracy and forget
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from sftforge.config.loading import load_config
+from sftforge.console import say
+from sftforge.evaluation.comparison import format_side_by_side
 from sftforge.evaluation.forgetting import bundled
 from sftforge.training.assessment import headline
 from sftforge.training.loop import train
+from sftforge.training.run import TrainResult
 
 SHOWN = 5
 
@@ -72,22 +74,17 @@ def demo_config(output_dir: Path, overrides: list[str], task: str = "extraction"
     )
 
 
-def run_demo(output_dir: str | None, overrides: list[str], task: str = "extraction") -> None:
+def run_demo(output_dir: str | None, overrides: list[str], task: str = "extraction") -> TrainResult:
     """Train on the task, then show answers before and after (output_dir default:
     runs/demo, or runs/demo-TASK)."""
     output_dir = Path(output_dir or ("runs/demo" if task == "extraction" else f"runs/demo-{task}"))
     started = time.perf_counter()
-    train(demo_config(output_dir, overrides, task))
-    summary = json.loads((output_dir / "summary.json").read_text())
-    for sample in summary["samples"][:SHOWN]:
-        print("\n" + "=" * 78)
-        print("PROMPT    " + sample["prompt"].replace("\n", " "))
-        print("EXPECTED  " + sample["reference"].replace("\n", " "))
-        for name in ("before", "after"):
-            mark = "ok " if sample[f"score_{name}"] == 1.0 else "BAD"
-            label = "BASE " if name == "before" else "TUNED"
-            print(f"{label}     {mark} {sample[name].strip()[:200]!r}")
-    print("\n" + "=" * 78)
+    result = train(demo_config(output_dir, overrides, task))
+    summary = result.summary
+    for line in format_side_by_side(summary["samples"][:SHOWN]):
+        say(line)
+    say("\n" + "=" * 78)
     for line in headline(summary):
-        print(line)
-    print(f"demo took {time.perf_counter() - started:.0f} s; report: {output_dir / 'report.html'}")
+        say(line)
+    say(f"demo took {time.perf_counter() - started:.0f} s; report: {output_dir / 'report.html'}")
+    return result

@@ -30,6 +30,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sftforge.console import say
+from sftforge.errors import InputError
+
 # Collectives inside training time out after the config's training.collective_timeout_s.
 # Waiting for the other ranks to finish loading the model and the data, or for rank 0 to
 # measure and save, is bounded by this much longer limit instead: a slow rank there is
@@ -37,7 +40,7 @@ import torch.distributed as dist
 STARTUP_TIMEOUT = timedelta(hours=6)
 
 
-class DistributedError(ValueError):
+class DistributedError(InputError):
     pass
 
 
@@ -152,7 +155,7 @@ def wait_for_all(world: World, what: str = "") -> None:
     if not world.is_distributed:
         return
     if world.is_main and what:
-        print(f"waiting for every rank to finish {what}", flush=True)
+        say(f"waiting for every rank to finish {what}")
     dist.barrier(group=_waiting_group)
 
 

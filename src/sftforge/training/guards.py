@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
+from sftforge.console import warn
+from sftforge.errors import RunFailed, SftforgeError
 from sftforge.training.checkpoint import latest_checkpoint
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailed):
     pass
 
 
-class RunInterrupted(RuntimeError):
+class RunInterrupted(SftforgeError, RuntimeError):
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.signal_number = signal_number
@@ -37,10 +38,9 @@ def stop_requests():
 
     def request(number, frame):
         stop.signal = signal.Signals(number)
-        print(
+        warn(
             f"\n{stop.signal.name}: finishing this step, then saving a checkpoint "
-            "(send it again to stop at once)",
-            file=sys.stderr,
+            "(send it again to stop at once)"
         )
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -16,9 +16,10 @@ import signal
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from sftforge.config.schema import Config
+from sftforge.console import say
 from sftforge.encode.batches import Batch, collate, made_ahead, step_batches, step_stream
 from sftforge.evaluation.generation import summed_loss_and_count
 from sftforge.models.devices import (
@@ -34,6 +35,7 @@ from sftforge.models.loading import causal_lm, compile_decoder_layers, enable_gr
 from sftforge.models.loss import TokenLoss
 from sftforge.models.packing_check import verify_packing_isolation
 from sftforge.models.prefix_sharing import shared_step_batches, verify_prefix_sharing
+from sftforge.trackers import Trackers, check_installed
 from sftforge.training.assessment import build_assessment, finish_report
 from sftforge.training.checkpoint import (
     latest_checkpoint,
@@ -85,7 +87,7 @@ from sftforge.training.preflight import (
     resume_point,
 )
 from sftforge.training.prepare import prepare, prepare_model, prepare_text
-from sftforge.training.run import Run
+from sftforge.training.run import Learner, Run, StepPlan, TrainResult
 from sftforge.training.runlock import lock_output_dir
 from sftforge.training.sharded import gather_whole_model
 from sftforge.training.training_data import load_examples
@@ -100,17 +102,19 @@ from sftforge.training.update import (
 EVAL_BATCH = 8  # held-out examples per forward pass
 
 
-def train(config: Config) -> Path:
+def train(config: Config) -> TrainResult:
+    """One training run, in as many processes as torchrun started (or this one alone)."""
     world = world_from_environment()
     deterministic = deterministic_algorithms(config.training.deterministic)
     with _one_run_per_output_dir(Path(config.output_dir), world), deterministic:
         run = start(config, world)
         # A compiler that failed: the compiled layers run eagerly, for this run only.
-        with torch.compiler.set_stance("force_eager" if run.compile_failed else "default"):
-            last_record = steps(run)
-            output_dir = finish(run, last_record)
+        eager = "force_eager" if run.learner.compile_failed else "default"
+        with run.trackers, torch.compiler.set_stance(eager):
+            metrics = steps(run)
+            result = finish(run, metrics)
     end_processes()
-    return output_dir
+    return result
 
 
 def _one_run_per_output_dir(output_dir: Path, world: World):
@@ -137,8 +141,9 @@ def start(config: Config, world: World = ALONE) -> Run:
     check_parallel_settings(config, world)
     resume_from = None
     if world.is_main:
+        check_installed(config.report_to, output_dir)
         for leftover in remove_unfinished(output_dir):
-            print(f"removed {leftover.name}, left unfinished by an interrupted run")
+            say(f"removed {leftover.name}, left unfinished by an interrupted run")
         resume_from = resume_point(config.resume, config.overwrite_output_dir, output_dir)
     start_processes(world, pick_device(t.device), t.collective_timeout_s)
     text = prepare_text(config)
@@ -160,7 +165,7 @@ def start(config: Config, world: World = ALONE) -> Run:
         verify_prefix_sharing(model, device, config.max_length)
     before = None
     if resume_from is None and world.is_main:
-        print("measuring the model before training")
+        say("measuring the model before training")
         before = assessment.measure(model)
     wait_for_all(world, "measuring the model before training")
     if t.packing:
@@ -185,7 +190,7 @@ def start(config: Config, world: World = ALONE) -> Run:
             checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
             f"{checkpoints} checkpoints and the final weights",
         )
-    print(
+    say(
         f"training {config.method} on {device}{processes_note(world, t.parallelism)} "
         f"({precision_note(t.precision, amp, config.method)}): "
         f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
@@ -193,38 +198,34 @@ def start(config: Config, world: World = ALONE) -> Run:
         f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
         f"{objective_note(config)}"
     )
-    run = Run(
-        config=config,
-        world=world,
-        output_dir=output_dir,
-        device=device,
-        amp=amp,
-        model=model,
-        trainer=trainer,
-        encoder=text.encoder,
-        data=data,
-        base_model_path=base_model_path,
-        params=params,
-        optimizer=optimizer,
-        assessment=assessment,
-        flops=flop_model(model, config.method),
-        identity=run_identity(config, data.examples),
-        total_steps=total_steps,
-        stream=step_stream(len(data.examples), t.batch_size * t.grad_accum, t.seed),
-        before=before,
-        compile_failed=bool(compile_failure),
+    learner = Learner(
+        model, trainer, params, optimizer, device, amp, flop_model(model, config.method)
     )
+    learner.compile_failed = bool(compile_failure)
+    plan = StepPlan(
+        total=total_steps,
+        stream=step_stream(len(data.examples), t.batch_size * t.grad_accum, t.seed),
+        identity=run_identity(config, data.examples),
+    )
+    run = Run(
+        config, world, output_dir, text.encoder, data, base_model_path, learner, plan,
+        assessment, Trackers.none(), before,
+    )  # fmt: skip
     if resume_from is not None:
         run.resume(resume_from)
+    if world.is_main and config.report_to:
+        config_values = config.model_dump(mode="json")
+        run.trackers = Trackers.open(config.report_to, output_dir, output_dir.name, config_values)
     return run
 
 
 # ---- steps ---------------------------------------------------------------------------------
 
 
-def steps(run: Run) -> dict:
-    """Run the optimizer steps from `run.done` to the last; returns the last step's record."""
-    config, t, progress, total = run.config, run.config.training, run.progress, run.total_steps
+def steps(run: Run) -> list[dict]:
+    """Run the optimizer steps from `run.plan.done` to the last; returns every step's
+    metrics.jsonl row, those of the steps resumed from included."""
+    config, t, progress, total = run.config, run.config.training, run.progress, run.plan.total
     world = run.world
     lengths = run.data.examples.lengths
     batching = {
@@ -235,38 +236,45 @@ def steps(run: Run) -> dict:
     make_batches = shared_step_batches if t.share_prefixes else step_batches
     warmup = int(t.warmup_ratio * total)
     clock = TrainingClock(progress.elapsed_s)
-    record: dict = {}
     bar = tqdm(
-        range(run.done, total),
+        range(run.plan.done, total),
         "train",
-        initial=run.done,
+        initial=run.plan.done,
         total=total,
         dynamic_ncols=True,
         disable=not world.is_main,
     )
     metrics_path = run.output_dir / "metrics.jsonl"
-    metrics = open_metrics(metrics_path, run.done) if world.is_main else open(os.devnull, "w")  # noqa: SIM115
+    if world.is_main:
+        metrics, records = open_metrics(metrics_path, run.plan.done)
+    else:
+        metrics, records = open(os.devnull, "w"), []  # noqa: SIM115
 
     def my_batches(indices):
         mine = share_of_step(indices, lengths, world)
         return make_batches(run.data.examples, lengths, mine, run.encoder.pad_id, **batching)
 
-    upcoming = made_ahead(run.stream, my_batches, pin=run.device.type == "cuda")
+    upcoming = made_ahead(run.plan.stream, my_batches, pin=run.learner.device.type == "cuda")
     with metrics, stop_requests() as stop, contextlib.closing(upcoming):
         for step in bar:
             lr = learning_rate_at(step, total, warmup, config.learning_rate, t.schedule)
-            for group in run.optimizer.param_groups:
+            for group in run.learner.optimizer.param_groups:
                 group["lr"] = lr
             torch.manual_seed(step_seed(t.seed, step, world.rank))
             epoch, indices, batches = next(upcoming)
             loss, trained = accumulate_gradients(
-                run.trainer, batches, run.device, run.amp, world, run.encoder.pad_id
+                run.learner.trainer,
+                batches,
+                run.learner.device,
+                run.learner.amp,
+                world,
+                run.encoder.pad_id,
             )
-            grad_norm = gradient_norm(run.params, t.max_grad_norm)
+            grad_norm = gradient_norm(run.learner.params, t.max_grad_norm)
             applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)
             stopping, rows = _count(run, batches, trained, clock, stop.signal is not None)
             record = step_record(step + 1, epoch + 1, loss, lr, grad_norm, progress, t, world)
-            record["micro_batches"] = max_over_ranks(len(batches), world, run.device)
+            record["micro_batches"] = max_over_ranks(len(batches), world, run.learner.device)
             record["rows"] = rows  # < examples when packed
             if not applied:
                 record["skipped"] = True
@@ -275,6 +283,8 @@ def steps(run: Run) -> dict:
                     record["eval_loss"] = _eval_loss_keeping_the_best(run)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            records.append(record)
+            run.trackers.log_step(record, step + 1)
             if (step + 1) % t.log_every == 0 or step + 1 == total:
                 bar.set_postfix(progress_figures(record), refresh=False)
             if _due(step + 1, total, t.save_every) or stopping:
@@ -289,7 +299,7 @@ def steps(run: Run) -> dict:
                     signal_number,
                 )
     bar.close()
-    return record
+    return records
 
 
 def compile_with_fallback(model, data, encoder, device, amp) -> str | None:
@@ -303,10 +313,10 @@ def compile_with_fallback(model, data, encoder, device, amp) -> str | None:
         accumulate_gradients(TokenLoss(model), [batch], device, amp, pad_id=encoder.pad_id)
         model.zero_grad(set_to_none=True)
 
-    print("compiling the decoder layers (torch.compile; cached for later runs)")
+    say("compiling the decoder layers (torch.compile; cached for later runs)")
     failure = compile_decoder_layers(model, probe)
     if failure:
-        print(f"warning: torch.compile failed, so this run trains without it: {failure}")
+        say(f"warning: torch.compile failed, so this run trains without it: {failure}")
     return failure
 
 
@@ -316,7 +326,7 @@ def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) 
     norm are the same on every rank, so every rank decides alike.)"""
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:
-        run.optimizer.step()
+        run.learner.optimizer.step()
     else:
         run.progress.skipped_steps += 1
         sources = [run.data.examples.source(i) for i in indices]
@@ -324,11 +334,11 @@ def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) 
         allowed = run.config.training.skip_nonfinite_steps
         if run.progress.skipped_steps > allowed:
             raise NonFiniteError(nonfinite_stop(what, run.output_dir))
-        print(
+        say(
             f"warning: {what}; skipped it ({run.progress.skipped_steps} of "
             f"training.skip_nonfinite_steps={allowed})"
         )
-    run.optimizer.zero_grad(set_to_none=True)
+    run.learner.optimizer.zero_grad(set_to_none=True)
     return finite
 
 
@@ -336,18 +346,18 @@ def _eval_loss_keeping_the_best(run: Run) -> float:
     """The held-out loss, each rank measuring its share of the held-out examples."""
     world, held_out = run.world, run.assessment.held_out
     share = held_out[world.rank :: world.size]
-    passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, run.device)
-    with autocast(run.device, run.amp):
+    passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, run.learner.device)
+    with autocast(run.learner.device, run.learner.amp):
         total, count = summed_loss_and_count(
-            run.trainer,
+            run.learner.trainer,
             share,
-            run.device,
+            run.learner.device,
             run.encoder.pad_id,
             EVAL_BATCH,
             passes,
             shared_rows_of=run.assessment.shared_rows_of,
         )
-    total, count = sum_over_ranks([total, count], world, run.device)
+    total, count = sum_over_ranks([total, count], world, run.learner.device)
     eval_loss = total / max(count, 1)
     if run.config.eval.save_best and eval_loss < run.progress.best_eval:
         run.progress.best_eval = eval_loss
@@ -362,11 +372,12 @@ def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: 
     rank was asked to stop (so that every rank stops after the same step), and the step's
     rows over all ranks."""
     flops = sum(
-        run.flops.step_flops(b.real_tokens, b.attended_pairs, b.trained_tokens) for b in batches
+        run.learner.flops.step_flops(b.real_tokens, b.attended_pairs, b.trained_tokens)
+        for b in batches
     )
     real = sum(b.real_tokens for b in batches)
     rows = sum(len(b.input_ids) for b in batches)
-    totals = sum_over_ranks([real, flops, rows, stop_requested], run.world, run.device)
+    totals = sum_over_ranks([real, flops, rows, stop_requested], run.world, run.learner.device)
     real, flops, rows, stops = totals
     progress = run.progress
     progress.tokens += int(real)
@@ -379,25 +390,29 @@ def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: 
 # ---- finish --------------------------------------------------------------------------------
 
 
-def finish(run: Run, last_record: dict) -> Path:
-    """Measure the trained model, save it, and write the report (rank 0; under FSDP the
-    weights are first gathered into one whole model there)."""
-    model = run.model
+def finish(run: Run, metrics: list[dict]) -> TrainResult:
+    """Measure the trained model, save it, write the report and tell the trackers (rank 0;
+    under FSDP the weights are first gathered into one whole model there)."""
+    model = run.learner.model
     if run.sharded:
         model = gather_whole_model(
-            run.trainer, run.world, lambda: prepare(run.config, run.device).model
+            run.learner.trainer, run.world, lambda: prepare(run.config, run.learner.device).model
         )
     if run.world.is_main:
-        print("measuring the model after training")
+        say("measuring the model after training")
         # The loop already measured the final eval loss on these weights; do not repeat it.
-        after = run.assessment.measure(model, eval_loss=last_record.get("eval_loss"))
+        last = metrics[-1] if metrics else {}
+        after = run.assessment.measure(model, eval_loss=last.get("eval_loss"))
         publish_best(run.output_dir)
         save_final(run.output_dir, lambda folder: run.save_model(folder, model))
         summary = run.assessment.compare(run.before, after, run.config.eval.samples)
         finish_report(run.config, run.data, summary, run.output_dir)
-        print(f"saved to {run.output_dir}")
+        run.trackers.log_summary({"run": summary, "data": run.data_report()})
+        say(f"saved to {run.output_dir}")
+    else:
+        summary = None
     wait_for_all(run.world, "measuring and saving the trained model")
-    return run.output_dir
+    return TrainResult(run.output_dir, summary, metrics, run.data_report())
 
 
 def _due(step: int, total: int, every: int | None) -> bool:

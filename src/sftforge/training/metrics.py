@@ -71,20 +71,21 @@ def step_record(step, epoch, loss, lr, grad_norm, progress: Progress, t, world=N
 
 
 def open_metrics(path: Path, done: int):
-    """metrics.jsonl for writing, keeping the rows of the `done` steps resumed from (a killed
-    run may have left later rows, the last one cut short)."""
+    """metrics.jsonl for writing, and the rows of the `done` steps resumed from, which it keeps
+    (a killed run may have left later rows, the last one cut short)."""
     kept = []
     if done and path.is_file():
         for line in path.read_text().splitlines():
             try:
-                if json.loads(line)["step"] <= done:
-                    kept.append(line)
+                row = json.loads(line)
             except json.JSONDecodeError:
                 break
+            if row["step"] <= done:
+                kept.append(row)
     metrics = path.open("w")
-    for line in kept:
-        metrics.write(line + "\n")
-    return metrics
+    for row in kept:
+        metrics.write(json.dumps(row) + "\n")
+    return metrics, kept
 
 
 def precision_note(precision: str, amp: torch.dtype | None, method: str) -> str:

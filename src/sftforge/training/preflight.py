@@ -13,9 +13,11 @@ import torch
 
 from sftforge.atomic import CHECKSUMS
 from sftforge.config.loading import ConfigError
+from sftforge.console import say
 from sftforge.data.messages import DataError, Message
 from sftforge.data.readers import data_files
 from sftforge.encode.templates import TemplateError
+from sftforge.errors import InputError
 from sftforge.training.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -27,7 +29,7 @@ from sftforge.training.checkpoint import (
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 
 
-class PreflightError(ValueError):
+class PreflightError(InputError):
     pass
 
 
@@ -122,7 +124,7 @@ def newest_intact(checkpoints: list[Path], output_dir: Path) -> Path | None:
             _note_if_unverifiable(checkpoint, output_dir)
             return checkpoint
         damaged.append(f"{_shown(checkpoint, output_dir)}: {problem}")
-        print(f"skipped {damaged[-1]}")
+        say(f"skipped {damaged[-1]}")
     if damaged:
         raise PreflightError(
             f"resume=auto: no checkpoint in {output_dir / CHECKPOINTS} is intact "
@@ -134,7 +136,7 @@ def newest_intact(checkpoints: list[Path], output_dir: Path) -> Path | None:
 
 def _note_if_unverifiable(checkpoint: Path, output_dir: Path) -> None:
     if not (checkpoint / CHECKSUMS).is_file():
-        print(
+        say(
             f"note: {_shown(checkpoint, output_dir)} was written without {CHECKSUMS} (an "
             "older sftforge): resuming from it unverified"
         )

@@ -1,5 +1,5 @@
-"""A training run between its phases: what `train.start` sets up and `train.steps` and
-`train.finish` use, and how a run saves itself (its model, its checkpoints: whole, or in
+"""A training run between its phases: what `loop.start` sets up and `loop.steps` and
+`loop.finish` use (the Run, its Learner and StepPlan), what a run gives back (TrainResult), and how a run saves itself (its model, its checkpoints: whole, or in
 shards under FSDP) and restores itself from a checkpoint written by any number of processes.
 """
 
@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from sftforge.config.schema import Config
+from sftforge.console import say
 from sftforge.encode.encoder import Encoder
 from sftforge.models.flops import FlopModel
+from sftforge.trackers import Trackers
 from sftforge.training.assessment import Assessment
 from sftforge.training.checkpoint import (
     check_same_run,
@@ -33,29 +35,47 @@ from sftforge.training.training_data import TrainingData
 
 
 @dataclass
+class Learner:
+    """What trains: the model, its loss module (wrapped by DDP or FSDP under torchrun), the
+    trainable parameters and their optimizer, on one device in one precision."""
+
+    model: torch.nn.Module  # the model (sharded in place under FSDP)
+    trainer: torch.nn.Module  # its TokenLoss, under DDP or FSDP when many processes
+    params: list[torch.nn.Parameter]  # the trainable ones (this rank's shards under FSDP)
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None for fp32
+    flops: FlopModel
+    compile_failed: bool = False  # training.compile was asked for, and torch.compile failed
+
+
+@dataclass
+class StepPlan:
+    """Which optimizer steps the run takes, and where it stands among them."""
+
+    total: int
+    stream: Iterator[tuple[int, list[int]]]  # (epoch, example indices) of each step to come
+    identity: dict  # what a resume must find unchanged
+    done: int = 0  # steps done before this process started (resumed)
+
+
+@dataclass
 class Run:
-    """Everything the steps need, set up by `start`."""
+    """What `start` hands to `steps` and `finish`: the config and the processes, the text
+    side and the data, the Learner, the StepPlan, what the model is judged on (and its
+    measurements before training), where progress is reported, and the progress so far."""
 
     config: Config
     world: World
     output_dir: Path
-    device: torch.device
-    amp: torch.dtype | None  # autocast dtype, None for fp32
-    model: torch.nn.Module  # the model (sharded in place under FSDP)
-    trainer: torch.nn.Module  # its TokenLoss, under DDP or FSDP when many processes
     encoder: Encoder
     data: TrainingData
     base_model_path: str
-    params: list[torch.nn.Parameter]  # the trainable ones (this rank's shards under FSDP)
-    optimizer: torch.optim.Optimizer
+    learner: Learner
+    plan: StepPlan
     assessment: Assessment
-    flops: FlopModel
-    identity: dict  # what a resume must find unchanged
-    total_steps: int
-    stream: Iterator[tuple[int, list[int]]]  # (epoch, example indices) of each step to come
-    done: int = 0  # steps done before this process started (resumed)
+    trackers: Trackers
     before: dict | None = None  # the measurements before training
-    compile_failed: bool = False  # training.compile was asked for, and torch.compile failed
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -65,34 +85,50 @@ class Run:
     def save_model(self, folder: Path, model: torch.nn.Module | None = None) -> None:
         """The loadable model or adapter, with everything inference needs (rank 0)."""
         encoder = self.encoder
-        data_report = self.data.report.__dict__ | {"base_model": self.base_model_path}
-        if self.data.loaded.contents:  # tool calls, reasoning: and what was done with reasoning
-            data_report["contents"] = dict(self.data.loaded.contents)
-            data_report["reasoning"] = self.config.reasoning
-        if self.data.mix:
-            data_report["mix"] = self.data.mix
         save_run(
             folder,
-            model or self.model,
+            model or self.learner.model,
             encoder.tokenizer,
             encoder.stop_ids,
             encoder.pad_id,
             self.config,
-            data_report,
+            self.data_report(),
         )
+
+    def data_report(self) -> dict:
+        """What the data gave, as saved beside the model and returned in the TrainResult."""
+        report = self.data.report.__dict__ | {"base_model": self.base_model_path}
+        if self.data.loaded.contents:  # tool calls, reasoning: and what was done with reasoning
+            report["contents"] = dict(self.data.loaded.contents)
+            report["reasoning"] = self.config.reasoning
+        if self.data.mix:
+            report["mix"] = self.data.mix
+        return report
 
     def save_checkpoint(self, step: int) -> Path:
         """Every rank calls it; rank 0 writes (with the others, under FSDP)."""
-        state = {"identity": self.identity, "before": self.before}
+        state = {"identity": self.plan.identity, "before": self.before}
         state["progress"] = asdict(self.progress)
         keep = self.config.training.keep_checkpoints
         if self.sharded:
             save_sharded_checkpoint(
-                self.output_dir, step, self.trainer, self.optimizer, state, keep, self.world
+                self.output_dir,
+                step,
+                self.learner.trainer,
+                self.learner.optimizer,
+                state,
+                keep,
+                self.world,
             )
         elif self.world.is_main:
             save_checkpoint(
-                self.output_dir, step, self.model, self.optimizer, state, keep, self.save_model
+                self.output_dir,
+                step,
+                self.learner.model,
+                self.learner.optimizer,
+                state,
+                keep,
+                self.save_model,
             )
         wait_for_all(self.world)
         return checkpoint_root(self.output_dir) / f"step-{step:06d}"
@@ -102,13 +138,31 @@ class Run:
         (written by any number of processes). Last, after anything in `start` that draws random
         numbers: the RNG states come back too."""
         if is_sharded_checkpoint(path) or self.sharded:
-            resumed = load_any_checkpoint(path, self.trainer, self.optimizer)
+            resumed = load_any_checkpoint(path, self.learner.trainer, self.learner.optimizer)
         else:
             # Verified by resume_point (on rank 0) just before: not hashed again here.
-            resumed = load_checkpoint(path, self.model, self.optimizer, verified=True)
-        check_same_run(resumed.state["identity"], self.identity, path)
-        self.done, self.before = resumed.step, resumed.state["before"]
+            resumed = load_checkpoint(
+                path, self.learner.model, self.learner.optimizer, verified=True
+            )
+        check_same_run(resumed.state["identity"], self.plan.identity, path)
+        self.plan.done, self.before = resumed.step, resumed.state["before"]
         self.progress = Progress(**resumed.state["progress"])
-        for _ in range(self.done):
-            next(self.stream)  # the data position: the next step drawn is the first unseen one
-        print(f"resumed from {path} after step {self.done} of {self.total_steps}")
+        for _ in range(self.plan.done):
+            next(self.plan.stream)  # the data position: the next step drawn is the first unseen one
+        say(f"resumed from {path} after step {self.plan.done} of {self.plan.total}")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run gives back (on rank 0; other ranks get `summary` None): where it
+    saved the model, its before/after figures (summary.json), every metrics.jsonl row, and
+    what the data gave (examples, tokens, rejects, mix)."""
+
+    output_dir: Path
+    summary: dict | None
+    metrics: list[dict]
+    data_report: dict
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.metrics[-1]["loss"] if self.metrics else None

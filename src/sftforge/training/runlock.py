@@ -25,10 +25,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from sftforge.errors import InputError
+
 LOCK_NAME = ".sftforge.lock"
 
 
-class RunLockedError(ValueError):
+class RunLockedError(InputError):
     pass
 
 

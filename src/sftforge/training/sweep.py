@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from sftforge.config.loading import ConfigError, load_config
+from sftforge.console import say
 
 ALIASES = {
     "lr": "training.lr",
@@ -59,17 +60,15 @@ def run_sweep(config_path: str | None, overrides: list[str], steps: int) -> dict
         config = load_config(
             config_path, [*rest, *budget, *held, f"{key}={value}", f"output_dir={out}"]
         )
-        print(f"\n=== sweep {key}={value} ===")
-        train(config)
-        summary = json.loads((out / "summary.json").read_text())
-        rows.append(sweep_row(value, summary, out))
+        say(f"\n=== sweep {key}={value} ===")
+        rows.append(sweep_row(value, train(config).summary, out))
     choice, reason = recommend(rows)
     result = {"key": key, "rows": rows, "recommended": choice, "reason": reason}
     (sweep_dir / "sweep.json").write_text(json.dumps(result, indent=2))
     write_sweep_report(result, sweep_dir / "sweep.html")
-    print(format_table(result))
-    print(f"\nrecommended {key}={choice}: {reason}")
-    print(f"plots: {sweep_dir / 'sweep.html'}")
+    say(format_table(result))
+    say(f"\nrecommended {key}={choice}: {reason}")
+    say(f"plots: {sweep_dir / 'sweep.html'}")
     return result
 
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sftforge.config.schema import Config, DataSource
+from sftforge.console import say
 from sftforge.data.loading import (
     LoadResult,
     Rejects,
@@ -92,13 +93,13 @@ def load_examples(
     if data.on_invalid == "skip" and write_rejects:
         loaded.rejects.write_jsonl(rejects_path)
         loaded.rejects_path = rejects_path
-    print(loaded.summary())
+    say(loaded.summary())
     if encoded.rejected and write_rejects:
-        print(f"rejected by the chat template: {len(encoded.rejected)} (written to {rejects_path})")
+        say(f"rejected by the chat template: {len(encoded.rejected)} (written to {rejects_path})")
 
     several, made, once, tokens = table.split_cost()
     if several:
-        print(
+        say(
             f"split by the chat template (it rewrites history, so each trained turn is "
             f"learned in the context inference gives it): {several} conversations into {made} "
             f"examples, {once} tokens into {tokens} ({tokens / once:.2f}x)"
@@ -119,9 +120,9 @@ def load_examples(
             share = SourceShare(source_name(source), size, len(mine), len(taken), len(fitted))
             share.tokens, share.trained_tokens = int(fitted.cuts.sum()), trained
             shares.append(share)
-    print(report.summary(config.max_length))
+    say(report.summary(config.max_length))
     if shares:
-        print(mix_table(shares))
+        say(mix_table(shares))
     examples = ExampleView.joined(views)
     if not len(examples):
         raise DataError(str(data.train), "no example is left to train on")
@@ -160,15 +161,15 @@ def _read_and_encode(config: Config, sources: list[DataSource], encoder: Encoder
             found = _read_entry(entry)
         except (OSError, ValueError, KeyError) as err:
             # Replaced or pruned by another process while being read, or damaged: encode.
-            print(f"note: the cached examples in {entry} could not be read ({err}); encoding")
+            say(f"note: the cached examples in {entry} could not be read ({err}); encoding")
         else:
             took = time.perf_counter() - started
-            print(f"encoded examples read from the cache {entry} ({took:.1f} s)")
+            say(f"encoded examples read from the cache {entry} ({took:.1f} s)")
             return (*found, entry)
     made = {}
 
     def encode_into(folder: Path | None) -> None:
-        loaded = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+        loaded = LoadResult()
         sizes: list[int] = []
         stream = _conversations(config, sources, loaded, sizes)
         encoded = encode_stream(stream, encoder, config.data.on_invalid, num_proc, folder)
@@ -182,7 +183,7 @@ def _read_and_encode(config: Config, sources: list[DataSource], encoder: Encoder
     took = time.perf_counter() - started
     count = made["encoded"].conversations
     where = f"; cached in {written}" if written else ""
-    print(f"encoded {count:,} conversations in {took:.1f} s ({num_proc} processes){where}")
+    say(f"encoded {count:,} conversations in {took:.1f} s ({num_proc} processes){where}")
     return made["loaded"], made["encoded"], made["sizes"], written
 
 
@@ -232,7 +233,7 @@ def _write_meta(folder: Path, loaded: LoadResult, encoded: Encoded, sizes: list[
 
 def _read_entry(entry: Path):
     meta = json.loads((entry / "meta.json").read_text("utf-8"))
-    loaded = LoadResult(conversations=[], rejects=Rejects(), formats=meta["formats"], duplicates=0)
+    loaded = LoadResult(formats=meta["formats"])
     loaded.files, loaded.records, loaded.valid = meta["files"], meta["records"], meta["valid"]
     loaded.duplicates, loaded.left_out = meta["duplicates"], Counter(meta["left_out"])
     loaded.contents = Counter(meta.get("contents", {}))
@@ -259,11 +260,11 @@ def _split(config: Config, sources: list[DataSource], table: ExampleTable, entry
     if isinstance(spec, str):
         options = read_options(config, DataSource(path=spec))
         held = load_conversations(spec, **options).conversations
-        print(f"held-out file {spec}: {len(held)} examples")
+        say(f"held-out file {spec}: {len(held)} examples")
         return held, None, set()
     n = len(table.row_of)
     chosen = held_out_indices(n, spec, seed)
-    print(f"held out {len(chosen)} of {n} examples (seed {seed})")
+    say(f"held out {len(chosen)} of {n} examples (seed {seed})")
     held = _held_out_conversations(config, sources, chosen, entry)
     return held, table.rows_of(chosen), set(chosen)
 
@@ -279,9 +280,9 @@ def _held_out_conversations(config, sources, chosen: list[int], entry: Path | No
             with open(saved, encoding="utf-8") as f:
                 return [conversation_from_json(json.loads(line)) for line in f]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            print(f"note: {saved} could not be read ({err}); reading the data again")
+            say(f"note: {saved} could not be read ({err}); reading the data again")
     wanted, last = set(chosen), max(chosen)
-    scratch = LoadResult(conversations=[], rejects=Rejects(), formats={}, duplicates=0)
+    scratch = LoadResult()
     held = []
     for index, conversation in enumerate(_conversations(config, sources, scratch, [])):
         if index in wanted:
@@ -292,7 +293,7 @@ def _held_out_conversations(config, sources, chosen: list[int], entry: Path | No
         try:
             write_jsonl(saved, (conversation_as_json(c) for c in held))
         except OSError as err:
-            print(f"note: the held-out conversations were not cached ({err})")
+            say(f"note: the held-out conversations were not cached ({err})")
     return held
 
 
