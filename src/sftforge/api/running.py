@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from sftforge.console import speaking
 from sftforge.data.writers import write_jsonl
 from sftforge.training.demo import run_demo
 from sftforge.training.loop import train as run_training
+from sftforge.training.preflight import PreflightError, previous_run
 from sftforge.training.run import TrainResult
 from sftforge.training.sweep import run_sweep
 
@@ -40,7 +42,7 @@ def train(
         fields["data"] = {**fields.get("data", {}), "train": train_data}
     config = load_config(config, list(overrides), **fields)
     if in_memory:
-        written = _write_records(data, Path(config.output_dir) / "data" / "train.jsonl")
+        written = _write_records(data, config)
         config = load_config(config, data={"train": str(written)})
     with speaking(verbose):
         return run_training(config)
@@ -55,8 +57,26 @@ def _paths(data) -> str | list[str]:
     return [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
 
 
-def _write_records(records, path: Path) -> Path:
-    write_jsonl(path, (dict(record) for record in records))
+def _write_records(records, config: Config) -> Path:
+    """The records as OUTPUT_DIR/data/train.jsonl. Where a previous run in OUTPUT_DIR trained
+    on that file, other records are refused before they replace its data (which a refused
+    run would otherwise destroy), unless overwrite_output_dir starts afresh there."""
+    output_dir = Path(config.output_dir)
+    path = output_dir / "data" / "train.jsonl"
+    new = path.with_name(f".{path.name}.new")
+    write_jsonl(new, (dict(record) for record in records))
+    try:
+        trained_on = path.is_file() and previous_run(output_dir)
+        if trained_on and not config.overwrite_output_dir and not filecmp.cmp(new, path, False):
+            raise PreflightError(
+                f"output_dir {output_dir} holds a previous run trained on the records in "
+                f"{path}, and these records differ; pass the same records to resume it, "
+                "start afresh there with overwrite_output_dir=true (deletes that run), or "
+                "choose another output_dir"
+            )
+        new.replace(path)
+    finally:
+        new.unlink(missing_ok=True)
     return path
 
 
