@@ -27,8 +27,8 @@ from sftforge.data.loading import Rejects, load_conversations
 from sftforge.data.messages import DataError
 from sftforge.data.readers import MAX_RECORD_BYTES
 from sftforge.encode.encoder import Encoder
+from sftforge.encode.parallel import encode_all
 from sftforge.encode.templates import resolve_template
-from sftforge.training.training_data import encode_all
 
 BAD_INPUTS = Path(__file__).parent / "bad_inputs"
 

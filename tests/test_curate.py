@@ -1,5 +1,5 @@
-"""Curating data before training: dedup.py finds the planted exact and near duplicates (and
-nothing else), filters.py rejects each planted record by its rule; both name every dropped
+"""Curating data before training: curate/dedup.py finds the planted exact and near duplicates (and
+nothing else), curate/filters.py rejects each planted record by its rule; both name every dropped
 record by file:line and write what they keep so that load_conversations reads it back."""
 
 from __future__ import annotations
@@ -442,7 +442,7 @@ def test_conversation_record_is_the_messages_format_or_text():
 
 
 @pytest.mark.skipif(
-    "trained" not in {f.name for f in fields(Message)}, reason="formats.py without weight"
+    "trained" not in {f.name for f in fields(Message)}, reason="data/formats.py without weight"
 )
 def test_an_assistant_turn_kept_as_context_is_written_with_weight_0(tmp_path):
     record = {

@@ -1,4 +1,4 @@
-"""Behaviour of data.py: records in every supported format and file type become validated
+"""Behaviour of data/loading.py: records in every supported format and file type become validated
 Conversations, and every bad record is reported with its file, line (or row) and field."""
 
 from __future__ import annotations

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+import sftforge
 import sftforge.encode.parallel as encoding
 from sftforge.data.loading import Rejects
 from sftforge.data.messages import Conversation, DataError, Message, Source
+from sftforge.encode.cache import data_key
+from sftforge.encode.parallel import encode_all
 from sftforge.models.tokenizer import text_side
-from sftforge.training.training_data import data_key, encode_all, load_examples
+from sftforge.training.training_data import load_examples, reading_of
 
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 
@@ -120,7 +123,8 @@ def test_the_cache_gives_back_the_examples_held_out_and_rejects_it_was_given(
 
 
 def test_a_cached_run_parses_no_record_held_out_ones_included(encoder, tmp_path, monkeypatch):
-    import sftforge.training.training_data as examples
+    import sftforge.encode.cache as cache
+    import sftforge.encode.selection as selection
 
     data = write_data(tmp_path / "data.jsonl", 30)
     config = run_config(tmp_path, data, "eval.held_out=0.2")
@@ -129,7 +133,8 @@ def test_a_cached_run_parses_no_record_held_out_ones_included(encoder, tmp_path,
     def no_reading(*args, **kwargs):
         raise AssertionError("the data was read again")
 
-    monkeypatch.setattr(examples, "_conversations", no_reading)
+    monkeypatch.setattr(cache, "iter_readings", no_reading)
+    monkeypatch.setattr(selection, "iter_readings", no_reading)
     again = load_examples(config, encoder, tmp_path)
 
     assert again.held_out == fresh.held_out and len(again.held_out) == 6
@@ -142,7 +147,8 @@ def test_the_key_changes_with_what_the_examples_depend_on(smollm2_tokenizer, enc
     config = run_config(tmp_path, data)
 
     def key(config=config, encoder=encoder) -> str:
-        return data_key(config, config.data.sources(), encoder)
+        readings = [reading_of(config, source) for source in config.data.sources()]
+        return data_key(readings, encoder)
 
     first = key()
     assert key() == first  # the same inputs: the same key
@@ -159,6 +165,24 @@ def test_the_key_changes_with_what_the_examples_depend_on(smollm2_tokenizer, enc
     assert key() != first  # the data's content
     smollm2_tokenizer.add_tokens(["<|a_new_word|>"], special_tokens=True)
     assert key(encoder=text_side(smollm2_tokenizer, "auto")[0]) != first  # tokenizer
+
+
+def test_the_key_hashes_every_module_that_reads_renders_or_encodes_found_on_disk():
+    """No hand-kept list: each module of data/ and encode/ (a new or moved one too) is in the
+    key, and so is every one of them that encoding imports."""
+    import sys
+
+    from sftforge.encode.cache import ENCODING_PACKAGES, encoding_sources
+
+    package = Path(sftforge.__file__).parent
+    on_disk = {p for stage in ENCODING_PACKAGES for p in (package / stage).rglob("*.py")}
+    assert set(encoding_sources()) == on_disk
+    imported = {
+        Path(module.__file__)
+        for name, module in sys.modules.items()
+        if name.startswith(("sftforge.data.", "sftforge.encode.")) and module.__file__
+    }
+    assert imported and imported <= on_disk
 
 
 def test_encoding_reads_the_conversations_a_few_chunks_ahead_not_all(encoder, monkeypatch):

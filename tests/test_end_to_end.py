@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sftforge.config.loading import load_config
 from sftforge.data.loading import load_conversations
-from sftforge.encode.batches import collate
+from sftforge.encode.batches import collate, trained_token_count
 from sftforge.encode.encoder import Encoder
 from sftforge.encode.templates import resolve_template
-from sftforge.models.loss import summed_token_loss, trained_token_count
+from sftforge.models.loss import summed_token_loss
 from sftforge.training.loop import train
 
 pytestmark = pytest.mark.slow

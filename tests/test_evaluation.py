@@ -10,8 +10,8 @@ import torch
 from run_report import assert_report_shows_the_run
 
 from sftforge.cli.main import main
-from sftforge.data.loading import load_conversations, split_held_out
-from sftforge.data.messages import Conversation, Message, Source
+from sftforge.data.loading import held_out_indices, load_conversations
+from sftforge.data.messages import Message
 from sftforge.encode.batches import collate
 from sftforge.encode.encoder import IGNORE_INDEX, Encoder, Example
 from sftforge.encode.templates import resolve_template
@@ -22,30 +22,18 @@ from sftforge.training.sweep import parse_sweep, recommend
 DEMO = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
 
 
-def conversations(n):
-    return [
-        Conversation(
-            Source("d.jsonl", i + 1), (Message("user", f"q{i}"), Message("assistant", f"a{i}"))
-        )
-        for i in range(n)
-    ]
-
-
-def test_held_out_split_is_deterministic_and_disjoint():
-    convs = conversations(50)
-    train_a, held_a = split_held_out(convs, 0.2, seed=7)
-    train_b, held_b = split_held_out(convs, 0.2, seed=7)
-    assert held_a == held_b and train_a == train_b
-    assert len(held_a) == 10 and len(train_a) == 40
-    assert not {c.source for c in held_a} & {c.source for c in train_a}
-    assert split_held_out(convs, 0.2, seed=8)[1] != held_a
-    assert len(split_held_out(convs, 3, seed=7)[1]) == 3
+def test_held_out_split_is_deterministic_and_a_set_of_distinct_indices():
+    chosen = held_out_indices(50, 0.2, seed=7)
+    assert chosen == held_out_indices(50, 0.2, seed=7)
+    assert len(chosen) == len(set(chosen)) == 10 and all(0 <= i < 50 for i in chosen)
+    assert held_out_indices(50, 0.2, seed=8) != chosen
+    assert len(held_out_indices(50, 3, seed=7)) == 3
 
 
 @pytest.mark.parametrize("bad", [0, 50, 1.5, 0.0])
 def test_held_out_split_refuses_to_leave_nothing(bad):
     with pytest.raises(ValueError, match="held_out"):
-        split_held_out(conversations(50), bad, seed=0)
+        held_out_indices(50, bad, seed=0)
 
 
 def test_perplexity_of_a_model_that_predicts_uniformly_is_the_vocabulary_size(tiny_model_factory):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from model_families import tiny_gemma3
 
-from sftforge.encode.batches import collate, epoch_steps
+from sftforge.encode.batches import collate, epoch_steps, trained_token_count
 from sftforge.encode.encoder import IGNORE_INDEX, Example
-from sftforge.models.loss import TokenLoss, summed_token_loss, trained_token_count
+from sftforge.models.loss import TokenLoss, summed_token_loss
 from sftforge.training.update import accumulate_gradients
 
 VOCAB = 512

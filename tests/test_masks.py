@@ -1,6 +1,6 @@
 """Loss masks: which tokens are trained, for every built-in template, on three tokenizers.
 
-The promise (see tokenize.py): the trained tokens of every assistant turn are exactly the
+The promise (see encode/encoder.py): the trained tokens of every assistant turn are exactly the
 text the template writes for that turn, from the end of the generation prompt through the
 end-of-turn token, and the tokens before a turn are exactly what the model is given at
 inference: for a first turn, what transformers' own `apply_chat_template(...,
@@ -21,12 +21,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sftforge.data.messages import Conversation, DataError, Message, Source
-from sftforge.encode.batches import collate
+from sftforge.encode.batches import collate, trained_token_count
 from sftforge.encode.encoder import IGNORE_INDEX, Encoder, Example
 from sftforge.encode.parallel import EncodingReport, fit_to_length
 from sftforge.encode.render import render_prompt
 from sftforge.encode.templates import BUILTIN_TEMPLATES, resolve_template
-from sftforge.models.loss import trained_token_count
 from sftforge.models.tokenizer import add_missing_special_tokens, text_side
 
 TEMPLATES = [*BUILTIN_TEMPLATES, "auto"]

@@ -1,4 +1,4 @@
-"""What `--model` accepts, resolved once (model_source.py) for every command: a
+"""What `--model` accepts, resolved once (models/source.py) for every command: a
 tokenizer-only folder (enough for `inspect` and `data stats`, refused where weights are
 needed), a run's own output folder (a LoRA run: its base from adapter_config.json, its
 tokenizer and chat template from the run), and a SentencePiece tokenizer.model without a

@@ -17,6 +17,7 @@ from sftforge.encode.batches import (
     pack_best_fit_decreasing,
     plan_micro_batches,
     step_batches,
+    trained_token_count,
 )
 from sftforge.encode.encoder import IGNORE_INDEX, Example
 from sftforge.models import loss as loss_module
@@ -26,7 +27,6 @@ from sftforge.models.loss import (
     TokenLoss,
     chunked_head_loss,
     summed_token_loss,
-    trained_token_count,
 )
 from sftforge.models.packing_check import verify_packing_isolation
 from sftforge.training.update import accumulate_gradients

@@ -1,5 +1,5 @@
 """Reading a config: a YAML file, then keyword fields, then `key=value` overrides, merged in
-that order and validated against the schema in config.py; and writing one back."""
+that order and validated against the schema in config/schema.py; and writing one back."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """One typed config: the schema a YAML file plus `key=value` overrides (`training.lr=1e-4`)
-are validated against (config_file.py reads them).
+are validated against (config/loading.py reads them).
 
 A mistake names the key and, where the values are a fixed set, the allowed ones. Each set of
-allowed values is defined here once (the data formats come from the table in formats.py), and
-the rest of the code reads it from here with `choices(...)`. A field marked `resumable` may
+allowed values (a Literal type) is defined once, by the stage that owns it (DataFormat in
+data/formats.py, TrainOn in encode/render.py, Precision in models/devices.py, ScorerKind in
+evaluation/scoring.py, ...), and imported here: the config sits above the stages it
+configures; Schedule and Parallelism, the run's own, are defined here. A field marked `resumable` may
 change when a run resumes; every other field shapes the steps, and a resume refuses a change.
 """
 

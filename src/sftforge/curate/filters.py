@@ -125,7 +125,7 @@ def write_filter(result: FilterResult, kept_path: str | Path, rejected_path: str
 
 def load_predicate(spec: str | None) -> Predicate:
     """Import "package.module:function". It is user code, so it is imported only when named;
-    the rules and messages are those of the `python` scorer (scoring.py)."""
+    the rules and messages are those of the `python` scorer (evaluation/scoring.py)."""
     function = import_user_function(spec, "predicate", "conversation", FilterError)
     attribute = spec.partition(":")[2]
     if not callable(function):

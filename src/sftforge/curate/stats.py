@@ -1,7 +1,7 @@
 """What is in a dataset, before a GPU-hour is spent on it: `sftforge data stats`.
 
 One streamed pass over the conversations, each rendered and tokenized exactly as training
-would (the same Encoder, template and mask; in parallel, encoding.py), keeping only small
+would (the same Encoder, template and mask; in parallel, encode/parallel.py), keeping only small
 per-conversation numbers, so a million conversations take tens of MB here:
 - records per format, turns per conversation, messages per role;
 - tools: records offering tools and how many each, tool calls, tool results, and assistant
@@ -11,7 +11,7 @@ per-conversation numbers, so a million conversations take tens of MB here:
 - examples over `max_length`, and the trained tokens dropping or truncating them costs;
 - responses that are very short (empty ones never load), that repeat the prompt, or that
   are refusal boilerplate ("As an AI language model ..."), each with the records that show it;
-- exact and near duplicates, as dedup.py finds them (`add_duplicates`);
+- exact and near duplicates, as curate/dedup.py finds them (`add_duplicates`);
 - the share of tokens that are trained.
 """
 
@@ -106,7 +106,7 @@ def collect_stats(
     num_proc: int = 1,
     each: Callable[[Conversation], object] | None = None,
 ) -> DataStats:
-    """One streamed pass (encoded in `num_proc` processes, a few chunks ahead: encoding.py),
+    """One streamed pass (encoded in `num_proc` processes, a few chunks ahead: encode/parallel.py),
     calling `each` on every conversation too (dedup's DuplicateFinder, say)."""
     stats = DataStats(max_length)
     for chunk, encoded in encoded_chunks(conversations, encoder, num_proc):
@@ -183,7 +183,7 @@ def _echoes(prompt: str, answer: str) -> bool:
 
 
 def add_duplicates(stats: DataStats, found) -> None:
-    """The duplicates dedup.py found (a DedupResult), as findings: each dropped record."""
+    """The duplicates curate/dedup.py found (a DedupResult), as findings: each dropped record."""
     stats.exact_duplicates = Finding()
     stats.near_duplicates = Finding() if found.threshold < 1.0 else None
     for duplicate in found.dropped:

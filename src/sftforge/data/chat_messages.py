@@ -1,6 +1,6 @@
 """One message of a chat record -> a Message: its text (a string, text parts, or null beside
 tool calls), and by role its reasoning and tool calls, or the call its result answers.
-formats.py reads the records; tools.py parses the tool-calling fields."""
+data/formats.py reads the records; data/tools.py parses the tool-calling fields."""
 
 from __future__ import annotations
 

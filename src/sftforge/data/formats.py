@@ -33,7 +33,7 @@ from sftforge.data.tools import check_tool_flow, parse_json_text, parse_tool_cal
 # The allowed values of the config's fixed-choice keys.
 
 
-# The types live in messages.py; they are named here too, beside the formats that make them.
+# The types live in data/messages.py; they are named here too, beside the formats that make them.
 __all__ = [
     "FIELDS",
     "FORMATS",
@@ -229,7 +229,7 @@ FORMATS: dict[str, Format] = {
     "dolly": Format(("instruction", "response"), _from_dolly, ("context", "category", "system")),
     "flan": Format(("inputs", "targets"), _from_flan),
     # One record per message (with a `text`, so before text): load_conversations assembles a
-    # file's trees (oasst.py), along each tree's best-ranked path, or every path (oasst_all).
+    # file's trees (data/oasst.py), along each tree's best-ranked path, or every path (oasst_all).
     "oasst": Format(OASST_KEYS, _from_oasst_message, OASST_OPTIONAL),
     "oasst_all": Format(OASST_KEYS, _from_oasst_message, OASST_OPTIONAL),
     "text": Format(("text",), _from_text),

@@ -1,14 +1,14 @@
-"""Files in -> validated Conversations -> Examples out: the data stage of a run.
+"""Records in -> validated Conversations out: the data stage of a run.
 
-`load_conversations` reads files, folders or a `datasets.Dataset` (see `readers.py`), works
-out each file's format from its first valid record (the table in `formats.py`), converts
+`load_conversations` reads files, folders, a `datasets.Dataset` or records in memory (see `data/readers.py`), works
+out each file's format from its first valid record (the table in `data/formats.py`), converts
 every record and validates it. Every problem is a `DataError` naming the record's file:line
 (or file[row N]) and field. By default the first one is raised; with `on_invalid="skip"`
 every rejected record is kept in `Rejects` (and optionally written as JSONL) so nothing is
 ever dropped silently.
 
-examples.py builds a run's examples from here: one dataset or a mix, the held-out split,
-encoding (encoding.py) and the max_length policy.
+training/training_data.py makes a run's examples from these conversations: one dataset or
+a mix, the held-out split, encoding (encode/parallel.py) and the max_length policy.
 """
 
 from __future__ import annotations
@@ -142,6 +142,31 @@ def load_conversations(
     return result
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One source of a run's data and how it is read."""
+
+    path: str | list[str]
+    format: str = "auto"
+    columns: dict[str, str] | None = None
+    on_invalid: str = "error"
+
+    def options(self) -> dict:
+        return {"format": self.format, "columns": self.columns, "on_invalid": self.on_invalid}
+
+
+def iter_readings(
+    readings: list[Reading], result: LoadResult, sizes: list[int]
+) -> Iterator[Conversation]:
+    """Every reading's valid conversations in order (exact repeats counted across all of
+    them), counted into `result`, and each reading's number of them appended to `sizes`."""
+    repeats = RepeatCounter()
+    for reading in readings:
+        before = result.valid
+        yield from iter_conversations(reading.path, result, repeats=repeats, **reading.options())
+        sizes.append(result.valid - before)
+
+
 def iter_conversations(
     data: str | Path | list[str | Path] | datasets.Dataset,
     result: LoadResult,
@@ -158,7 +183,7 @@ def iter_conversations(
 
     With format="auto" each file's format is detected from its first valid record and then
     holds for the whole file. An OpenAssistant file (oasst, oasst_all) holds one message a
-    record: it is read whole, and oasst.py assembles its trees into conversations.
+    record: it is read whole, and data/oasst.py assembles its trees into conversations.
     `columns` maps our field names to the dataset's column names.
     on_invalid="error" raises the first DataError; "skip" rejects bad records into
     `result.rejects` and goes on. A file that holds no record to reject (empty, a broken
@@ -272,16 +297,6 @@ def _detect_format(record: dict, source: Source) -> str:
         f"cannot detect the format from keys {keys_of(record)}; known formats: {known}; "
         "pass format=... or map your column names with columns={'output': 'response', ...}",
     )
-
-
-def split_held_out(
-    conversations: list[Conversation], held_out: float | int, seed: int
-) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, held_out): `held_out_indices` applied to `conversations`."""
-    chosen = set(held_out_indices(len(conversations), held_out, seed))
-    train = [c for i, c in enumerate(conversations) if i not in chosen]
-    held = [c for i, c in enumerate(conversations) if i in chosen]
-    return train, held
 
 
 def held_out_indices(n: int, held_out: float | int, seed: int) -> list[int]:

@@ -1,5 +1,5 @@
 """The one shape every demonstration takes: a Conversation of Messages, each knowing where it
-came from. formats.py (and tools.py for tool calls and reasoning) turn records into it.
+came from. data/formats.py (and data/tools.py for tool calls and reasoning) turn records into it.
 
 A Message carries what models are trained on today: the text of a turn, an assistant's
 reasoning and tool calls, a tool's result and the call it answers. A Conversation may carry

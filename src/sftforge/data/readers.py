@@ -1,6 +1,6 @@
 """Files in -> raw records out, each with the Source (file:line or file[row N]) it came from.
 
-`data.py` turns these records into Conversations; this module only reads. A record that
+`data/loading.py` turns these records into Conversations; this module only reads. A record that
 cannot even be parsed (a malformed JSON line, a short CSV row, invalid UTF-8, a JSON object
 naming a key twice) is still yielded, with the raw text and the parse error, so the caller
 can reject it by line number instead of losing it.

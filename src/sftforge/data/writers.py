@@ -1,4 +1,4 @@
-"""Conversations -> records of a chosen format: the way back from formats.py, for
+"""Conversations -> records of a chosen format: the way back from data/formats.py, for
 `sftforge data convert`; and the records that `dedup` and `filter` keep, written as the input
 had them.
 

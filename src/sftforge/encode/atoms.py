@@ -1,4 +1,4 @@
-"""The pieces tokenize.py builds an example from: Atoms (a run of text, or one special
+"""The pieces encode/encoder.py builds an example from: Atoms (a run of text, or one special
 token, with its trained flag and, once tokenized, its ids' range), how neighbouring text
 runs join, and the checks on a conversation's data before it is rendered."""
 
@@ -26,7 +26,7 @@ class Atom:
 def refuse_special_text_in_structure(conversation: Conversation, special_pattern) -> None:
     """Data never becomes special tokens. Message text cannot (it is never read for
     them); tool definitions and argument names reach the template as structure, not
-    slots (slots.py), so special-token text in them is refused here."""
+    slots (encode/slots.py), so special-token text in them is refused here."""
     structure = [conversation.tools] if conversation.tools else []
     for m in conversation.messages:
         structure += [_keys_within(call.arguments) for call in m.tool_calls]

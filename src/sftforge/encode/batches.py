@@ -2,7 +2,7 @@
 
 An optimizer step is a random set of examples (`batch_size` x `grad_accum`), decided by the
 seed and the epoch alone. How that set is cut into micro-batches is a matter of speed and
-memory only: the loss is normalised by the step's trained tokens (see loss.py), so any cut
+memory only: the loss is normalised by the step's trained tokens (see models/loss.py), so any cut
 gives the same update. Two choices:
 
 - **Rows.** One example per row, right-padded; or, with packing, several examples per row
@@ -45,7 +45,7 @@ class Batch:
     # FLOP counting.
     attended_pairs: int = 0
     # [rows, 1, length, length], True where a token may attend: set for rows that share a
-    # prefix (prefix_sharing.py); None leaves the mask to the model (causal, or restarting
+    # prefix (models/prefix_sharing.py); None leaves the mask to the model (causal, or restarting
     # positions).
     attention_mask: torch.Tensor | None = None
     # Flat indices (row x length + position) of the positions whose next token is trained,
@@ -122,7 +122,7 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
         if positions is not None:
             # Padding restarts at 0 too: it forms its own segment, seen by no real token.
             positions[r, start:] = torch.arange(length - start)
-    trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    trained = trained_token_count(labels)
     cu_seq_lens, longest = packed_segments(positions) if packed else (None, 0)
     return Batch(
         input_ids,
@@ -262,3 +262,9 @@ def made_ahead(stream, make, pin: bool = False):
             step = upcoming.result()
             upcoming = pool.submit(next_step)
             yield step
+
+
+def trained_token_count(labels: torch.Tensor) -> int:
+    """Tokens whose next-token prediction is trained (labels shifted by one): the count the
+    loss divides by, as Example.trained_token_count counts one example's."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

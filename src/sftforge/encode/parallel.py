@@ -1,19 +1,20 @@
 """Conversations -> encoded examples at scale: streamed, in parallel, and cacheable.
 
 Encoding renders each conversation with the chat template, tokenizes it, builds the labels
-and proves the mask (tokenize.py). That is the slow part of preparing data, so:
+and proves the mask (encode/encoder.py). That is the slow part of preparing data, so:
 
 - **Streamed.** Conversations are read one chunk at a time and encoded into an
-  ExampleTable (table.py: columns of int32 ids and trained flags, on disk when cached), so
+  ExampleTable (encode/table.py: columns of int32 ids and trained flags, on disk when cached), so
   preparing a million conversations holds a few chunks, never the data.
 - **In parallel.** With `num_proc` > 1 the chunks are encoded by that many worker processes
   (forked, so they share the loaded tokenizer), in order, a few chunks queued each.
 - **Cacheable.** `cached_entry`/`write_entry` keep tables under `<cache_dir>/examples/<key>/`;
-  examples.py makes the key from everything the examples depend on (the data files'
+  training/training_data.py makes the key from everything the examples depend on (the data files'
   bytes, how they are read, and `code_and_encoder_digest`: the tokenizer's full
   definition, the chat template, the masking options and the encoder's source code).
 
-Then the max_length policy (`fit_rows` for a table, `fit_to_length` for a list): drop or
+Then the max_length policy (`fit_rows`, for a table's rows; `fit_to_length` puts a list in a
+table and applies it): drop or
 truncate the examples too long, and drop those left with no trained token, naming each in
 the EncodingReport.
 """
@@ -21,12 +22,9 @@ the EncodingReport.
 from __future__ import annotations
 
 import gc
-import hashlib
 import itertools
-import json
 import multiprocessing
 import os
-import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,8 +33,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from sftforge.atomic import staging_folder, write_atomically
-from sftforge.console import say
+from sftforge.data.loading import Rejects, reject_reason
 from sftforge.data.messages import Conversation, DataError
 from sftforge.data.writers import conversation_record
 from sftforge.encode.encoder import Encoder, Example
@@ -49,10 +46,6 @@ Truncation = Literal["drop", "truncate"]
 PARALLEL_FROM = 2000  # fewer conversations than this are encoded in this process
 CHUNK = 500  # conversations per task handed to a worker
 IN_FLIGHT = 4  # chunks queued per worker: bounds what is held while the reader runs ahead
-KEEP_ENTRIES = 5  # cached datasets kept; older ones are deleted when a new one is written
-# The stages whose code the examples depend on: every module of them (found on disk, not
-# listed by hand) goes into the cache key, so a change or a move there is a new key.
-ENCODING_PACKAGES = ("data", "encode")
 
 
 def encoded_chunks(
@@ -190,75 +183,21 @@ def default_num_proc() -> int:
     return max(1, min(cores, 8))
 
 
-# ---- the cache ----------------------------------------------------------------------------
-
-
-def code_and_encoder_digest(encoder: Encoder):
-    """A sha256 started with the code that reads, renders and encodes records (every module of
-    ENCODING_PACKAGES, by its path in the package and its bytes) and the encoder's definition
-    (`encoder_fingerprint`: tokenizer, template, masking options)."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1]
-    for stage in ENCODING_PACKAGES:
-        for module in sorted((package / stage).rglob("*.py")):
-            digest.update(module.relative_to(package).as_posix().encode() + b"\x00")
-            digest.update(module.read_bytes())
-    digest.update(encoder_fingerprint(encoder).encode())
-    return digest
-
-
-def encoder_fingerprint(encoder: Encoder) -> str:
-    tokenizer = encoder.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab())
-    template = encoder.template
-    return json.dumps(
-        {
-            "tokenizer": hashlib.sha256(vocabulary.encode()).hexdigest(),
-            "special": sorted(encoder.special_ids.items()),
-            "template": [template.name, template.source, template.expects_bos],
-            "train_on": encoder.train_on,
-            "reasoning": encoder.reasoning,
-            "template_options": encoder.template_options,
-            "bos": encoder.bos_id,
-            "stop": list(encoder.stop_ids),
-        },
-        sort_keys=True,
-        default=str,
-    )
-
-
-def cached_entry(cache_root: Path, key: str) -> Path | None:
-    """The entry for `key` when one was written whole, marked as recently used."""
-    entry = cache_root / key
-    if not (entry / "meta.json").is_file():
-        return None
-    os.utime(entry)  # recently used: pruned last
-    return entry
-
-
-def write_entry(cache_root: Path, key: str, write) -> Path | None:
-    """`write(folder)` as the entry for `key`, written whole or not at all, and the oldest
-    entries beyond KEEP_ENTRIES pruned; None when it could not be written (another process
-    wrote it first, the disk is full: not fatal, the caller has what `write` made)."""
-    entry = cache_root / key
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write_atomically(entry, write)
-    except OSError as err:  # another process wrote it first, or the disk is full
-        say(f"note: the encoded examples were not cached ({err})")
-        return None
-    finally:
-        shutil.rmtree(staging_folder(entry), ignore_errors=True)  # what a failure left
-    _prune(cache_root, keep=entry)
-    return entry
-
-
-def _prune(cache_root: Path, keep: Path) -> None:
-    entries = [p for p in cache_root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in [p for p in entries if p != keep][KEEP_ENTRIES - 1 :]:
-        shutil.rmtree(old, ignore_errors=True)
+def encode_all(
+    conversations: list[Conversation],
+    encoder: Encoder,
+    on_invalid: str,
+    rejects: Rejects,
+    num_proc: int = 1,
+) -> list[Example]:
+    """The examples of `conversations` (in parallel with `num_proc` > 1); with
+    on_invalid="skip" the rejected ones go to `rejects`."""
+    encoded = encode_stream(conversations, encoder, on_invalid, num_proc)
+    for _, err, record in encoded.rejected:
+        # The reason without the location: the rejects file has its own source column.
+        rejects.add(err.source, reject_reason(err), record)
+    table = encoded.table
+    return [table.example(row) for row in range(len(table))]
 
 
 # ---- the max_length policy -----------------------------------------------------------------
@@ -293,27 +232,11 @@ class EncodingReport:
 def fit_to_length(
     examples: list[Example], max_length: int, truncation: str, report: EncodingReport
 ) -> list[Example]:
-    """Apply the max_length policy; every example cut or dropped is named in the report."""
-    if truncation not in get_args(Truncation):
-        allowed = ", ".join(get_args(Truncation))
-        raise InputError(f"truncation must be one of {allowed}, not {truncation!r}")
-    kept = []
-    for ex in examples:
-        report.max_tokens = max(report.max_tokens, len(ex.input_ids))
-        if len(ex.input_ids) > max_length:
-            if truncation == "drop":
-                report.dropped_too_long.append(ex.source)
-                continue
-            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length], ex.source)
-            report.truncated.append(ex.source)
-        if ex.trained_token_count == 0:
-            report.dropped_nothing_trained.append(ex.source)
-            continue
-        kept.append(ex)
-        report.examples += 1
-        report.tokens += len(ex.input_ids)
-        report.trained_tokens += ex.trained_token_count
-    return kept
+    """The max_length policy (`fit_rows`) for a list of examples: those kept, cut where
+    truncated; every example cut or dropped is named in the report."""
+    writer = TableWriter(None)
+    writer.add(EncodedChunk.of([examples], []), set(), 1)
+    return list(fit_rows(writer.finish(), np.arange(len(examples)), max_length, truncation, report))
 
 
 def fit_rows(

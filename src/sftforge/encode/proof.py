@@ -1,4 +1,4 @@
-"""Reading tokens back, for the mask proof (tokenize.py) and `inspect`: the text each range of
+"""Reading tokens back, for the mask proof (encode/encoder.py) and `inspect`: the text each range of
 ids stands for where it is, the runs of trained labels, and the proof itself (`mask_problem`).
 
 A range is decoded after a few tokens of context and the context's own text taken off, since
@@ -62,7 +62,7 @@ def mask_problem(ids, labels, atoms, rendered, shown_texts, ignore_index, stop_i
     runs of trained tokens hold exactly the text of the rendered conversation's trained
     spans, and each ends with one of `stop_ids` (None: any token may end them).
 
-    `atoms` are tokenize.py's: text, special or not, their [start, end) of `ids`, and
+    `atoms` are encode/encoder.py's: text, special or not, their [start, end) of `ids`, and
     whether they were tokenized as a string of their own (`string_start`)."""
     text, spans = rendered.text, rendered.trained_spans
     plain = [atom for atom in atoms if not atom.special]

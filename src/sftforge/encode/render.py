@@ -14,8 +14,8 @@ once later turns follow. Each trained turn is learned as inference sees it: the 
 one sequence holds as at inference are trained in it, and the rest in the conversation cut
 after the last of them, and so on: the fewest examples, each proven alike.
 
-To tell template text from data we render twice: once with each slot of data (slots.py)
-replaced by a sentinel, once for real. The hand-off to tokenize.py is a list of Pieces:
+To tell template text from data we render twice: once with each slot of data (encode/slots.py)
+replaced by a sentinel, once for real. The hand-off to encode/encoder.py is a list of Pieces:
 template markup (which may hold special tokens) or data text (which never does), cut at
 every assistant span's edges, each knowing whether it is trained and which stretch between
 two cuts it lies in.

@@ -2,12 +2,12 @@
 write from a message (its content, reasoning, tool calls' names, ids and argument values; a
 tool result's content and call id) is a *slot*.
 
-render.py renders a conversation twice: once with each slot replaced by a unique sentinel,
+encode/render.py renders a conversation twice: once with each slot replaced by a unique sentinel,
 once for real. The sentinel render cuts the text into template markup and slots; the real
 render must equal that markup with each slot's text put back: verbatim, trimmed as some
 official templates do, or JSON-escaped where the template writes it with `tojson` (a
 call's arguments). Tool definitions and argument names are not slots: templates read
-their structure (`tool.function.name`, `tool.type == "function"`), and tokenize.py refuses
+their structure (`tool.function.name`, `tool.type == "function"`), and encode/encoder.py refuses
 special-token text in them instead.
 """
 

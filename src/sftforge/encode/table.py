@@ -9,7 +9,7 @@ run stays in the page cache, not in the process.
 - `ExampleTable`: the encoded examples of a run's conversations, in the order encoded;
   `row_of`: for each conversation, its first row (-1 where the chat template rejected it),
   and `examples_of`: how many rows it has (more than one where its template rewrites
-  history: render.py).
+  history: encode/render.py).
 - `TableWriter`: appends encoded chunks, to a folder or to memory.
 - `ExampleView`: the rows a run trains on (a subset, some repeated, some cut to max_length),
   read like a list of Examples: `len(view)`, `view[i]`, `view.lengths`.

@@ -3,7 +3,7 @@
 A chat template is Jinja, run in a sandbox (no attribute access to Python internals, no
 files). `resolve_template` picks one: the tokenizer's own, the built-in of the model's family,
 a built-in by name, or a file; and makes it write the model's BOS first where the model
-expects one. render.py renders conversations with it.
+expects one. encode/render.py renders conversations with it.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class ChatTemplate:
     extra_tokens: tuple[str, ...] = ()  # special tokens the template writes literally
     reason: str = ""  # why this template: shown when a run starts
     expects_bos: bool = False  # the model expects its BOS token first in every text
-    # render.py's sentinel layouts by conversation shape: a cache, not part of the template
+    # encode/render.py's sentinel layouts by conversation shape: a cache, not part of the template
     layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):

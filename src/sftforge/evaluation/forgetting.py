@@ -17,6 +17,10 @@ from sftforge.data.loading import load_conversations
 from sftforge.encode.encoder import Encoder, Example
 from sftforge.evaluation.generation import mean_token_loss
 
+# The forgetting ratio (general-text perplexity after / before) above which general ability
+# has measurably dropped: the report warns, the run's notes say so, a sweep avoids the value.
+FORGETTING_LIMIT = 1.05
+
 DEFAULT_CORPUS = "reference_corpus.txt"
 DEFAULT_GENERAL_PROMPTS = "general_prompts.jsonl"
 

@@ -54,7 +54,7 @@ def summed_loss_and_count(
     TokenLoss, maybe under DDP or FSDP), in eval mode; at least `passes` forward passes, the
     extra ones empty (under FSDP every rank takes part in every forward). With
     `shared_rows_of`, `batch_size` rows of that many tokens each hold their examples' common
-    prefix once (prefix_sharing.py): the same loss, fewer tokens computed."""
+    prefix once (models/prefix_sharing.py): the same loss, fewer tokens computed."""
     was_training = loss_module.training
     loss_module.eval()
     count = 0

@@ -15,9 +15,9 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 
+from sftforge.evaluation.forgetting import FORGETTING_LIMIT
 from sftforge.plots import bar_chart, format_number, line_chart
 
-FORGETTING_WARN = 1.05  # ratio above which general ability has measurably dropped
 MAX_SAMPLES = 50  # rows in the samples table; the rest are counted, not shown
 LIST_PREVIEW = 5  # sources shown for truncated / dropped examples
 
@@ -92,7 +92,7 @@ def _points(rows: list[dict], key: str) -> list[tuple[float, float]]:
 
 
 def _ratio_class(ratio) -> str:
-    return "" if not _finite(ratio) else "bad" if ratio > FORGETTING_WARN else "ok"
+    return "" if not _finite(ratio) else "bad" if ratio > FORGETTING_LIMIT else "ok"
 
 
 def _card(label: str, value: str, detail: str, status: str = "") -> str:
@@ -234,7 +234,7 @@ def _forgetting(r: RunReport) -> str:
     return (
         "<p>Ratio = perplexity after / before on general text the run never trained on. "
         "1.0 means unchanged; above 1 the model got worse at general text (above "
-        f"{FORGETTING_WARN} is worth acting on: lower the learning rate, train fewer steps, or "
+        f"{FORGETTING_LIMIT} is worth acting on: lower the learning rate, train fewer steps, or "
         "mix in general data). The prompts ratio is exp(loss after − loss before), so it reads "
         "the same way.</p>"
         "<table><tr><th>Measure</th><th>Before</th><th>After</th><th>Ratio</th></tr>"

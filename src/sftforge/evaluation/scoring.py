@@ -26,7 +26,7 @@ ScorerKind = Literal["exact", "normalized", "json", "contains", "regex", "python
 
 
 class ScorerConfig(BaseModel):
-    """How a generated answer is scored against its reference (scoring.py builds the scorer;
+    """How a generated answer is scored against its reference (evaluation/scoring.py builds the scorer;
     an option the kind does not read is an error there)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

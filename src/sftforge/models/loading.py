@@ -1,4 +1,4 @@
-"""Load the model and tokenizer a ModelSource names (model_source.py resolves `--model`: a
+"""Load the model and tokenizer a ModelSource names (models/source.py resolves `--model`: a
 model or run folder, hub id, GGUF file or the embedded default), a run's LoRA adapter with
 them; make the chat template's special tokens real tokens, and attach LoRA adapters; and the
 device and precision it trains on.
@@ -126,7 +126,7 @@ def load_model(
     **loading,
 ):
     """A causal LM from safetensors weights; pickle weights (.bin, .pt ...) only with
-    allow_pickle, after a warning. `loading` goes to from_pretrained (quantize.py's 4-bit)."""
+    allow_pickle, after a warning. `loading` goes to from_pretrained (models/quantize.py's 4-bit)."""
     from transformers import AutoModelForCausalLM
 
     check_torch_version()

@@ -2,8 +2,9 @@
 
 The loss of an optimizer step is the sum of token losses over every trained token in that
 step divided by the number of those tokens, however the step is split into micro-batches
-(and, later, ranks). So each micro-batch returns a *sum*, and the loop divides by the step's
-total count: averaging per micro-batch would weight a short example's tokens more.
+and however many processes share it. So each micro-batch returns a *sum*, and the update
+(training/update.py) divides by the step's total count, summed over every rank: averaging
+per micro-batch or per rank would weight a short example's tokens more.
 
 The head (hidden -> vocabulary) is the largest matmul of a small model and its logits the
 largest tensor: [tokens x vocab], 49k wide for SmolLM2 and 150k-262k for current families.
@@ -30,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 from transformers.utils.generic import is_flash_attention_requested
 
 from sftforge.encode.batches import Batch, packed_segments, trained_positions_of
-from sftforge.encode.encoder import IGNORE_INDEX
 from sftforge.models.loading import causal_lm
 
 TokenLossKind = Literal["cross_entropy", "dft"]  # dft: weighted by the token's probability
@@ -41,11 +41,6 @@ _HEAD_EXTRAS = ("final_logit_softcapping", "logits_scaling", "logit_scale")
 
 # Logits alive at once: 512 rows x 49k words is 100 MB in fp32.
 CHUNK_LOGIT_ELEMENTS = 512 * 49152
-
-
-def trained_token_count(labels: torch.Tensor) -> int:
-    """Tokens whose next-token prediction is trained (labels shifted by one)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def _head_is_plain_linear(lm) -> bool:

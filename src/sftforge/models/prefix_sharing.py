@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sftforge.encode.batches import Batch, causal_pairs, cut_micro_batches
+from sftforge.encode.batches import Batch, causal_pairs, cut_micro_batches, trained_token_count
 from sftforge.encode.encoder import IGNORE_INDEX, Example
 from sftforge.models.loading import PackingError, attends_in_sliding_windows, causal_lm
 from sftforge.models.loss import as_model_mask
@@ -130,7 +130,7 @@ def collate_shared_rows(rows: list[tuple[int, list[Example]]], pad_id: int) -> B
     same = segment[:, :, None] == segment[:, None, :]
     sees_prefix = (segment == 0)[:, None, :].expand(-1, width, -1)
     mask = (causal & (same | sees_prefix))[:, None]
-    trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    trained = trained_token_count(labels)
     return Batch(
         input_ids,
         labels,

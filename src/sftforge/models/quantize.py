@@ -3,7 +3,7 @@ BitsAndBytesConfig), LoRA adapters trained on top in higher precision.
 
 The adapters apply to the original full-precision base: the saved adapter names it, and
 `merge` folds them into that base, not into a 4-bit copy. A GGUF model is dequantized to
-safetensors first (model.py); a model already quantized another way is refused.
+safetensors first (models/loading.py); a model already quantized another way is refused.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ A name is one of:
   config.json): enough for `inspect` and `data stats`, refused by commands that need weights;
 - a hub id (in the local cache, or fetched when the network is reachable).
 
-`resolve_model_source` reads only small JSON files: nothing is loaded here (model.py loads).
+`resolve_model_source` reads only small JSON files: nothing is loaded here (models/loading.py loads).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Fold a LoRA adapter into its base model, giving a plain transformers model directory."""
+"""A trained model loaded back: a run's output (its base with the LoRA adapter attached, or
+its full model) with the run's tokenizer, for inference; and a LoRA adapter folded into its
+full-precision base, giving a plain transformers model directory."""
 
 from __future__ import annotations
 

@@ -11,7 +11,12 @@ from sftforge.config.schema import Config
 from sftforge.console import say
 from sftforge.data.messages import Conversation
 from sftforge.encode.encoder import Encoder, Example
-from sftforge.evaluation.forgetting import ForgettingMeter, corpus_examples, general_prompt_examples
+from sftforge.evaluation.forgetting import (
+    FORGETTING_LIMIT,
+    ForgettingMeter,
+    corpus_examples,
+    general_prompt_examples,
+)
 from sftforge.evaluation.generation import (
     Prompt,
     generate_answers,
@@ -155,9 +160,9 @@ def finish_report(config: Config, data: TrainingData, summary: dict, output_dir:
     )
     notes = []
     forgetting = summary.get("forgetting")
-    if forgetting and forgetting["corpus_ratio"] > 1.05:
+    if forgetting and forgetting["corpus_ratio"] > FORGETTING_LIMIT:
         notes.append(
-            f"forgetting ratio {forgetting['corpus_ratio']:.3f} > 1.05: the model got worse at "
+            f"forgetting ratio {forgetting['corpus_ratio']:.3f} > {FORGETTING_LIMIT}: the model got worse at "
             "general text; try a lower learning rate, fewer epochs, or more varied data"
         )
     report = RunReport(

@@ -1,9 +1,7 @@
-"""The training run in three phases: `start` (checks, model, data, optimizer, resume),
-`steps` (the loop), `finish` (measure after, save, report).
-
-The loss of each optimizer step is normalised by the number of trained tokens in the whole
-step, however it is split into micro-batches.
-"""
+"""The training run in three phases: `start` (checks, model, data, optimizer, resume) hands a
+Run to `steps` (the loop), whose metrics rows `finish` (measure after, save, report) returns
+in the TrainResult. Each step's loss is normalised by the trained tokens of the whole step,
+however it is split into micro-batches and processes."""
 
 from __future__ import annotations
 
@@ -20,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sftforge.config.schema import Config
 from sftforge.console import say
-from sftforge.encode.batches import Batch, collate, made_ahead, step_batches, step_stream
+from sftforge.encode.batches import Batch, made_ahead, step_batches, step_stream
 from sftforge.evaluation.generation import summed_loss_and_count
 from sftforge.models.devices import (
     autocast,
@@ -31,7 +29,7 @@ from sftforge.models.devices import (
     pick_device,
 )
 from sftforge.models.flops import flop_model
-from sftforge.models.loading import causal_lm, compile_decoder_layers, enable_gradient_checkpointing
+from sftforge.models.loading import causal_lm, enable_gradient_checkpointing
 from sftforge.models.loss import TokenLoss
 from sftforge.models.packing_check import verify_packing_isolation
 from sftforge.models.prefix_sharing import shared_step_batches, verify_prefix_sharing
@@ -86,7 +84,7 @@ from sftforge.training.preflight import (
     checkpoint_bytes,
     resume_point,
 )
-from sftforge.training.prepare import prepare, prepare_model, prepare_text
+from sftforge.training.prepare import compile_with_fallback, prepare, prepare_model, prepare_text
 from sftforge.training.run import Learner, Run, StepPlan, TrainResult
 from sftforge.training.runlock import lock_output_dir
 from sftforge.training.sharded import gather_whole_model
@@ -119,7 +117,7 @@ def train(config: Config) -> TrainResult:
 
 def _one_run_per_output_dir(output_dir: Path, world: World):
     """The output dir's lock, held by rank 0 for the whole run: a second run started there
-    is refused at once (runlock.py)."""
+    is refused at once (training/runlock.py)."""
     if not world.is_main:
         return contextlib.nullcontext()
     check_writable(output_dir)
@@ -300,24 +298,6 @@ def steps(run: Run) -> list[dict]:
                 )
     bar.close()
     return records
-
-
-def compile_with_fallback(model, data, encoder, device, amp) -> str | None:
-    """Compile the decoder layers and run one small step's forward and backward through
-    them (gradients dropped); None, or why compiling failed, having said so."""
-
-    def probe():
-        batch = collate(
-            [data.examples[i] for i in range(min(2, len(data.examples)))], encoder.pad_id
-        )
-        accumulate_gradients(TokenLoss(model), [batch], device, amp, pad_id=encoder.pad_id)
-        model.zero_grad(set_to_none=True)
-
-    say("compiling the decoder layers (torch.compile; cached for later runs)")
-    failure = compile_decoder_layers(model, probe)
-    if failure:
-        say(f"warning: torch.compile failed, so this run trains without it: {failure}")
-    return failure
 
 
 def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) -> bool:

@@ -13,15 +13,19 @@ from pathlib import Path
 import torch
 
 from sftforge.config.schema import Config
+from sftforge.console import say
+from sftforge.encode.batches import collate
 from sftforge.encode.encoder import Encoder
 from sftforge.models.devices import autocast_dtype
 from sftforge.models.loading import (
     add_adapter_outputs_in_fp32,
     attach_lora,
     attention_implementation,
+    compile_decoder_layers,
     fit_new_token_rows,
     load_source_model,
 )
+from sftforge.models.loss import TokenLoss
 from sftforge.models.quantize import load_4bit_model
 from sftforge.models.source import (
     ModelSource,
@@ -31,6 +35,7 @@ from sftforge.models.source import (
 )
 from sftforge.models.tokenizer import load_tokenizer, text_side
 from sftforge.training.preflight import check_max_length
+from sftforge.training.update import accumulate_gradients
 
 
 @dataclass
@@ -127,3 +132,21 @@ def _model_type(weights: str, trust_remote_code: bool) -> str | None:
         return AutoConfig.from_pretrained(weights, trust_remote_code=trust_remote_code).model_type
     except (OSError, ValueError):
         return None
+
+
+def compile_with_fallback(model, data, encoder, device, amp) -> str | None:
+    """Compile the decoder layers and run one small step's forward and backward through
+    them (gradients dropped); None, or why compiling failed, having said so."""
+
+    def probe():
+        batch = collate(
+            [data.examples[i] for i in range(min(2, len(data.examples)))], encoder.pad_id
+        )
+        accumulate_gradients(TokenLoss(model), [batch], device, amp, pad_id=encoder.pad_id)
+        model.zero_grad(set_to_none=True)
+
+    say("compiling the decoder layers (torch.compile; cached for later runs)")
+    failure = compile_decoder_layers(model, probe)
+    if failure:
+        say(f"warning: torch.compile failed, so this run trains without it: {failure}")
+    return failure

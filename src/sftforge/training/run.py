@@ -1,6 +1,7 @@
-"""A training run between its phases: what `loop.start` sets up and `loop.steps` and
-`loop.finish` use (the Run, its Learner and StepPlan), what a run gives back (TrainResult), and how a run saves itself (its model, its checkpoints: whole, or in
-shards under FSDP) and restores itself from a checkpoint written by any number of processes.
+"""A training run between its phases: what `loop.start` hands to `loop.steps` and
+`loop.finish` (the Run, with its Learner and StepPlan), what a run gives back (TrainResult),
+and how a run saves itself (its model, its checkpoints: whole, or in shards under FSDP) and
+restores itself from a checkpoint written by any number of processes.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each run gets the same budget of optimizer steps (or the swept epochs), the same held-out
 split and the same measurements: eval loss, task accuracy if a scorer is set, and the
-forgetting ratio. The recommendation prefers runs that did not forget (ratio <= 1.05), then
+forgetting ratio. The recommendation prefers runs that did not forget (ratio <= FORGETTING_LIMIT, 1.05), then
 the best accuracy, then the lowest eval loss, and says which rule decided.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sftforge.config.loading import ConfigError, load_config
 from sftforge.console import say
+from sftforge.evaluation.forgetting import FORGETTING_LIMIT
 
 ALIASES = {
     "lr": "training.lr",
@@ -24,7 +25,6 @@ ALIASES = {
     "batch_size": "training.batch_size",
     "max_steps": "training.max_steps",
 }
-FORGETTING_LIMIT = 1.05
 
 
 def parse_sweep(overrides: list[str]) -> tuple[str, list[float], list[str]]:
