@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.curate.dedup import DuplicateFinder, find_duplicates, shingles, write_dedup
+from sftforge.curate.dedup import DuplicateFinder, find_duplicates, shingles, write_dedup_report
 from sftforge.curate.filters import FilterError, FilterRules, filter_conversations, write_filter
 from sftforge.data.loading import conversation_from_record, load_conversations
 from sftforge.data.messages import Conversation, Message, Source
@@ -137,7 +137,8 @@ def test_the_first_record_of_a_cluster_is_kept_whatever_the_order():
 
 def test_report_names_the_kept_and_the_dropped_record_by_file_and_line(tmp_path):
     result = find_duplicates(load(CHATS, MORE_CHATS), threshold=0.6)
-    write_dedup(result, tmp_path / "kept.jsonl", tmp_path / "report.jsonl")
+    write_conversations(tmp_path / "kept.jsonl", result.kept)
+    write_dedup_report(result, tmp_path / "report.jsonl")
     report = read_jsonl(tmp_path / "report.jsonl")
     assert [(line["dropped"], line["kept"], line["kind"]) for line in report] == [
         (f"{CHATS}:3", f"{CHATS}:1", "exact"),
@@ -150,7 +151,8 @@ def test_report_names_the_kept_and_the_dropped_record_by_file_and_line(tmp_path)
 
 def test_kept_records_read_back_as_the_kept_conversations(tmp_path):
     result = find_duplicates(load(CHATS, MORE_CHATS), threshold=0.6)
-    write_dedup(result, tmp_path / "kept.jsonl", tmp_path / "report.jsonl")
+    write_conversations(tmp_path / "kept.jsonl", result.kept)
+    write_dedup_report(result, tmp_path / "report.jsonl")
     back = load(tmp_path / "kept.jsonl")
     assert [c.messages for c in back] == [c.messages for c in result.kept]
     assert [c.source.line for c in back] == list(range(1, len(result.kept) + 1))
@@ -470,6 +472,7 @@ def test_writing_over_the_input_replaces_it_whole(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(CHATS.read_text(encoding="utf-8"), encoding="utf-8")
     result = find_duplicates(load(path))
-    write_dedup(result, path, tmp_path / "report.jsonl")
+    write_conversations(path, result.kept)
+    write_dedup_report(result, tmp_path / "report.jsonl")
     assert len(load(path)) == len(result.kept) == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "report.jsonl"]

@@ -8,11 +8,9 @@ from sftforge.data.text import normalize
 from sftforge.evaluation.scoring import (
     SCORER_KINDS,
     ScorerConfig,
-    ScoreSummary,
     ScoringError,
     json_field_scores,
     make_scorer,
-    summarize,
 )
 
 
@@ -249,13 +247,3 @@ def test_dict_spec_works_like_scorer_spec_and_takes_a_list_of_fields():
 def test_fields_given_as_a_string_is_an_error_not_a_list_of_letters():
     with pytest.raises(ScoringError, match="list of key names"):
         make_scorer({"kind": "json", "fields": "age"})
-
-
-# summary
-
-
-def test_summarize_counts_full_credit_and_averages():
-    summary = summarize([1.0, 0.0, 0.5, 1.0])
-    assert (summary.count, summary.correct) == (4, 2)
-    assert summary.mean == pytest.approx(0.625)
-    assert summarize([]) == ScoreSummary(count=0, mean=0.0, correct=0)

@@ -24,6 +24,7 @@ from sftforge.api.running import demo, sweep, train
 from sftforge.config.loading import ConfigError, load_config
 from sftforge.config.schema import Config
 from sftforge.curate.filters import FilterRules
+from sftforge.data.loading import conversation_from_record, detect_format
 from sftforge.data.messages import Conversation, DataError, Message
 from sftforge.errors import InputError, RunFailed, SftforgeError
 from sftforge.training.run import TrainResult
@@ -44,6 +45,8 @@ __all__ = [
     "filter_data",
     "FilterRules",
     "convert_data",
+    "detect_format",
+    "conversation_from_record",
     "Conversation",
     "Message",
     # trained models

@@ -41,7 +41,7 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from sftforge.data.messages import Conversation, Source
 from sftforge.data.text import normalize
-from sftforge.data.writers import write_conversations, write_jsonl
+from sftforge.data.writers import write_jsonl
 from sftforge.errors import InputError
 
 SEED = 1  # of the MinHash permutations: fixed, so a dataset always deduplicates the same way
@@ -185,14 +185,6 @@ class DuplicateFinder:
         ordered = [self._clusters[position] for position in sorted(self._clusters)]
         threshold = self.threshold if self.near else 1.0
         return DedupResult(kept, ordered, self.records, threshold, self.num_perm, self.shingle)
-
-
-def write_dedup(result: DedupResult, out_path: str | Path, report_path: str | Path) -> None:
-    """The kept records as JSONL, each as the input had it when it was loaded with
-    `keep_records=True` (see `writers.write_conversations`), and the report
-    (`write_dedup_report`)."""
-    write_conversations(out_path, result.kept)
-    write_dedup_report(result, report_path)
 
 
 def write_dedup_report(result: DedupResult, report_path: str | Path) -> None:

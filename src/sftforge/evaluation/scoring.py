@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,13 +61,6 @@ class ScoringError(InputError):
     """A scorer spec, or an eval-set reference, that cannot be scored against."""
 
 
-@dataclass
-class ScoreSummary:
-    count: int
-    mean: float  # 0.0 when there are no scores
-    correct: int  # answers with full credit (score 1.0)
-
-
 def json_field_scores(answer: str, reference: str, fields: list[str]) -> dict[str, bool]:
     """Per field: is it in the answer's JSON object, with the reference's value?
 
@@ -84,12 +76,6 @@ def json_field_scores(answer: str, reference: str, fields: list[str]) -> dict[st
     if not isinstance(got, dict):
         return {name: False for name in fields}
     return {name: name in got and _same_json(got[name], expected[name]) for name in fields}
-
-
-def summarize(scores: list[float]) -> ScoreSummary:
-    """Count, mean score, and how many answers got full credit."""
-    mean = sum(scores) / len(scores) if scores else 0.0
-    return ScoreSummary(count=len(scores), mean=mean, correct=sum(s >= 1.0 for s in scores))
 
 
 def make_scorer(spec: ScorerConfig | dict) -> Scorer:
