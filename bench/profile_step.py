@@ -75,11 +75,12 @@ def main() -> None:
         ]
 
         def step():
+            learner = run.learner
             accumulate_gradients(
-                run.trainer, batches, run.device, run.amp, pad_id=run.encoder.pad_id
+                learner.trainer, batches, learner.device, learner.amp, pad_id=run.encoder.pad_id
             )
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            learner.optimizer.step()
+            learner.optimizer.zero_grad(set_to_none=True)
 
         for _ in range(args.warmup):
             step()
