@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sftforge.cli.main import explain, main
-from sftforge.training.guards import NonFiniteError, RunInterrupted
+from sftforge.errors import RunInterrupted
+from sftforge.training.guards import NonFiniteError
 
 
 def test_a_missing_data_file_is_one_paragraph_and_exit_code_2(tmp_path, capsys):

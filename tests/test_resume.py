@@ -201,7 +201,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(
 def test_sigint_is_a_stop_request_like_sigterm_and_a_second_one_stops_at_once():
     # SIGTERM is tested end to end above; SIGINT goes through the same handler.
     from sftforge.cli.main import explain
-    from sftforge.training.guards import RunInterrupted, stop_requests
+    from sftforge.errors import RunInterrupted
+    from sftforge.training.guards import stop_requests
 
     # Python's own handler first: an earlier test's library may have left another one.
     before = signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -26,7 +26,7 @@ from sftforge.config.schema import Config
 from sftforge.curate.filters import FilterRules
 from sftforge.data.loading import conversation_from_record, detect_format
 from sftforge.data.messages import Conversation, DataError, Message
-from sftforge.errors import InputError, RunFailed, SftforgeError
+from sftforge.errors import InputError, RunFailed, RunInterrupted, SftforgeError
 from sftforge.training.run import TrainResult
 
 __all__ = [
@@ -65,4 +65,5 @@ __all__ = [
     "ConfigError",
     "DataError",
     "RunFailed",
+    "RunInterrupted",
 ]

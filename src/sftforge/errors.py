@@ -22,3 +22,11 @@ class MissingFileError(InputError, FileNotFoundError):
 
 class RunFailed(SftforgeError, RuntimeError):
     """A run that started and could not go on (a non-finite loss, a broken invariant)."""
+
+
+class RunInterrupted(SftforgeError, RuntimeError):
+    """A run stopped by SIGINT or SIGTERM after saving a checkpoint (resume=auto goes on)."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number

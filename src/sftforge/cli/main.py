@@ -17,10 +17,9 @@ from sftforge.config.loading import parse_option
 from sftforge.data.formats import DataFormat
 from sftforge.encode.parallel import Truncation
 from sftforge.encode.render import ReasoningMode, TrainOn
-from sftforge.errors import RunFailed
+from sftforge.errors import RunFailed, RunInterrupted
 from sftforge.evaluation.scoring import ScorerKind
 from sftforge.models.loading import Method
-from sftforge.training.guards import RunInterrupted
 
 
 def _train(args) -> None:

@@ -12,18 +12,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from sftforge.console import warn
-from sftforge.errors import RunFailed, SftforgeError
+from sftforge.errors import RunFailed
 from sftforge.training.checkpoint import latest_checkpoint
 
 
 class NonFiniteError(RunFailed):
     pass
-
-
-class RunInterrupted(SftforgeError, RuntimeError):
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.signal_number = signal_number
 
 
 @contextmanager

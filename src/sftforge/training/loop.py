@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from sftforge.config.schema import Config
 from sftforge.console import say
 from sftforge.encode.batches import Batch, made_ahead, step_batches, step_stream
+from sftforge.errors import RunInterrupted
 from sftforge.evaluation.generation import summed_loss_and_count
 from sftforge.models.devices import (
     autocast,
@@ -63,7 +64,6 @@ from sftforge.training.distributed import (
 )
 from sftforge.training.guards import (
     NonFiniteError,
-    RunInterrupted,
     nonfinite_step,
     nonfinite_stop,
     stop_requests,
