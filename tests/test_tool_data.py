@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sftforge.curate.dedup import DuplicateFinder, find_duplicates, write_dedup
+import sftforge
+from sftforge.curate.dedup import DuplicateFinder, find_duplicates
 from sftforge.curate.filters import FilterRules, filter_conversations, write_filter
 from sftforge.curate.stats import collect_stats, format_stats
 from sftforge.data.loading import load_conversations
@@ -359,7 +360,7 @@ def test_filter_command_keeps_and_rejects_records_as_the_input_had_them(tmp_path
 
 def test_kept_records_keep_id_tools_calls_and_reasoning_through_the_library_too(tmp_path):
     conversations = load(OPENAI, keep_records=True)
-    write_dedup(find_duplicates(conversations), tmp_path / "d.jsonl", tmp_path / "r.jsonl")
+    sftforge.dedup(OPENAI, tmp_path / "d.jsonl", report=tmp_path / "r.jsonl")
     # A turn that only calls tools has no text: not a response too short.
     result = filter_conversations(conversations, FilterRules(min_response_chars=1))
     assert result.rejected == []
