@@ -390,3 +390,24 @@ def test_a_tracker_whose_library_is_missing_is_refused_before_training(
     assert isinstance(caught.value, sftforge.InputError)
     assert not (out / "metrics.jsonl").exists()
     assert not (out / "adapter_model.safetensors").exists()
+
+
+def test_a_prompt_of_message_dicts_keeps_tool_calls_and_results_and_names_a_mistake():
+    from sftforge.api.inference import _prompt
+
+    prompt = _prompt(
+        [
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            {"role": "tool", "content": "sunny", "tool_call_id": "x"},
+        ],
+        (),
+    )
+    assert [m.role for m in prompt.messages] == ["user", "assistant", "tool"]
+    assert [c.name for c in prompt.messages[1].tool_calls] == ["f"]
+    with pytest.raises(sftforge.DataError, match=r"messages\[0\].*robot"):
+        _prompt([{"role": "robot", "content": "x"}], ())

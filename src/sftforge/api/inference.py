@@ -13,7 +13,9 @@ import torch
 
 from sftforge.config.loading import load_config
 from sftforge.console import say, speaking
-from sftforge.data.messages import Message
+from sftforge.data.chat_messages import message_of
+from sftforge.data.formats import CHAT_ROLES
+from sftforge.data.messages import DataError, Message, Source
 from sftforge.encode.encoder import Encoder
 from sftforge.encode.templates import ChatTemplate
 from sftforge.evaluation.chat import chat as chat_loop
@@ -64,12 +66,23 @@ def _is_message(item) -> bool:
 
 
 def _prompt(prompt, tools: tuple[dict, ...]) -> Prompt:
+    """A prompt as the model is given it. {"role", "content", ...} dicts are read as a chat
+    record's messages are: tool calls, tool results and reasoning kept, mistakes named."""
     if isinstance(prompt, str):
         return Prompt([Message("user", prompt)], tools)
+    source = Source("prompt")
     messages = [
-        m if isinstance(m, Message) else Message(m["role"], m.get("content")) for m in prompt
+        m if isinstance(m, Message) else _message(m, f"messages[{k}]", source)
+        for k, m in enumerate(prompt)
     ]
     return Prompt(messages, tools)
+
+
+def _message(item: dict, where: str, source: Source) -> Message:
+    role = item.get("role")
+    if role not in CHAT_ROLES:
+        raise DataError(source, f"role {role!r} is not one of {sorted(CHAT_ROLES)}", where)
+    return message_of(item, CHAT_ROLES[role], role, where, "content", source)
 
 
 def load_model(
