@@ -15,6 +15,7 @@ STAGES = {
     "models": 3,
     "curate": 3,
     "evaluation": 4,
+    "export": 4,
     "config": 5,
     "training": 6,
     "api": 7,

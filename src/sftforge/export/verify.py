@@ -1,0 +1,175 @@
+"""An export checked before it is called done, by reading it back the way another program
+would: transformers' GGUF loader builds the model and tokenizer from the file alone.
+
+- metadata: architecture, BOS/EOS/end-of-turn ids, the BOS rule, the chat template;
+- the template as the file's tokenizer renders it equals the run's, on every test prompt;
+- the file's tokenizer gives the run's tokens for every rendered prompt;
+- the logits of the file's model agree with the source model's on those prompts, within
+  what the type's rounding explains (top-1 agreement and the largest logit difference)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import torch
+
+from sftforge.data.messages import Message
+from sftforge.encode.encoder import Encoder
+from sftforge.encode.slots import template_messages
+from sftforge.errors import SftforgeError
+from sftforge.export.vocabulary import Vocabulary
+
+# The least share of positions whose most likely next token must be the source model's.
+TOP1_AGREEMENT_FLOOR = {"f16": 0.99, "bf16": 0.95, "q8_0": 0.95}
+K_QUANT_FLOOR = 0.75
+
+# Conversation shapes every export is checked on, besides the run's own held-out prompts.
+PROBES: tuple[tuple[Message, ...], ...] = (
+    (Message("user", "What is the capital of France?"),),
+    (
+        Message("system", "You are a terse assistant."),
+        Message("user", "Name three primary colours."),
+    ),
+    (
+        Message("user", "Hi! Can you help me plan a trip?"),
+        Message("assistant", "Of course. Where would you like to go?"),
+        Message("user", "Lisbon, for 3 days in May 2027."),
+    ),
+)
+
+
+class ExportCheckFailed(SftforgeError):
+    """The written file does not reproduce the run: the message says what differs."""
+
+
+@dataclass
+class Verification:
+    """What reading the file back showed."""
+
+    prompts: int
+    positions: int
+    top1_agreement: float  # share of positions with the same most likely next token
+    max_logit_diff: float  # largest |logit difference| at the prompts' last positions
+    template_equal: bool
+    tokens_equal: bool
+    metadata: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        return (
+            f"{self.prompts} prompts, {self.positions} positions: top-1 agreement "
+            f"{self.top1_agreement:.1%}, max |Δlogit| at the last position "
+            f"{self.max_logit_diff:.3g}; template {'equal' if self.template_equal else 'DIFFERS'}; "
+            f"tokens {'equal' if self.tokens_equal else 'DIFFER'}"
+        )
+
+
+def verify_export(
+    path: Path,
+    model: torch.nn.Module,
+    encoder: Encoder,
+    vocabulary: Vocabulary,
+    quant: str,
+    prompts: list[tuple[Message, ...]],
+) -> Verification:
+    """Read `path` back and compare it with the model and encoder it was written from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    problems = _metadata_problems(path, vocabulary)
+    with contextlib.redirect_stdout(io.StringIO()):
+        read_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        read_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        ).eval()
+    template = encoder.template
+    all_prompts = list(PROBES) + list(prompts)
+    template_equal = tokens_equal = True
+    agree = positions = 0
+    max_diff = 0.0
+    for messages in all_prompts:
+        dicts = template_messages(tuple(messages))
+        ours = template.render(dicts, add_generation_prompt=True)
+        theirs = read_tokenizer.apply_chat_template(
+            dicts, tokenize=False, add_generation_prompt=True
+        )
+        if theirs != ours and template_equal:
+            template_equal = False
+            problems.append(f"the file's template renders {theirs!r} where the run's renders {ours!r}")
+        run_ids = encoder.tokenizer(ours, add_special_tokens=False)["input_ids"]
+        read_ids = read_tokenizer(ours, add_special_tokens=False)["input_ids"]
+        if run_ids != read_ids and tokens_equal:
+            tokens_equal = False
+            problems.append(f"the file's tokenizer splits {ours!r} differently: {read_ids} != {run_ids}")
+        ids = torch.tensor([encoder.encode_prompt(messages)])
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[0].float()
+            got = read_model(input_ids=ids).logits[0].float()
+        agree += int((expected.argmax(-1) == got.argmax(-1)).sum())
+        positions += ids.shape[1]
+        max_diff = max(max_diff, float((expected[-1] - got[-1]).abs().max()))
+    agreement = agree / positions
+    floor = TOP1_AGREEMENT_FLOOR.get(quant, K_QUANT_FLOOR)
+    if agreement < floor:
+        problems.append(
+            f"the file's model predicts the source model's next token at {agreement:.1%} of "
+            f"positions; {quant} should reach {floor:.0%}"
+        )
+    return Verification(
+        prompts=len(all_prompts),
+        positions=positions,
+        top1_agreement=agreement,
+        max_logit_diff=max_diff,
+        template_equal=template_equal,
+        tokens_equal=tokens_equal,
+        metadata=read_metadata(path),
+        problems=problems,
+    )
+
+
+def read_metadata(path: Path) -> dict:
+    """The keys a runtime acts on, as the file states them."""
+    reader = gguf.GGUFReader(path)
+    wanted = {
+        "general.architecture": "architecture",
+        "general.file_type": "file_type",
+        "tokenizer.ggml.model": "tokenizer",
+        "tokenizer.ggml.pre": "pre_tokenizer",
+        "tokenizer.ggml.bos_token_id": "bos_id",
+        "tokenizer.ggml.eos_token_id": "eos_id",
+        "tokenizer.ggml.eot_token_id": "eot_id",
+        "tokenizer.ggml.eom_token_id": "eom_id",
+        "tokenizer.ggml.padding_token_id": "pad_id",
+        "tokenizer.ggml.add_bos_token": "add_bos",
+        "tokenizer.chat_template": "chat_template",
+    }
+    found = {}
+    for key, name in wanted.items():
+        if key in reader.fields:
+            found[name] = reader.fields[key].contents()
+    found["tokens"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    return found
+
+
+def _metadata_problems(path: Path, vocabulary: Vocabulary) -> list[str]:
+    found = read_metadata(path)
+    expected = {
+        "bos_id": vocabulary.bos_id,
+        "eos_id": vocabulary.eos_id,
+        "eot_id": vocabulary.end_of_turn_ids[0] if vocabulary.end_of_turn_ids else None,
+        "add_bos": vocabulary.add_bos,
+        "chat_template": vocabulary.chat_template,
+        "tokens": len(vocabulary.tokens),
+    }
+    return [
+        f"the file states {name} = {found.get(name)!r}, the run {value!r}"
+        for name, value in expected.items()
+        if found.get(name) != value
+    ]
