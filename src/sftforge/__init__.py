@@ -18,6 +18,7 @@ from sftforge.api.curating import (
     inspect,
     load_conversations,
 )
+from sftforge.api.exporting import Export, export
 from sftforge.api.evaluating import Comparison, Evaluation, compare, evaluate
 from sftforge.api.inference import LoadedModel, chat, convert, load_model, merge
 from sftforge.api.running import demo, sweep, train
@@ -55,6 +56,8 @@ __all__ = [
     "chat",
     "merge",
     "convert",
+    "export",
+    "Export",
     "evaluate",
     "Evaluation",
     "compare",

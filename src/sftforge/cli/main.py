@@ -1,4 +1,5 @@
-"""`sftforge train | inspect | eval | compare | chat | sweep | merge | convert | data | demo`."""
+"""`sftforge train | inspect | eval | compare | chat | sweep | merge | convert | export | data |
+demo`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sftforge.encode.parallel import Truncation
 from sftforge.encode.render import ReasoningMode, TrainOn
 from sftforge.errors import RunFailed, RunInterrupted
 from sftforge.evaluation.scoring import ScorerKind
+from sftforge.export.gguf_file import QUANT_TYPES
 from sftforge.models.loading import Method
 
 
@@ -60,6 +62,20 @@ def _merge(args) -> None:
 
 def _convert(args) -> None:
     api.convert(args.checkpoint, args.output, verbose=True)
+
+
+def _export(args) -> None:
+    api.export(
+        args.source,
+        to=args.to,
+        quant=args.quant,
+        output=args.output,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+        prompts=args.prompts,
+        allow_pickle=args.allow_pickle,
+        verbose=True,
+    )
 
 
 def _scorer(args) -> dict | None:
@@ -191,6 +207,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoints/step-NNNNNN folder")
     p.add_argument("output", help="where to write the model or adapter")
     p.set_defaults(run=_convert)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common, loading],
+        help="write a run as a GGUF file for llama.cpp / Ollama, with an Ollama Modelfile",
+    )
+    p.add_argument(
+        "source", metavar="RUN", help="a run's output folder or a checkpoints/step-NNNNNN folder"
+    )
+    p.add_argument("--to", default="gguf", choices=["gguf"])
+    p.add_argument(
+        "--quant",
+        default="q8_0",
+        choices=QUANT_TYPES,
+        help="f16, bf16, q8_0 (written here); k-quants through llama.cpp's own quantizer",
+    )
+    p.add_argument("--output", help="the .gguf file (default RUN/model-QUANT.gguf)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--prompts", help="a data file whose prompts the export is checked on too")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip reading the file back to check it"
+    )
+    p.set_defaults(run=_export)
 
     def add_generation_options(p, default_output: str) -> None:
         p.add_argument("--data", required=True, help="held-out file: prompt + reference answer")

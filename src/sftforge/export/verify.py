@@ -23,9 +23,11 @@ from sftforge.encode.slots import template_messages
 from sftforge.errors import SftforgeError
 from sftforge.export.vocabulary import Vocabulary
 
-# The least share of positions whose most likely next token must be the source model's.
-TOP1_AGREEMENT_FLOOR = {"f16": 0.99, "bf16": 0.95, "q8_0": 0.95}
-K_QUANT_FLOOR = 0.75
+# The most the file's next-token distributions may differ from the source model's: the mean
+# KL divergence (nats) over every prompt position, by what each type's rounding gives on the
+# SmolLM2, Gemma 3 and tiny Qwen3 exports (docs/benchmarks.md) with room to spare.
+KL_CEILING = {"f16": 1e-3, "bf16": 1e-2, "q8_0": 2e-2}
+K_QUANT_KL_CEILING = 0.25
 
 # Conversation shapes every export is checked on, besides the run's own held-out prompts.
 PROBES: tuple[tuple[Message, ...], ...] = (
@@ -52,6 +54,7 @@ class Verification:
 
     prompts: int
     positions: int
+    mean_kl: float  # mean KL(source || file) of the next-token distributions, in nats
     top1_agreement: float  # share of positions with the same most likely next token
     max_logit_diff: float  # largest |logit difference| at the prompts' last positions
     template_equal: bool
@@ -65,8 +68,8 @@ class Verification:
 
     def summary(self) -> str:
         return (
-            f"{self.prompts} prompts, {self.positions} positions: top-1 agreement "
-            f"{self.top1_agreement:.1%}, max |Δlogit| at the last position "
+            f"{self.prompts} prompts, {self.positions} positions: mean KL {self.mean_kl:.2g} "
+            f"nats, top-1 agreement {self.top1_agreement:.1%}, max |Δlogit| at the last position "
             f"{self.max_logit_diff:.3g}; template {'equal' if self.template_equal else 'DIFFERS'}; "
             f"tokens {'equal' if self.tokens_equal else 'DIFFER'}"
         )
@@ -83,7 +86,8 @@ def verify_export(
     """Read `path` back and compare it with the model and encoder it was written from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    problems = _metadata_problems(path, vocabulary)
+    metadata = read_metadata(path)
+    problems = _metadata_problems(metadata, vocabulary)
     with contextlib.redirect_stdout(io.StringIO()):
         read_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         read_model = AutoModelForCausalLM.from_pretrained(
@@ -93,7 +97,7 @@ def verify_export(
     all_prompts = list(PROBES) + list(prompts)
     template_equal = tokens_equal = True
     agree = positions = 0
-    max_diff = 0.0
+    max_diff = kl_sum = 0.0
     for messages in all_prompts:
         dicts = template_messages(tuple(messages))
         ours = template.render(dicts, add_generation_prompt=True)
@@ -113,23 +117,29 @@ def verify_export(
             expected = model(input_ids=ids).logits[0].float()
             got = read_model(input_ids=ids).logits[0].float()
         agree += int((expected.argmax(-1) == got.argmax(-1)).sum())
+        kl_sum += float(
+            torch.nn.functional.kl_div(
+                got.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="sum"
+            )
+        )
         positions += ids.shape[1]
         max_diff = max(max_diff, float((expected[-1] - got[-1]).abs().max()))
-    agreement = agree / positions
-    floor = TOP1_AGREEMENT_FLOOR.get(quant, K_QUANT_FLOOR)
-    if agreement < floor:
+    mean_kl = kl_sum / positions
+    ceiling = KL_CEILING.get(quant, K_QUANT_KL_CEILING)
+    if mean_kl > ceiling:
         problems.append(
-            f"the file's model predicts the source model's next token at {agreement:.1%} of "
-            f"positions; {quant} should reach {floor:.0%}"
+            f"the file's next-token distributions differ from the source model's by a mean KL "
+            f"of {mean_kl:.3g} nats; {quant}'s rounding explains up to {ceiling:g}"
         )
     return Verification(
         prompts=len(all_prompts),
         positions=positions,
-        top1_agreement=agreement,
+        mean_kl=mean_kl,
+        top1_agreement=agree / positions,
         max_logit_diff=max_diff,
         template_equal=template_equal,
         tokens_equal=tokens_equal,
-        metadata=read_metadata(path),
+        metadata=metadata,
         problems=problems,
     )
 
@@ -158,8 +168,7 @@ def read_metadata(path: Path) -> dict:
     return found
 
 
-def _metadata_problems(path: Path, vocabulary: Vocabulary) -> list[str]:
-    found = read_metadata(path)
+def _metadata_problems(found: dict, vocabulary: Vocabulary) -> list[str]:
     expected = {
         "bos_id": vocabulary.bos_id,
         "eos_id": vocabulary.eos_id,
