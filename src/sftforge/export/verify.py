@@ -5,7 +5,7 @@ would: transformers' GGUF loader builds the model and tokenizer from the file al
 - the template as the file's tokenizer renders it equals the run's, on every test prompt;
 - the file's tokenizer gives the run's tokens for every rendered prompt;
 - the logits of the file's model agree with the source model's on those prompts, within
-  what the type's rounding explains (top-1 agreement and the largest logit difference)."""
+  what the type's rounding explains (the mean KL divergence of the next-token distributions)."""
 
 from __future__ import annotations
 
