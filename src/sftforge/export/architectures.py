@@ -95,8 +95,10 @@ def _gemma3_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
         )
     pattern = [t == "sliding_attention" for t in layer_types]
     expected = [(k + 1) % 6 != 0 for k in range(len(layer_types))]
-    if pattern and pattern != expected:
-        writer.add_sliding_window_pattern(pattern)
+    if pattern and pattern != expected:  # llama.cpp's Gemma 3: every 6th layer is global
+        raise UnsupportedArchitecture(
+            "Gemma 3 whose global-attention layers are not every sixth (llama.cpp assumes so)"
+        )
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, name, None):
             raise UnsupportedArchitecture(f"Gemma 3 with {name} set is not exported yet")

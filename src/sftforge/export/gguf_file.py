@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import torch
 
-from sftforge.errors import InputError
+from sftforge.errors import InputError, RunFailed
 from sftforge.export.architectures import Architecture
 from sftforge.export.vocabulary import Vocabulary
 
@@ -72,7 +72,14 @@ def write_gguf(
         else:
             _write(model, architecture, vocabulary, f16, "f16", name, sampling_temperature)
             _llama_cpp_quantize(f16, partial, quant)
+        with open(partial, "rb+") as written:
+            os.fsync(written.fileno())  # on disk before it takes the final name
         os.replace(partial, output)
+    except OSError as e:
+        raise RunFailed(
+            f"writing {output} failed ({e.strerror or e}); nothing was left under that name "
+            "(a full disk: free space and export again)"
+        ) from e
     finally:
         for leftover in (partial, f16):
             with contextlib.suppress(FileNotFoundError):
