@@ -34,10 +34,13 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 # llama.cpp, for `sftforge export --quant q4_k_m` (its quantizer) and for running exports:
-# llama-cpp-python builds it from source with the C/C++ compiler (about 5 minutes here).
+# llama-cpp-python builds it from source with the C/C++ compiler (about 5 minutes here),
+# for this CPU, but without Intel AMX: its AMX kernels die of an illegal instruction on
+# q8_0 and k-quant files on CPUs that have AMX (seen here on a Xeon; llama.cpp PR 26954).
 # Not part of `make test`.
+NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 llama-cpp: $(STAMP)
-	$(BIN)/pip install llama-cpp-python==0.3.36
+	CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(BIN)/pip install --no-cache-dir llama-cpp-python==0.3.36
 
 # Export the demo run (trained first if missing) and answer its held-out prompts in llama.cpp.
 llama-cpp-check: llama-cpp

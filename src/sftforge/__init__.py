@@ -18,8 +18,8 @@ from sftforge.api.curating import (
     inspect,
     load_conversations,
 )
-from sftforge.api.exporting import Export, export
 from sftforge.api.evaluating import Comparison, Evaluation, compare, evaluate
+from sftforge.api.exporting import Export, export
 from sftforge.api.inference import LoadedModel, chat, convert, load_model, merge
 from sftforge.api.running import demo, sweep, train
 from sftforge.config.loading import ConfigError, load_config

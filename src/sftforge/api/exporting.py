@@ -20,11 +20,11 @@ from sftforge.errors import InputError, MissingFileError
 from sftforge.evaluation.generation import prompt_and_reference
 from sftforge.export.architectures import architecture_of
 from sftforge.export.gguf_file import check_quant_type, write_gguf
-from sftforge.export.modelfile import Modelfile, modelfile_for
+from sftforge.export.modelfile import modelfile_for
 from sftforge.export.verify import ExportCheckFailed, Verification, verify_export
 from sftforge.export.vocabulary import vocabulary_of
-from sftforge.models.trained import load_for_inference
 from sftforge.models.tokenizer import text_side
+from sftforge.models.trained import load_for_inference
 from sftforge.training.output import convert_checkpoint
 
 __all__ = ["Export", "export"]
@@ -137,9 +137,11 @@ def _held_out_prompts(run: Path, prompts: str | Path | None) -> list[tuple[Messa
     files: list[tuple[str | Path, int | None]] = []
     if prompts is not None:
         files.append((prompts, None))
-    if config is not None and isinstance(config.eval.held_out, str):
-        if Path(config.eval.held_out).is_file():
-            files.append((config.eval.held_out, HELD_OUT_PROMPTS_CHECKED))
+    held_out = config.eval.held_out if config is not None else None
+    if isinstance(held_out, str) and Path(held_out).is_file():
+        files.append((held_out, HELD_OUT_PROMPTS_CHECKED))
+    elif isinstance(held_out, str):
+        say(f"the run's held-out file {held_out} is not here: checking on test conversations")
     checked = []
     for path, limit in files:
         conversations = load_conversations(path).conversations

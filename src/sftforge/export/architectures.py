@@ -4,8 +4,8 @@ hyperparameters under llama.cpp's keys, and how its weights differ from transfor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -41,6 +41,8 @@ def _head_dim(config) -> int:
 
 
 def _common(writer: gguf.GGUFWriter, config) -> None:
+    """What every exported architecture states alike (plain rotary embeddings only)."""
+    _rope_scaling_refused(config)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -49,6 +51,11 @@ def _common(writer: gguf.GGUFWriter, config) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+
+
+def _head_size(writer: gguf.GGUFWriter, config) -> None:
+    writer.add_key_length(_head_dim(config))
+    writer.add_value_length(_head_dim(config))
 
 
 def _rope_scaling_refused(config) -> None:
@@ -63,28 +70,22 @@ def _rope_scaling_refused(config) -> None:
 
 
 def _llama_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
-    _rope_scaling_refused(config)
     _common(writer, config)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(_head_dim(config))
     if _head_dim(config) != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(_head_dim(config))
-        writer.add_value_length(_head_dim(config))
+        _head_size(writer, config)
 
 
 def _qwen_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
-    _rope_scaling_refused(config)
     _common(writer, config)
     writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_key_length(_head_dim(config))
-    writer.add_value_length(_head_dim(config))
+    _head_size(writer, config)
 
 
 def _gemma3_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
-    _rope_scaling_refused(config)
     _common(writer, config)
-    writer.add_key_length(_head_dim(config))
-    writer.add_value_length(_head_dim(config))
+    _head_size(writer, config)
     writer.add_rope_freq_base(_rope_theta(config, "full_attention"))
     writer.add_sliding_window(config.sliding_window)
     layer_types = getattr(config, "layer_types", None) or []
@@ -136,7 +137,9 @@ ARCHITECTURES = {
     "llama": Architecture("llama", gguf.MODEL_ARCH.LLAMA, _llama_hyperparameters, _llama_layout),
     "qwen2": Architecture("qwen2", gguf.MODEL_ARCH.QWEN2, _qwen_hyperparameters, _as_is),
     "qwen3": Architecture("qwen3", gguf.MODEL_ARCH.QWEN3, _qwen_hyperparameters, _as_is),
-    "gemma3": Architecture("gemma3", gguf.MODEL_ARCH.GEMMA3, _gemma3_hyperparameters, _gemma_layout),
+    "gemma3": Architecture(
+        "gemma3", gguf.MODEL_ARCH.GEMMA3, _gemma3_hyperparameters, _gemma_layout
+    ),
 }
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
 

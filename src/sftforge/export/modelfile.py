@@ -129,7 +129,11 @@ def modelfile_for(
         )
         lines.append("# " + notes[-1])
     else:
-        go = GO_TEMPLATES[family].replace("BOS", template.bos_token).replace("EOS", template.eos_token)
+        go = (
+            GO_TEMPLATES[family]
+            .replace("BOS", template.bos_token)
+            .replace("EOS", template.eos_token)
+        )
         lines.append(f'TEMPLATE """{go}"""')
         if system is not None:
             lines.append(f'SYSTEM """{system}"""')

@@ -106,12 +106,16 @@ def verify_export(
         )
         if theirs != ours and template_equal:
             template_equal = False
-            problems.append(f"the file's template renders {theirs!r} where the run's renders {ours!r}")
+            problems.append(
+                f"the file's template renders {theirs!r} where the run's renders {ours!r}"
+            )
         run_ids = encoder.tokenizer(ours, add_special_tokens=False)["input_ids"]
         read_ids = read_tokenizer(ours, add_special_tokens=False)["input_ids"]
         if run_ids != read_ids and tokens_equal:
             tokens_equal = False
-            problems.append(f"the file's tokenizer splits {ours!r} differently: {read_ids} != {run_ids}")
+            problems.append(
+                f"the file's tokenizer splits {ours!r} differently: {read_ids} != {run_ids}"
+            )
         ids = torch.tensor([encoder.encode_prompt(messages)])
         with torch.no_grad():
             expected = model(input_ids=ids).logits[0].float()

@@ -68,7 +68,8 @@ class Vocabulary:
             if value is not None:
                 add(value)
         # llama.cpp stops at eos, eot and eom: every end-of-turn token the run taught.
-        for add, value in zip((writer.add_eot_token_id, writer.add_eom_token_id), self.end_of_turn_ids):
+        writers = (writer.add_eot_token_id, writer.add_eom_token_id)
+        for add, value in zip(writers, self.end_of_turn_ids, strict=False):  # at most two
             add(value)
         writer.add_add_bos_token(self.add_bos)
         writer.add_add_eos_token(False)
@@ -184,6 +185,4 @@ def _merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
         made_by.setdefault(merge.replace(" ", ""), rank)
     # A longer token no merge makes is one BPE never reaches: last in llama.cpp's order too.
     never = -float(len(merges) + 1)
-    return [
-        -float(made_by[t]) if t in made_by else (0.0 if len(t) == 1 else never) for t in tokens
-    ]
+    return [-float(made_by[t]) if t in made_by else (0.0 if len(t) == 1 else never) for t in tokens]
