@@ -10,8 +10,9 @@ the same prompts from the run itself. Reported per run and type: file size, expo
 the check's mean KL and top-1 agreement, whether llama.cpp's prompt tokens equal the run's,
 each side's score with the run's scorer (eval.scorer, else exact match), the share of
 identical answers, and the share of llama.cpp's answers that ended at an end-of-turn token
-(finish_reason "stop") rather than at the token limit. One `RESULT {json}` line per run and
-type, and a table at the end."""
+(finish_reason "stop") rather than at the token limit. A file export's check refuses is
+answered too, and marked: what the check kept from users. One `RESULT {json}` line per run
+and type, and a table at the end."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from sftforge.data.loading import load_conversations
 from sftforge.encode.slots import template_messages
 from sftforge.evaluation.generation import prompt_and_reference
 from sftforge.evaluation.scoring import make_scorer
+from sftforge.export.verify import ExportCheckFailed
 from sftforge.models.tokenizer import load_tokenizer, text_side
 
 
@@ -98,9 +100,15 @@ def check_run(run: Path, quants: list[str], limit: int | None, scratch: Path) ->
     results = []
     for quant in quants:
         target = scratch / f"{run.name}-{quant}.gguf"
-        done = export(run, quant=quant, output=target, overwrite=True)
+        try:
+            done = export(run, quant=quant, output=target, overwrite=True)
+            path, verification, refused = done.path, done.verification, None
+        except ExportCheckFailed as failure:  # answered anyway: what the check kept from users
+            path, refused = target.with_name(target.name + ".failed"), failure
+            verification = failure.verification
+            print(f"  refused by the check: {failure}")
         started = time.perf_counter()
-        rows, prompt_tokens = llama_cpp_answers(done.path, conversations, max_new_tokens)
+        rows, prompt_tokens = llama_cpp_answers(path, conversations, max_new_tokens)
         llama_seconds = time.perf_counter() - started
         scores = [
             float(scorer(row["answer"], reference["reference"], {"prompt": reference["prompt"]}))
@@ -113,11 +121,11 @@ def check_run(run: Path, quants: list[str], limit: int | None, scratch: Path) ->
         result = {
             "run": str(run),
             "quant": quant,
-            "architecture": done.architecture,
-            "size_mib": round(done.size_bytes / 2**20, 1),
-            "export_seconds": round(done.seconds, 1),
-            "mean_kl": done.verification.mean_kl,
-            "top1_agreement": round(done.verification.top1_agreement, 4),
+            "refused_by_check": refused is not None,
+            "size_mib": round(path.stat().st_size / 2**20, 1),
+            "export_seconds": round(done.seconds, 1) if refused is None else None,
+            "mean_kl": verification.mean_kl,
+            "top1_agreement": round(verification.top1_agreement, 4),
             "prompts": len(conversations),
             "prompt_tokens_equal": sum(
                 a == b for a, b in zip(prompt_tokens, run_prompt_tokens, strict=True)
@@ -131,7 +139,6 @@ def check_run(run: Path, quants: list[str], limit: int | None, scratch: Path) ->
             ),
             "transformers_seconds": round(transformers_seconds, 1),
             "llama_cpp_seconds": round(llama_seconds, 1),
-            "modelfile_notes": done.modelfile_notes,
         }
         print("RESULT " + json.dumps(result), flush=True)
         results.append(result)
@@ -143,7 +150,7 @@ def check_run(run: Path, quants: list[str], limit: int | None, scratch: Path) ->
         for prompt, theirs, ours, finish in differing[:3]:
             print(f"  differs: {prompt[:60]!r}\n    transformers: {theirs!r}\n"
                   f"    llama.cpp ({finish}): {ours!r}")  # fmt: skip
-        target.unlink()
+        path.unlink()
     return results
 
 
@@ -159,13 +166,14 @@ def main() -> None:
             results += check_run(run, args.quants.split(","), args.limit, Path(scratch))
     print()
     print(
-        "| run | type | MiB | export s | mean KL | top-1 | prompt tokens equal | "
+        "| run | type | refused | MiB | export s | mean KL | top-1 | prompt tokens equal | "
         "transformers score | llama.cpp score | identical | stopped at end of turn |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {Path(r['run']).name} | {r['quant']} | {r['size_mib']} | {r['export_seconds']} | "
+            f"| {Path(r['run']).name} | {r['quant']} | {'yes' if r['refused_by_check'] else 'no'} | "
+            f"{r['size_mib']} | {r['export_seconds']} | "
             f"{r['mean_kl']:.2g} | {r['top1_agreement']:.1%} | "
             f"{r['prompt_tokens_equal']}/{r['prompts']} | {r['transformers_score']:.1%} | "
             f"{r['llama_cpp_score']:.1%} | {r['identical_answers']:.1%} | "

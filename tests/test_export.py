@@ -264,6 +264,21 @@ def test_smollm2_lora_run_exports_merged_with_its_template_and_stops(smollm2_run
 
 
 @pytest.mark.slow
+def test_a_checkpoint_exports_the_weights_of_the_run_it_ends(smollm2_runs, tmp_path):
+    run = smollm2_runs / "lora"
+    (checkpoint,) = (run / "checkpoints").iterdir()  # the last step's, kept at the end
+    paths = {}
+    for name, source in (("run", run), ("checkpoint", checkpoint)):
+        paths[name] = export(source, quant="f16", output=tmp_path / f"{name}.gguf", verify=False)
+    from_run, from_checkpoint = (gguf.GGUFReader(paths[k].path) for k in ("run", "checkpoint"))
+    assert [t.name for t in from_run.tensors] == [t.name for t in from_checkpoint.tensors]
+    for a, b in zip(from_run.tensors, from_checkpoint.tensors, strict=True):
+        np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
+    template = "tokenizer.chat_template"
+    assert from_run.fields[template].contents() == from_checkpoint.fields[template].contents()
+
+
+@pytest.mark.slow
 def test_smollm2_full_fine_tune_exports_as_q8_0(smollm2_runs, tmp_path):
     result = export(smollm2_runs / "full", quant="q8_0", output=tmp_path / "full.gguf")
     assert_checked(result, "q8_0")

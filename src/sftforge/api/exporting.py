@@ -19,7 +19,7 @@ from sftforge.data.messages import Message
 from sftforge.errors import InputError, MissingFileError
 from sftforge.evaluation.generation import prompt_and_reference
 from sftforge.export.architectures import architecture_of
-from sftforge.export.gguf_file import check_quant_type, write_gguf
+from sftforge.export.gguf_file import LLAMA_CPP_TYPES, check_quant_type, write_gguf
 from sftforge.export.modelfile import modelfile_for
 from sftforge.export.verify import ExportCheckFailed, Verification, verify_export
 from sftforge.export.vocabulary import vocabulary_of
@@ -102,7 +102,8 @@ def export(
                 target.replace(failed)
                 raise ExportCheckFailed(
                     f"{target}: the written file does not reproduce the run, kept as {failed} "
-                    "for inspection: " + "; ".join(verification.problems)
+                    "for inspection: " + "; ".join(verification.problems) + _hint(run, quant),
+                    verification,
                 )
             say(f"checked by reading it back: {verification.summary()}")
         modelfile = modelfile_for(encoder, vocabulary, target.name, _generation_defaults(run))
@@ -124,6 +125,20 @@ def _plain_model_folder(run: Path):
     with tempfile.TemporaryDirectory(prefix="sftforge-export-") as scratch:
         say(f"{run} is a checkpoint: converting it to a plain model first")
         yield convert_checkpoint(run, Path(scratch) / "model")
+
+
+def _hint(run: Path, quant: str) -> str:
+    """What to do when a k-quant does not reproduce the run."""
+    if quant not in LLAMA_CPP_TYPES:
+        return ""
+    hint = f". {quant} rounds away small weight changes, and fine-tuning makes small changes"
+    config = _run_config(run)
+    if config is not None and config.model.endswith(".gguf"):
+        hint += (
+            f"; this run's base came quantized ({config.model}), and a type like its own "
+            "puts the weights back on the grid they came from, undoing the fine-tune"
+        )
+    return hint + ": export q8_0 (or f16), or a larger k-quant (q6_k)"
 
 
 def _run_config(run: Path):

@@ -45,7 +45,12 @@ PROBES: tuple[tuple[Message, ...], ...] = (
 
 
 class ExportCheckFailed(SftforgeError):
-    """The written file does not reproduce the run: the message says what differs."""
+    """The written file does not reproduce the run: the message says what differs, and
+    `verification` holds what reading it back showed."""
+
+    def __init__(self, message: str, verification: Verification | None = None):
+        super().__init__(message)
+        self.verification = verification
 
 
 @dataclass
