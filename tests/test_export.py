@@ -26,7 +26,7 @@ from sftforge.cli.main import main
 from sftforge.errors import InputError, MissingFileError
 from sftforge.export.architectures import UnsupportedArchitecture
 from sftforge.export.gguf_file import LlamaCppMissing
-from sftforge.export.verify import KL_CEILING, read_metadata
+from sftforge.export.verify import KL_CEILING, ExportCheckFailed, read_metadata
 from sftforge.models.tokenizer import load_tokenizer
 
 ASSETS = Path(__file__).parent.parent / "src/sftforge/assets"
@@ -129,6 +129,34 @@ def test_tiny_llama_round_trips_through_the_command_line(tiny_model_dir, tmp_pat
     # SmolLM2's template writes a default system prompt: the chatml TEMPLATE and a SYSTEM line.
     assert any(line.startswith('SYSTEM """You are a helpful AI assistant') for line in lines)
     assert 'PARAMETER stop "<|im_end|>"' in lines
+
+
+def test_a_file_with_llamas_rotary_layout_wrong_is_refused_and_kept_aside(
+    tmp_path, shared_smollm2_tokenizer, monkeypatch
+):
+    """Without llama.cpp's interleaving of the q/k rotary halves the file computes another
+    function: the check must see it (on weights drawn wide enough for attention to matter)."""
+    import dataclasses
+
+    from model_families import tiny_llama
+
+    from sftforge.export import architectures
+
+    model = tiny_llama(49152, initializer_range=0.3)
+    model_dir = save_model_with_tokenizer(model, shared_smollm2_tokenizer, tmp_path / "model")
+    right = export(model_dir, quant="f16", output=tmp_path / "right.gguf")
+    assert right.verification.passed
+    as_is = dataclasses.replace(
+        architectures.ARCHITECTURES["llama"], to_gguf_layout=lambda n, w, c: w
+    )
+    monkeypatch.setitem(architectures.ARCHITECTURES, "llama", as_is)
+    target = tmp_path / "wrong.gguf"
+    with pytest.raises(ExportCheckFailed, match="does not reproduce the run") as refused:
+        export(model_dir, quant="f16", output=target)
+    assert refused.value.verification.mean_kl > 100 * right.verification.mean_kl
+    assert "wrong.gguf.failed" in str(refused.value)
+    assert not target.exists() and not (tmp_path / "wrong.Modelfile").exists()
+    assert (tmp_path / "wrong.gguf.failed").is_file()
 
 
 # ---- bad input ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,11 +94,15 @@ def verify_export(
 
     metadata = read_metadata(path)
     problems = _metadata_problems(metadata, vocabulary)
-    with contextlib.redirect_stdout(io.StringIO()):
-        read_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        read_model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        ).eval()
+    # From a folder holding the file alone: beside a run's adapter_config.json, transformers
+    # would look for the file in the adapter's base model folder instead.
+    with tempfile.TemporaryDirectory(prefix="sftforge-read-back-") as alone:
+        (Path(alone) / path.name).symlink_to(path.resolve())
+        with contextlib.redirect_stdout(io.StringIO()):
+            read_tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name)
+            read_model = AutoModelForCausalLM.from_pretrained(
+                alone, gguf_file=path.name, dtype=torch.float32
+            ).eval()
     template = encoder.template
     all_prompts = list(PROBES) + list(prompts)
     template_equal = tokens_equal = True
