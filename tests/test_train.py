@@ -180,6 +180,30 @@ def test_skip_policy_trains_on_the_valid_records_and_writes_every_reject(tmp_pat
     assert json.loads((out / "data_report.json").read_text())["examples"] == 6
 
 
+def test_skip_policy_writes_the_rejects_of_a_held_out_file_too(tmp_path, tiny_model_dir):
+    """A held-out file's records rejected when read (bad JSON) and when encoded (text the
+    vocabulary cannot spell) reach rejects.jsonl beside the training data's: none is dropped."""
+    held_out = tmp_path / "held_out.jsonl"
+    good = DEMO.read_text().splitlines()[6:9]
+    unrepresentable = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "\U00040000"},
+            ]
+        }
+    )
+    held_out.write_text("\n".join([good[0], "{not json", good[1], unrepresentable, good[2]]) + "\n")
+    cfg = config(
+        tmp_path, tiny_model_dir, f"eval.held_out={held_out}", "data.on_invalid=skip",
+        "training.max_steps=1", "eval.samples=0",
+    )  # fmt: skip
+    out = train(cfg).output_dir
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rejects] == [f"{held_out}:2", f"{held_out}:4"]
+    assert "decode" in rejects[1]["reason"]
+
+
 def test_examples_longer_than_max_length_are_dropped_and_reported(tmp_path, tiny_model_dir):
     out = train(config(tmp_path, tiny_model_dir, "max_length=90", "method=full")).output_dir
     report = json.loads((out / "data_report.json").read_text())

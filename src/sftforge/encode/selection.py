@@ -62,13 +62,17 @@ class HeldOut:
         readings: list[Reading],
         file_reading: Reading | None,
         entry: Path | None,
+        rejects: Rejects,
     ) -> HeldOut:
+        """`rejects` gains the records of a held-out file that its reading rejected."""
         if spec is None:
             return cls()
         if file_reading is not None:
-            held = load_conversations(file_reading.path, **file_reading.options()).conversations
-            say(f"held-out file {spec}: {len(held)} examples")
-            return cls(held)
+            read = load_conversations(file_reading.path, **file_reading.options())
+            for reject in read.rejects:
+                rejects.add(reject.source, reject.reason, reject.record)
+            say(f"held-out file {spec}: {len(read.conversations)} examples")
+            return cls(read.conversations)
         n = len(table.row_of)
         chosen = held_out_indices(n, spec, seed)
         say(f"held out {len(chosen)} of {n} examples (seed {seed})")

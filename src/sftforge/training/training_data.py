@@ -77,7 +77,8 @@ def load_examples(
     table = encoded.table
     for _, err, record in encoded.rejected:
         loaded.rejects.add(err.source, reject_reason(err), record)
-    if data.on_invalid == "skip" and write_rejects:
+    writing = data.on_invalid == "skip" and write_rejects
+    if writing:  # now, for a run that stops below; again once the held-out file is read
         loaded.rejects.write_jsonl(rejects_path)
         loaded.rejects_path = rejects_path
     say(loaded.summary())
@@ -85,7 +86,10 @@ def load_examples(
         say(f"rejected by the chat template: {len(encoded.rejected)} (written to {rejects_path})")
     if note := split_note(table):
         say(note)
-    held_out = HeldOut.split(table, config.eval.held_out, seed, readings, file_reading, entry)
+    training_rejects = len(loaded.rejects)
+    held_out = HeldOut.split(
+        table, config.eval.held_out, seed, readings, file_reading, entry, loaded.rejects
+    )
     chosen = choose_rows(
         table, sizes, held_out.indices, mix, seed, config.max_length, config.truncation
     )
@@ -95,6 +99,9 @@ def load_examples(
     held_examples = held_out.examples(
         table, encoder, data.on_invalid, loaded.rejects, config.max_length
     )
+    if writing and (held_rejects := len(loaded.rejects) - training_rejects):
+        loaded.rejects.write_jsonl(rejects_path)
+        say(f"held-out file: {held_rejects} rejected (written to {rejects_path})")
     kept = {e.source for e in held_examples}
     conversations = [c for c in held_out.conversations if str(c.source) in kept]
     return TrainingData(
