@@ -71,3 +71,31 @@ def test_in_fp32_the_fp32_sum_changes_neither_outputs_nor_gradients(tiny_model_f
     (logits_a, grads_a), (logits_b, grads_b) = results
     assert torch.equal(logits_a, logits_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_the_config_key_turns_the_fp32_sum_on_in_a_run_and_off_when_asked(
+    tiny_model_dir, demo_records_40
+):
+    """Through the run's own preparation: under bf16 autocast a LoRA layer hands on fp32
+    (its base output summed with the adapter's in fp32) only when lora.fp32_sum is on."""
+    from peft.tuners.lora import LoraLayer
+
+    from sftforge.config.loading import load_config
+    from sftforge.training.prepare import prepare
+
+    dtypes = {}
+    for setting in (True, False):
+        config = load_config(
+            None,
+            [
+                f"model={tiny_model_dir}",
+                f"data.train={demo_records_40}",
+                f"lora.fp32_sum={str(setting).lower()}",
+            ],
+        )
+        model = prepare(config, torch.device("cpu")).model
+        layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+        x = torch.randn(2, layer.get_base_layer().in_features)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            dtypes[setting] = layer(x).dtype
+    assert dtypes == {True: torch.float32, False: torch.bfloat16}
