@@ -47,8 +47,12 @@ from sftforge.errors import InputError
 SEED = 1  # of the MinHash permutations: fixed, so a dataset always deduplicates the same way
 # How the LSH bands are chosen: weights of (false positives, false negatives). Every candidate
 # is verified, so a false positive costs one comparison while a false negative keeps a
-# duplicate: at threshold 0.85 this finds a pair of true Jaccard 0.85 87% of the time, where
-# datasketch's default (0.5, 0.5) finds it 46% of the time, for 11 bands instead of 8.
+# duplicate. At threshold 0.85 (11 bands of 11 rows; datasketch's default (0.5, 0.5) takes 8)
+# LSH proposes a pair of true Jaccard 0.85 about 85% of the time, and the pair is dropped
+# only when its MinHash estimate reaches the threshold, a coin toss at a true 0.85. Measured
+# through DuplicateFinder, 300 random pairs each (tests/test_curate.py): a pair of true
+# Jaccard 0.80 / 0.85 / 0.90 / 0.95 is found 7 / 51 / 93 / 100% of the time (with the
+# default weights: 3 / 33 / 76 / 98%).
 LSH_WEIGHTS = (0.1, 0.9)
 
 
