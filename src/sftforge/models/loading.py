@@ -205,7 +205,7 @@ class PackingError(RunFailed):
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward (non-reentrant, as torch
     recommends). Tested to give the gradients of a run without it."""
-    causal_lm(model).gradient_checkpointing_enable({"use_reentrant": False})
+    causal_lm(model).activation_checkpointing_enable({"use_reentrant": False})
 
 
 def compile_decoder_layers(model, probe, backend="inductor") -> str | None:
