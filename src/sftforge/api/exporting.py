@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftforge.config.loading import load_config
+from sftforge.config.schema import Config
 from sftforge.console import say, speaking
 from sftforge.data.loading import load_conversations
 from sftforge.data.messages import Message
@@ -88,7 +89,8 @@ def export(
         encoder, _ = text_side(tokenizer, "auto", model=model)
         architecture = architecture_of(model.config)
         vocabulary = vocabulary_of(encoder, model.get_input_embeddings().weight.shape[0])
-        checked = _held_out_prompts(run, prompts)
+        config = _run_config(run)
+        checked = _held_out_prompts(config, prompts)
         started = time.perf_counter()
         write_gguf(model, architecture, vocabulary, target, quant, name=run.resolve().name)
         seconds = time.perf_counter() - started
@@ -102,11 +104,11 @@ def export(
                 target.replace(failed)
                 raise ExportCheckFailed(
                     f"{target}: the written file does not reproduce the run, kept as {failed} "
-                    "for inspection: " + "; ".join(verification.problems) + _hint(run, quant),
+                    "for inspection: " + "; ".join(verification.problems) + _hint(config, quant),
                     verification,
                 )
             say(f"checked by reading it back: {verification.summary()}")
-        modelfile = modelfile_for(encoder, vocabulary, target.name, _generation_defaults(run))
+        modelfile = modelfile_for(encoder, vocabulary, target.name, _generation_defaults(config))
         _write_text(modelfile_path, modelfile.text)
         for note in modelfile.notes:
             say(f"Modelfile: {note}")
@@ -127,12 +129,11 @@ def _plain_model_folder(run: Path):
         yield convert_checkpoint(run, Path(scratch) / "model")
 
 
-def _hint(run: Path, quant: str) -> str:
+def _hint(config: Config | None, quant: str) -> str:
     """What to do when a k-quant does not reproduce the run."""
     if quant not in LLAMA_CPP_TYPES:
         return ""
     hint = f". {quant} rounds away small weight changes, and fine-tuning makes small changes"
-    config = _run_config(run)
     if config is not None and config.model.endswith(".gguf"):
         hint += (
             f"; this run's base came quantized ({config.model}), and a type like its own "
@@ -141,14 +142,17 @@ def _hint(run: Path, quant: str) -> str:
     return hint + ": export q8_0 (or f16), or a larger k-quant (q6_k)"
 
 
-def _run_config(run: Path):
+def _run_config(run: Path) -> Config | None:
+    """The run's resolved config (sftforge.yaml), or None for a plain model folder."""
     config_file = run / "sftforge.yaml"
     return load_config(config_file) if config_file.is_file() else None
 
 
-def _held_out_prompts(run: Path, prompts: str | Path | None) -> list[tuple[Message, ...]]:
-    """The prompts of `prompts` (all) and of the run's held-out file (the first few)."""
-    config = _run_config(run)
+def _held_out_prompts(
+    config: Config | None, prompts: str | Path | None
+) -> list[tuple[Message, ...]]:
+    """The prompts of `prompts` (all) and of the run's held-out file (the first few); a
+    record with no assistant turn has no prompt to check, and is counted aloud."""
     files: list[tuple[str | Path, int | None]] = []
     if prompts is not None:
         files.append((prompts, None))
@@ -161,14 +165,16 @@ def _held_out_prompts(run: Path, prompts: str | Path | None) -> list[tuple[Messa
     for path, limit in files:
         conversations = load_conversations(path).conversations
         usable = [c for c in conversations if c.assistant_indices()]
+        if len(usable) < len(conversations):
+            say(f"{path}: {len(conversations) - len(usable)} records with no assistant turn, "
+                "so no prompt to check, left out of the check")  # fmt: skip
         for conversation in usable[:limit]:
             checked.append(tuple(prompt_and_reference(conversation)[0].messages))
     return checked
 
 
-def _generation_defaults(run: Path) -> dict:
+def _generation_defaults(config: Config | None) -> dict:
     """How the run generated its answers: greedy, up to eval.max_new_tokens."""
-    config = _run_config(run)
     max_new_tokens = config.eval.max_new_tokens if config is not None else None
     return {"temperature": 0.0, "num_predict": max_new_tokens}
 
