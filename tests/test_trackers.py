@@ -2,6 +2,7 @@
 EventAccumulator, MLflow's MlflowClient, trackio's SQLiteStorage, and wandb's protobuf Record
 parsed out of the offline run's transaction log."""
 
+import collections
 import json
 import os
 import struct
@@ -188,7 +189,13 @@ def test_wandb(tmp_path, monkeypatch):
         elif kind in ("run", "config"):
             updates = record.run.config.update if kind == "run" else record.config.update
             config.update({name(i): json.loads(i.value_json) for i in updates})
-    assert {k: v for k, v in history.items() if "/" in k[0]} == pytest.approx(EXPECTED)
+    # Seen once in a full CI run and not reproduced since: no history rows at all. Should it
+    # recur, the message carries what the log held and what wandb's service said.
+    kinds = collections.Counter(r.WhichOneof("record_type") for r in wandb_records(log))
+    service_log = (run_dir / "logs" / "debug-internal.log").read_text().splitlines()
+    diagnosis = f"records {dict(kinds)}; wandb's service log ends:\n" + "\n".join(service_log[-30:])
+    rows = {k: v for k, v in history.items() if "/" in k[0]}
+    assert rows == pytest.approx(EXPECTED), diagnosis
     assert {k: summary[k] for k in SUMMARY_NUMBERS} == SUMMARY_NUMBERS
     assert summary["eval/loss"] == 1.7
     assert {k: v for k, v in config.items() if not k.startswith("_")} == CONFIG
