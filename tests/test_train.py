@@ -305,11 +305,28 @@ def run_rows(tmp_path, model, *overrides) -> list[dict]:
     return train(config(tmp_path, model, "overwrite_output_dir=true", *overrides)).metrics
 
 
-def test_layout_and_checkpointing_change_neither_losses_nor_gradients(tmp_path, tiny_model_dir):
+def test_layout_and_checkpointing_change_neither_losses_nor_gradients(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     # A step's examples do not depend on how they are cut into micro-batches or packed, and
     # the gradient norm before clipping shows any error in the gradients' scale.
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    # A count of the decoder layers' MLP forwards, for each run. (The MLP, inside the part a
+    # checkpoint recomputes: transformers checkpoints the layer's own forward, so wrapping
+    # that would turn checkpointing off.)
+    mlp_forwards = []
+    mlp_forward = LlamaMLP.forward
+
+    def counted_forward(self, *args, **kwargs):
+        mlp_forwards[-1] += 1
+        return mlp_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counted_forward)
+
     def rows(*overrides):
         settings = ("method=full", "training.precision=fp32", "max_length=512")
+        mlp_forwards.append(0)
         return run_rows(tmp_path, tiny_model_dir, *settings, "training.max_steps=2", *overrides)
 
     plain = rows()
@@ -317,6 +334,11 @@ def test_layout_and_checkpointing_change_neither_losses_nor_gradients(tmp_path, 
     shared = rows("training.packing=true", "training.share_prefixes=true")
     budgeted = rows("training.micro_batch_tokens=100")
     checkpointed = rows("training.gradient_checkpointing=true")
+
+    # Checkpointing is on in the run: each decoder layer (2) runs once more in the backward
+    # of every micro-batch, and nowhere else (evaluation has no backward).
+    micro_batches = sum(r["micro_batches"] for r in checkpointed)
+    assert mlp_forwards[4] - mlp_forwards[0] == 2 * micro_batches
 
     assert [r["rows"] for r in plain] == [4, 4]
     assert [r["rows"] for r in packed] == [1, 1], "the four examples of a step share a row"
