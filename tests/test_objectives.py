@@ -151,3 +151,34 @@ def test_a_run_trains_with_dft_and_neftune_on_packed_rows_and_says_so(
     assert "DFT: token losses weighted by their probability, NEFTune noise, alpha 5" in (
         capsys.readouterr().out
     )
+
+
+def test_neftune_noise_reaches_the_embeddings_in_training_only(tmp_path, tiny_model_dir):
+    from test_train import config
+
+    from sftforge.training.loop import train
+
+    def one_step(name, *options):
+        # A step too small to move fp32 weights: evaluated after it, the model is the one
+        # evaluated before it.
+        settings = ("method=full", "training.precision=fp32", "training.lr=1e-30")
+        evaluation = ("eval.held_out=4", "eval.every=1", "eval.max_new_tokens=8")
+        (tmp_path / name).mkdir()
+        run = config(
+            tmp_path / name, tiny_model_dir, "training.max_steps=1", *settings, *evaluation,
+            *options,
+        )  # fmt: skip
+        result = train(run)
+        return result.metrics[0], result.summary
+
+    plain_step, plain = one_step("plain")
+    noisy_step, noisy = one_step("noisy", "training.neftune_alpha=5")
+
+    # The step sees the same weights and examples: only the noise can change its loss.
+    assert noisy_step["loss"] != pytest.approx(plain_step["loss"], rel=1e-3)
+    # Evaluation in the run, through the noisy training module, and before it: no noise.
+    assert noisy_step["eval_loss"] == pytest.approx(noisy["eval_loss_before"], rel=1e-6)
+    assert noisy["eval_loss_before"] == plain["eval_loss_before"]
+    # Generation, before and after the step: no noise.
+    assert len(plain["samples"]) == 4
+    assert [s["tuned"] for s in noisy["samples"]] == [s["base"] for s in plain["samples"]]
