@@ -2,11 +2,13 @@
 (non-finite loss, bad settings, no room) fails early and leaves no finished-looking model."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sftforge.atomic import write_atomically
 from sftforge.config.loading import ConfigError, load_config
@@ -204,23 +206,35 @@ def test_resume_refuses_changed_settings_or_data_naming_them(
 
 
 def test_resume_may_change_how_often_checkpoints_are_written_and_takes_the_same_steps(
-    tmp_path, tiny_model_dir, finished_run, shared_data
+    tmp_path, tiny_model_dir, finished_run, shared_data, caplog
 ):
     out = copy_of(finished_run, tmp_path)
     step_2 = step_checkpoints(out)[0]
     assert step_2.name == "step-000002"
 
-    train(
-        run_config(
-            tmp_path,
-            tiny_model_dir,
-            f"resume={step_2}",
-            "training.save_every=1",
-            "training.keep_checkpoints=5",
-            data=shared_data,
-        )
+    optimizer_steps = []
+    counting = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: optimizer_steps.append(optimizer)
     )
+    try:
+        with caplog.at_level(logging.INFO, logger="sftforge"):
+            train(
+                run_config(
+                    tmp_path,
+                    tiny_model_dir,
+                    f"resume={step_2}",
+                    "training.save_every=1",
+                    "training.keep_checkpoints=5",
+                    data=shared_data,
+                )
+            )
+    finally:
+        counting.remove()
 
+    # A resume, not a restart that reaches the same weights: it says so, and takes only the
+    # two steps left.
+    assert f"resumed from {step_2} after step 2 of 4" in caplog.text
+    assert len(optimizer_steps) == 2
     # Steps 3 and 4 were taken again, each now followed by a checkpoint, to the same weights.
     assert [p.name for p in step_checkpoints(out)] == [f"step-00000{n}" for n in (2, 3, 4)]
     assert same_steps(out, finished_run)
