@@ -2,30 +2,58 @@
 tests/test_distributed.py (the package has no hooks for faults; this script wraps it):
 
     FAULTY_RANK=1 FAIL_AT_STEP=3   that rank raises in its 3rd optimizer step
+    FAULTY_RANK=1 HANG_AT_STEP=3   that rank stops answering in its 3rd step (sleeps for
+                                   ever, having written the time it began to HANG_MARK)
+    FAULTY_RANK=1 KILL_AT_STEP=3   that rank dies of SIGKILL in its 3rd step
     FAULTY_RANK=1 SLOW_PREPARE_S=20  that rank takes 20 s more to prepare its data
 """
 
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import sftforge.training.loop
 from sftforge.cli.main import main
 
 faulty = os.environ.get("RANK") == os.environ.get("FAULTY_RANK")
 
-if faulty and "FAIL_AT_STEP" in os.environ:
-    fail_at = int(os.environ["FAIL_AT_STEP"])
+
+def fail(step: int) -> None:
+    raise RuntimeError(f"injected failure in step {step}")
+
+
+def hang(step: int) -> None:
+    Path(os.environ["HANG_MARK"]).write_text(str(time.time()))
+    while True:
+        time.sleep(3600)
+
+
+def die(step: int) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+FAULTS = {"FAIL_AT_STEP": fail, "HANG_AT_STEP": hang, "KILL_AT_STEP": die}
+
+
+def inject(fault, fault_at: int) -> None:
+    """`fault(step)` at the start of this rank's `fault_at`-th step."""
     accumulate = sftforge.training.loop.accumulate_gradients
     calls = []
 
-    def accumulate_then_fail(*args, **kwargs):
+    def accumulate_with_fault(*args, **kwargs):
         calls.append(1)
-        if len(calls) == fail_at:
-            raise RuntimeError(f"injected failure in step {fail_at}")
+        if len(calls) == fault_at:
+            fault(fault_at)
         return accumulate(*args, **kwargs)
 
-    sftforge.training.loop.accumulate_gradients = accumulate_then_fail
+    sftforge.training.loop.accumulate_gradients = accumulate_with_fault
+
+
+for variable, fault in FAULTS.items():
+    if faulty and variable in os.environ:
+        inject(fault, int(os.environ[variable]))
 
 if faulty and "SLOW_PREPARE_S" in os.environ:
     load_examples = sftforge.training.loop.load_examples

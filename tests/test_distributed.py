@@ -209,6 +209,47 @@ def test_one_rank_failing_ends_the_whole_run_with_its_message_and_the_checkpoint
 
 
 @pytest.mark.slow
+def test_a_rank_that_stops_answering_ends_the_run_after_the_collective_timeout(
+    tiny_model_dir, data, tmp_path
+):
+    out, hang_mark = tmp_path / "run", tmp_path / "hang-began"
+    args = settings(tiny_model_dir, data, "lora") + [
+        f"output_dir={out}",
+        "training.collective_timeout_s=10",
+    ]
+    done = launch(2, args, FAULTY_RANK, timeout=240, FAULTY_RANK="1", HANG_AT_STEP="3",
+                  HANG_MARK=str(hang_mark))  # fmt: skip
+    ended = time.time()
+
+    assert done.returncode != 0
+    assert hang_mark.is_file(), done.stderr[-3000:]
+    # Rank 0 waited for rank 1 for the 10 s timeout and failed; torchrun then gives the hung
+    # rank 30 s to exit after SIGTERM before it kills it (8x the timeout took 110 s here).
+    waited = ended - float(hang_mark.read_text())
+    assert 10 <= waited < 75, (waited, done.stderr[-3000:])
+    assert verify_checkpoint(out / "checkpoints/step-000002") is None
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_by_sigkill_ends_the_run_with_the_checkpoint_intact(
+    tiny_model_dir, data, tmp_path
+):
+    out = tmp_path / "run"
+    args = settings(tiny_model_dir, data, "lora") + [f"output_dir={out}"]
+    started = time.monotonic()
+    done = launch(2, args, FAULTY_RANK, timeout=240, FAULTY_RANK="1", KILL_AT_STEP="3")
+    took = time.monotonic() - started
+
+    assert done.returncode != 0
+    assert took < 120, done.stderr[-3000:]
+    assert "SIGKILL" in done.stderr, done.stderr[-3000:]
+    assert verify_checkpoint(out / "checkpoints/step-000002") is None
+    assert not (out / "checkpoints/step-000004").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_a_slow_rank_preparing_its_data_does_not_time_out_the_others(
     tiny_model_dir, data, tmp_path
 ):
