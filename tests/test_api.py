@@ -335,10 +335,7 @@ def test_filter_data_rejects_a_short_answer_with_its_reason(tmp_path):
     short = chat("Is it on?", "ok")
     rules = sftforge.FilterRules(min_response_chars=5)
     result = sftforge.filter_data(RECORDS[:3] + [short], tmp_path / "kept.jsonl", rules)
-    assert result.counts == {"min_response_chars": 1}
-    assert [(str(r.source), r.rule) for r in result.rejected] == [
-        ("records[row 3]", "min_response_chars")
-    ]
+    assert result.counts == {"min_response_chars": 1} and result.kept_count == 3
     assert read_jsonl(tmp_path / "kept.jsonl") == RECORDS[:3]
     (rejected,) = read_jsonl(tmp_path / "kept.jsonl.rejected.jsonl")
     assert rejected["source"] == "records[row 3]" and rejected["record"] == short
@@ -350,14 +347,20 @@ def test_convert_data_writes_records_that_read_back_as_the_same_conversations(tm
     records = RECORDS[:3]
     loaded, written = sftforge.convert_data(records, tmp_path / "out.jsonl", to=to)
     assert (written.path, written.count, written.refused) == (tmp_path / "out.jsonl", 3, [])
+    assert loaded.valid == 3 and read_jsonl(tmp_path / "out.jsonl.rejected.jsonl") == []
     back = sftforge.load_conversations(tmp_path / "out.jsonl").conversations
-    assert [c.messages for c in back] == [c.messages for c in loaded.conversations]
+    before = sftforge.load_conversations(records).conversations
+    assert [c.messages for c in back] == [c.messages for c in before]
 
 
 def test_convert_data_to_raw_text_refuses_each_chat_with_its_reason(tmp_path):
     _, written = sftforge.convert_data(RECORDS[:2], tmp_path / "out.jsonl", to="text")
     assert written.count == 0
     assert written.refused == [(f"records[row {k}]", "a chat, not raw text") for k in range(2)]
+    not_written = read_jsonl(tmp_path / "out.jsonl.rejected.jsonl")
+    assert [(r["source"], r["reason"], r["record"]) for r in not_written] == [
+        (f"records[row {k}]", "a chat, not raw text", RECORDS[k]) for k in range(2)
+    ]
 
 
 # ---- trackers ------------------------------------------------------------------------------

@@ -2,14 +2,16 @@
 answers on planted records; and conversions that read back as the same conversations."""
 
 import json
+import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from sftforge.curate.dedup import find_duplicates
-from sftforge.curate.stats import add_duplicates, collect_stats, format_stats, histogram_bins
+from sftforge.curate.dedup import DuplicateFinder, find_duplicates
+from sftforge.curate.stats import Distribution, collect_stats, format_stats, histogram_bins
 from sftforge.data.loading import load_conversations
 from sftforge.data.writers import WRITERS, write_records
 from sftforge.models.tokenizer import text_side
@@ -29,8 +31,7 @@ def line(n: int) -> str:
 
 def test_stats_find_the_planted_problems_by_their_lines(encoder):
     conversations = load_conversations(PLANTED).conversations
-    stats = collect_stats(conversations, encoder, max_length=60)
-    add_duplicates(stats, find_duplicates(conversations))
+    stats = collect_stats(conversations, encoder, max_length=60, duplicates=DuplicateFinder())
 
     assert stats.conversations == 6
     assert stats.exact_duplicates.sources == [line(2)]  # case and spacing aside, line 1 again
@@ -39,7 +40,7 @@ def test_stats_find_the_planted_problems_by_their_lines(encoder):
     assert stats.refusals.sources == [line(5)]
     assert stats.over_max_length.sources == [line(6)]
     assert stats.roles == {"user": 7, "assistant": 7, "system": 1}
-    assert list(stats.turns) == [2, 2, 2, 2, 2, 5]
+    assert stats.turns.counts == {2: 5, 5: 1}
 
 
 def test_token_counts_are_those_training_would_see(encoder):
@@ -47,8 +48,8 @@ def test_token_counts_are_those_training_would_see(encoder):
     stats = collect_stats(conversations, encoder, max_length=60)
     examples = [encoder.encode(c) for c in conversations]
 
-    assert list(stats.example_tokens) == [len(e.input_ids) for e in examples]
-    assert list(stats.response_tokens) == [e.trained_token_count for e in examples]
+    assert stats.example_tokens.counts == Counter(len(e.input_ids) for e in examples)
+    assert stats.response_tokens.counts == Counter(e.trained_token_count for e in examples)
     assert stats.trained_tokens == sum(e.trained_token_count for e in examples)
     long = examples[5]
     assert stats.trained_lost_by_drop == long.trained_token_count
@@ -59,8 +60,7 @@ def test_token_counts_are_those_training_would_see(encoder):
 
 def test_the_report_names_each_finding(encoder):
     conversations = load_conversations(PLANTED).conversations
-    stats = collect_stats(conversations, encoder, max_length=60)
-    add_duplicates(stats, find_duplicates(conversations))
+    stats = collect_stats(conversations, encoder, max_length=60, duplicates=DuplicateFinder())
     text = format_stats(stats)
     assert f"exact duplicates                   1 (16.7%): {line(2)}" in text
     assert "dropping them (truncation: drop) loses" in text
@@ -70,10 +70,20 @@ def test_the_report_names_each_finding(encoder):
 
 @pytest.mark.parametrize("values", [[5], [1, 2, 3, 100], list(range(37)), [7, 7, 7, 8]])
 def test_histogram_ranges_cover_every_value_once(values):
-    bins = histogram_bins(values, bins=10)
+    bins = histogram_bins(Distribution(values), bins=10)
+    assert bins == histogram_bins(values, bins=10)
     assert sum(count for _, _, count in bins) == len(values)
     assert bins[0][0] == min(values) and bins[-1][0] <= max(values) <= bins[-1][1]
     assert all(a[1] + 1 == b[0] for a, b in zip(bins, bins[1:], strict=False))
+
+
+@pytest.mark.parametrize("values", [[5], [1, 2], [3, 1, 2], [7, 7, 7, 8], list(range(37)) * 3])
+def test_a_distribution_held_as_counts_gives_the_median_and_mean_of_its_values(values):
+    held = Distribution(values)
+    assert len(held) == len(values) and held.total == sum(values)
+    assert held.quantile(0.5) == statistics.median(values)
+    ordered = sorted(values)
+    assert [held.at_rank(k) for k in range(len(values))] == ordered
 
 
 CHATS = """\

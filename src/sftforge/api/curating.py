@@ -9,17 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from sftforge.console import say, speaking
-from sftforge.curate.dedup import DedupResult, DuplicateFinder, write_dedup_report
-from sftforge.curate.filters import FilterResult, FilterRules, filter_conversations, write_filter
+from sftforge.curate.dedup import DedupResult, DuplicateFinder, report_line
+from sftforge.curate.filters import FilterResult, FilterRules, filter_to_files
 from sftforge.curate.stats import (
+    EXAMPLES_SHOWN,
     DataStats,
-    add_duplicates,
     collect_stats,
     format_stats,
     write_plots,
 )
-from sftforge.data.loading import LoadResult, iter_conversations, load_conversations
-from sftforge.data.writers import Written, write_conversations, write_records
+from sftforge.data.loading import LoadResult, Rejects, iter_conversations, load_conversations
+from sftforge.data.writers import JsonlWriter, Written, write_conversations, write_records
 from sftforge.encode.inspection import Inspection
 from sftforge.encode.parallel import default_num_proc
 from sftforge.encode.render import ReasoningMode, TrainOn
@@ -29,6 +29,7 @@ from sftforge.models.tokenizer import load_tokenizer, text_side
 __all__ = ["load_conversations", "inspect", "data_stats", "dedup", "filter_data", "convert_data"]
 
 Data = Any  # str | Path | list[str | Path] | datasets.Dataset | list[dict]
+REJECTS_SHOWN = EXAMPLES_SHOWN  # rejected records named on screen; all are counted
 
 
 def _encoder(model: str, template: str, train_on: TrainOn = "all_assistant_turns", **options):
@@ -82,17 +83,18 @@ def data_stats(
     """What is in `data` before a GPU-hour is spent on it: counts, lengths in `model`'s
     tokens, what the template trains, duplicates, findings (very short, refusing or echoing
     answers), rejected records; `plots`: a folder for the charts. Streamed: memory holds a
-    chunk of records and the duplicate index, not the data."""
+    few chunks of records, counters and the duplicate index, not the data."""
     with speaking(verbose):
         encoder = _encoder(model, template, train_on)
-        loaded = LoadResult()
-        conversations = iter_conversations(data, loaded, format=data_format, on_invalid="skip")
+        loaded = LoadResult(rejects=Rejects(held=REJECTS_SHOWN))
+        conversations = iter_conversations(
+            data, loaded, format=data_format, on_invalid="skip", count_repeats=False
+        )
         finder = DuplicateFinder(threshold=near, num_perm=num_perm, near=not exact_only)
         processes = num_proc or default_num_proc()
-        stats = collect_stats(conversations, encoder, max_length, processes, finder.keeps)
-        add_duplicates(stats, finder.result([]))
+        stats = collect_stats(conversations, encoder, max_length, processes, finder)
         stats.template, stats.rejected = encoder.template.name, len(loaded.rejects)
-        for reject in list(loaded.rejects)[:5]:
+        for reject in loaded.rejects:
             say(f"rejected: {reject.source}: {reject.reason}")
         say(f"template: {encoder.template.name}")
         say(format_stats(stats, rejected=len(loaded.rejects)))
@@ -116,15 +118,23 @@ def dedup(
 ) -> DedupResult:
     """Write the records of `data` that repeat no earlier one (exactly, or nearly: MinHash
     Jaccard >= `threshold`) to `output`, each as the input had it; each dropped record and
-    the kept one it repeats go to `report` (default OUTPUT.duplicates.jsonl). Streamed."""
+    the kept one it repeats go to `report` (default OUTPUT.duplicates.jsonl), in input order.
+    Streamed: memory holds the duplicate index, not the records."""
     loaded = LoadResult()
-    conversations = iter_conversations(data, loaded, format=data_format, keep_records=True)
-    finder = DuplicateFinder(threshold=threshold, num_perm=num_perm, near=not exact_only)
-    # Each record is written as soon as it is known to be kept.
-    write_conversations(output, (c for c in conversations if finder.keeps(c)))
-    found = finder.result([])
+    conversations = iter_conversations(
+        data, loaded, format=data_format, keep_records=True, count_repeats=False
+    )
     report = Path(report or f"{output}.duplicates.jsonl")
-    write_dedup_report(found, report)
+    with JsonlWriter(report) as report_out:
+        finder = DuplicateFinder(
+            threshold=threshold,
+            num_perm=num_perm,
+            near=not exact_only,
+            on_duplicate=lambda duplicate, kept: report_out.write(report_line(duplicate, kept)),
+        )
+        # Each record is written as soon as it is known to be kept.
+        write_conversations(output, (c for c in conversations if finder.keeps(c)))
+    found = finder.result([])
     with speaking(verbose):
         say(found.summary())
         say(f"kept records: {output}; each dropped one, with the one it repeats: {report}")
@@ -143,15 +153,18 @@ def filter_data(
 ) -> FilterResult:
     """Write the records of `data` that pass `rules` to `output` and the others, each with
     its reason, to `rejected` (default OUTPUT.rejected.jsonl). Token limits count `model`'s
-    tokens (words without a model)."""
-    loaded = load_conversations(data, format=data_format, keep_records=True)
+    tokens (words without a model). Streamed: the result has the counts, the files the
+    records."""
     token_count = None  # without a model, lengths are counted in words
     if model is not None and (rules.min_tokens or rules.max_tokens):
         tokenizer = load_tokenizer(resolve_model_source(model).tokenizer)
         token_count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    result = filter_conversations(loaded.conversations, rules, token_count)
+    loaded = LoadResult()
+    conversations = iter_conversations(
+        data, loaded, format=data_format, keep_records=True, count_repeats=False
+    )
     rejected = Path(rejected or f"{output}.rejected.jsonl")
-    write_filter(result, output, rejected)
+    result = filter_to_files(conversations, rules, output, rejected, token_count)
     with speaking(verbose):
         say(result.summary())
         say(f"kept records: {output}; rejected ones, each with its reason: {rejected}")
@@ -165,16 +178,30 @@ def convert_data(
     *,
     data_format: str = "auto",
     on_invalid: str = "error",
+    rejected: str | Path | None = None,
     verbose: bool = False,
 ) -> tuple[LoadResult, Written]:
-    """Write the conversations of `data` to `output` in the format `to` (writers.WRITERS);
-    returns what was read and what was written (with each record the format cannot hold)."""
-    loaded = load_conversations(data, format=data_format, on_invalid=on_invalid)
-    written = write_records(loaded.conversations, to, Path(output))
+    """Write the conversations of `data` to `output` in the format `to` (writers.WRITERS),
+    streamed; every record not written (unreadable, with on_invalid="skip", or one the format
+    cannot hold) goes with its reason to `rejected` (default OUTPUT.rejected.jsonl). Returns
+    what was read (the counts and the first rejects) and what was written (with the first
+    records the format refused)."""
+    rejected = Path(rejected or f"{output}.rejected.jsonl")
+    with JsonlWriter(rejected) as rejected_out:
+        loaded = LoadResult(rejects=Rejects(sink=rejected_out, held=REJECTS_SHOWN))
+        conversations = iter_conversations(
+            data, loaded, format=data_format, on_invalid=on_invalid, count_repeats=False
+        )
+        refused = Rejects(sink=rejected_out, held=0)
+        written = write_records(conversations, to, Path(output), rejects=refused)
     with speaking(verbose):
         say(f"{written.count:,} records written to {written.path} as {to}")
         for source, reason in written.refused:
             say(f"not written: {source}: {reason}")
+        if written.refused_count > len(written.refused):
+            say(f"... {written.refused_count - len(written.refused):,} more not written")
         if loaded.rejects:
             say(loaded.summary())
+        if written.refused_count or loaded.rejects:
+            say(f"each record not written, with its reason: {rejected}")
     return loaded, written

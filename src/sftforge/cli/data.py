@@ -38,7 +38,7 @@ def _convert(args) -> None:
         on_invalid=args.on_invalid,
         verbose=True,
     )
-    if written.refused or loaded.rejects:
+    if written.refused_count or loaded.rejects:
         raise SystemExit(1)
 
 

@@ -22,9 +22,10 @@ permutations use a fixed seed: the same data gives the same clusters every time.
 
 Memory (DuplicateFinder, which `sftforge data dedup` and `stats` stream through): the kept
 records' MinHashes and the LSH index, and one 16-byte digest per record; no text is held
-beyond the record being hashed. Measured at num_perm=128, threshold 0.85: about
+beyond the record being hashed, and a dropped record is passed on as it is found (to the
+report, or to stats' counters), not held. Measured at num_perm=128, threshold 0.85: about
 3.8 KB per kept record (0.6 KB MinHash, about 3 KB in datasketch's in-memory index: 11 bands,
-each a bytes key and a set) and 0.25 KB per dropped one (its digest and its Duplicate). So
+each a bytes key and a set) and about 0.1 KB per dropped one (its digest). So
 1M distinct records take about 4 GB (5 GB at the peak, while dicts grow); num_perm=64 about
 halves it. A kept record that calls tools holds a 16-byte digest of its calls too. About 0.15 ms per record on one core.
 """
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,13 @@ SEED = 1  # of the MinHash permutations: fixed, so a dataset always deduplicates
 # default weights: 3 / 33 / 76 / 98%).
 LSH_WEIGHTS = (0.1, 0.9)
 
+# What DuplicateFinder holds per distinct record at most, peaks included (as dicts and lists
+# grow), by tracemalloc (tests/test_data_memory.py holds it to these; about 210-290 and 4,700-
+# 4,900 measured): the exact search's digest and kept record's source, and the near search's
+# MinHash and LSH index entries besides. A dropped duplicate adds nothing.
+EXACT_INDEX_BYTES = 300
+NEAR_INDEX_BYTES = 5_200
+
 
 @dataclass(frozen=True)
 class Duplicate:
@@ -72,11 +80,16 @@ class Cluster:
 @dataclass
 class DedupResult:
     kept: list[Conversation]  # in input order (empty when they were written as found)
-    clusters: list[Cluster]  # those with a dropped record, in the input order of the kept one
+    # Those with a dropped record, in the input order of the kept one (empty when each
+    # duplicate was passed on as found: DuplicateFinder's `on_duplicate`).
+    clusters: list[Cluster]
     records: int  # conversations read
     threshold: float
     num_perm: int
     shingle: int
+    exact: int = 0  # records dropped as exact duplicates
+    near: int = 0  # and as near ones
+    cluster_count: int = 0  # kept records with at least one dropped duplicate
 
     @property
     def dropped(self) -> list[Duplicate]:
@@ -85,14 +98,14 @@ class DedupResult:
     @property
     def counts(self) -> dict[str, int]:
         """records, kept, dropped, exact, near, clusters."""
-        kinds = [duplicate.kind for duplicate in self.dropped]
+        dropped = self.exact + self.near
         return {
             "records": self.records,
-            "kept": self.records - len(kinds),
-            "dropped": len(kinds),
-            "exact": kinds.count("exact"),
-            "near": kinds.count("near"),
-            "clusters": len(self.clusters),
+            "kept": self.records - dropped,
+            "dropped": dropped,
+            "exact": self.exact,
+            "near": self.near,
+            "clusters": self.cluster_count,
         }
 
     def summary(self) -> str:
@@ -128,12 +141,18 @@ def find_duplicates(
 
 class DuplicateFinder:
     """`find_duplicates` one record at a time, holding no record: `keeps(conversation)` says
-    whether it is kept (the first of its cluster so far); `result` gives the clusters.
-    `near=False` looks for exact duplicates only: no MinHash, no index, about 0.2 KB a record
+    whether it is kept (the first of its cluster so far). Each dropped record goes, with the
+    source of the kept one it repeats, to `on_duplicate` when given (and is not held), else
+    into the clusters `result` gives. `near=False` looks for exact duplicates only: no MinHash, no index, about 0.2 KB a record
     where the near search takes about 5 KB (see the module's docstring)."""
 
     def __init__(
-        self, threshold: float = 0.85, num_perm: int = 128, shingle: int = 5, near: bool = True
+        self,
+        threshold: float = 0.85,
+        num_perm: int = 128,
+        shingle: int = 5,
+        near: bool = True,
+        on_duplicate: Callable[[Duplicate, Source], object] | None = None,
     ) -> None:
         self.threshold, self.num_perm, self.shingle = threshold, num_perm, shingle
         self.near = near
@@ -142,11 +161,13 @@ class DuplicateFinder:
         self._kept_sources: list[Source] = []
         self._minhashes: list[LeanMinHash] = []  # of the kept records, by position
         self._calls: list[bytes | None] = []  # digest of their tool calls (None: no calls)
-        # normalised-conversation digest -> (position of the kept record it resolves to,
-        # kind, similarity)
-        self._seen: dict[bytes, tuple[int, str, float]] = {}
+        # normalised-conversation digest -> the position of the kept record it resolves to:
+        # that record's own, or (position, similarity) for a near duplicate of it
+        self._seen: dict[bytes, int | tuple[int, float]] = {}
         self._clusters: dict[int, Cluster] = {}
-        self.records = 0
+        self.on_duplicate = on_duplicate
+        self._has_duplicate = bytearray()  # per kept record: 1 once one of it was dropped
+        self.records = self.exact = self.near_count = 0
 
     def keeps(self, conversation: Conversation) -> bool:
         self.records += 1
@@ -156,10 +177,13 @@ class DuplicateFinder:
         if digest in self._seen:
             # An exact repeat of a kept record, or of one dropped as a near duplicate: then it
             # is as near to that one's kept record as that one was.
-            position, kind, similarity = self._seen[digest]
+            seen = self._seen[digest]
+            position, kind, similarity = (
+                (seen, "exact", 1.0) if isinstance(seen, int) else (seen[0], "near", seen[1])
+            )
         elif not self.near:
-            self._seen[digest] = (len(self._kept_sources), "exact", 1.0)
-            self._kept_sources.append(conversation.source)
+            self._seen[digest] = len(self._kept_sources)
+            self._keep(conversation)
             return True
         else:
             minhash = self._blank.copy()
@@ -170,43 +194,66 @@ class DuplicateFinder:
             match = _closest(minhash, candidates, self._minhashes, self.threshold)
             if match is None:
                 position = len(self._kept_sources)
-                self._seen[digest] = (position, "exact", 1.0)
+                self._seen[digest] = position
                 self._index.insert(position, minhash)
                 self._minhashes.append(minhash)
                 self._calls.append(calls)
-                self._kept_sources.append(conversation.source)
+                self._keep(conversation)
                 return True
             position, similarity = match
             kind = "near"
-            self._seen[digest] = (position, kind, similarity)
-        cluster = self._clusters.setdefault(position, Cluster(self._kept_sources[position]))
-        cluster.dropped.append(Duplicate(conversation.source, kind, similarity))
+            self._seen[digest] = (position, similarity)
+        self._drop(Duplicate(conversation.source, kind, similarity), position)
         return False
 
+    def _keep(self, conversation: Conversation) -> None:
+        self._kept_sources.append(conversation.source)
+        self._has_duplicate.append(0)
+
+    def _drop(self, duplicate: Duplicate, position: int) -> None:
+        if duplicate.kind == "exact":
+            self.exact += 1
+        else:
+            self.near_count += 1
+        self._has_duplicate[position] = 1
+        kept = self._kept_sources[position]
+        if self.on_duplicate is not None:
+            self.on_duplicate(duplicate, kept)
+        else:
+            self._clusters.setdefault(position, Cluster(kept)).dropped.append(duplicate)
+
     def result(self, kept: list[Conversation]) -> DedupResult:
-        """The clusters found so far, with `kept`: the kept records when the caller kept them
-        (it may have written them out instead)."""
+        """The counts and the clusters found so far (none held when `on_duplicate` took
+        each duplicate), with `kept`: the kept records when the caller kept them (it may have
+        written them out instead)."""
         ordered = [self._clusters[position] for position in sorted(self._clusters)]
         threshold = self.threshold if self.near else 1.0
-        return DedupResult(kept, ordered, self.records, threshold, self.num_perm, self.shingle)
+        found = DedupResult(kept, ordered, self.records, threshold, self.num_perm, self.shingle)
+        found.exact, found.near = self.exact, self.near_count
+        found.cluster_count = sum(self._has_duplicate)
+        return found
 
 
 def write_dedup_report(result: DedupResult, report_path: str | Path) -> None:
-    """One line per dropped record: {"dropped": "file:line", "kept": "file:line", "kind",
-    "similarity"}."""
+    """One `report_line` per dropped record, cluster by cluster."""
     write_jsonl(
         report_path,
         (
-            {
-                "dropped": str(duplicate.source),
-                "kept": str(cluster.kept),
-                "kind": duplicate.kind,
-                "similarity": round(duplicate.similarity, 4),
-            }
+            report_line(duplicate, cluster.kept)
             for cluster in result.clusters
             for duplicate in cluster.dropped
         ),
     )
+
+
+def report_line(duplicate: Duplicate, kept: Source) -> dict:
+    """{"dropped": "file:line", "kept": "file:line", "kind", "similarity"}."""
+    return {
+        "dropped": str(duplicate.source),
+        "kept": str(kept),
+        "kind": duplicate.kind,
+        "similarity": round(duplicate.similarity, 4),
+    }
 
 
 def shingles(conversation: Conversation, size: int = 5) -> set[bytes]:

@@ -15,13 +15,14 @@ a predicate that cannot be imported raises `FilterError` at once.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftforge.data.loading import Rejects
 from sftforge.data.messages import Conversation, Source
-from sftforge.data.writers import record_as_read, write_conversations
+from sftforge.data.writers import JsonlWriter, record_as_read, write_conversations
 from sftforge.errors import InputError
 from sftforge.user_code import import_user_function
 
@@ -66,23 +67,22 @@ class Rejected:
 
 @dataclass
 class FilterResult:
-    kept: list[Conversation]  # in input order
-    rejected: list[Rejected]  # in input order
+    kept: list[Conversation]  # in input order (empty when written as they came: filter_to_files)
+    rejected: list[Rejected]  # in input order (likewise)
     rules: FilterRules
     length_unit: str = "tokens"  # "words" when length bounds were set without a token_count
+    kept_count: int = 0
+    rejected_per_rule: Counter = field(default_factory=Counter)
 
     @property
     def counts(self) -> dict[str, int]:
         """Rejected records per rule, for every rule that was set (0 included)."""
-        counts = dict.fromkeys(_rules_set(self.rules), 0)
-        for rejected in self.rejected:
-            counts[rejected.rule] += 1
-        return counts
+        return dict.fromkeys(_rules_set(self.rules), 0) | dict(self.rejected_per_rule)
 
     def summary(self) -> str:
-        records = len(self.kept) + len(self.rejected)
-        lines = [f"records read: {records}", f"kept:         {len(self.kept)}"]
-        lines.append(f"rejected:     {len(self.rejected)}")
+        rejected = self.rejected_per_rule.total()
+        lines = [f"records read: {self.kept_count + rejected}", f"kept:         {self.kept_count}"]
+        lines.append(f"rejected:     {rejected}")
         lines += [f"  {rule + ':':20}{count}" for rule, count in self.counts.items()]
         if self.length_unit == "words":
             lines.append("lengths counted in words: no tokenizer was given")
@@ -105,9 +105,40 @@ def filter_conversations(
     for conversation in conversations:
         broken = check(conversation)
         if broken is None:
+            result.kept_count += 1
             result.kept.append(conversation)
         else:
+            result.rejected_per_rule[broken[0]] += 1
             result.rejected.append(Rejected(conversation, *broken))
+    return result
+
+
+def filter_to_files(
+    conversations: Iterable[Conversation],
+    rules: FilterRules,
+    kept_path: str | Path,
+    rejected_path: str | Path,
+    token_count: Callable[[str], int] | None = None,
+) -> FilterResult:
+    """`filter_conversations` and `write_filter` in one pass that holds no record: each is
+    written to its file as it is judged; the result has the counts, not the records."""
+    check = _Checker(rules, token_count)
+    result = FilterResult([], [], rules, length_unit=check.length_unit)
+    with JsonlWriter(rejected_path) as rejected_out:
+        rejects = Rejects(sink=rejected_out, held=0)
+
+        def kept():
+            for conversation in conversations:
+                broken = check(conversation)
+                if broken is None:
+                    result.kept_count += 1
+                    yield conversation
+                else:
+                    result.rejected_per_rule[broken[0]] += 1
+                    record = record_as_read(conversation)[1]
+                    rejects.add(conversation.source, broken[1], record)
+
+        write_conversations(kept_path, kept())
     return result
 
 

@@ -1,8 +1,9 @@
 """What is in a dataset, before a GPU-hour is spent on it: `sftforge data stats`.
 
 One streamed pass over the conversations, each rendered and tokenized exactly as training
-would (the same Encoder, template and mask; in parallel, encode/parallel.py), keeping only small
-per-conversation numbers, so a million conversations take tens of MB here:
+would (the same Encoder, template and mask; in parallel, encode/parallel.py), keeping counters, not
+lists: a length distribution is a count per distinct value (exact medians and percentiles in
+memory that does not grow with the number of conversations):
 - records per format, turns per conversation, messages per role;
 - tools: records offering tools and how many each, tool calls, tool results, and assistant
   turns with reasoning;
@@ -11,20 +12,20 @@ per-conversation numbers, so a million conversations take tens of MB here:
 - examples over `max_length`, and the trained tokens dropping or truncating them costs;
 - responses that are very short (empty ones never load), that repeat the prompt, or that
   are refusal boilerplate ("As an AI language model ..."), each with the records that show it;
-- exact and near duplicates, as curate/dedup.py finds them (`add_duplicates`);
+- exact and near duplicates, as curate/dedup.py's DuplicateFinder finds them, each counted as
+  it is found;
 - the share of tokens that are trained.
 """
 
 from __future__ import annotations
 
 import re
-import statistics
-from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sftforge.curate.dedup import Duplicate, DuplicateFinder
 from sftforge.data.messages import Conversation
 from sftforge.data.text import normalize
 from sftforge.encode.encoder import Encoder
@@ -58,13 +59,48 @@ class Finding:
             self.sources.append(str(source))
 
 
+class Distribution:
+    """Whole numbers (lengths), counted per distinct value: exact order statistics in memory
+    bounded by the range of values, not by how many were added."""
+
+    def __init__(self, values=()) -> None:
+        self.counts: Counter = Counter()
+        for value in values:
+            self.append(value)
+
+    def append(self, value: int) -> None:
+        self.counts[value] += 1
+
+    def __len__(self) -> int:
+        return self.counts.total()
+
+    @property
+    def total(self) -> int:
+        return sum(value * count for value, count in self.counts.items())
+
+    def quantile(self, q: float) -> float:
+        """The value at rank q * (n - 1) of the sorted values (the median is the mean of the
+        two middle ones when n is even)."""
+        n = len(self)
+        rank = q * (n - 1)
+        low, high = self.at_rank(int(rank)), self.at_rank(min(n - 1, int(rank) + 1))
+        return low + (high - low) * (rank - int(rank))
+
+    def at_rank(self, rank: int) -> int:
+        seen = 0
+        for value in sorted(self.counts):
+            seen += self.counts[value]
+            if seen > rank:
+                return value
+        raise IndexError(rank)
+
+
 @dataclass
 class DataStats:
     max_length: int
     conversations: int = 0
     formats: Counter = field(default_factory=Counter)
-    # Per-conversation numbers as compact arrays: 1M conversations take 32 MB.
-    turns: array = field(default_factory=lambda: array("l"))  # messages per conversation
+    turns: Distribution = field(default_factory=lambda: Distribution())  # messages each
     roles: Counter = field(default_factory=Counter)
     records_with_tools: int = 0  # records offering the model tools
     tools_offered: int = 0  # tool definitions, summed over those records
@@ -73,9 +109,9 @@ class DataStats:
     calling_turns: int = 0  # assistant turns with at least one tool call
     tool_results: int = 0  # tool messages
     reasoning_turns: int = 0  # assistant turns with reasoning
-    prompt_tokens: array = field(default_factory=lambda: array("l"))  # untrained tokens per example
-    response_tokens: array = field(default_factory=lambda: array("l"))  # trained tokens per example
-    example_tokens: array = field(default_factory=lambda: array("l"))
+    prompt_tokens: Distribution = field(default_factory=lambda: Distribution())  # untrained, each
+    response_tokens: Distribution = field(default_factory=lambda: Distribution())  # trained, each
+    example_tokens: Distribution = field(default_factory=lambda: Distribution())
     over_max_length: Finding = field(default_factory=Finding)
     trained_lost_by_drop: int = 0  # trained tokens of the examples over max_length
     trained_lost_by_truncate: int = 0  # trained tokens past max_length
@@ -84,19 +120,19 @@ class DataStats:
     short_responses: Finding = field(default_factory=Finding)
     echoed_prompts: Finding = field(default_factory=Finding)
     refusals: Finding = field(default_factory=Finding)
-    exact_duplicates: Finding = field(default_factory=Finding)  # set by add_duplicates
-    near_duplicates: Finding | None = None  # set by add_duplicates when near ones were sought
+    exact_duplicates: Finding = field(default_factory=Finding)  # when duplicates were sought
+    near_duplicates: Finding | None = None  # when near ones were sought
     template: str = ""  # the chat template the lengths were counted with
     rejected: int = 0  # records that could not be read as conversations
     charts: list[Path] = field(default_factory=list)  # the SVG charts written, if asked
 
     @property
     def tokens(self) -> int:
-        return sum(self.example_tokens)
+        return self.example_tokens.total
 
     @property
     def trained_tokens(self) -> int:
-        return sum(self.response_tokens)
+        return self.response_tokens.total
 
 
 def collect_stats(
@@ -104,18 +140,21 @@ def collect_stats(
     encoder: Encoder,
     max_length: int,
     num_proc: int = 1,
-    each: Callable[[Conversation], object] | None = None,
+    duplicates: DuplicateFinder | None = None,
 ) -> DataStats:
     """One streamed pass (encoded in `num_proc` processes, a few chunks ahead: encode/parallel.py),
-    calling `each` on every conversation too (dedup's DuplicateFinder, say)."""
+    each conversation also going through `duplicates`, whose finds are counted as they come."""
     stats = DataStats(max_length)
+    if duplicates is not None:
+        stats.near_duplicates = Finding() if duplicates.near else None
+        duplicates.on_duplicate = lambda duplicate, kept: _count_duplicate(stats, duplicate)
     for chunk, encoded in encoded_chunks(conversations, encoder, num_proc):
         refused = dict(encoded.errors)
         row = 0
         for position, conversation in enumerate(chunk):
             _count_conversation(stats, conversation)
-            if each is not None:
-                each(conversation)
+            if duplicates is not None:
+                duplicates.keeps(conversation)
             if position in refused:
                 err = refused[position]
                 stats.not_encoded[err.reason] += 1
@@ -182,31 +221,31 @@ def _echoes(prompt: str, answer: str) -> bool:
     return bool(p) and (a == p or (len(p) >= 20 and a.startswith(p)))
 
 
-def add_duplicates(stats: DataStats, found) -> None:
-    """The duplicates curate/dedup.py found (a DedupResult), as findings: each dropped record."""
-    stats.exact_duplicates = Finding()
-    stats.near_duplicates = Finding() if found.threshold < 1.0 else None
-    for duplicate in found.dropped:
-        finding = stats.exact_duplicates if duplicate.kind == "exact" else stats.near_duplicates
-        finding.add(duplicate.source)
+def _count_duplicate(stats: DataStats, duplicate: Duplicate) -> None:
+    finding = stats.exact_duplicates if duplicate.kind == "exact" else stats.near_duplicates
+    finding.add(duplicate.source)
 
 
 # ---- showing it ---------------------------------------------------------------------------
 
 
-def histogram_bins(values: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
-    """(first, last, count) of `bins` equal ranges of whole numbers covering `values`."""
-    if not values:
+def histogram_bins(values, bins: int = 10) -> list[tuple[int, int, int]]:
+    """(first, last, count) of `bins` equal ranges of whole numbers covering `values` (a
+    Distribution, or any whole numbers)."""
+    counts = values.counts if isinstance(values, Distribution) else Counter(values)
+    if not counts:
         return []
-    lo, hi = min(values), max(values)
+    lo, hi = min(counts), max(counts)
     step = max(1, -(-(hi - lo + 1) // bins))
-    counts = Counter((v - lo) // step for v in values)
+    binned = Counter()
+    for value, count in counts.items():
+        binned[(value - lo) // step] += count
     return [
-        (lo + b * step, lo + b * step + step - 1, counts[b]) for b in range((hi - lo) // step + 1)
+        (lo + b * step, lo + b * step + step - 1, binned[b]) for b in range((hi - lo) // step + 1)
     ]
 
 
-def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
+def histogram(values, bins: int = 10, width: int = 40) -> list[str]:
     """A terminal histogram: one line per range, with a bar scaled to the largest count."""
     found = histogram_bins(values, bins)
     if not found:
@@ -219,14 +258,14 @@ def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
     return lines
 
 
-def _spread(values: list[int]) -> str:
-    if not values:
+def _spread(values: Distribution) -> str:
+    if not len(values):
         return "none"
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    counts = values.counts
+    p95 = values.at_rank(min(len(values) - 1, int(0.95 * len(values))))
     return (
-        f"min {ordered[0]:,}, median {statistics.median(ordered):,.0f}, p95 {p95:,}, "
-        f"max {ordered[-1]:,}, mean {statistics.fmean(ordered):,.1f}"
+        f"min {min(counts):,}, median {values.quantile(0.5):,.0f}, p95 {p95:,}, "
+        f"max {max(counts):,}, mean {values.total / len(values):,.1f}"
     )
 
 

@@ -26,7 +26,7 @@ from sftforge.data.formats import FIELDS, FORMATS, META_RECORD, DataFormat
 from sftforge.data.messages import Conversation, DataError, Source, keys_of, type_name
 from sftforge.data.oasst import TREE_FORMATS, conversations_from_trees
 from sftforge.data.readers import RawRecord, read_sources
-from sftforge.data.writers import write_jsonl
+from sftforge.data.writers import JsonlWriter, write_jsonl
 from sftforge.errors import InputError
 
 OnInvalid = Literal["error", "skip"]
@@ -45,25 +45,39 @@ class Reject:
 
 
 class Rejects:
-    """Collects rejected records with their reason; never lose a record silently."""
+    """Collects rejected records with their reason; never lose a record silently. By default
+    every one is held; with `sink` (an open writers.JsonlWriter) each is written as it comes
+    instead, and only the first `held` are kept to show, so a stream of bad records takes no
+    memory. `len` counts them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink: JsonlWriter | None = None, held: int | None = None) -> None:
         self._items: list[Reject] = []
+        self._sink, self._held, self._count = sink, held, 0
 
     def add(self, source: Source | str, reason: str, record: object) -> None:
-        self._items.append(Reject(str(source), reason, record))
+        self._count += 1
+        reject = Reject(str(source), reason, record)
+        if self._sink is not None:
+            self._sink.write(_as_line(reject))
+        if self._held is None or len(self._items) < self._held:
+            self._items.append(reject)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._count
 
     def __iter__(self) -> Iterator[Reject]:
+        """The rejects held: all of them, or the first `held`."""
         return iter(self._items)
 
     def write_jsonl(self, path: str | Path) -> None:
         """One line a reject: {"source", "reason", "record"}."""
-        write_jsonl(
-            path, ({"source": r.source, "reason": r.reason, "record": r.record} for r in self)
-        )
+        if self._held is not None and self._count > len(self._items):
+            raise ValueError("these rejects were streamed to their sink; not all are held")
+        write_jsonl(path, (_as_line(r) for r in self))
+
+
+def _as_line(reject: Reject) -> dict:
+    return {"source": reject.source, "reason": reject.reason, "record": reject.record}
 
 
 @dataclass
@@ -74,7 +88,8 @@ class LoadResult:
     conversations: list[Conversation] = field(default_factory=list)
     rejects: Rejects = field(default_factory=Rejects)
     formats: dict[str, int] = field(default_factory=dict)  # format -> files/datasets of it
-    duplicates: int = 0  # conversations exactly repeating an earlier one (kept, only counted)
+    # conversations exactly repeating an earlier one (kept, only counted); None: not counted
+    duplicates: int | None = 0
     files: list[str] = field(default_factory=list)  # every file or dataset read, in order
     rejects_path: Path | None = None  # where the rejects were written, if anywhere
     records: int = 0  # records read: in OpenAssistant files, messages (fewer conversations)
@@ -97,7 +112,8 @@ class LoadResult:
             lines.append(f"  first:      {first.source}: {first.reason}")
         for why, count in self.left_out.items():
             lines.append(f"left out:     {count} ({why})")
-        lines.append(f"duplicates:   {self.duplicates} (kept; exact repeats of an earlier one)")
+        if self.duplicates is not None:
+            lines.append(f"duplicates:   {self.duplicates} (kept; exact repeats of an earlier one)")
         lines.append(f"formats:      {formats or 'none detected'}")
         if self.contents:
             held = ", ".join(f"{what}: {count}" for what, count in self.contents.items())
@@ -175,6 +191,7 @@ def iter_conversations(
     columns: dict[str, str] | None = None,
     on_invalid: str = "error",
     repeats: RepeatCounter | None = None,
+    count_repeats: bool = True,
     keep_records: bool = False,
 ) -> Iterator[Conversation]:
     """The valid conversations of `data`, one at a time, in order; what was read, rejected,
@@ -189,7 +206,9 @@ def iter_conversations(
     `result.rejects` and goes on. A file that holds no record to reject (empty, a broken
     JSON array, UTF-16) raises a DataError either way; a JSON line over
     readers.MAX_RECORD_BYTES is a rejected record. Exact repeats are counted by `repeats`
-    (pass one to count them across several calls). `keep_records=True` keeps each record,
+    (pass one to count them across several calls), which holds a digest per conversation:
+    `count_repeats=False` leaves them uncounted (`result.duplicates` None) so that nothing
+    grows with the number of records. `keep_records=True` keeps each record,
     as the file had it, in the conversation's meta (`formats.META_RECORD`), for `dedup` and
     `filter` to write back whole (an OpenAssistant conversation, made of several records,
     has none).
@@ -198,6 +217,8 @@ def iter_conversations(
     _check_choice("on_invalid", on_invalid, get_args(OnInvalid))
     _check_columns(columns)
     repeats = repeats or RepeatCounter()
+    if not count_repeats:
+        result.duplicates = None
     for name, raw_records in read_sources(data):
         result.files.append(name)
         file_format = None if format == "auto" else format
@@ -219,7 +240,8 @@ def iter_conversations(
                 result.rejects.add(raw.source, reject_reason(err), raw.record)
                 continue
             result.valid += 1
-            result.duplicates += repeats.seen(conversation)
+            if count_repeats:
+                result.duplicates += repeats.seen(conversation)
             count_contents(result.contents, conversation)
             yield conversation
         if tree_messages:
@@ -233,7 +255,8 @@ def iter_conversations(
             result.left_out.update(trees.left_out)
             for conversation in trees.conversations:
                 result.valid += 1
-                result.duplicates += repeats.seen(conversation)
+                if count_repeats:
+                    result.duplicates += repeats.seen(conversation)
                 yield conversation
         if file_format:
             result.formats[file_format] = result.formats.get(file_format, 0) + 1

@@ -17,7 +17,7 @@ from sftforge.errors import InputError
 ROLES = ("system", "user", "assistant", "tool")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: indexes hold one per record
 class Source:
     """Where a record came from: a file and a 1-based line (JSONL/CSV) or 0-based row index."""
 

@@ -306,45 +306,73 @@ def conversation_from_json(record: dict) -> Conversation:
 
 
 def write_jsonl(path: str | Path, lines: Iterable[dict]) -> None:
-    """One JSON object per line, written whole or not at all: into a hidden file beside
-    `path` that then replaces it, so a failed write leaves no half file, and an input may be
-    rewritten in place (it was read already)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.writing-{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            for line in lines:
-                # default=str: Parquet and datasets rows may hold dates or bytes.
-                f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """One JSON object per line, written whole or not at all (see `JsonlWriter`)."""
+    with JsonlWriter(path) as out:
+        for line in lines:
+            out.write(line)
+
+
+class JsonlWriter:
+    """Writes one JSON object per line as they come, holding none, and whole or not at all:
+    into a hidden file beside `path` that replaces it when the `with` block ends without an
+    error, so a failed write leaves no half file, and an input may be rewritten in place (it
+    was read already). Several may be open at once (kept and rejected records)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self._temporary = self.path.with_name(f".{self.path.name}.writing-{os.getpid()}")
+
+    def __enter__(self) -> JsonlWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._temporary, "w", encoding="utf-8")
+        return self
+
+    def write(self, line: dict) -> None:
+        # default=str: Parquet and datasets rows may hold dates or bytes.
+        self._file.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+        self.count += 1
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self._file.close()
+        try:
+            if error_type is None:
+                os.replace(self._temporary, self.path)
+        finally:
+            self._temporary.unlink(missing_ok=True)
+
+
+REFUSED_HELD = 20  # refused records a Written names; every one is counted (and written, if asked)
 
 
 @dataclass
 class Written:
     path: Path
     count: int = 0
-    refused: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (source, reason), the first ones
+    refused_count: int = 0  # every record the format could not hold
 
 
-def write_records(conversations: Iterable[Conversation], format: str, path: Path) -> Written:
-    """Write each conversation as one JSON line of `format`, in order; those the format
-    cannot hold are left out and returned with their reasons."""
+def write_records(
+    conversations: Iterable[Conversation], format: str, path: Path, rejects=None
+) -> Written:
+    """Write each conversation as one JSON line of `format`, in order, as they come; those
+    the format cannot hold are left out, counted, the first REFUSED_HELD named with their
+    reasons, and each added to `rejects` (a loading.Rejects) with its record when given."""
     if format not in WRITERS:
         raise InputError(f"unknown output format '{format}'; expected one of {', '.join(WRITERS)}")
     written = Written(Path(path))
-
-    def records():
+    with JsonlWriter(path) as out:
         for conversation in conversations:
             try:
                 record = to_record(conversation, format)
             except DataError as err:
-                written.refused.append((str(conversation.source), err.reason))
+                written.refused_count += 1
+                if len(written.refused) < REFUSED_HELD:
+                    written.refused.append((str(conversation.source), err.reason))
+                if rejects is not None:
+                    rejects.add(conversation.source, err.reason, record_as_read(conversation)[1])
                 continue
-            written.count += 1
-            yield record
-
-    write_jsonl(path, records())
+            out.write(record)
+        written.count = out.count
     return written
