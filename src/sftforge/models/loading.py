@@ -9,6 +9,7 @@ remote code runs only when asked for.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -169,7 +170,8 @@ def load_source_model(
         return model
     if model.get_input_embeddings().num_embeddings != vocabulary_size:
         model.resize_token_embeddings(vocabulary_size, mean_resizing=False)
-    return PeftModel.from_pretrained(model, adapter)
+    with _peft_reading_a_deprecated_property():
+        return PeftModel.from_pretrained(model, adapter)
 
 
 def attention_implementation(choice: str) -> str:
@@ -302,4 +304,17 @@ def attach_lora(model, r: int, alpha: int, dropout: float, target_modules, new_t
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_tokens,
     )
-    return get_peft_model(model, config)
+    with _peft_reading_a_deprecated_property():
+        return get_peft_model(model, config)
+
+
+@contextmanager
+def _peft_reading_a_deprecated_property():
+    """peft (0.21) reads `model.is_gradient_checkpointing` as it wraps a model, a property
+    transformers 5 deprecates with a FutureWarning on each read; the read is peft's, so that
+    one warning is silenced around peft's wrapping alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+        )
+        yield

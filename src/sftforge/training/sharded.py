@@ -20,9 +20,11 @@ same way whatever wraps the model (DDP's prefix is dropped; FSDP keeps the names
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
@@ -85,7 +87,7 @@ def load_any_checkpoint(
     model_state, optimizer_state = get_state_dict(trainer, optimizer, options=TRAINABLE_ONLY)
     if is_sharded_checkpoint(path):
         shards = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(shards, checkpoint_id=path / SHARDED)
+        _load_shards(shards, path / SHARDED)
         set_state_dict(
             trainer,
             optimizer,
@@ -111,7 +113,7 @@ def load_trained_weights(path: Path, trainer: torch.nn.Module) -> None:
     weights = get_model_state_dict(trainer, options=TRAINABLE_ONLY)
     if is_sharded_checkpoint(path):
         shards = {"model": weights}
-        dcp.load(shards, checkpoint_id=path / SHARDED)
+        _load_shards(shards, path / SHARDED)
         weights = shards["model"]
     else:
         weights = {f"model.{n}": t for n, t in load_file(path / "trainable.safetensors").items()}
@@ -161,3 +163,14 @@ def gather_whole_model(trainer, world: World, build_model):
     weights = {name.removeprefix("model."): t for name, t in whole.items()}
     model.load_state_dict(weights, strict=True)
     return model
+
+
+def _load_shards(shards: dict, folder: Path) -> None:
+    """`dcp.load`, which in one process (a resume or an export on one device) warns that it
+    assumes one process even when told so (`no_dist`, torch 2.13): that is the intent, so
+    that one warning is silenced here."""
+    alone = not dist.is_initialized()
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(shards, checkpoint_id=folder, no_dist=alone)
