@@ -22,10 +22,11 @@ optimizer state, and gathers a layer's weights just before it runs.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +41,7 @@ from sftforge.errors import InputError
 # measure and save, is bounded by this much longer limit instead: a slow rank there is
 # normal, and a rank that died is noticed by the launcher, which stops the others.
 STARTUP_TIMEOUT = timedelta(hours=6)
+LAUNCHER_CHECK_S = 0.5  # how often a rank looks whether its launcher is still there
 
 
 class DistributedError(InputError):
@@ -129,16 +131,20 @@ def device_of_rank(device: torch.device, world: World) -> torch.device:
 
 
 def end_with_the_launcher() -> None:
-    """Have the kernel send this rank SIGTERM when its launcher dies. Without it, `kill -9`
-    of torchrun leaves its ranks training on, orphaned, to the end of the run (seen here);
-    with it they end within seconds. (Not yet with the stop step's checkpoint that a SIGTERM
-    to torchrun gives: without the launcher they were seen to end after their SIGTERM
-    message, before saving.) Linux only (prctl); elsewhere the launcher's death goes
-    unnoticed."""
-    if not sys.platform.startswith("linux"):
-        return
-    set_parent_death_signal = 1  # PR_SET_PDEATHSIG, from <linux/prctl.h>
-    ctypes.CDLL(None, use_errno=True).prctl(set_parent_death_signal, signal.SIGTERM, 0, 0, 0)
+    """Stop this rank as a SIGTERM to torchrun would (finish the step, agree on it with the
+    other ranks, checkpoint it, exit) when its launcher dies: a daemon thread sees this
+    process handed to another parent and sends it one SIGTERM. Without it, `kill -9` of
+    torchrun leaves its ranks training on, orphaned, to the end of the run (seen here). (The
+    kernel's parent-death signal, tried first, reached a rank more than once, and a second
+    SIGTERM ends a rank at once, without its checkpoint.)"""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(LAUNCHER_CHECK_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def start_processes(world: World, device: torch.device, timeout_s: float) -> None:
