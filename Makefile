@@ -31,7 +31,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/sftforge demo --output runs/demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 # llama.cpp, for `sftforge export --quant q4_k_m` (its quantizer) and for running exports:
 # llama-cpp-python builds it from source with the C/C++ compiler (about 5 minutes here),

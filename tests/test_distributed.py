@@ -87,22 +87,25 @@ def run_to_end(processes: int, args: list[str]) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
+def metrics_rows(output_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl, a dict a line (a step, or the held-out loss)."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def losses(output_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows]
+    return [row["loss"] for row in metrics_rows(output_dir)]
 
 
 def gradient_norms(output_dir: Path) -> list[float]:
     """Each step's gradient norm before clipping: a gradient scaled by the number of
     processes shows here, where clipping and Adam's scale invariance would hide it from the
     losses and weights for a few steps."""
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["grad_norm"] for row in rows]
+    return [row["grad_norm"] for row in metrics_rows(output_dir)]
 
 
 def eval_losses(output_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["eval_loss"] for row in rows if "eval_loss" in row]
+    return [row["eval_loss"] for row in metrics_rows(output_dir) if "eval_loss" in row]
 
 
 def final_weights(output_dir: Path, method: str) -> dict[str, torch.Tensor]:

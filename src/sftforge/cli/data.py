@@ -36,6 +36,7 @@ def _convert(args) -> None:
         args.to,
         data_format=args.format,
         on_invalid=args.on_invalid,
+        rejected=args.rejected,
         verbose=True,
     )
     if written.refused_count or loaded.rejects:
@@ -142,4 +143,7 @@ def add_data_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="the JSONL file to write")
     p.add_argument("--format", default="auto", choices=get_args(DataFormat))
     p.add_argument("--on-invalid", default="error", choices=("error", "skip"))
+    p.add_argument(
+        "--rejected", help="records not written, with reasons; default OUTPUT.rejected.jsonl"
+    )
     p.set_defaults(run=_convert)
