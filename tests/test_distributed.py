@@ -394,7 +394,9 @@ def test_ranks_whose_torchrun_is_killed_stop_instead_of_training_on_orphaned(
         rank.kill()
 
     assert not alive, log.read_text()[-3000:]
-    assert log.read_text().count("send it again to stop at once") == 1  # rank 0 speaks
+    # Rank 0 says it; rank 1 may too (its console is rank 0's stream or none, by timing). A
+    # second SIGTERM to a rank would end it at once, without the checkpoint asserted below.
+    assert 1 <= log.read_text().count("send it again to stop at once") <= 2
     assert_stopped_after_a_step_and_checkpointed(out, log, parallelism)
 
 
