@@ -16,8 +16,6 @@ import pytest
 import sftforge
 from sftforge.api import curating
 from sftforge.curate.dedup import EXACT_INDEX_BYTES, NEAR_INDEX_BYTES
-from sftforge.curate.stats import collect_stats
-from sftforge.data.loading import LoadResult, iter_conversations
 
 SMALL = 2_000  # four chunks of encoding: the pipeline is full, the peak set
 WORDS = [
@@ -96,25 +94,13 @@ def traced_peak(call) -> int:
         tracemalloc.stop()
 
 
-def counting_alone(data, tokenizer: str):
-    """What `stats` does besides the duplicate search, streamed as it streams it."""
-    encoder = curating._encoder(tokenizer, "auto")
-    conversations = iter_conversations(data, LoadResult(), count_repeats=False)
-    return collect_stats(conversations, encoder, max_length=1024, duplicates=None)
-
-
 def commands(tokenizer: str, out):
     """Each command as the API runs it (on the data `d`), with its index's bytes per record."""
     rules = sftforge.FilterRules(min_tokens=20, max_tokens=60, response_blocklist=["copper"])
     return {
-        "stats, counting alone": (lambda d: counting_alone(d, tokenizer), 0),
         "stats": (
             lambda d: sftforge.data_stats(d, tokenizer, num_proc=1, exact_only=True),
             EXACT_INDEX_BYTES,
-        ),
-        "stats with near duplicates": (
-            lambda d: sftforge.data_stats(d, tokenizer, num_proc=1),
-            NEAR_INDEX_BYTES,
         ),
         "filter": (
             lambda d: sftforge.filter_data(d, out / "kept.jsonl", rules, model=tokenizer),
@@ -133,9 +119,7 @@ def commands(tokenizer: str, out):
 @pytest.mark.parametrize(
     "command",
     [
-        "stats, counting alone",
         "stats",
-        "stats with near duplicates",
         "filter",
         "convert",
         "dedup",
