@@ -100,7 +100,7 @@ class DataStats:
     max_length: int
     conversations: int = 0
     formats: Counter = field(default_factory=Counter)
-    turns: Distribution = field(default_factory=lambda: Distribution())  # messages each
+    turns: Distribution = field(default_factory=Distribution)  # messages each
     roles: Counter = field(default_factory=Counter)
     records_with_tools: int = 0  # records offering the model tools
     tools_offered: int = 0  # tool definitions, summed over those records
@@ -109,9 +109,9 @@ class DataStats:
     calling_turns: int = 0  # assistant turns with at least one tool call
     tool_results: int = 0  # tool messages
     reasoning_turns: int = 0  # assistant turns with reasoning
-    prompt_tokens: Distribution = field(default_factory=lambda: Distribution())  # untrained, each
-    response_tokens: Distribution = field(default_factory=lambda: Distribution())  # trained, each
-    example_tokens: Distribution = field(default_factory=lambda: Distribution())
+    prompt_tokens: Distribution = field(default_factory=Distribution)  # untrained, each
+    response_tokens: Distribution = field(default_factory=Distribution)  # trained, each
+    example_tokens: Distribution = field(default_factory=Distribution)
     over_max_length: Finding = field(default_factory=Finding)
     trained_lost_by_drop: int = 0  # trained tokens of the examples over max_length
     trained_lost_by_truncate: int = 0  # trained tokens past max_length
