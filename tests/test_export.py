@@ -27,6 +27,7 @@ from sftforge.errors import InputError, MissingFileError
 from sftforge.export.architectures import UnsupportedArchitecture
 from sftforge.export.gguf_file import LlamaCppMissing
 from sftforge.export.verify import KL_CEILING, ExportCheckFailed, read_metadata
+from sftforge.export.verify import _read_metadata_with_gguf as read_metadata_with_gguf
 from sftforge.models.tokenizer import load_tokenizer
 
 ASSETS = Path(__file__).parent.parent / "src/sftforge/assets"
@@ -129,6 +130,8 @@ def test_tiny_llama_round_trips_through_the_command_line(tiny_model_dir, tmp_pat
     # SmolLM2's template writes a default system prompt: the chatml TEMPLATE and a SYSTEM line.
     assert any(line.startswith('SYSTEM """You are a helpful AI assistant') for line in lines)
     assert 'PARAMETER stop "<|im_end|>"' in lines
+    # transformers' metadata reader and gguf's (the fallback) state the same metadata.
+    assert read_metadata(target) == read_metadata_with_gguf(target)
 
 
 def test_a_file_with_llamas_rotary_layout_wrong_is_refused_and_kept_aside(
