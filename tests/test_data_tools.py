@@ -71,7 +71,6 @@ def test_the_report_names_each_finding(encoder):
 @pytest.mark.parametrize("values", [[5], [1, 2, 3, 100], list(range(37)), [7, 7, 7, 8]])
 def test_histogram_ranges_cover_every_value_once(values):
     bins = histogram_bins(Distribution(values), bins=10)
-    assert bins == histogram_bins(values, bins=10)
     assert sum(count for _, _, count in bins) == len(values)
     assert bins[0][0] == min(values) and bins[-1][0] <= max(values) <= bins[-1][1]
     assert all(a[1] + 1 == b[0] for a, b in zip(bins, bins[1:], strict=False))

@@ -229,10 +229,9 @@ def _count_duplicate(stats: DataStats, duplicate: Duplicate) -> None:
 # ---- showing it ---------------------------------------------------------------------------
 
 
-def histogram_bins(values, bins: int = 10) -> list[tuple[int, int, int]]:
-    """(first, last, count) of `bins` equal ranges of whole numbers covering `values` (a
-    Distribution, or any whole numbers)."""
-    counts = values.counts if isinstance(values, Distribution) else Counter(values)
+def histogram_bins(values: Distribution, bins: int = 10) -> list[tuple[int, int, int]]:
+    """(first, last, count) of `bins` equal ranges of whole numbers covering `values`."""
+    counts = values.counts
     if not counts:
         return []
     lo, hi = min(counts), max(counts)
@@ -245,7 +244,7 @@ def histogram_bins(values, bins: int = 10) -> list[tuple[int, int, int]]:
     ]
 
 
-def histogram(values, bins: int = 10, width: int = 40) -> list[str]:
+def histogram(values: Distribution, bins: int = 10, width: int = 40) -> list[str]:
     """A terminal histogram: one line per range, with a bar scaled to the largest count."""
     found = histogram_bins(values, bins)
     if not found:
