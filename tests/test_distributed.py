@@ -278,10 +278,10 @@ def test_a_sharded_checkpoint_converts_into_the_runs_plain_model(runs, tmp_path,
 
 
 @pytest.mark.slow
-def test_qlora_under_ddp_trains_as_one_process_does(smollm2_path, data, tmp_path):
+def test_qlora_under_ddp_trains_as_one_process_does(tiny_model_dir, data, tmp_path):
     """Each rank holds the whole 4-bit base; only the adapters' gradients are reduced."""
     args = [
-        f"model={smollm2_path}",
+        f"model={tiny_model_dir}",
         f"data.train={data}",
         "method=qlora",
         "training.max_steps=4",  # one step of Adam would hide most differences

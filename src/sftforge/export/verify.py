@@ -168,7 +168,7 @@ def _read_back(path: Path):
     gguf_file=...)` does, with the config read once and handed to both: each read of it parses
     the whole file with gguf's GGUFReader (23 s for Gemma 3's 262k-token vocabulary), and the
     tokenizer and the model would each read it again."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TokenizersBackend
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
     # From a folder holding the file alone: beside a run's adapter_config.json, transformers
@@ -177,12 +177,14 @@ def _read_back(path: Path):
         (Path(alone) / path.name).symlink_to(path.resolve())
         with contextlib.redirect_stdout(io.StringIO()):
             config = AutoConfig.from_pretrained(alone, gguf_file=path.name)
-            # The class AutoTokenizer picks for this config; without one registered for the
-            # model type (llama), it reads the config itself to pick the generic backend.
-            registered = config.model_type in TOKENIZER_MAPPING_NAMES
-            tokenizer = AutoTokenizer.from_pretrained(
-                alone, gguf_file=path.name, tokenizer_type=config.model_type if registered else None
-            )
+            # The class AutoTokenizer picks for this config: the one registered for the model
+            # type (Qwen3, Gemma 3), or the generic backend where there is none (llama).
+            if config.model_type in TOKENIZER_MAPPING_NAMES:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    alone, gguf_file=path.name, tokenizer_type=config.model_type
+                )
+            else:
+                tokenizer = TokenizersBackend.from_pretrained(alone, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
                 alone, gguf_file=path.name, config=config, dtype=torch.float32
             ).eval()
