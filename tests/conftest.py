@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 from model_families import (  # noqa: E402
     build_sentencepiece_tokenizer,
+    build_small_chatml_tokenizer,
     save_model_with_tokenizer,
     tiny_llama,
 )
@@ -95,6 +96,24 @@ def tiny_model_dir(tmp_path_factory, shared_smollm2_tokenizer) -> str:
     """A saved tiny random Llama with the real SmolLM2 tokenizer and chat template."""
     path = tmp_path_factory.mktemp("tiny-llama")
     return save_model_with_tokenizer(tiny_llama(49152), shared_smollm2_tokenizer, path)
+
+
+@pytest.fixture(scope="session")
+def small_chatml_tokenizer(tmp_path_factory, shared_smollm2_tokenizer):
+    """SmolLM2's tokenizer cut to 1,024 tokens (see model_families.py): for a file's layout."""
+    from sftforge.models.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("small-chatml")
+    return load_tokenizer(str(build_small_chatml_tokenizer(folder, shared_smollm2_tokenizer)))
+
+
+@pytest.fixture(scope="session")
+def small_vocab_model_dir(tmp_path_factory, small_chatml_tokenizer) -> str:
+    """A saved tiny random Llama with the 1,024-token cut of SmolLM2's tokenizer: an export
+    of it reads back in a second where the full vocabulary takes several."""
+    path = tmp_path_factory.mktemp("tiny-llama-small-vocab")
+    model = tiny_llama(len(small_chatml_tokenizer))
+    return save_model_with_tokenizer(model, small_chatml_tokenizer, path)
 
 
 @pytest.fixture(scope="session")

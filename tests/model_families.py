@@ -215,3 +215,19 @@ def tiny_qwen3(vocab_size: int, seed: int = 0):
         attn_implementation="sdpa",
     )
     return Qwen3ForCausalLM(config)
+
+
+def build_small_chatml_tokenizer(directory: Path, smollm2_tokenizer, size: int = 1024) -> Path:
+    """SmolLM2's tokenizer cut to its first `size` tokens: the same special tokens, byte-level
+    splitting and chat template, with the merges whose pieces it keeps. For tests of a file's
+    layout, where reading a 49,152-token vocabulary back would be most of the time."""
+    smollm2_tokenizer.save_pretrained(directory)
+    path = directory / "tokenizer.json"
+    tokenizer = json.loads(path.read_text("utf-8"))
+    model = tokenizer["model"]
+    model["vocab"] = {token: i for token, i in model["vocab"].items() if i < size}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    kept = model["vocab"]
+    model["merges"] = [[a, b] for a, b in merges if a in kept and b in kept and a + b in kept]
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False), "utf-8")
+    return directory

@@ -110,19 +110,19 @@ def test_qwen3_modelfile_uses_chatml_and_stops_at_im_end(qwen3_export):
     assert any("leaves tools out" in note for note in result.modelfile_notes)
 
 
-def test_export_refuses_an_output_that_exists_unless_told(tiny_model_dir, tmp_path):
+def test_export_refuses_an_output_that_exists_unless_told(small_vocab_model_dir, tmp_path):
     target = tmp_path / "model.gguf"
     target.write_bytes(b"keep me")
     with pytest.raises(InputError, match="exists: give another --output, or --overwrite"):
-        export(tiny_model_dir, quant="f16", output=target, verify=False)
+        export(small_vocab_model_dir, quant="f16", output=target, verify=False)
     assert target.read_bytes() == b"keep me"
-    result = export(tiny_model_dir, quant="f16", output=target, verify=False, overwrite=True)
+    result = export(small_vocab_model_dir, quant="f16", output=target, verify=False, overwrite=True)
     assert gguf.GGUFReader(result.path).fields["general.architecture"].contents() == "llama"
 
 
-def test_tiny_llama_round_trips_through_the_command_line(tiny_model_dir, tmp_path, capsys):
+def test_tiny_llama_round_trips_through_the_command_line(small_vocab_model_dir, tmp_path, capsys):
     target = tmp_path / "tiny.gguf"
-    assert main(["export", tiny_model_dir, "--quant", "q8_0", "--output", str(target)]) == 0
+    assert main(["export", small_vocab_model_dir, "--quant", "q8_0", "--output", str(target)]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {target}" in printed and "checked by reading it back:" in printed
     assert "template equal; tokens equal" in printed
@@ -135,7 +135,7 @@ def test_tiny_llama_round_trips_through_the_command_line(tiny_model_dir, tmp_pat
 
 
 def test_a_file_with_llamas_rotary_layout_wrong_is_refused_and_kept_aside(
-    tmp_path, shared_smollm2_tokenizer, monkeypatch
+    tmp_path, small_chatml_tokenizer, monkeypatch
 ):
     """Without llama.cpp's interleaving of the q/k rotary halves the file computes another
     function: the check must see it (on weights drawn wide enough for attention to matter)."""
@@ -145,8 +145,8 @@ def test_a_file_with_llamas_rotary_layout_wrong_is_refused_and_kept_aside(
 
     from sftforge.export import architectures
 
-    model = tiny_llama(49152, initializer_range=0.3)
-    model_dir = save_model_with_tokenizer(model, shared_smollm2_tokenizer, tmp_path / "model")
+    model = tiny_llama(len(small_chatml_tokenizer), initializer_range=0.3)
+    model_dir = save_model_with_tokenizer(model, small_chatml_tokenizer, tmp_path / "model")
     right = export(model_dir, quant="f16", output=tmp_path / "right.gguf")
     assert right.verification.passed
     as_is = dataclasses.replace(
@@ -192,28 +192,31 @@ def test_an_unsupported_architecture_is_refused_by_name(tmp_path, shared_smollm2
     assert not list(tmp_path.glob("*.gguf*"))
 
 
-def test_a_k_quant_without_llama_cpp_says_how_to_get_it(tiny_model_dir, monkeypatch, tmp_path):
+def test_a_k_quant_without_llama_cpp_says_how_to_get_it(
+    small_vocab_model_dir, monkeypatch, tmp_path
+):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were absent
     with pytest.raises(LlamaCppMissing, match="pip install llama-cpp-python"):
-        export(tiny_model_dir, quant="q4_k_m", output=tmp_path / "m.gguf")
+        export(small_vocab_model_dir, quant="q4_k_m", output=tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
 
 
-def test_an_unknown_type_is_refused_with_the_choices(tiny_model_dir):
+def test_an_unknown_type_is_refused_with_the_choices(small_vocab_model_dir):
     with pytest.raises(InputError, match="--quant 'q4'.*f16, bf16, q8_0, q2_k"):
-        export(tiny_model_dir, quant="q4")
+        export(small_vocab_model_dir, quant="q4")
 
 
-def test_a_disk_that_fills_leaves_no_file_under_the_final_name(tiny_model_dir, tmp_path):
-    """The export runs with a 2 MB file size limit (a disk that fills while writing)."""
+def test_a_disk_that_fills_leaves_no_file_under_the_final_name(small_vocab_model_dir, tmp_path):
+    """The export runs with a 100 kB file size limit, under the file's 132 kB: a disk that fills
+    while writing."""
     target = tmp_path / "model.gguf"
     script = textwrap.dedent(
         f"""
         import resource, signal, sys
         from sftforge.cli.main import main
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
-        sys.exit(main(["export", {tiny_model_dir!r}, "--quant", "f16", "--output", {str(target)!r}]))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        sys.exit(main(["export", {small_vocab_model_dir!r}, "--quant", "f16", "--output", {str(target)!r}]))
         """
     )
     done = subprocess.run(
