@@ -82,6 +82,41 @@ def demo_records_40(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_records_16(tmp_path_factory) -> Path:
+    """The first 16 records of the bundled demo data, as a file of their own."""
+    demo = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+    path = tmp_path_factory.mktemp("demo16") / "data.jsonl"
+    path.write_text("".join(demo.read_text().splitlines(keepends=True)[:16]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_full_run(tmp_path_factory, demo_records_16) -> Path:
+    """4 steps of full fine-tuning of SmolLM2 on 16 demo records, with gradient checkpointing:
+    run once, for test_end_to_end.py and the q8_0 export in test_export.py."""
+    from sftforge.config.loading import load_config
+    from sftforge.training.loop import train
+
+    config = load_config(
+        None,
+        [
+            f"data.train={demo_records_16}",
+            f"output_dir={tmp_path_factory.mktemp('smollm2-full') / 'run'}",
+            "method=full",
+            "training.lr=5e-5",
+            "training.max_steps=4",
+            "training.batch_size=8",
+            "training.warmup_ratio=0",
+            "training.gradient_checkpointing=true",
+            "max_length=256",
+            "eval.forgetting=false",
+            "eval.samples=0",
+        ],
+    )
+    return train(config).output_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_model_factory():
     """make(vocab_size=49152, seed=0, tie=True): a tiny randomly initialised Llama."""
 

@@ -23,10 +23,8 @@ QUESTION = "Extract the person as JSON.\n\nBruno Silva, 41, lives in Quito."
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(DEMO.read_text().splitlines(keepends=True)[:16]))
-    return path
+def data_file(demo_records_16) -> Path:
+    return demo_records_16
 
 
 @pytest.fixture(scope="module")
@@ -121,24 +119,8 @@ def test_packed_lora_run_learns_and_reports_it_and_the_adapter_reloads_with_peft
     assert_report_shows_the_run(out)
 
 
-def test_full_fine_tune_saves_a_model_that_plain_transformers_loads(tmp_path, data_file):
-    config = load_config(
-        None,
-        [
-            f"data.train={data_file}",
-            f"output_dir={tmp_path / 'full'}",
-            "method=full",
-            "training.lr=5e-5",
-            "training.max_steps=4",
-            "training.batch_size=8",
-            "training.warmup_ratio=0",
-            "training.gradient_checkpointing=true",
-            "max_length=256",
-            "eval.forgetting=false",
-            "eval.samples=0",
-        ],
-    )
-    out = train(config).output_dir
+def test_full_fine_tune_saves_a_model_that_plain_transformers_loads(smollm2_full_run, data_file):
+    out = smollm2_full_run  # 4 steps with gradient checkpointing (conftest.py)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert "<|im_start|>" in tokenizer.chat_template
