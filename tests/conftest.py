@@ -92,7 +92,7 @@ def demo_records_16(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_full_run(tmp_path_factory, demo_records_16) -> Path:
-    """4 steps of full fine-tuning of SmolLM2 on 16 demo records, with gradient checkpointing:
+    """2 steps of full fine-tuning of SmolLM2 on 16 demo records, with gradient checkpointing:
     run once, for test_end_to_end.py and the q8_0 export in test_export.py."""
     from sftforge.config.loading import load_config
     from sftforge.training.loop import train
@@ -104,7 +104,7 @@ def smollm2_full_run(tmp_path_factory, demo_records_16) -> Path:
             f"output_dir={tmp_path_factory.mktemp('smollm2-full') / 'run'}",
             "method=full",
             "training.lr=5e-5",
-            "training.max_steps=4",
+            "training.max_steps=2",
             "training.batch_size=8",
             "training.warmup_ratio=0",
             "training.gradient_checkpointing=true",

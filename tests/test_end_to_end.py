@@ -120,7 +120,7 @@ def test_packed_lora_run_learns_and_reports_it_and_the_adapter_reloads_with_peft
 
 
 def test_full_fine_tune_saves_a_model_that_plain_transformers_loads(smollm2_full_run, data_file):
-    out = smollm2_full_run  # 4 steps with gradient checkpointing (conftest.py)
+    out = smollm2_full_run  # 2 steps with gradient checkpointing (conftest.py)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert "<|im_start|>" in tokenizer.chat_template
