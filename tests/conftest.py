@@ -72,22 +72,22 @@ def shared_legacy_sentencepiece_tokenizer(tmp_path_factory):
     return load_tokenizer(str(path))
 
 
+def first_demo_records(tmp_path_factory, count: int) -> Path:
+    """The first `count` records of the bundled demo data, as a file of their own."""
+    demo = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
+    path = tmp_path_factory.mktemp(f"demo{count}") / "data.jsonl"
+    path.write_text("".join(demo.read_text().splitlines(keepends=True)[:count]))
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_records_40(tmp_path_factory) -> Path:
-    """The first 40 records of the bundled demo data, as a file of their own."""
-    demo = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
-    path = tmp_path_factory.mktemp("demo40") / "data.jsonl"
-    path.write_text("".join(demo.read_text().splitlines(keepends=True)[:40]))
-    return path
+    return first_demo_records(tmp_path_factory, 40)
 
 
 @pytest.fixture(scope="session")
 def demo_records_16(tmp_path_factory) -> Path:
-    """The first 16 records of the bundled demo data, as a file of their own."""
-    demo = Path(__file__).parent.parent / "src/sftforge/assets/demo_train.jsonl"
-    path = tmp_path_factory.mktemp("demo16") / "data.jsonl"
-    path.write_text("".join(demo.read_text().splitlines(keepends=True)[:16]))
-    return path
+    return first_demo_records(tmp_path_factory, 16)
 
 
 @pytest.fixture(scope="session")
