@@ -6,6 +6,8 @@ tests/test_distributed.py (the package has no hooks for faults; this script wrap
                                    ever, having written the time it began to HANG_MARK)
     FAULTY_RANK=1 KILL_AT_STEP=3   that rank dies of SIGKILL in its 3rd step
     FAULTY_RANK=1 SLOW_PREPARE_S=20  that rank takes 20 s more to prepare its data
+    ENCODING_LOG=path              each rank that encodes the data (not from the cache)
+                                   appends its rank to that file
 """
 
 import os
@@ -14,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import sftforge.encode.cache
 import sftforge.training.loop
 from sftforge.cli.main import main
 
@@ -56,12 +59,22 @@ for variable, fault in FAULTS.items():
         inject(fault, int(os.environ[variable]))
 
 if faulty and "SLOW_PREPARE_S" in os.environ:
-    load_examples = sftforge.training.loop.load_examples
+    load_examples_once = sftforge.training.loop.load_examples_once
 
     def slow_load_examples(*args, **kwargs):
         time.sleep(float(os.environ["SLOW_PREPARE_S"]))
-        return load_examples(*args, **kwargs)
+        return load_examples_once(*args, **kwargs)
 
-    sftforge.training.loop.load_examples = slow_load_examples
+    sftforge.training.loop.load_examples_once = slow_load_examples
+
+if "ENCODING_LOG" in os.environ:
+    encode_stream = sftforge.encode.cache.encode_stream
+
+    def logged_encode_stream(*args, **kwargs):
+        with open(os.environ["ENCODING_LOG"], "a") as log:
+            log.write(f"{os.environ['RANK']}\n")
+        return encode_stream(*args, **kwargs)
+
+    sftforge.encode.cache.encode_stream = logged_encode_stream
 
 sys.exit(main())

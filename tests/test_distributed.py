@@ -244,6 +244,18 @@ def test_a_rank_that_stops_answering_ends_the_run_after_the_collective_timeout(
 
 
 @pytest.mark.slow
+def test_a_first_run_encodes_the_data_once_not_once_per_rank(tiny_model_dir, data, tmp_path):
+    """Rank 0 encodes into a fresh cache while rank 1 (on the same machine) waits, then reads
+    it from there. (With every rank encoding, the log holds 0 and 1.)"""
+    log = tmp_path / "encoded-by"
+    args = settings(tiny_model_dir, data, "lora") + ["training.max_steps=1", "eval.held_out=null"]
+    args += [f"output_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}"]
+    done = launch(2, args, FAULTY_RANK, ENCODING_LOG=str(log))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert log.read_text().split() == ["0"]
+
+
+@pytest.mark.slow
 def test_a_slow_rank_preparing_its_data_does_not_time_out_the_others(
     tiny_model_dir, data, tmp_path
 ):

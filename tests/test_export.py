@@ -78,7 +78,7 @@ def qwen3_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def qwen3_export(qwen3_dir, tmp_path_factory):
-    """One q8_0 export (reading a 151,936-token file back takes transformers ~40 s here)."""
+    """One q8_0 export (reading a 151,936-token file back takes transformers ~25 s here)."""
     return export(qwen3_dir, quant="q8_0", output=tmp_path_factory.mktemp("q") / "qwen3.gguf")
 
 

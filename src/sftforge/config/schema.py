@@ -108,7 +108,7 @@ class DataConfig(Strict):
         True,
         description="keep the encoded examples under <cache_dir>/examples, keyed by the data, "
         "tokenizer, template and masking options: a second run over the same data starts "
-        "in seconds",
+        "in seconds, and under torchrun each machine's first rank encodes for the others",
     )
 
 

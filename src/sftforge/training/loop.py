@@ -88,7 +88,7 @@ from sftforge.training.prepare import compile_with_fallback, prepare, prepare_mo
 from sftforge.training.run import Learner, Run, StepPlan, TrainResult
 from sftforge.training.runlock import lock_output_dir
 from sftforge.training.sharded import gather_whole_model
-from sftforge.training.training_data import load_examples
+from sftforge.training.training_data import load_examples_once
 from sftforge.training.update import (
     accumulate_gradients,
     gradient_norm,
@@ -146,7 +146,7 @@ def start(config: Config, world: World = ALONE) -> Run:
     start_processes(world, pick_device(t.device), t.collective_timeout_s)
     text = prepare_text(config)
     # The data is encoded (by forked workers) before CUDA or NCCL start in this process.
-    data = load_examples(config, text.encoder, output_dir, write_rejects=world.is_main)
+    data = load_examples_once(config, text.encoder, output_dir, world)
     device = device_of_rank(pick_device(t.device), world)
     resume_from = from_main(resume_from, world)
     random.seed(t.seed)

@@ -38,6 +38,7 @@ from sftforge.encode.parallel import (
 )
 from sftforge.encode.selection import HeldOut, MixSource, choose_rows, split_note
 from sftforge.encode.table import ExampleView
+from sftforge.training.distributed import World, wait_for_all
 
 
 @dataclass
@@ -50,6 +51,24 @@ class TrainingData:
     held_out: list[Conversation] = field(default_factory=list)  # never trained on
     held_out_examples: list[Example] = field(default_factory=list)
     mix: list[dict] = field(default_factory=list)  # per source of a mix: what it gave
+
+
+def load_examples_once(
+    config: Config, encoder: Encoder, output_dir: Path, world: World
+) -> TrainingData:
+    """`load_examples` on every rank, the data encoded once per machine: under torchrun, with
+    the cache on, each machine's first rank reads, encodes and caches the data while that
+    machine's other ranks wait, then they read it from the cache. (Without the cache, data.cache
+    false, every rank encodes it.) Rank 0 writes the rejects."""
+    if not world.is_distributed or examples_cache(config) is None:
+        return load_examples(config, encoder, output_dir, write_rejects=world.is_main)
+    encodes = world.local_rank == 0
+    if encodes:
+        data = load_examples(config, encoder, output_dir, write_rejects=world.is_main)
+    wait_for_all(world, "encoding the data")
+    if not encodes:
+        data = load_examples(config, encoder, output_dir, write_rejects=world.is_main)
+    return data
 
 
 def load_examples(
