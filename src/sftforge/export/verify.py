@@ -177,14 +177,18 @@ def _read_back(path: Path):
         (Path(alone) / path.name).symlink_to(path.resolve())
         with contextlib.redirect_stdout(io.StringIO()):
             config = AutoConfig.from_pretrained(alone, gguf_file=path.name)
-            # The class AutoTokenizer picks for this config: the one registered for the model
-            # type (Qwen3, Gemma 3), or the generic backend where there is none (llama).
-            if config.model_type in TOKENIZER_MAPPING_NAMES:
+            # The class AutoTokenizer picks for this config: the generic backend where none is
+            # registered for the model type (llama), else the registered one (Qwen3, Gemma 3);
+            # AutoTokenizer itself (a third read) where it decides more (mistral-common's).
+            registered = TOKENIZER_MAPPING_NAMES.get(config.model_type)
+            if registered is None:
+                tokenizer = TokenizersBackend.from_pretrained(alone, gguf_file=path.name)
+            elif registered == "MistralCommonBackend":
+                tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name)
+            else:
                 tokenizer = AutoTokenizer.from_pretrained(
                     alone, gguf_file=path.name, tokenizer_type=config.model_type
                 )
-            else:
-                tokenizer = TokenizersBackend.from_pretrained(alone, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
                 alone, gguf_file=path.name, config=config, dtype=torch.float32
             ).eval()
