@@ -29,8 +29,8 @@ def data_file(demo_records_16) -> Path:
 
 @pytest.fixture(scope="module")
 def general_text(tmp_path_factory) -> tuple[Path, Path]:
-    """A quarter of the bundled forgetting corpus and general prompts: the meter works the same
-    on 6 paragraphs and 8 prompts, in a quarter of the time it takes on all of them."""
+    """A quarter of the bundled forgetting corpus and general prompts (6 paragraphs, 8
+    prompts): the meter runs the same code on them (the test: 85 s -> 53 s here)."""
     assets = DEMO.parent
     folder = tmp_path_factory.mktemp("general")
     paragraphs = (assets / "reference_corpus.txt").read_text().split("\n\n")
