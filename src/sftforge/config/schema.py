@@ -191,6 +191,12 @@ class TrainingConfig(Strict):
         "fsdp (FSDP2) shards weights, gradients and optimizer state over them. The update is "
         "the same either way, and the same as in one process",
     )
+    fsdp_cpu_offload: bool = resumable(
+        False,
+        description="with fsdp on GPUs: keep each rank's shards, gradients and optimizer state "
+        "in CPU memory, and step the optimizer there (FSDP2's CPUOffloadPolicy): for models "
+        "whose optimizer state does not fit even sharded; slower",
+    )
     collective_timeout_s: float = resumable(
         1800,
         gt=0,

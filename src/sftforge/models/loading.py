@@ -248,7 +248,22 @@ def start_rows_at_the_mean(model, ids: list[int], known: int) -> None:
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     weights = {id(layer.weight): layer.weight for layer in layers if layer is not None}
     for weight in weights.values():
-        weight[ids] = weight[:known].mean(0).to(weight.dtype)
+        weight[ids] = mean_row(weight.__getitem__, known, weight.dtype)
+
+
+MEAN_CHUNK_ROWS = 4096
+
+
+def mean_row(read_rows, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mean of rows 0..count-1, read `MEAN_CHUNK_ROWS` at a time by `read_rows(slice)`
+    and summed in float64: the same bits whether the rows come from a whole weight
+    or, a slice at a time, from its file (training/sharded_model.py)."""
+    total = None
+    for start in range(0, count, MEAN_CHUNK_ROWS):
+        rows = read_rows(slice(start, min(start + MEAN_CHUNK_ROWS, count)))
+        part = rows.to(torch.float64).sum(0)
+        total = part if total is None else total + part
+    return (total / count).to(dtype)
 
 
 def has_tied_head(model) -> bool:
@@ -283,7 +298,11 @@ def _as_fp32(module, args, output):
     return None
 
 
-def attach_lora(model, r: int, alpha: int, dropout: float, target_modules, new_token_ids):
+def attach_lora(
+    model, r: int, alpha: int, dropout: float, target_modules, new_token_ids, seed: int = 0
+):
+    """LoRA adapters on `model` (peft), each started from a seed of its own (see
+    `seed_adapters`)."""
     from peft import LoraConfig, get_peft_model
 
     trainable_tokens = None
@@ -305,7 +324,36 @@ def attach_lora(model, r: int, alpha: int, dropout: float, target_modules, new_t
         trainable_token_indices=trainable_tokens,
     )
     with _peft_reading_a_deprecated_property():
-        return get_peft_model(model, config)
+        adapted = get_peft_model(model, config)
+    seed_adapters(adapted, seed)
+    return adapted
+
+
+def seed_adapters(model, seed: int) -> None:
+    """Start each LoRA layer's adapter (peft's own initialisation: A as nn.Linear's, B zero)
+    from a seed made of the run's seed and the layer's name, not from wherever the global
+    generator stands: the same values whether the model is built whole or on the meta
+    device and sharded, on any number of processes. An adapter still on the meta device is
+    given memory on the CPU (and left there)."""
+    import hashlib
+
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in causal_lm(model).named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.lora_A:
+            parts = (module.lora_A[adapter], module.lora_B[adapter])
+            device = parts[0].weight.device
+            for part in parts:  # drawn on the CPU, whatever device the model is on
+                part.to_empty(device="cpu") if part.weight.is_meta else part.to("cpu")
+            digest = hashlib.sha256(f"{seed}:{name}:{adapter}".encode()).digest()
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                module.reset_lora_parameters(adapter, True)
+            if device.type != "meta":
+                for part in parts:
+                    part.to(device)
 
 
 @contextmanager

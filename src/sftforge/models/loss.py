@@ -207,6 +207,13 @@ class TokenLoss(torch.nn.Module):
             segments=segments,
         )
 
+    def apply_to_model(self, fn):
+        """`fn(model)`: measuring or generating with the model. Under FSDP this method is
+        registered as a forward (distributed.wrap_for_training), so that the weights of the
+        outermost unit (embeddings, final norm, head) are gathered around it; every rank
+        then calls it alike."""
+        return fn(self.model)
+
 
 def batch_loss(loss_module, batch: Batch) -> torch.Tensor:
     """The summed token loss of `batch` (on the model's device) through `loss_module`: a

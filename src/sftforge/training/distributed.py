@@ -226,11 +226,18 @@ def quiet_other_ranks(world: World) -> None:
 
 
 def wrap_for_training(
-    loss_module: torch.nn.Module, decoder_layers, world: World, parallelism: str, amp
+    loss_module: torch.nn.Module,
+    decoder_layers,
+    world: World,
+    parallelism: str,
+    amp,
+    offload: bool = False,
 ):
     """`loss_module` (a TokenLoss) under DDP, or sharded by FSDP2 one decoder layer at a time
     and the rest (embeddings, final norm, head) as the outermost unit; unchanged when alone.
-    Adapters are attached before: FSDP shards them with the layer they belong to."""
+    Adapters are attached before: FSDP shards them with the layer they belong to. With
+    `offload` (GPUs only) FSDP keeps the shards, their gradients and the optimizer state in
+    CPU memory and runs the optimizer step there."""
     if not world.is_distributed:
         return loss_module
     if parallelism == "ddp":
@@ -239,14 +246,53 @@ def wrap_for_training(
         device = next(loss_module.parameters()).device
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(loss_module, device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
-    policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else None
-    options = {"mp_policy": policy} if policy else {}
+    options = {}
+    if amp:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
     for layer in decoder_layers:
         fully_shard(layer, **options)
     fully_shard(loss_module, **options)
+    register_fsdp_forward_method(loss_module, "apply_to_model")
     return loss_module
+
+
+def on_sharded_model(trainer, fn):
+    """`fn(model)` on every rank at once, under FSDP: through the loss module's
+    `apply_to_model`, which gathers the outermost unit's weights around it. They are sharded
+    again after: FSDP leaves the outermost unit gathered after a forward, expecting the
+    backward, and the optimizer must find the sharded weights it was given."""
+    try:
+        return trainer.apply_to_model(fn)
+    finally:
+        trainer.reshard()
+
+
+def offloads(config, device: torch.device, world: World) -> bool:
+    """Whether FSDP keeps its shards in CPU memory (training.fsdp_cpu_offload): on GPUs
+    only; on a CPU they are there already, which is said once."""
+    if not (config.training.fsdp_cpu_offload and world.is_distributed):
+        return False
+    if config.training.parallelism != "fsdp":
+        raise DistributedError(
+            "config key 'training.fsdp_cpu_offload': offloads FSDP's shards; set "
+            "training.parallelism=fsdp, or leave fsdp_cpu_offload off"
+        )
+    if device.type != "cuda":
+        say(
+            f"note: training.fsdp_cpu_offload has no effect on {device.type}: it moves a GPU's "
+            "shards and optimizer state to CPU memory, where these already are"
+        )
+        return False
+    return True
 
 
 def gradient_sync(wrapped: torch.nn.Module, enabled: bool):
@@ -283,12 +329,6 @@ def check_parallel_settings(config, world: World) -> None:
             "(bitsandbytes stores it as packed uint8 with its quantization state beside it); "
             "use training.parallelism=ddp, which keeps a whole 4-bit base on each GPU and "
             "reduces the adapters' gradients only"
-        )
-    if config.eval.save_best and parallelism == "fsdp":
-        raise DistributedError(
-            "config key 'eval.save_best': not yet with training.parallelism=fsdp (the best "
-            "weights would have to be gathered at every evaluation); use ddp, or keep "
-            "checkpoints (training.save_every) and convert the best one"
         )
 
 

@@ -31,7 +31,6 @@ from sftforge.models.devices import (
 )
 from sftforge.models.flops import flop_model
 from sftforge.models.loading import causal_lm, enable_gradient_checkpointing
-from sftforge.models.loss import TokenLoss
 from sftforge.models.packing_check import verify_packing_isolation
 from sftforge.models.prefix_sharing import shared_step_batches, verify_prefix_sharing
 from sftforge.trackers import Trackers, check_installed
@@ -52,6 +51,8 @@ from sftforge.training.distributed import (
     end_processes,
     from_main,
     max_over_ranks,
+    offloads,
+    on_sharded_model,
     processes_note,
     quiet_other_ranks,
     share_of_step,
@@ -84,10 +85,14 @@ from sftforge.training.preflight import (
     checkpoint_bytes,
     resume_point,
 )
-from sftforge.training.prepare import compile_with_fallback, prepare, prepare_model, prepare_text
+from sftforge.training.prepare import (
+    compile_with_fallback,
+    prepare_model_for,
+    prepare_text,
+    training_loss,
+)
 from sftforge.training.run import Learner, Run, StepPlan, TrainResult
 from sftforge.training.runlock import lock_output_dir
-from sftforge.training.sharded import gather_whole_model
 from sftforge.training.training_data import load_examples_once
 from sftforge.training.update import (
     accumulate_gradients,
@@ -151,35 +156,48 @@ def start(config: Config, world: World = ALONE) -> Run:
     resume_from = from_main(resume_from, world)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
-    model, base_model_path = prepare_model(config, device, text)
-    wait_for_all(world, "loading the model and the data")
     amp = autocast_dtype(t.precision, device)
     check_attention_precision(config.attention, amp)
+    offload = offloads(config, device, world)
+    model, base_model_path, trainer = prepare_model_for(config, device, text, world, amp, offload)
+    wait_for_all(world, "loading the model and the data")
     total_steps = optimizer_steps(config, len(data.examples))
     assessment = build_assessment(
         config, text.encoder, data.held_out, data.held_out_examples, device, amp
     )
+
+    # A model built sharded is measured and checked by every rank together.
+    def on_model(fn):
+        return on_sharded_model(trainer, fn) if trainer is not None else fn(model)
+
     if t.share_prefixes:  # before any held-out loss is measured in shared rows
-        verify_prefix_sharing(model, device, config.max_length)
+        on_model(lambda m: verify_prefix_sharing(m, device, config.max_length))
     before = None
-    if resume_from is None and world.is_main:
+    if resume_from is None and (world.is_main or trainer is not None):
         say("measuring the model before training")
-        before = assessment.measure(model)
+        measured = on_model(assessment.measure)
+        before = measured if world.is_main else None
     wait_for_all(world, "measuring the model before training")
     if t.packing:
-        verify_packing_isolation(model, device, amp)
+        on_model(lambda m: verify_packing_isolation(m, device, amp))
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     compile_failure = None
     if t.compile:
         compile_failure = compile_with_fallback(model, data, text.encoder, device, amp)
-    layers = causal_lm(model).get_decoder().layers
-    loss_module = TokenLoss(model, t.neftune_alpha, probability_weighted=t.loss == "dft")
-    trainer = wrap_for_training(loss_module, layers, world, t.parallelism, amp)
+    if trainer is None:
+        layers = causal_lm(model).get_decoder().layers
+        loss_module = training_loss(config, model)
+        trainer = wrap_for_training(loss_module, layers, world, t.parallelism, amp, offload)
+    trainer.train()
     params = [p for p in trainer.parameters() if p.requires_grad]
+    step_device = torch.device("cpu") if offload else device  # where the optimizer steps
     optimizer = torch.optim.AdamW(
-        params, lr=config.learning_rate, weight_decay=t.weight_decay, **fast_adamw_options(device)
+        params,
+        lr=config.learning_rate,
+        weight_decay=t.weight_decay,
+        **fast_adamw_options(step_device),
     )
     if world.is_main:
         checkpoints = max(2, t.keep_checkpoints + 1)  # the newest K, and the one being written
@@ -341,8 +359,7 @@ def _eval_loss_keeping_the_best(run: Run) -> float:
     eval_loss = total / max(count, 1)
     if run.config.eval.save_best and eval_loss < run.progress.best_eval:
         run.progress.best_eval = eval_loss
-        if world.is_main:
-            save_best(run.output_dir, run.save_model)
+        run.save_model_via(lambda save_model: save_best(run.output_dir, save_model))
         wait_for_all(world)
     return eval_loss
 
@@ -372,25 +389,21 @@ def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: 
 
 def finish(run: Run, metrics: list[dict]) -> TrainResult:
     """Measure the trained model, save it, write the report and tell the trackers (rank 0;
-    under FSDP the weights are first gathered into one whole model there)."""
-    model = run.learner.model
-    if run.sharded:
-        model = gather_whole_model(
-            run.learner.trainer, run.world, lambda: prepare(run.config, run.learner.device).model
-        )
-    if run.world.is_main:
+    under FSDP every rank measures and gathers the weights with it, none holding them whole)."""
+    summary = None
+    if run.world.is_main or run.sharded:
         say("measuring the model after training")
         # The loop already measured the final eval loss on these weights; do not repeat it.
         last = metrics[-1] if metrics else {}
-        after = run.assessment.measure(model, eval_loss=last.get("eval_loss"))
+        after = run.on_model(lambda m: run.assessment.measure(m, last.get("eval_loss")))
+    if run.world.is_main:
         publish_best(run.output_dir)
-        save_final(run.output_dir, lambda folder: run.save_model(folder, model))
+    run.save_model_via(lambda save_model: save_final(run.output_dir, save_model))
+    if run.world.is_main:
         summary = run.assessment.compare(run.before, after, run.config.eval.samples)
         finish_report(run.config, run.data, summary, run.output_dir)
         run.trackers.log_summary({"run": summary, "data": run.data_report()})
         say(f"saved to {run.output_dir}")
-    else:
-        summary = None
     wait_for_all(run.world, "measuring and saving the trained model")
     return TrainResult(run.output_dir, summary, metrics, run.data_report())
 

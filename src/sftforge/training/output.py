@@ -16,21 +16,23 @@ def save_run(
     pad_id: int,
     config,
     data_report: dict,
+    weights_written: bool = False,
 ) -> None:
     """Model (or adapter), tokenizer with its chat template, generation stop tokens, the
     resolved config and the data report: everything inference needs to render and stop
     exactly as in training. The live model is left as it was: the generation config is
-    written from a copy."""
+    written from a copy. `weights_written`: the weights (and config.json) are in `folder`
+    already, gathered from FSDP's shards."""
     from sftforge.config.loading import dump_config
 
     folder.mkdir(parents=True, exist_ok=True)
     is_adapter = hasattr(model, "peft_config")
     base = model.get_base_model() if is_adapter else model
-    if is_adapter:
+    if is_adapter and not weights_written:
         # The rows of tokens the template added are saved as the adapter's trainable-token
         # rows; peft would otherwise save the whole resized embedding (and a tied head).
         model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
-    else:
+    elif not weights_written:
         model.save_pretrained(folder, safe_serialization=True)
     if base.generation_config is not None:
         generation = copy.deepcopy(base.generation_config)

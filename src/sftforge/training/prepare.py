@@ -21,6 +21,7 @@ from sftforge.models.loading import (
     add_adapter_outputs_in_fp32,
     attach_lora,
     attention_implementation,
+    causal_lm,
     compile_decoder_layers,
     fit_new_token_rows,
     load_source_model,
@@ -34,7 +35,9 @@ from sftforge.models.source import (
     resolve_model_source,
 )
 from sftforge.models.tokenizer import load_tokenizer, text_side
+from sftforge.training.distributed import World, wrap_for_training
 from sftforge.training.preflight import check_max_length
+from sftforge.training.sharded_model import load_sharded, whole_load_reason
 from sftforge.training.update import accumulate_gradients
 
 
@@ -117,11 +120,46 @@ def prepare_model(config: Config, device: torch.device, text: PreparedText):
     if config.uses_lora:
         lora = config.lora
         model = attach_lora(
-            model, lora.r, lora.alpha, lora.dropout, lora.target_modules, text.new_ids
+            model,
+            lora.r,
+            lora.alpha,
+            lora.dropout,
+            lora.target_modules,
+            text.new_ids,
+            config.training.seed,
         )
         if lora.fp32_sum:
             add_adapter_outputs_in_fp32(model)
     return model, base_path
+
+
+def prepare_model_for(config: Config, device, text: PreparedText, world: World, amp, offload):
+    """(the model, the path of its weights, its loss module already sharded or None). Under
+    FSDP the model is built sharded, no rank holding it whole (training/sharded_model.py),
+    unless it can only be loaded whole (said why); then it is, as under DDP or alone, and
+    wrapped later."""
+    if world.is_distributed and config.training.parallelism == "fsdp":
+        why = whole_load_reason(config, text)
+        if why is None:
+
+            def shard(model):
+                loss = training_loss(config, model)
+                layers = causal_lm(model).get_decoder().layers
+                return wrap_for_training(loss, layers, world, "fsdp", amp, offload)
+
+            model, trainer = load_sharded(config, device, text, shard)
+            if config.lora.fp32_sum and config.uses_lora:
+                add_adapter_outputs_in_fp32(model)
+            return model, text.base_model_path, trainer
+        say(f"loading the whole model on every rank, then sharding it: {why}")
+    model, base_path = prepare_model(config, device, text)
+    return model, base_path, None
+
+
+def training_loss(config: Config, model) -> TokenLoss:
+    """The loss module training steps through (NEFTune and DFT per the config)."""
+    t = config.training
+    return TokenLoss(model, t.neftune_alpha, probability_weighted=t.loss == "dft")
 
 
 def _model_type(weights: str, trust_remote_code: bool) -> str | None:

@@ -6,7 +6,7 @@ restores itself from a checkpoint written by any number of processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from sftforge.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sftforge.training.distributed import World, wait_for_all
+from sftforge.training.distributed import World, on_sharded_model, wait_for_all
 from sftforge.training.metrics import Progress
 from sftforge.training.output import save_run
 from sftforge.training.sharded import (
@@ -32,6 +32,7 @@ from sftforge.training.sharded import (
     load_any_checkpoint,
     save_sharded_checkpoint,
 )
+from sftforge.training.sharded_model import write_sharded_weights
 from sftforge.training.training_data import TrainingData
 
 
@@ -83,18 +84,40 @@ class Run:
     def sharded(self) -> bool:
         return self.world.is_distributed and self.config.training.parallelism == "fsdp"
 
-    def save_model(self, folder: Path, model: torch.nn.Module | None = None) -> None:
-        """The loadable model or adapter, with everything inference needs (rank 0)."""
+    def save_model(self, folder: Path | None) -> None:
+        """The loadable model or adapter, with everything inference needs, into `folder`
+        (rank 0's). Under FSDP every rank calls it (the others with None): the weights are
+        gathered one at a time (training/sharded_model.py)."""
+        if self.sharded:
+            write_sharded_weights(folder, self.learner.trainer, self.learner.model, self.world)
+            if folder is None:
+                return
         encoder = self.encoder
         save_run(
             folder,
-            model or self.learner.model,
+            self.learner.model,
             encoder.tokenizer,
             encoder.stop_ids,
             encoder.pad_id,
             self.config,
             self.data_report(),
+            weights_written=self.sharded,
         )
+
+    def save_model_via(self, save: Callable[[Callable[[Path], None]], None]) -> None:
+        """`save(self.save_model)` on rank 0 (save_final, save_best: they choose the folder);
+        under FSDP the other ranks take their part in gathering the weights meanwhile."""
+        if self.world.is_main:
+            save(self.save_model)
+        elif self.sharded:
+            self.save_model(None)
+
+    def on_model(self, fn):
+        """`fn(model)` for measuring: under FSDP on every rank together, through the loss
+        module (which gathers the outermost weights around it); else on the model itself."""
+        if self.sharded:
+            return on_sharded_model(self.learner.trainer, fn)
+        return fn(self.learner.model)
 
     def data_report(self) -> dict:
         """What the data gave, as saved beside the model and returned in the TrainResult."""

@@ -151,20 +151,6 @@ def _trainable_names(trainer) -> list[str]:
     return [name.removeprefix("module.") for name in names]
 
 
-def gather_whole_model(trainer, world: World, build_model):
-    """Under FSDP: gather the weights on rank 0 into a fresh whole model made by
-    `build_model()` (the base with its adapters), which is returned there; None elsewhere."""
-    whole = get_model_state_dict(
-        trainer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    if not world.is_main:
-        return None
-    model = build_model()
-    weights = {name.removeprefix("model."): t for name, t in whole.items()}
-    model.load_state_dict(weights, strict=True)
-    return model
-
-
 def _load_shards(shards: dict, folder: Path) -> None:
     """`dcp.load`, which in one process (a resume or an export on one device) warns that it
     assumes one process even when told so (`no_dist`, torch 2.13): that is the intent, so
