@@ -143,17 +143,20 @@ class LlamaTokenizerPieces:
         return cls._cached
 
 
-def tiny_llama(vocab_size: int, tie: bool = True, seed: int = 0, **special_ids):
-    """A tiny random Llama: hidden 32, 2 layers, 4 heads (2 kv heads); `special_ids` sets
-    bos_token_id / eos_token_id / pad_token_id on its config."""
+def tiny_llama(
+    vocab_size: int, tie: bool = True, seed: int = 0, hidden_size: int = 32, **special_ids
+):
+    """A tiny random Llama: hidden 32 (or `hidden_size`; its MLP twice that), 2 layers, 4
+    heads (2 kv heads); `special_ids` sets bos_token_id / eos_token_id / pad_token_id on its
+    config."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -318,24 +318,29 @@ def test_qlora_under_ddp_trains_as_one_process_does(tiny_model_dir, data, tmp_pa
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize(
-    ("settings_given", "refused_key", "advice"),
-    [
-        (["method=qlora"], "training.parallelism", "use training.parallelism=ddp"),
-        (["eval.save_best=true", "eval.held_out=4"], "eval.save_best", "use ddp"),
-    ],
-)
-def test_what_fsdp_cannot_do_is_refused_before_anything_loads(
-    tmp_path, settings_given, refused_key, advice
-):
+def test_what_fsdp_cannot_do_is_refused_before_anything_loads(tmp_path):
     config = load_config(
         None,
         [f"data.train={DEMO}", f"output_dir={tmp_path}", "training.parallelism=fsdp"]
-        + settings_given,
+        + ["method=qlora"],
     )
     check_parallel_settings(config, World(0, 1, 0))  # one process: nothing to refuse
-    with pytest.raises(DistributedError, match=f"config key '{refused_key}'.*{advice}"):
+    advice = "use training.parallelism=ddp"
+    with pytest.raises(DistributedError, match=f"config key 'training.parallelism'.*{advice}"):
         check_parallel_settings(config, World(0, 2, 0))
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_the_best_weights_gathered_from_the_shards(tiny_model_dir, data, tmp_path):
+    """eval.save_best under FSDP: the ranks gather the weights rank 0 writes, at each new
+    best held-out loss. Here the loss falls at both evaluations: the best is the last."""
+    out = tmp_path / "run"
+    args = settings(tiny_model_dir, data, "full") + [f"output_dir={out}", "eval.save_best=true"]
+    run_to_end(2, args + ["training.parallelism=fsdp"])
+    assert eval_losses(out)[1] < eval_losses(out)[0]
+    best, final = final_weights(out / "best", "full"), final_weights(out, "full")
+    assert best.keys() == final.keys()
+    assert all(torch.equal(best[name], final[name]) for name in final)
 
 
 def start_a_long_run(model_dir: str, data: Path, tmp_path: Path, parallelism: str = "fsdp"):

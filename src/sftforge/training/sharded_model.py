@@ -104,58 +104,55 @@ def load_sharded(config, device: torch.device, text, shard: Callable) -> tuple:
         for name, param in lm.named_parameters():
             start, end = _rows_of_this_rank(name, param)
             if name in adapters:
-                rows = adapters[name][start:end]
+                _local(param).copy_(adapters[name][start:end])
             else:
-                rows = files.rows(
-                    _file_name(name),
-                    start,
-                    end,
-                    dtype,
-                    new_rows if _file_name(name) in vocabulary_weights else set(),
-                    known,
-                )
-            _local(param).copy_(rows)
-    files.close()
+                vocabulary_rows = _file_name(name) in vocabulary_weights
+                rows_added = new_rows if vocabulary_rows else set()
+                files.copy_rows(_file_name(name), start, _local(param), rows_added, known)
     return model, trainer
 
 
 class SafetensorsRows:
-    """Rows of the weights in a model folder's safetensors files, read without reading the
-    rest of the weight."""
+    """Rows of the weights in a model folder's safetensors files, copied into a rank's shard
+    a chunk at a time, without reading the rest of the weight. Each weight's file is opened
+    (memory-mapped) only while its rows are copied: the pages read leave with it."""
+
+    CHUNK_BYTES = 64 * 1024**2
 
     def __init__(self, folder: str):
         self.where = _weight_files(folder)
-        self.opened = {}
 
-    def _file(self, name: str):
+    def copy_rows(self, name: str, start: int, into: torch.Tensor, new_rows, known: int):
+        """Rows start.. of weight `name` into `into` (as many as it has), cast to its dtype.
+        Rows of tokens the template added (`new_rows`, of an embedding or output head) start
+        at the mean of the `known` older rows, as `start_rows_at_the_mean` starts them in one
+        process."""
         if name not in self.where:
             raise ShardedLoadError(
                 f"{name}: no weight of that name in the safetensors files; the model built "
                 "from config.json names its weights otherwise. Use training.parallelism=ddp"
             )
-        path = self.where[name]
-        if path not in self.opened:
-            self.opened[path] = safe_open(path, framework="pt", device="cpu")
-        return self.opened[path]
-
-    def rows(self, name, start, end, dtype, new_rows: set[int], known: int) -> torch.Tensor:
-        """Rows start..end-1 of weight `name` in `dtype`. Rows of tokens the template added
-        (`new_rows`, of an embedding or output head) start at the mean of the `known` older
-        rows, as `start_rows_at_the_mean` starts them in one process."""
-        weight = self._file(name).get_slice(name)
-        mine = [row for row in range(start, end) if row in new_rows]
-        if not mine:
-            return weight[start:end].to(dtype)
-        mean = mean_row(lambda rows: weight[rows].to(dtype), known, dtype)
-        stored = min(end, weight.get_shape()[0])
-        rows = torch.empty((end - start, *weight.get_shape()[1:]), dtype=dtype)
-        if stored > start:
-            rows[: stored - start] = weight[start:stored].to(dtype)
-        rows[[row - start for row in mine]] = mean
-        return rows
-
-    def close(self) -> None:
-        self.opened.clear()
+        end = start + (into.shape[0] if into.dim() else 1)
+        with safe_open(self.where[name], framework="pt", device="cpu") as opened:
+            weight = opened.get_slice(name)
+            shape = weight.get_shape()
+            if not shape:  # a scalar: nothing to shard
+                into.copy_(opened.get_tensor(name))
+                return
+            stored = min(end, shape[0])
+            if any(row not in new_rows for row in range(stored, end)):
+                raise ShardedLoadError(
+                    f"{name}: the model has {end} rows where its file has {shape[0]}, and "
+                    "the rows past them are not tokens the template added"
+                )
+            row_bytes = max(1, into[0].numel() * into.element_size()) if into.shape[0] else 1
+            chunk = max(1, self.CHUNK_BYTES // row_bytes)
+            for first in range(start, stored, chunk):
+                last = min(first + chunk, stored)
+                into[first - start : last - start].copy_(weight[first:last])
+            mine = [row - start for row in range(start, end) if row in new_rows]
+            if mine:
+                into[mine] = mean_row(lambda rows: weight[rows].to(into.dtype), known, into.dtype)
 
 
 class ShardedLoadError(RuntimeError):
