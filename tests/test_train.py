@@ -360,7 +360,6 @@ def test_packing_with_lora_checkpointing_and_budgets_gives_the_unpacked_steps(
         "training.micro_batch_tokens=512",
         "max_length=512",
         "training.max_steps=2",
-        "lora.dropout=0",
     )
     unpacked = run_rows(tmp_path, tiny_model_dir, *settings)
     packed = run_rows(tmp_path, tiny_model_dir, *settings, "training.packing=true")

@@ -55,6 +55,9 @@ class Batch:
     # example, each row's padding) as cumulative lengths, and the longest segment.
     cu_seq_lens: torch.Tensor | None = None
     longest_segment: int = 0
+    # (row, first token, tokens, index in the data) of each example: training draws its
+    # random numbers (dropout, NEFTune) per example (models/per_example.py).
+    example_spans: tuple[tuple[int, int, int, int], ...] | None = None
 
     def __post_init__(self):
         if self.trained_positions is None:
@@ -94,8 +97,9 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return collate_rows([[ex] for ex in examples], pad_id)
 
 
-def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
-    """Rows of one or more examples each, right-padded to the longest row.
+def collate_rows(rows: list[list[Example]], pad_id: int, indices=None) -> Batch:
+    """Rows of one or more examples each, right-padded to the longest row; `indices`, the
+    examples' indices in the data row by row, gives the batch its example_spans.
 
     In a row of several examples the first token of each is unlabelled: it would otherwise
     be predicted from the end of the example before it."""
@@ -105,11 +109,13 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
     packed = any(len(row) > 1 for row in rows)
     positions = torch.zeros((len(rows), length), dtype=torch.long) if packed else None
     length_per_token = torch.zeros((len(rows), length), dtype=torch.long)
-    lengths = []
+    lengths, spans = [], []
     for r, row in enumerate(rows):
         start = 0
-        for ex in row:
+        for k, ex in enumerate(row):
             n = len(ex.input_ids)
+            if indices is not None:
+                spans.append((r, start, n, indices[r][k]))
             input_ids[r, start : start + n] = torch.tensor(ex.input_ids)
             labels[r, start : start + n] = torch.tensor(ex.labels)
             labels[r, start] = IGNORE_INDEX
@@ -134,6 +140,7 @@ def collate_rows(rows: list[list[Example]], pad_id: int) -> Batch:
         attended_pairs=sum(causal_pairs(n) for n in lengths),
         cu_seq_lens=cu_seq_lens,
         longest_segment=longest,
+        example_spans=tuple(spans) if indices is not None else None,
     )
 
 
@@ -242,7 +249,9 @@ def step_batches(
 ) -> list[Batch]:
     """The micro-batches of one optimizer step, as tensors (`lengths`: of every example)."""
     plan = plan_micro_batches(lengths, step, batch_size, token_budget, pack_length)
-    return [collate_rows([[examples[i] for i in row] for row in mb], pad_id) for mb in plan]
+    return [
+        collate_rows([[examples[i] for i in row] for row in mb], pad_id, indices=mb) for mb in plan
+    ]
 
 
 def made_ahead(stream, make, pin: bool = False):

@@ -19,6 +19,7 @@ from packaging.version import Version
 
 from sftforge.console import warn
 from sftforge.errors import InputError, RunFailed
+from sftforge.models.per_example import drop_per_example
 from sftforge.models.source import (
     ModelSource,
 )
@@ -326,6 +327,7 @@ def attach_lora(
     with _peft_reading_a_deprecated_property():
         adapted = get_peft_model(model, config)
     seed_adapters(adapted, seed)
+    drop_per_example(adapted)  # the same masks on any number of processes
     return adapted
 
 

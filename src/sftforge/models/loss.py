@@ -32,6 +32,7 @@ from transformers.utils.generic import is_flash_attention_requested
 
 from sftforge.encode.batches import Batch, packed_segments, trained_positions_of
 from sftforge.models.loading import causal_lm
+from sftforge.models.per_example import NEFTUNE_STREAM, uniform_like
 
 TokenLossKind = Literal["cross_entropy", "dft"]  # dft: weighted by the token's probability
 
@@ -152,7 +153,10 @@ def neftune_noise(embeds: torch.Tensor, example_length_per_token: torch.Tensor, 
     scale = (
         alpha / (example_length_per_token.clamp(min=1) * embeds.shape[-1]).to(torch.float32).sqrt()
     )
-    noise = torch.rand_like(embeds, dtype=torch.float32).mul_(2).sub_(1)
+    uniform = uniform_like(embeds, NEFTUNE_STREAM)  # each example's own, in training
+    if uniform is None:
+        uniform = torch.rand_like(embeds, dtype=torch.float32)
+    noise = uniform.mul_(2).sub_(1)
     return (noise * scale[..., None]).to(embeds.dtype)
 
 

@@ -285,6 +285,7 @@ def steps(run: Run) -> list[dict]:
                 run.learner.amp,
                 world,
                 run.encoder.pad_id,
+                draw_seed=step_seed(t.seed, step),  # the same on every rank: per example
             )
             grad_norm = gradient_norm(run.learner.params, t.max_grad_norm)
             applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)

@@ -16,6 +16,7 @@ from sftforge.encode.batches import Batch, empty_batch
 from sftforge.models.devices import autocast
 from sftforge.models.loading import adapter_input_casts
 from sftforge.models.loss import batch_loss
+from sftforge.models.per_example import drawing_per_example
 from sftforge.training.distributed import (
     ALONE,
     World,
@@ -45,7 +46,13 @@ def optimizer_steps(config: Config, n_examples: int) -> int:
 
 
 def accumulate_gradients(
-    loss_module, batches: list[Batch], device, amp, world: World = ALONE, pad_id: int = 0
+    loss_module,
+    batches: list[Batch],
+    device,
+    amp,
+    world: World = ALONE,
+    pad_id: int = 0,
+    draw_seed: int | None = None,
 ) -> tuple[float, int]:
     """Backward over this rank's micro-batches of one optimizer step (`loss_module`: a
     TokenLoss, maybe under DDP or FSDP).
@@ -55,7 +62,8 @@ def accumulate_gradients(
     gradient is that of the mean over the step's trained tokens, however the step is split.
     Every rank runs as many micro-batches as the rank with most (padding with empty ones),
     and only the last reduces gradients. Returns (that mean loss, the step's trained tokens),
-    the same on every rank."""
+    the same on every rank. With `draw_seed`, dropout and NEFTune draw per example
+    (models/per_example.py), in the forward and in a recomputation in the backward alike."""
     counted = sum_over_ranks([sum(b.trained_tokens for b in batches)], world, device)
     step_trained = int(counted[0])
     micro_batches = max_over_ranks(len(batches), world, device)
@@ -65,7 +73,9 @@ def accumulate_gradients(
     with adapter_input_casts(loss_module, enabled=amp is None):
         for k in range(micro_batches):
             batch = (batches[k] if k < len(batches) else empty_batch(pad_id)).to(device)
-            with gradient_sync(loss_module, enabled=k == micro_batches - 1):
+            row_length = batch.input_ids.shape[1]
+            draws = drawing_per_example(draw_seed, batch.example_spans, row_length)
+            with gradient_sync(loss_module, enabled=k == micro_batches - 1), draws:
                 with autocast(device, amp):
                     loss_sum = batch_loss(loss_module, batch)
                 (loss_sum * world.size / step_trained).backward()
@@ -88,7 +98,8 @@ def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> f
     return float(norm)
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The random numbers of a step (dropout) come from (seed, step, rank) alone, so a
-    resumed run draws them as the uninterrupted one did, whatever it saved."""
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The random numbers of a step come from (seed, step) alone, so a resumed run draws
+    them as the uninterrupted one did, whatever it saved: per example (dropout, NEFTune:
+    rank 0's seed, on every rank), or from the default generator, seeded per rank."""
     return seed * 1_000_003 + step * 1009 + rank

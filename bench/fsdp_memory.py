@@ -1,0 +1,219 @@
+"""Per-rank memory of full fine-tuning under FSDP at several world sizes, phase by phase.
+
+A randomly initialised Llama-architecture model (--hidden, --layers; SmolLM2's 49,152-token
+vocabulary; about 0.53B parameters at the defaults) is built once and saved as safetensors.
+Then, for each world size (1: one plain process; N > 1: torchrun, FSDP, gloo), `sftforge
+train` runs full fine-tuning for 4 steps (checkpoints at 2 and 4), and a second launch
+resumes the step-2 checkpoint to the end. Each rank records, for each phase (`start`: data,
+model, optimizer, resume; `steps`; `finish`: measuring and saving), its peak resident memory
+(VmHWM, reset at the phase's start) and its time. The table gives the largest rank's peak per
+phase, its ratio to one process's, and the largest relative gap between each step's loss and
+one process's.
+
+    .venv/bin/python bench/fsdp_memory.py [--worlds 1 2 4] [--hidden 1536] [--layers 16]
+        [--src OTHER/src]   # import sftforge from another tree (an older commit), to compare
+
+On 2 cores, every rank gets one thread (one process gets both). Times are not the point here
+(4 ranks on 2 cores share them); memory is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "src/sftforge/assets/demo_train.jsonl"
+PHASES = ("start", "steps", "finish")
+
+
+# ---- inside each rank: sftforge train, its phases measured ---------------------------------
+
+
+def resident(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measured_worker(record_dir: str, cli_args: list[str]) -> None:
+    """`sftforge train ARGS`, each phase of training/loop.py timed and its peak memory read."""
+    import sftforge.training.loop as loop
+    from sftforge.cli.main import main
+
+    rank = os.environ.get("RANK", "0")
+    log = Path(record_dir) / f"rank{rank}.jsonl"
+
+    def measured(name, original):
+        def phase(*args, **kwargs):
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+            began = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                row = {"phase": name, "peak": resident("VmHWM"), "rss": resident("VmRSS"),
+                       "s": time.perf_counter() - began}  # fmt: skip
+                with log.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
+
+        return phase
+
+    for name in PHASES:
+        setattr(loop, name, measured(name, getattr(loop, name)))
+    sys.argv = ["sftforge", "train", *cli_args]
+    main()
+
+
+# ---- the driver ----------------------------------------------------------------------------
+
+
+def build_model(folder: Path, hidden: int, layers: int) -> Path:
+    if (folder / "model.safetensors").exists() or (
+        folder / "model.safetensors.index.json"
+    ).exists():
+        return folder
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftforge.models.source import resolve_model_path
+    from sftforge.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"built {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {folder}")
+    return folder
+
+
+def launch(world: int, settings: list[str], record_dir: Path, src: str | None) -> float:
+    record_dir.mkdir(parents=True, exist_ok=True)
+    worker = [str(Path(__file__).resolve()), "--worker", str(record_dir), "--", *settings]
+    if world == 1:
+        command = [sys.executable, *worker]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={world}", *worker]  # fmt: skip
+    threads = "2" if world == 1 else "1"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads,
+                        "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    if src:
+        env["PYTHONPATH"] = src
+    began = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"world {world} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return time.perf_counter() - began
+
+
+def phases(record_dir: Path) -> dict[str, dict]:
+    """{phase: {"peak": largest rank's peak, "peaks": each rank's, "s": slowest rank's}}."""
+    rows = [json.loads(line) for f in sorted(record_dir.glob("rank*.jsonl"))
+            for line in f.read_text().splitlines()]  # fmt: skip
+    return {
+        name: {
+            "peak": max(r["peak"] for r in rows if r["phase"] == name),
+            "peaks": [r["peak"] for r in rows if r["phase"] == name],
+            "s": max(r["s"] for r in rows if r["phase"] == name),
+        }
+        for name in PHASES
+    }
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [
+        json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def main() -> None:
+    if "--worker" in sys.argv:
+        at = sys.argv.index("--worker")
+        measured_worker(sys.argv[at + 1], sys.argv[sys.argv.index("--") + 1 :])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--hidden", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--src", help="import sftforge from this source folder instead")
+    parser.add_argument("--model-dir", default="/tmp/sftforge-bench/llama-random")
+    args = parser.parse_args()
+    model = build_model(
+        Path(f"{args.model_dir}-{args.hidden}x{args.layers}"), args.hidden, args.layers
+    )
+    work = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
+    results = {}
+    for world in args.worlds:
+        out = work / f"world{world}"
+        settings = [
+            f"model={model}", "method=full", f"data.train={DATA}", f"output_dir={out}",
+            "training.max_steps=4", "training.save_every=2", "training.keep_checkpoints=2",
+            "training.batch_size=1", f"training.grad_accum={4}", "training.precision=fp32",
+            "training.device=cpu", "training.parallelism=fsdp", "training.lr=1e-4",
+            "max_length=128", "eval.forgetting=false", "eval.samples=0", "eval.held_out=4",
+            f"cache_dir={work / 'cache'}",
+        ]  # fmt: skip
+        wall = launch(world, settings, work / f"record{world}", args.src)
+        resumed = work / f"resumed{world}"
+        (resumed / "checkpoints").mkdir(parents=True)
+        shutil.copytree(out / "checkpoints/step-000002", resumed / "checkpoints/step-000002")
+        shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+        resume_settings = [s for s in settings if not s.startswith("output_dir=")]
+        resume_settings += [f"output_dir={resumed}", "resume=auto"]
+        launch(world, resume_settings, work / f"record{world}-resume", args.src)
+        results[world] = {
+            "run": phases(work / f"record{world}"),
+            "resume": phases(work / f"record{world}-resume"),
+            "losses": losses(out),
+            "resumed_losses": losses(resumed),
+            "wall_s": wall,
+        }
+        print(json.dumps({world: results[world]}), flush=True)
+    report(results)
+    shutil.rmtree(work)
+
+
+def loss_gap(got: list[float], want: list[float]) -> float:
+    """The largest relative gap between two runs' per-step losses."""
+    return max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True))
+
+
+def report(results: dict) -> None:
+    one = results.get(1)
+    print("\n| world | rank peak: start | steps | finish | resume start | resume steps+finish | "
+          "max/1-rank peak | step loss gap to 1 process | resumed gap |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    top_one = max(one["run"][p]["peak"] for p in PHASES) if one else None
+    for world, r in results.items():
+        run, resume = r["run"], r["resume"]
+        cells = [f"{run[p]['peak'] / 2**30:.2f}" for p in PHASES]
+        cells.append(f"{resume['start']['peak'] / 2**30:.2f}")
+        cells.append(f"{max(resume['steps']['peak'], resume['finish']['peak']) / 2**30:.2f}")
+        top = max([run[p]["peak"] for p in PHASES] + [resume[p]["peak"] for p in PHASES])
+        ratio = f"{top / top_one:.2f}" if top_one else "-"
+        gap = f"{loss_gap(r['losses'], one['losses']):.1e}" if one else "-"
+        resumed_gap = loss_gap(r["resumed_losses"], r["losses"])
+        print(f"| {world} | " + " | ".join(cells) + f" | {ratio} | {gap} | {resumed_gap:.1e} |")
+    print("\n(GiB; each phase's peak is the largest rank's VmHWM during it)")
+    for world, r in results.items():
+        print(f"world {world}: " + ", ".join(f"{p} {r['run'][p]['s']:.1f} s" for p in PHASES)
+              + f"; resume start {r['resume']['start']['s']:.1f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
