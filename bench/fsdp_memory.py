@@ -13,8 +13,10 @@ one process's.
     .venv/bin/python bench/fsdp_memory.py [--worlds 1 2 4] [--hidden 1536] [--layers 16]
         [--src OTHER/src]   # import sftforge from another tree (an older commit), to compare
 
-On 2 cores, every rank gets one thread (one process gets both). Times are not the point here
-(4 ranks on 2 cores share them); memory is.
+Each rank gets cores / world threads (at least one). On a CPU the peak is resident memory;
+with --device cuda it is the GPU's allocated memory (torch.cuda.max_memory_allocated), the
+host's kept beside it. Times are not the point here (4 ranks on 2 cores share them); memory
+is.
 """
 
 from __future__ import annotations
@@ -46,8 +48,12 @@ def resident(field: str) -> int:
 
 def measured_worker(record_dir: str, cli_args: list[str]) -> None:
     """`sftforge train ARGS`, each phase of training/loop.py timed and its peak memory read."""
+    import torch
+
     import sftforge.training.loop as loop
     from sftforge.cli.main import main
+
+    gpu = "training.device=cuda" in cli_args
 
     rank = os.environ.get("RANK", "0")
     log = Path(record_dir) / f"rank{rank}.jsonl"
@@ -55,12 +61,16 @@ def measured_worker(record_dir: str, cli_args: list[str]) -> None:
     def measured(name, original):
         def phase(*args, **kwargs):
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
             began = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
                 row = {"phase": name, "peak": resident("VmHWM"), "rss": resident("VmRSS"),
                        "s": time.perf_counter() - began}  # fmt: skip
+                if gpu:  # on a GPU, the GPU's memory is the peak that matters
+                    row["host_peak"], row["peak"] = row["peak"], torch.cuda.max_memory_allocated()
                 with log.open("a") as out:
                     out.write(json.dumps(row) + "\n")
 
@@ -109,7 +119,7 @@ def launch(world: int, settings: list[str], record_dir: Path, src: str | None) -
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={world}", *worker]  # fmt: skip
-    threads = "2" if world == 1 else "1"
+    threads = str(max(1, (os.cpu_count() or 2) // world))
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads,
                         "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     if src:
@@ -152,6 +162,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--src", help="import sftforge from this source folder instead")
     parser.add_argument("--model-dir", default="/tmp/sftforge-bench/llama-random")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     model = build_model(
         Path(f"{args.model_dir}-{args.hidden}x{args.layers}"), args.hidden, args.layers
@@ -164,7 +175,7 @@ def main() -> None:
             f"model={model}", "method=full", f"data.train={DATA}", f"output_dir={out}",
             "training.max_steps=4", "training.save_every=2", "training.keep_checkpoints=2",
             "training.batch_size=1", f"training.grad_accum={4}", "training.precision=fp32",
-            "training.device=cpu", "training.parallelism=fsdp", "training.lr=1e-4",
+            f"training.device={args.device}", "training.parallelism=fsdp", "training.lr=1e-4",
             "max_length=128", "eval.forgetting=false", "eval.samples=0", "eval.held_out=4",
             f"cache_dir={work / 'cache'}",
         ]  # fmt: skip
@@ -184,6 +195,8 @@ def main() -> None:
             "wall_s": wall,
         }
         print(json.dumps({world: results[world]}), flush=True)
+        shutil.rmtree(out)  # checkpoints with the optimizer state: GBs a world size
+        shutil.rmtree(resumed)
     report(results)
     shutil.rmtree(work)
 
@@ -209,7 +222,8 @@ def report(results: dict) -> None:
         gap = f"{loss_gap(r['losses'], one['losses']):.1e}" if one else "-"
         resumed_gap = loss_gap(r["resumed_losses"], r["losses"])
         print(f"| {world} | " + " | ".join(cells) + f" | {ratio} | {gap} | {resumed_gap:.1e} |")
-    print("\n(GiB; each phase's peak is the largest rank's VmHWM during it)")
+    print("\n(GiB; each phase's peak is the largest rank's during it: VmHWM on a CPU, "
+          "allocated GPU memory on a GPU)")  # fmt: skip
     for world, r in results.items():
         print(f"world {world}: " + ", ".join(f"{p} {r['run'][p]['s']:.1f} s" for p in PHASES)
               + f"; resume start {r['resume']['start']['s']:.1f} s")  # fmt: skip

@@ -585,7 +585,7 @@ def distributed(s: Settings) -> dict:
     import data_parallel  # bench/data_parallel.py
 
     args = argparse.Namespace(model=s.model, method="lora", steps=8, examples=8, device="cuda")
-    extra = ("lora.dropout=0", "training.precision=fp32")
+    extra = ("training.precision=fp32",)  # LoRA dropout at its default: drawn per example
     alone = data_parallel.train_once(1, "ddp", 4, args, extra)
     figures = {
         "1 process": {"losses": alone["losses"], "tokens_per_s": round(alone["tokens_per_s"])}
@@ -608,6 +608,44 @@ def distributed(s: Settings) -> dict:
             failures.append(
                 f"{name}: per-step losses differ from 1 process's by {gap:.2e} (> {LOSS_GAP:g})"
             )
+    return verdict(figures, failures)
+
+
+def fsdp_memory(s: Settings) -> dict:
+    """bench/fsdp_memory.py on the GPUs: full fine-tuning of a random 0.53B Llama under FSDP
+    on 1, 2 and (when there are more) all GPUs, and a resume of each."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        raise Skip(ONE_GPU)
+    worlds = ["1", "2"] + ([str(gpus)] if gpus > 2 else [])
+    command = [sys.executable, str(BENCH / "fsdp_memory.py"), "--device", "cuda",
+               "--model-dir", str(Path(s.workdir) / "llama-random"), "--worlds", *worlds]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    print(done.stdout[-3000:], flush=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/fsdp_memory.py failed:\n{done.stderr[-2000:]}")
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            results |= {int(k): v for k, v in json.loads(line).items()}
+    one = max(phase["peak"] for phase in results[1]["run"].values())
+    figures, failures = {}, []
+    for world, r in results.items():
+        peaks = [p["peak"] for part in ("run", "resume") for p in r[part].values()]
+        gap = largest_relative_gap(r["losses"], results[1]["losses"])
+        figures[f"{world} GPUs"] = {
+            "peak_gib_by_phase": {
+                name: round(p["peak"] / 2**30, 2) for name, p in r["run"].items()
+            },
+            "peak_over_1_gpu": round(max(peaks) / one, 3),
+            "loss_gap_to_1_gpu": gap,
+        }
+        if world > 1 and max(peaks) > 0.75 * one:
+            failures.append(f"{world} GPUs: a rank's peak is {max(peaks) / one:.2f} of 1 GPU's")
+        if gap > LOSS_GAP:
+            failures.append(f"{world} GPUs: per-step losses differ from 1 GPU's by {gap:.2e}")
     return verdict(figures, failures)
 
 
@@ -659,11 +697,22 @@ CASES = [
     Case(
         "distributed",
         distributed,
-        "the same 8 LoRA steps (fp32, dropout 0) in 1 process and in 2 under torchrun with "
-        "NCCL: DDP, then FSDP2 (bench/data_parallel.py); skipped on one GPU",
+        "the same 8 LoRA steps (fp32, LoRA dropout on: drawn per example) in 1 process and in "
+        "2 under torchrun with NCCL: DDP, then FSDP2 (bench/data_parallel.py); skipped on one "
+        "GPU",
         f"the per-step losses of 2 processes differ from 1 process's by at most {LOSS_GAP:g} "
         "(relative)",
         300,
+    ),
+    Case(
+        "fsdp_memory",
+        fsdp_memory,
+        "full fine-tuning of a random 0.53B Llama under FSDP, built sharded on the meta device, "
+        "on 1, 2 and all GPUs, 4 steps and a resume from step 2 (bench/fsdp_memory.py): each "
+        "phase's peak allocated memory on the largest rank; skipped on one GPU",
+        "every rank's peak on 2 or more GPUs stays under 0.75x one GPU's, and the per-step "
+        f"losses differ from one GPU's by at most {LOSS_GAP:g} (relative)",
+        420,
     ),
 ]
 

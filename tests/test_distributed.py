@@ -25,6 +25,7 @@ from sftforge.training.distributed import (
     DistributedError,
     World,
     check_parallel_settings,
+    offloads,
     share_of_step,
 )
 from sftforge.training.output import convert_checkpoint
@@ -418,3 +419,18 @@ def test_ranks_whose_torchrun_is_killed_stop_instead_of_training_on_orphaned(
 
 def children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_fsdp_cpu_offload_is_for_gpus_and_says_so_on_a_cpu(tmp_path, capsys):
+    def config(*more):
+        base = [f"data.train={DEMO}", f"output_dir={tmp_path}", "training.fsdp_cpu_offload=true"]
+        return load_config(None, base + list(more))
+
+    two = World(0, 2, 0)
+    fsdp = config("training.parallelism=fsdp")
+    assert offloads(fsdp, torch.device("cuda", 0), two) is True
+    assert offloads(fsdp, torch.device("cuda", 0), World()) is False  # one process: no FSDP
+    assert offloads(fsdp, torch.device("cpu"), two) is False
+    assert "fsdp_cpu_offload has no effect on cpu" in capsys.readouterr().out
+    with pytest.raises(DistributedError, match="'training.fsdp_cpu_offload'.*parallelism=fsdp"):
+        offloads(config("training.parallelism=ddp"), torch.device("cuda", 0), two)

@@ -71,6 +71,7 @@ def test_dry_run_lists_every_case_and_imports_nothing_heavy():
         "short_runs",
         "throughput",
         "distributed",
+        "fsdp_memory",
     ]
     assert [c.name for c in gpu_check.CASES] == expected
     for name in expected:

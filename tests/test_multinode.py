@@ -95,7 +95,7 @@ def test_two_nodes_lose_a_rank_then_resume_and_train_as_one_process(
     codes, took, said = launch_nodes(slurm, [node, node])
 
     assert all(code != 0 for code in codes), said[-3000:]
-    assert took < 150, said[-3000:]
+    assert took < 90, said[-3000:]  # startup, 2 steps, and the end: seconds after the kill
     assert "SIGKILL" in said, said[-3000:]
     assert verify_checkpoint(out / "checkpoints/step-000002") is None
     assert not (out / "checkpoints/step-000004").exists()

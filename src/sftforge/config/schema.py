@@ -115,7 +115,14 @@ class DataConfig(Strict):
 class LoraConfig(Strict):
     r: int = Field(default=16, gt=0)
     alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.05, ge=0, lt=1)
+    dropout: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="on each adapter's input, in training; each example's mask drawn from its "
+        "own seed (step, layer, example), so any number of processes trains the same run "
+        "(not in batches that share prefixes: those draw per process)",
+    )
     target_modules: str | list[str] = "all-linear"
     fp32_sum: bool = Field(
         default=True, description="under autocast, add adapter and base outputs in fp32"
@@ -169,7 +176,8 @@ class TrainingConfig(Strict):
         default=None,
         gt=0,
         description="NEFTune: while training, add uniform noise of alpha / sqrt(example length "
-        "x hidden size) to the input embeddings (its paper: 5); null: off",
+        "x hidden size) to the input embeddings (its paper: 5), drawn per example as "
+        "lora.dropout is; null: off",
     )
     seed: int = 42
     deterministic: bool = Field(
@@ -188,8 +196,10 @@ class TrainingConfig(Strict):
     parallelism: Parallelism = resumable(
         "ddp",
         description="under torchrun: ddp keeps a whole copy of the model on each process; "
-        "fsdp (FSDP2) shards weights, gradients and optimizer state over them. The update is "
-        "the same either way, and the same as in one process",
+        "fsdp (FSDP2) shards weights, gradients and optimizer state over them, and builds, "
+        "measures and saves the model from the shards (no process holds it whole). The "
+        "update is the same either way, and the same as in one process (LoRA dropout and "
+        "NEFTune are drawn per example)",
     )
     fsdp_cpu_offload: bool = resumable(
         False,
