@@ -296,13 +296,13 @@ def offloads(config, device: torch.device, world: World) -> bool:
 
 
 def gradient_sync(wrapped: torch.nn.Module, enabled: bool):
-    """Whether the next backward reduces gradients over the ranks (only the last
-    micro-batch of a step needs to): DDP's no_sync, FSDP2's set_requires_gradient_sync."""
+    """Whether the next backward reduces gradients over the ranks. Under DDP only the last
+    micro-batch of a step needs to (no_sync before it). FSDP reduces (reduce-scatters) after
+    every micro-batch: skipping it would keep the whole model's gradients, unsharded, on
+    every rank until the step's last micro-batch (seen here: a 0.53B model's full
+    fine-tune peaked at 8.8 GB a rank on 2 ranks against 9.9 GB in one process)."""
     from contextlib import nullcontext
 
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-        wrapped.set_requires_gradient_sync(enabled)
-        return nullcontext()
     if hasattr(wrapped, "no_sync") and not enabled:  # DDP
         return wrapped.no_sync()
     return nullcontext()
