@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "src/sftforge/assets/demo_train.jsonl"
-PHASES = ("start", "steps", "finish")
+PHASES = ("start", "steps", "finish")  # training/loop.py's; checkpoints measured apart
 
 
 # ---- inside each rank: sftforge train, its phases measured ---------------------------------
@@ -52,32 +52,55 @@ def measured_worker(record_dir: str, cli_args: list[str]) -> None:
 
     import sftforge.training.loop as loop
     from sftforge.cli.main import main
+    from sftforge.training.run import Run
 
     gpu = "training.device=cuda" in cli_args
 
     rank = os.environ.get("RANK", "0")
     log = Path(record_dir) / f"rank{rank}.jsonl"
 
+    def record(name: str, began: float) -> None:
+        row = {"phase": name, "peak": resident("VmHWM"), "rss": resident("VmRSS"),
+               "s": time.perf_counter() - began}  # fmt: skip
+        if gpu:  # on a GPU, the GPU's memory is the peak that matters
+            row["host_peak"], row["peak"] = row["peak"], torch.cuda.max_memory_allocated()
+        with log.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+
+    def reset_peak() -> None:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+
     def measured(name, original):
         def phase(*args, **kwargs):
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
-            if gpu:
-                torch.cuda.reset_peak_memory_stats()
+            reset_peak()
             began = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                row = {"phase": name, "peak": resident("VmHWM"), "rss": resident("VmRSS"),
-                       "s": time.perf_counter() - began}  # fmt: skip
-                if gpu:  # on a GPU, the GPU's memory is the peak that matters
-                    row["host_peak"], row["peak"] = row["peak"], torch.cuda.max_memory_allocated()
-                with log.open("a") as out:
-                    out.write(json.dumps(row) + "\n")
+                record(name, began)
 
         return phase
 
+    def checkpoint_measured(original):
+        """A checkpoint within the steps: the steps' peak so far, then the checkpoint's own."""
+
+        def save_checkpoint(self, step):
+            record("steps", time.perf_counter())
+            reset_peak()
+            began = time.perf_counter()
+            try:
+                return original(self, step)
+            finally:
+                record("checkpoint", began)
+                reset_peak()
+
+        return save_checkpoint
+
     for name in PHASES:
         setattr(loop, name, measured(name, getattr(loop, name)))
+    Run.save_checkpoint = checkpoint_measured(Run.save_checkpoint)
     sys.argv = ["sftforge", "train", *cli_args]
     main()
 
@@ -132,17 +155,17 @@ def launch(world: int, settings: list[str], record_dir: Path, src: str | None) -
 
 
 def phases(record_dir: Path) -> dict[str, dict]:
-    """{phase: {"peak": largest rank's peak, "peaks": each rank's, "s": slowest rank's}}."""
+    """{phase: {"peak": largest rank's peak, "peaks": each rank's, "s": slowest rank's}}
+    for the loop's phases and the checkpoints written during the steps."""
     rows = [json.loads(line) for f in sorted(record_dir.glob("rank*.jsonl"))
             for line in f.read_text().splitlines()]  # fmt: skip
-    return {
-        name: {
-            "peak": max(r["peak"] for r in rows if r["phase"] == name),
-            "peaks": [r["peak"] for r in rows if r["phase"] == name],
-            "s": max(r["s"] for r in rows if r["phase"] == name),
-        }
-        for name in PHASES
-    }
+    found = {}
+    for name in (*PHASES, "checkpoint"):
+        mine = [r for r in rows if r["phase"] == name]
+        if mine:
+            found[name] = {"peak": max(r["peak"] for r in mine),
+                           "peaks": [r["peak"] for r in mine], "s": max(r["s"] for r in mine)}  # fmt: skip
+    return found
 
 
 def losses(output_dir: Path) -> list[float]:
@@ -208,25 +231,27 @@ def loss_gap(got: list[float], want: list[float]) -> float:
 
 def report(results: dict) -> None:
     one = results.get(1)
-    print("\n| world | rank peak: start | steps | finish | resume start | resume steps+finish | "
-          "max/1-rank peak | step loss gap to 1 process | resumed gap |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    top_one = max(one["run"][p]["peak"] for p in PHASES) if one else None
-    for world, r in results.items():
+    columns = ("start", "steps", "checkpoint", "finish")
+    print("\n| processes | start | steps | checkpoint | finish | resume: start | resume: rest "
+          "| largest / 1 process's | step loss gap to 1 process | resumed run's gap |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    top_one = max(p["peak"] for part in ("run", "resume") for p in one[part].values()) if one else 0
+    for world, r in sorted(results.items()):
         run, resume = r["run"], r["resume"]
-        cells = [f"{run[p]['peak'] / 2**30:.2f}" for p in PHASES]
+        cells = [f"{run[p]['peak'] / 2**30:.2f}" if p in run else "-" for p in columns]
         cells.append(f"{resume['start']['peak'] / 2**30:.2f}")
-        cells.append(f"{max(resume['steps']['peak'], resume['finish']['peak']) / 2**30:.2f}")
-        top = max([run[p]["peak"] for p in PHASES] + [resume[p]["peak"] for p in PHASES])
+        rest = max(p["peak"] for name, p in resume.items() if name != "start")
+        cells.append(f"{rest / 2**30:.2f}")
+        top = max(p["peak"] for part in ("run", "resume") for p in r[part].values())
         ratio = f"{top / top_one:.2f}" if top_one else "-"
         gap = f"{loss_gap(r['losses'], one['losses']):.1e}" if one else "-"
         resumed_gap = loss_gap(r["resumed_losses"], r["losses"])
         print(f"| {world} | " + " | ".join(cells) + f" | {ratio} | {gap} | {resumed_gap:.1e} |")
-    print("\n(GiB; each phase's peak is the largest rank's during it: VmHWM on a CPU, "
-          "allocated GPU memory on a GPU)")  # fmt: skip
-    for world, r in results.items():
-        print(f"world {world}: " + ", ".join(f"{p} {r['run'][p]['s']:.1f} s" for p in PHASES)
-              + f"; resume start {r['resume']['start']['s']:.1f} s")  # fmt: skip
+    print("\n(GiB, the largest rank's peak in each phase: VmHWM on a CPU, allocated GPU memory "
+          "on a GPU)")  # fmt: skip
+    for world, r in sorted(results.items()):
+        times = ", ".join(f"{p} {r['run'][p]['s']:.1f} s" for p in PHASES)
+        print(f"{world} processes: {times}; resume start {r['resume']['start']['s']:.1f} s")
 
 
 if __name__ == "__main__":
