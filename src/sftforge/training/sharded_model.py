@@ -11,13 +11,14 @@ folded into a full fine-tune, LoRA's trainable rows for tokens the template adde
 starts them from the whole embedding), torch.compile (its probe step runs before sharding).
 
 Finishing: the trained weights are written one weight at a time (each gathered whole on
-every rank in turn, written by rank 0 into files of at most SHARD_BYTES, with
-transformers' index beside them when there are several); a LoRA run's adapters, which are
-small, are gathered together.
+every rank in turn and appended by rank 0 to a safetensors file of at most SHARD_BYTES,
+with transformers' index beside them when there are several); a LoRA run's adapters, which
+are small, are gathered together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from sftforge.models.loading import (
     attach_lora,
@@ -33,6 +33,7 @@ from sftforge.models.loading import (
     causal_lm,
     mean_row,
 )
+from sftforge.models.streamed_safetensors import StreamedSafetensors
 from sftforge.training.distributed import World
 
 SHARD_BYTES = 5 * 1024**3  # per weights file, as transformers' save_pretrained does by default
@@ -99,8 +100,11 @@ def load_sharded(config, device: torch.device, text, shard: Callable) -> tuple:
     new_rows = set(text.new_ids)
     known = len(tokenizer) - len(new_rows)
     with torch.no_grad():
-        for name, buffer in lm.named_buffers():
-            buffer.copy_(buffers[name])
+        for name, buffer in lm.named_buffers():  # a buffer the file holds comes from it
+            if name in files.where:
+                files.copy_rows(name, 0, buffer, set(), 0)
+            else:
+                buffer.copy_(buffers[name])
         for name, param in lm.named_parameters():
             start, end = _rows_of_this_rank(name, param)
             if name in adapters:
@@ -250,23 +254,27 @@ def _write_adapter(folder, trainer, model, world: World) -> None:
 
 
 def _write_full_weights(folder, lm, world: World) -> None:
+    """Each weight gathered whole on every rank in turn (FSDP's all-gather) and appended by
+    rank 0 to its file, then freed: no rank holds more than its shards and one weight."""
     persistent = set(lm.state_dict())
     named = dict(lm.named_parameters())
     named |= {name: b for name, b in lm.named_buffers() if name in persistent}
     files = _shard_plan([(name, t.numel() * t.element_size()) for name, t in named.items()])
     where = {}
     for number, names in enumerate(files):
-        shard = {}
-        for name in names:
-            tensor = named[name]
-            whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        file = "model.safetensors" if len(files) == 1 else _shard_file(number, len(files))
+        layout = [(name, named[name].dtype, tuple(named[name].shape)) for name in names]
+        with contextlib.ExitStack() as stack:
             if world.is_main:
-                shard[name] = whole.detach().to("cpu", copy=True).contiguous()
-            del whole
-        if world.is_main:
-            file = "model.safetensors" if len(files) == 1 else _shard_file(number, len(files))
-            save_file(shard, folder / file, metadata={"format": "pt"})
-            where |= dict.fromkeys(names, file)
+                out = StreamedSafetensors(folder / file, layout, metadata={"format": "pt"})
+                stack.enter_context(out)
+            for name in names:
+                tensor = named[name]
+                whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                if world.is_main:
+                    out.write(name, whole)
+                del whole
+        where |= dict.fromkeys(names, file)
     if world.is_main:
         lm.config.save_pretrained(folder)
         if len(files) > 1:
