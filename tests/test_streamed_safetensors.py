@@ -57,3 +57,24 @@ def test_tensors_out_of_order_of_another_shape_or_missing_are_refused(tmp_path):
         StreamedSafetensors(tmp_path / "f", layout) as out,
     ):
         out.write("a", torch.zeros(2))
+
+
+def test_a_model_written_in_several_files_loads_in_transformers(tmp_path, monkeypatch):
+    """write_sharded_weights on a whole model (one process): files of at most SHARD_BYTES
+    with transformers' index, read back by from_pretrained as the same weights."""
+    from model_families import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from sftforge.training import sharded_model
+    from sftforge.training.distributed import ALONE
+
+    model = tiny_llama(1024)
+    monkeypatch.setattr(sharded_model, "SHARD_BYTES", 100_000)
+    sharded_model.write_sharded_weights(tmp_path / "out", None, model, ALONE)
+
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(files) >= 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    want = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
