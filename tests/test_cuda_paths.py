@@ -295,7 +295,7 @@ def test_a_run_encodes_its_data_before_it_touches_the_device(
     monkeypatch.setattr(train_module, "load_examples_once", recorded("load_examples", "data"))
     monkeypatch.setattr(train_module, "device_of_rank", recorded("device_of_rank", CPU))
     monkeypatch.setattr(train_module, "start_processes", recorded("start_processes"))
-    monkeypatch.setattr(train_module, "prepare_model", recorded("prepare_model", stop=True))
+    monkeypatch.setattr(train_module, "prepare_model_for", recorded("prepare_model", stop=True))
     config = load_config(
         None,
         [
