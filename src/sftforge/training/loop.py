@@ -20,9 +20,7 @@ from sftforge.config.schema import Config
 from sftforge.console import say
 from sftforge.encode.batches import Batch, made_ahead, step_batches, step_stream
 from sftforge.errors import RunInterrupted
-from sftforge.evaluation.generation import summed_loss_and_count
 from sftforge.models.devices import (
-    autocast,
     autocast_dtype,
     check_attention_precision,
     deterministic_algorithms,
@@ -40,7 +38,6 @@ from sftforge.training.checkpoint import (
     publish_best,
     remove_unfinished,
     run_identity,
-    save_best,
     save_final,
 )
 from sftforge.training.distributed import (
@@ -101,8 +98,6 @@ from sftforge.training.update import (
     optimizer_steps,
     step_seed,
 )
-
-EVAL_BATCH = 8  # held-out examples per forward pass
 
 
 def train(config: Config) -> TrainResult:
@@ -297,7 +292,7 @@ def steps(run: Run) -> list[dict]:
                 record["skipped"] = True
             if run.assessment.held_out and _due(step + 1, total, config.eval.every):
                 with clock.paused():
-                    record["eval_loss"] = _eval_loss_keeping_the_best(run)
+                    record["eval_loss"] = run.held_out_loss_keeping_the_best()
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             records.append(record)
@@ -339,30 +334,6 @@ def _apply_or_skip(run: Run, step: int, loss: float, grad_norm: float, indices) 
         )
     run.learner.optimizer.zero_grad(set_to_none=True)
     return finite
-
-
-def _eval_loss_keeping_the_best(run: Run) -> float:
-    """The held-out loss, each rank measuring its share of the held-out examples."""
-    world, held_out = run.world, run.assessment.held_out
-    share = held_out[world.rank :: world.size]
-    passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, run.learner.device)
-    with autocast(run.learner.device, run.learner.amp):
-        total, count = summed_loss_and_count(
-            run.learner.trainer,
-            share,
-            run.learner.device,
-            run.encoder.pad_id,
-            EVAL_BATCH,
-            passes,
-            shared_rows_of=run.assessment.shared_rows_of,
-        )
-    total, count = sum_over_ranks([total, count], world, run.learner.device)
-    eval_loss = total / max(count, 1)
-    if run.config.eval.save_best and eval_loss < run.progress.best_eval:
-        run.progress.best_eval = eval_loss
-        run.save_model_via(lambda save_model: save_best(run.output_dir, save_model))
-        wait_for_all(world)
-    return eval_loss
 
 
 def _count(run: Run, batches: list[Batch], trained: int, clock, stop_requested: bool):

@@ -6,6 +6,7 @@ restores itself from a checkpoint written by any number of processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from sftforge.config.schema import Config
 from sftforge.console import say
 from sftforge.encode.encoder import Encoder
+from sftforge.evaluation.generation import summed_loss_and_count
+from sftforge.models.devices import autocast
 from sftforge.models.flops import FlopModel
 from sftforge.trackers import Trackers
 from sftforge.training.assessment import Assessment
@@ -22,9 +25,16 @@ from sftforge.training.checkpoint import (
     check_same_run,
     checkpoint_root,
     load_checkpoint,
+    save_best,
     save_checkpoint,
 )
-from sftforge.training.distributed import World, on_sharded_model, wait_for_all
+from sftforge.training.distributed import (
+    World,
+    max_over_ranks,
+    on_sharded_model,
+    sum_over_ranks,
+    wait_for_all,
+)
 from sftforge.training.metrics import Progress
 from sftforge.training.output import save_run
 from sftforge.training.sharded import (
@@ -34,6 +44,8 @@ from sftforge.training.sharded import (
 )
 from sftforge.training.sharded_model import write_sharded_weights
 from sftforge.training.training_data import TrainingData
+
+EVAL_BATCH = 8  # held-out examples per forward pass
 
 
 @dataclass
@@ -118,6 +130,31 @@ class Run:
         if self.sharded:
             return on_sharded_model(self.learner.trainer, fn)
         return fn(self.learner.model)
+
+    def held_out_loss_keeping_the_best(self) -> float:
+        """The held-out loss during training, each rank measuring its share of the held-out
+        examples; with eval.save_best, a new best is saved (every rank gathering with rank 0
+        under FSDP)."""
+        world, held_out, learner = self.world, self.assessment.held_out, self.learner
+        share = held_out[world.rank :: world.size]
+        passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, learner.device)
+        with autocast(learner.device, learner.amp):
+            total, count = summed_loss_and_count(
+                learner.trainer,
+                share,
+                learner.device,
+                self.encoder.pad_id,
+                EVAL_BATCH,
+                passes,
+                shared_rows_of=self.assessment.shared_rows_of,
+            )
+        total, count = sum_over_ranks([total, count], world, learner.device)
+        eval_loss = total / max(count, 1)
+        if self.config.eval.save_best and eval_loss < self.progress.best_eval:
+            self.progress.best_eval = eval_loss
+            self.save_model_via(lambda save_model: save_best(self.output_dir, save_model))
+            wait_for_all(world)
+        return eval_loss
 
     def data_report(self) -> dict:
         """What the data gave, as saved beside the model and returned in the TrainResult."""
