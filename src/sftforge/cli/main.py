@@ -46,6 +46,7 @@ def _inspect(args) -> None:
             template_options=dict(
                 parse_option(o, "--template-option") for o in args.template_option
             ),
+            reference=args.reference,
             verbose=True,
         )
     if args.json:
@@ -183,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--truncation", default="drop", choices=get_args(Truncation))
+    p.add_argument(
+        "--reference",
+        metavar="FILE",
+        help="check every example token for token against the family's reference: its "
+        "published Jinja template (.jinja), or a Mistral tokenizer file (tekken.json, "
+        "tokenizer.model.vN) for mistral-common; shows the first token that differs",
+    )
     p.add_argument("--plain", action="store_true", help="no colour, even on a terminal")
     p.add_argument(
         "--json",

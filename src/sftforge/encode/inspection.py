@@ -14,6 +14,7 @@ from sftforge.data.messages import Conversation
 from sftforge.encode.encoder import IGNORE_INDEX, Encoder, Example
 from sftforge.encode.parallel import EncodingReport, fit_to_length
 from sftforge.encode.proof import texts_in_place, trained_runs
+from sftforge.encode.reference import ExampleComparison, side_by_side
 from sftforge.encode.show import describe_conversation, example_counts, format_example
 
 
@@ -22,6 +23,8 @@ class Inspection:
     encoder: Encoder
     loaded: LoadResult
     examples: list[list[Example]]  # per conversation, its examples in order
+    # per conversation, each example beside the reference's (inspect's `reference`), or None
+    comparisons: list[list[ExampleComparison]] | None = None
 
     @property
     def all_examples(self) -> list[Example]:
@@ -54,7 +57,9 @@ class Inspection:
         shown = "in green" if color else "in [[ ]]"
         lines = [f"template: {self.encoder.template.name}; trained tokens shown {shown}"]
         conversations = self.loaded.conversations
-        for conversation, examples in zip(conversations[:n], self.examples, strict=False):
+        for index, (conversation, examples) in enumerate(
+            zip(conversations[:n], self.examples, strict=False)
+        ):
             lines.append(f"\n--- {conversation.source}")
             if not conversation.is_raw_text:
                 lines.append(describe_conversation(conversation))
@@ -62,6 +67,8 @@ class Inspection:
                 of = f"example {k + 1} of {len(examples)}, " if len(examples) > 1 else ""
                 lines.append(f"-- {of}{example_counts(example)}")
                 lines.append(format_example(tokenizer, example, color))
+                if self.comparisons is not None and self.comparisons[index]:
+                    lines.append(side_by_side(tokenizer, self.comparisons[index][k]))
                 if len(example.input_ids) > max_length:
                     policy = "truncated" if truncation == "truncate" else "dropped"
                     lines.append(f"(longer than max_length {max_length}: would be {policy})")
@@ -70,7 +77,15 @@ class Inspection:
         lines.append("\n" + self.loaded.summary())
         lines.append(split_summary(conversations, self.examples))
         lines.append(report.summary(max_length))
+        if self.comparisons is not None:
+            lines.append(self.reference_summary())
         return "\n".join(lines)
+
+    def reference_summary(self) -> str:
+        """How many examples the reference writes with the same ids and the same mask."""
+        compared = [c for group in self.comparisons or [] for c in group]
+        equal = sum(c.equal for c in compared)
+        return f"the same ids and mask as the reference: {equal} of {len(compared)} examples"
 
 
 def split_summary(conversations: list[Conversation], examples: list[list[Example]]) -> str:

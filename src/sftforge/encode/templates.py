@@ -19,19 +19,24 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from sftforge.encode.families import MISTRAL_VERSIONS, family_template, mistral_version
 from sftforge.errors import InputError
 
 BUILTIN_TEMPLATES = (
     "chatml",
     "llama2",
     "llama3",
-    "mistral",
+    *MISTRAL_VERSIONS,
     "alpaca",
     "gemma",
     "phi3",
     "zephyr",
     "vicuna",
+    "deepseek",
 )
+# Names that stand for one built-in, chosen from the tokenizer: `mistral` is the layout of
+# the tokenizer's Mistral version (encode/families.py).
+TEMPLATE_ALIASES = ("mistral",)
 
 # Special tokens each built-in template writes literally. A tokenizer that lacks them gets
 # them added (and the model's embeddings resized) so that each becomes one token, not a
@@ -41,7 +46,11 @@ BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
     "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    "deepseek": ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"),
+    **{name: ("[INST]", "[/INST]") for name in MISTRAL_VERSIONS if name != "mistral-v1"},
 }
+for _name in ("mistral-v7", "mistral-v7-tekken"):
+    BUILTIN_SPECIAL_TOKENS[_name] += ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
 
 # How control tokens are spelled in chat templates: <|im_start|>, <|eot_id|>, or snake-case
 # tags such as <start_of_turn>. A custom template's tokens of these forms that the tokenizer
@@ -156,11 +165,6 @@ def builtin_template_source(name: str) -> str:
     )
 
 
-# `template: auto` for a tokenizer without a template of its own: the family's built-in
-# template, known from the model's type when its vocabulary holds no turn tokens.
-FAMILY_OF_MODEL_TYPE = {"llama": "llama2", "mistral": "mistral", "mixtral": "mistral"}
-
-
 def resolve_template(
     choice: str | ChatTemplate, tokenizer, model_type: str | None = None
 ) -> ChatTemplate:
@@ -191,7 +195,9 @@ def _chosen_template(choice, tokenizer, model_type: str | None) -> ChatTemplate:
         own = getattr(tokenizer, "chat_template", None)
         if isinstance(own, str) and own.strip():
             return ChatTemplate("tokenizer", own, bos, eos, reason="the tokenizer's own")
-        choice, reason = _family_template(tokenizer, model_type)
+        choice, reason = family_template(tokenizer, model_type)
+    elif choice == "mistral":
+        choice, reason = mistral_version(tokenizer)
     if choice in BUILTIN_TEMPLATES:
         extra = BUILTIN_SPECIAL_TOKENS.get(choice, ())
         return ChatTemplate(choice, builtin_template_source(choice), bos, eos, extra, reason)
@@ -201,20 +207,8 @@ def _chosen_template(choice, tokenizer, model_type: str | None) -> ChatTemplate:
         return ChatTemplate(str(path), source, bos, eos, control_tokens_written(source))
     raise TemplateError(
         f"unknown chat template '{choice}': expected 'auto', one of "
-        f"{', '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja file"
+        f"{', '.join(BUILTIN_TEMPLATES + TEMPLATE_ALIASES)}, or the path of a Jinja file"
     )
-
-
-def _family_template(tokenizer, model_type: str | None) -> tuple[str, str]:
-    """(built-in template, why) for a tokenizer without a template of its own."""
-    vocab = tokenizer.get_vocab()
-    for name, tokens in BUILTIN_SPECIAL_TOKENS.items():
-        if all(token in vocab for token in tokens):
-            return name, f"the tokenizer has no template; its vocabulary holds {', '.join(tokens)}"
-    if model_type in FAMILY_OF_MODEL_TYPE:
-        name = FAMILY_OF_MODEL_TYPE[model_type]
-        return name, f"the tokenizer has no template; the model is a {model_type}"
-    return "chatml", "the tokenizer has no template, nor its vocabulary turn tokens: ChatML"
 
 
 def tokenizer_wants_bos(tokenizer) -> bool:

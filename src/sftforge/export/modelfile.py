@@ -22,6 +22,8 @@ from sftforge.export.vocabulary import Vocabulary
 
 # Go templates over Ollama's .Messages (Role, Content). BOS and EOS stand for the tokens.
 _SYSTEM = '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}\n'
+# The index of the last user message ($last): Mistral v2/v3 put the system prompt there.
+_LAST_USER = '{{- $last := -1 }}{{- range $i, $m := .Messages }}{{ if eq .Role "user" }}{{ $last = $i }}{{ end }}{{ end }}\n'
 GO_TEMPLATES = {
     "chatml": """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
@@ -53,15 +55,54 @@ GO_TEMPLATES = {
 {{ end }}
 {{- end }}<start_of_turn>model
 """,
-    "mistral": _SYSTEM
+    "mistral-v1": _SYSTEM
     + """{{- $first := true }}
 {{- range .Messages }}
 {{- if eq .Role "user" }}[INST] {{ if and $first $system }}{{ $system }}
 
 {{ end }}{{ $first = false }}{{ .Content }} [/INST]
+{{- else if eq .Role "assistant" }} {{ .Content }}EOS
+{{- end }}
+{{- end }}""",
+    "mistral-v3": _SYSTEM
+    + _LAST_USER
+    + """{{- range $i, $m := .Messages }}
+{{- if eq .Role "user" }}[INST] {{ if and (eq $i $last) $system }}{{ $system }}
+
+{{ end }}{{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }} {{ .Content }}EOS
+{{- end }}
+{{- end }}""",
+    "mistral-v3-tekken": _SYSTEM
+    + _LAST_USER
+    + """{{- range $i, $m := .Messages }}
+{{- if eq .Role "user" }}[INST]{{ if and (eq $i $last) $system }}{{ $system }}
+
+{{ end }}{{ .Content }}[/INST]
 {{- else if eq .Role "assistant" }}{{ .Content }}EOS
 {{- end }}
 {{- end }}""",
+    "mistral-v7": _SYSTEM
+    + """{{- if $system }}[SYSTEM_PROMPT] {{ $system }}[/SYSTEM_PROMPT]{{ end }}
+{{- range .Messages }}
+{{- if eq .Role "user" }}[INST] {{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }} {{ .Content }}EOS
+{{- end }}
+{{- end }}""",
+    "mistral-v7-tekken": _SYSTEM
+    + """{{- if $system }}[SYSTEM_PROMPT]{{ $system }}[/SYSTEM_PROMPT]{{ end }}
+{{- range .Messages }}
+{{- if eq .Role "user" }}[INST]{{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }}{{ .Content }}EOS
+{{- end }}
+{{- end }}""",
+    "deepseek": _SYSTEM
+    + """{{- $system }}
+{{- range .Messages }}
+{{- if eq .Role "user" }}<｜User｜>{{ .Content }}
+{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}<｜end▁of▁sentence｜>
+{{- end }}
+{{- end }}<｜Assistant｜>""",
     "llama2": _SYSTEM
     + """{{- $first := true }}
 {{- range .Messages }}

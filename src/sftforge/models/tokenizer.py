@@ -7,9 +7,11 @@ from pathlib import Path
 
 from sftforge.console import say
 from sftforge.encode.encoder import Encoder
+from sftforge.encode.families import other_spellings
 from sftforge.encode.render import ReasoningMode, TrainOn
-from sftforge.encode.templates import ChatTemplate, resolve_template
+from sftforge.encode.templates import ChatTemplate, TemplateError, resolve_template
 from sftforge.models.loading import fit_new_token_rows
+from sftforge.models.mistral_files import load_mistral_tokenizer, mistral_tokenizer_file
 from sftforge.models.source import (
     ModelNotFoundError,
     ModelSourceError,
@@ -20,10 +22,15 @@ from sftforge.models.source import (
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer in `path` (a folder or hub id), with its chat template. It loads from
-    JSON (tokenizer.json, tokenizer_config.json) or from a SentencePiece tokenizer.model
-    (protobuf, read with the sentencepiece package): nothing is unpickled."""
+    JSON (tokenizer.json, tokenizer_config.json), from a SentencePiece tokenizer.model
+    (protobuf, read with the sentencepiece package) or a tiktoken file, and from Mistral's
+    own files where a folder holds only those (models/mistral_files.py): nothing is
+    unpickled."""
     from transformers import AutoTokenizer
 
+    mistral_file = mistral_tokenizer_file(Path(path))
+    if mistral_file is not None:
+        return load_mistral_tokenizer(mistral_file)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
@@ -45,9 +52,18 @@ def add_missing_special_tokens(tokenizer, model, tokens: tuple[str, ...]) -> lis
     untied output head: a neutral start, the same on every run (transformers' mean_resizing
     draws them at random around that mean). They must be trained, which `attach_lora`
     arranges even under LoRA."""
-    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
     if not missing:
         return []
+    spelt_otherwise = other_spellings(missing, vocab)
+    if spelt_otherwise:
+        pairs = ", ".join(f"{t!r} (the vocabulary has {h!r})" for t, h in spelt_otherwise.items())
+        raise TemplateError(
+            f"the chat template writes {pairs}: the same token spelt another way. Adding it "
+            "would give the model a new, untrained token where it knows its own; use the "
+            "model's template or a built-in that spells it as the vocabulary does"
+        )
     tokenizer.add_special_tokens({"additional_special_tokens": missing})
     new_ids = tokenizer.convert_tokens_to_ids(missing)
     if model is not None:

@@ -1,0 +1,169 @@
+"""The family's own reference, to check sftforge's tokens against: what the family publishes
+as the way to write a conversation, encoded to ids. Two kinds: a Jinja chat template (the
+family's published one, from its tokenizer_config.json) rendered by transformers'
+`apply_chat_template` and tokenized as transformers does; or mistral-common, Mistral's own
+encoder, for a Mistral tokenizer file (tekken.json, tokenizer.model.vN).
+
+A reference gives ids, not masks; its mask is found the way the families define an
+assistant turn: the tokens from where the reference's generation prompt for the messages
+before the turn ends, through the turn's last token that is not whitespace (its end-of-turn
+marker), wherever that prompt and the turn are prefixes of the whole sequence.
+
+`compare` lines up sftforge's examples of a conversation with the reference's and names the
+first token where they differ; `inspect --reference` shows it (encode/inspection.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftforge.data.messages import Conversation
+from sftforge.encode.encoder import IGNORE_INDEX, Example
+from sftforge.encode.slots import template_messages
+
+
+class JinjaReference:
+    """A published Jinja chat template, rendered by transformers on `tokenizer`."""
+
+    def __init__(self, source: str, tokenizer, name: str = "jinja"):
+        self.source, self.tokenizer, self.name = source, tokenizer, name
+
+    def ids(self, messages: list[dict], tools: list[dict] | None, prompt: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            chat_template=self.source,
+            tokenize=False,
+            add_generation_prompt=prompt,
+        )
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+class MistralCommonReference:
+    """mistral-common's encoder for a Mistral tokenizer file: ids as Mistral's own code
+    writes them (a conversation ending with an assistant turn in its fine-tuning mode, a
+    prompt in its serving mode)."""
+
+    def __init__(self, path: Path | str):
+        from mistral_common.protocol.instruct.validator import ValidationMode
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        self.name = f"mistral-common ({Path(path).name})"
+        self._training = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+        self._serving = MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
+
+    def ids(self, messages: list[dict], tools: list[dict] | None, prompt: bool) -> list[int]:
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        request = ChatCompletionRequest.from_openai(messages, tools=tools)
+        encoder = self._serving if prompt else self._training
+        return encoder.encode_chat_completion(request).tokens
+
+
+def reference_for(choice: str, tokenizer):
+    """The reference `choice` names: a Jinja file, or a Mistral tokenizer file (tekken.json,
+    tokenizer.model.vN) for mistral-common."""
+    path = Path(choice)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reference {choice!r}: no such file (a Jinja template, or a "
+            "Mistral tokenizer file for mistral-common)"
+        )
+    if path.suffix == ".jinja":
+        return JinjaReference(path.read_text("utf-8"), tokenizer, path.name)
+    return MistralCommonReference(path)
+
+
+@dataclass
+class ReferenceExample:
+    input_ids: list[int]
+    labels: list[int]
+    messages: int  # how many of the conversation's messages it holds
+
+
+def reference_example(reference, tokenizer, messages: list[dict], tools=None) -> ReferenceExample:
+    """The reference's ids for `messages` (ending with an assistant turn), and its mask;
+    `tokenizer` (the same vocabulary) tells whitespace tokens after a turn's marker."""
+    ids = reference.ids(messages, tools, prompt=False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = reference.ids(messages[:turn], tools, prompt=True)
+        through = reference.ids(messages[: turn + 1], tools, prompt=False)
+        if through[: len(before)] != before or ids[: len(through)] != through:
+            continue  # written otherwise once later turns follow: not trained here
+        end = len(through)
+        while end > len(before) and not tokenizer.decode(through[end - 1 : end]).strip():
+            end -= 1
+        labels[len(before) : end] = ids[len(before) : end]
+    return ReferenceExample(ids, labels, len(messages))
+
+
+@dataclass
+class ExampleComparison:
+    ours: Example
+    theirs: ReferenceExample
+    first_difference: int | None  # the first token whose id or trained flag differs
+
+    @property
+    def equal(self) -> bool:
+        return self.first_difference is None
+
+
+def compare(encoder, reference, conversation: Conversation) -> list[ExampleComparison]:
+    """Each of sftforge's examples of `conversation` beside the reference's for the same
+    messages (the conversation cut after the assistant turn whose reference agrees with it
+    longest), and the first token where ids or mask differ."""
+    messages = template_messages(conversation.messages)
+    tools = list(conversation.tools) or None
+    cuts = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]
+    candidates = [
+        reference_example(reference, encoder.tokenizer, messages[:k], tools) for k in cuts
+    ]
+    comparisons = []
+    for ours in encoder.encode_examples(conversation):
+        theirs = max(
+            candidates,
+            key=lambda c: (_agreeing(ours, c), -abs(len(c.input_ids) - len(ours.input_ids))),
+        )
+        comparisons.append(ExampleComparison(ours, theirs, _first_difference(ours, theirs)))
+    return comparisons
+
+
+def _first_difference(ours: Example, theirs: ReferenceExample) -> int | None:
+    agreeing = _agreeing(ours, theirs)
+    same_length = len(ours.input_ids) == len(theirs.input_ids)
+    return None if agreeing == len(ours.input_ids) and same_length else agreeing
+
+
+def _agreeing(ours: Example, theirs: ReferenceExample) -> int:
+    """How many tokens from the start agree in id and in being trained."""
+    pairs = zip(ours.input_ids, ours.labels, theirs.input_ids, theirs.labels, strict=False)
+    for k, (our_id, our_label, their_id, their_label) in enumerate(pairs):
+        trained_alike = (our_label == IGNORE_INDEX) == (their_label == IGNORE_INDEX)
+        if our_id != their_id or not trained_alike:
+            return k
+    return min(len(ours.input_ids), len(theirs.input_ids))
+
+
+def side_by_side(tokenizer, comparison: ExampleComparison, context: int = 6) -> str:
+    """Two lines, sftforge's tokens and the reference's, from a few tokens before the first
+    difference, the first differing token in >> <<, trained tokens in [[ ]]."""
+    at = comparison.first_difference
+    if at is None:
+        return "reference: the same ids and the same mask"
+    start = max(0, at - context)
+    rows = []
+    for who, ids, labels in (
+        ("sftforge ", comparison.ours.input_ids, comparison.ours.labels),
+        ("reference", comparison.theirs.input_ids, comparison.theirs.labels),
+    ):
+        shown = []
+        for k in range(start, min(len(ids), at + context)):
+            text = repr(tokenizer.convert_ids_to_tokens(ids[k]))[1:-1]
+            text = f"[[{text}]]" if labels[k] != IGNORE_INDEX else text
+            shown.append(f">>{text}<<" if k == at else text)
+        end = "" if len(ids) > at else " (ends here)"
+        rows.append(f"  {who} @{start}: {'|'.join(shown)}{end}")
+    return f"reference differs at token {at}:\n" + "\n".join(rows)

