@@ -333,7 +333,7 @@ CASES: dict[str, Case] = {
     "two assistant turns in a row, template forbids it": Case(
         "template/assistant_after_assistant.jsonl",
         ":2",
-        "field 'messages': chat template 'mistral' refused: mistral: after the optional system "
+        "field 'messages': chat template 'mistral-v1' refused: mistral-v1: after the optional system "
         "message, roles must alternate user/assistant/user/assistant/...",
         2,
         1,
@@ -342,7 +342,7 @@ CASES: dict[str, Case] = {
     "two user turns in a row, template forbids it": Case(
         "template/user_after_user.jsonl",
         ":2",
-        "field 'messages': chat template 'mistral' refused: mistral: after the optional system "
+        "field 'messages': chat template 'mistral-v1' refused: mistral-v1: after the optional system "
         "message, roles must alternate",
         2,
         1,

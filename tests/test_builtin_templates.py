@@ -86,7 +86,21 @@ FAMILIES: dict[str, Family] = {
         "",
         False,
     ),
-    "mistral": Family("<s>", "</s>", "", "", "", "</s>", "", True),
+    "mistral-v1": Family("<s>", "</s>", "", " ", "", "</s>", "", True),
+    "mistral-v3": Family("<s>", "</s>", "", " ", "", "</s>", "", True),
+    "mistral-v3-tekken": Family("<s>", "</s>", "", "", "", "</s>", "", True),
+    "mistral-v7": Family("<s>", "</s>", "", " ", "", "</s>", "", True),
+    "mistral-v7-tekken": Family("<s>", "</s>", "", "", "", "</s>", "", True),
+    "deepseek": Family(
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        "<｜Assistant｜>",
+        "",
+        "",
+        "<｜end▁of▁sentence｜>",
+        "",
+        False,
+    ),
     "alpaca": Family("<s>", "</s>", "### Response:\n", "", "", "</s>", "", True),
     "gemma": Family(
         "<bos>", "<eos>", "<start_of_turn>model\n", "", "", "<end_of_turn>", "\n", True
@@ -98,7 +112,12 @@ FAMILIES: dict[str, Family] = {
 NAMES = sorted(FAMILIES)
 ALTERNATING = [n for n in NAMES if FAMILIES[n].alternating]
 FREE_ORDER = [n for n in NAMES if not FAMILIES[n].alternating]
-USES_EOS = ["alpaca", "llama2", "mistral", "vicuna", "zephyr"]
+MISTRAL = ["mistral-v1", "mistral-v3", "mistral-v3-tekken", "mistral-v7", "mistral-v7-tekken"]
+USES_EOS = ["alpaca", "llama2", *MISTRAL, "vicuna", "zephyr"]
+# Mistral v2/v3 write the system prompt in the last user turn (as mistral-common does): a
+# conversation with one is written otherwise once a later turn follows (sftforge then trains
+# each turn as inference sees it: encode/render.py).
+SYSTEM_IN_LAST_USER = ["mistral-v3", "mistral-v3-tekken"]
 
 
 def test_every_template_file_is_covered():
@@ -151,7 +170,21 @@ GOLDEN = {
         "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>"
     ),
-    "mistral": "<s>[INST] You are terse.\n\nHi [/INST]Hello!</s>[INST] 2+2? [/INST]4</s>",
+    "mistral-v1": "<s>[INST] You are terse.\n\nHi [/INST] Hello!</s>[INST] 2+2? [/INST] 4</s>",
+    "mistral-v3": "<s>[INST] Hi[/INST] Hello!</s>[INST] You are terse.\n\n2+2?[/INST] 4</s>",
+    "mistral-v3-tekken": "<s>[INST]Hi[/INST]Hello!</s>[INST]You are terse.\n\n2+2?[/INST]4</s>",
+    "mistral-v7": (
+        "<s>[SYSTEM_PROMPT] You are terse.[/SYSTEM_PROMPT][INST] Hi[/INST] Hello!</s>"
+        "[INST] 2+2?[/INST] 4</s>"
+    ),
+    "mistral-v7-tekken": (
+        "<s>[SYSTEM_PROMPT]You are terse.[/SYSTEM_PROMPT][INST]Hi[/INST]Hello!</s>"
+        "[INST]2+2?[/INST]4</s>"
+    ),
+    "deepseek": (
+        "<｜begin▁of▁sentence｜>You are terse.<｜User｜>Hi<｜Assistant｜>Hello!"
+        "<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>4<｜end▁of▁sentence｜>"
+    ),
     "alpaca": (
         "<s>You are terse.\n\n"
         "### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n"
@@ -188,7 +221,12 @@ GOLDEN_PROMPT = {
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
-    "mistral": "<s>[INST] Hi [/INST]",
+    "mistral-v1": "<s>[INST] Hi [/INST]",
+    "mistral-v3": "<s>[INST] Hi[/INST]",
+    "mistral-v3-tekken": "<s>[INST]Hi[/INST]",
+    "mistral-v7": "<s>[INST] Hi[/INST]",
+    "mistral-v7-tekken": "<s>[INST]Hi[/INST]",
+    "deepseek": "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>",
     "alpaca": (
         "<s>Below is an instruction that describes a task. Write a response that "
         "appropriately completes the request.\n\n### Instruction:\nHi\n\n### Response:\n"
@@ -234,7 +272,15 @@ def test_llama2_without_system_has_no_sys_block():
 
 def test_mistral_without_system():
     messages = GOLDEN_CONVERSATION[1:]
-    assert render("mistral", messages) == "<s>[INST] Hi [/INST]Hello!</s>[INST] 2+2? [/INST]4</s>"
+    assert (
+        render("mistral-v1", messages) == "<s>[INST] Hi [/INST] Hello!</s>[INST] 2+2? [/INST] 4</s>"
+    )
+    assert (
+        render("mistral-v3", messages) == "<s>[INST] Hi[/INST] Hello!</s>[INST] 2+2?[/INST] 4</s>"
+    )
+    assert (
+        render("mistral-v7", messages) == "<s>[INST] Hi[/INST] Hello!</s>[INST] 2+2?[/INST] 4</s>"
+    )
 
 
 def test_gemma_without_system():
@@ -324,6 +370,8 @@ def _assistant_spans(name: str, messages: list[dict]):
 @pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
 def test_prefix_consistency(name, conversation):
     messages = CONVERSATIONS[conversation]
+    if name in SYSTEM_IN_LAST_USER and messages and messages[0]["role"] == "system":
+        messages = messages[1:]  # see SYSTEM_IN_LAST_USER and the test below
     checked = 0
     for k, prompt, with_turn, full in _assistant_spans(name, messages):
         assert full.startswith(prompt), f"render(messages[:{k}], gen=True) is not a prefix"
@@ -429,7 +477,13 @@ def test_role_tagged_templates_render_any_user_assistant_order(name, case):
         assert message["content"] in full
 
 
-@pytest.mark.parametrize("name", ["gemma", "llama2", "mistral"])
+@pytest.mark.parametrize("name", SYSTEM_IN_LAST_USER)
+def test_mistral_v3_moves_the_system_prompt_to_the_last_user_turn(name):
+    first_turn = render(name, GOLDEN_CONVERSATION[:3])
+    assert "You are terse." in first_turn and not GOLDEN[name].startswith(first_turn)
+
+
+@pytest.mark.parametrize("name", ["gemma", "llama2", "mistral-v1", *SYSTEM_IN_LAST_USER])
 def test_system_folded_into_first_user_turn_needs_a_user_turn(name):
     with pytest.raises(TemplateError, match="followed by a user message"):
         render(name, [{"role": "system", "content": "s"}])

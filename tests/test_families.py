@@ -110,7 +110,9 @@ def test_every_example_and_prompt_starts_with_one_bos_where_the_family_expects_i
     tokenizers, template, family
 ):
     encoder, _ = text_side(tokenizers(family), template, model_type="gemma3")
-    conversation = ONE_TURN if template in ("llama2", "mistral", "gemma") else TWO_ROUNDS
+    conversation = (
+        ONE_TURN if template in ("llama2", "gemma") or "mistral" in template else TWO_ROUNDS
+    )
 
     example = encoder.encode(conversation)
     prompt = encoder.encode_prompt(conversation.messages[:-1])
@@ -131,7 +133,9 @@ def test_every_example_and_prompt_starts_with_one_bos_where_the_family_expects_i
 def test_a_family_that_expects_no_bos_gets_none_added(tokenizers, template):
     # SmolLM2's bos text is <|im_start|>, which its templates write as a turn marker.
     encoder, _ = text_side(tokenizers("smollm2"), template)
-    conversation = ONE_TURN if template in ("llama2", "mistral", "gemma") else TWO_ROUNDS
+    conversation = (
+        ONE_TURN if template in ("llama2", "gemma") or "mistral" in template else TWO_ROUNDS
+    )
 
     example = encoder.encode(conversation)
     text = encoder.encode(Conversation(Source("f.jsonl", 3), text="Plain text."))
@@ -148,7 +152,9 @@ def test_a_family_that_expects_no_bos_gets_none_added(tokenizers, template):
 @pytest.mark.parametrize("template", [*BUILTIN_TEMPLATES, "auto"])
 def test_where_eos_is_not_the_end_of_turn_both_stop_generation(tokenizers, template):
     encoder, _ = text_side(tokenizers("gemma_like"), template, model_type="gemma3")
-    conversation = ONE_TURN if template in ("llama2", "mistral", "gemma") else TWO_ROUNDS
+    conversation = (
+        ONE_TURN if template in ("llama2", "gemma") or "mistral" in template else TWO_ROUNDS
+    )
 
     example = encoder.encode(conversation)
 
