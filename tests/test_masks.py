@@ -37,7 +37,12 @@ TURN_TEXT = {
     "chatml": lambda c, eos: c + "<|im_end|>",
     "llama2": lambda c, eos: " " + c + " " + eos,
     "llama3": lambda c, eos: c + "<|eot_id|>",
-    "mistral": lambda c, eos: c + eos,
+    "mistral-v1": lambda c, eos: " " + c + eos,
+    "mistral-v3": lambda c, eos: " " + c + eos,
+    "mistral-v3-tekken": lambda c, eos: c + eos,
+    "mistral-v7": lambda c, eos: " " + c + eos,
+    "mistral-v7-tekken": lambda c, eos: c + eos,
+    "deepseek": lambda c, eos: c + "<｜end▁of▁sentence｜>",
     "alpaca": lambda c, eos: c + eos,
     "gemma": lambda c, eos: c + "<end_of_turn>",
     "phi3": lambda c, eos: c + "<|end|>",
@@ -231,8 +236,25 @@ def without_special_text(conversation: Conversation) -> Conversation:
     turns such text into control tokens; sftforge keeps it as characters (by design)."""
     return Conversation(
         conversation.source,
-        tuple(Message(m.role, m.content.replace("<", "‹")) for m in conversation.messages),
+        tuple(
+            Message(m.role, m.content.replace("<", "‹").replace("[", "‹"))
+            for m in conversation.messages
+        ),
     )
+
+
+# Mistral v2/v3 put the system prompt in the last user turn, so a chat with one and several
+# answers makes several examples (tests/test_reference_templates.py checks those); the
+# property tests here take one example a chat, so these templates get chats without one.
+SYSTEM_IN_LAST_USER = ("mistral-v3", "mistral-v3-tekken")
+
+
+def one_example(name: str, conversation: Conversation) -> Conversation:
+    if name not in SYSTEM_IN_LAST_USER:
+        return conversation
+    kept = tuple(m for m in conversation.messages if m.role != "system")
+    assume(any(m.role == "assistant" for m in kept))
+    return Conversation(conversation.source, kept)
 
 
 def blank_user_after_system(conversation: Conversation) -> bool:
@@ -248,6 +270,8 @@ def skip_unprovable(tokenizer_name: str, name: str, conversation: Conversation) 
     naming them, as tested by hand below."""
     if not tokenizer_name.startswith("sentencepiece"):
         return
+    if name == "deepseek":
+        pytest.skip("DeepSeek's turn tokens hold '▁', which SentencePiece decodes as a space")
     # SentencePiece writes spaces as '▁': a '▁' in the text decodes back as a space.
     assume(not any("▁" in m.content for m in conversation.messages))
     if name == "auto":
@@ -264,6 +288,7 @@ def skip_unprovable(tokenizer_name: str, name: str, conversation: Conversation) 
 def test_all_assistant_turns_are_trained_and_everything_before_them_is_the_inference_prompt(
     encoder_for, tokenizer_name, name, conversation
 ):
+    conversation = one_example(name, conversation)
     skip_unprovable(tokenizer_name, name, conversation)
     encoder = encoder_for(tokenizer_name, name, "all_assistant_turns")
     tokenizer = encoder.tokenizer
@@ -309,6 +334,7 @@ def test_all_assistant_turns_are_trained_and_everything_before_them_is_the_infer
 def test_last_assistant_turn_trains_one_run_holding_only_the_final_answer(
     encoder_for, tokenizer_name, name, conversation
 ):
+    conversation = one_example(name, conversation)
     skip_unprovable(tokenizer_name, name, conversation)
     encoder = encoder_for(tokenizer_name, name, "last_assistant_turn")
     tokenizer = encoder.tokenizer
@@ -333,6 +359,7 @@ def test_last_assistant_turn_trains_one_run_holding_only_the_final_answer(
 def test_all_tokens_trains_every_token_of_the_rendered_conversation(
     encoder_for, tokenizer_name, name, conversation
 ):
+    conversation = one_example(name, conversation)
     skip_unprovable(tokenizer_name, name, conversation)
     encoder = encoder_for(tokenizer_name, name, "all_tokens")
     example = encoder.encode(conversation)
@@ -350,7 +377,7 @@ def test_all_tokens_trains_every_token_of_the_rendered_conversation(
 def test_first_turn_prompt_is_what_transformers_apply_chat_template_gives(
     encoder_for, tokenizer_name, name, conversation
 ):
-    conversation = without_special_text(conversation)
+    conversation = one_example(name, without_special_text(conversation))
     skip_unprovable(tokenizer_name, name, conversation)
     encoder = encoder_for(tokenizer_name, name)
     example = encoder.encode(conversation)
@@ -398,7 +425,7 @@ def test_a_multi_turn_prompt_differs_from_transformers_only_where_an_answer_meet
     # what the answer begins or ends with (SmolLM2 and llama3: "\n\n" alone is one token,
     # "\n\nA" is "\n", "\n", "A"). The text is the same; the tokens differ only in stretches
     # that reach the start or end of an earlier answer.
-    conversation = without_special_text(conversation)
+    conversation = one_example(name, without_special_text(conversation))
     skip_unprovable(tokenizer_name, name, conversation)
     encoder = encoder_for(tokenizer_name, name)
     messages = conversation.messages
@@ -603,17 +630,18 @@ def test_sentencepiece_text_after_a_special_token_or_a_turn_boundary_gets_no_pre
     sentencepiece_tokenizer,
 ):
     # Tokenized alone, every string gets a '▁' prefix: "[INST]" would become "▁[INST]" after
-    # <s>, and Mistral's answer, which follows "[/INST]" with no space, would start with '▁'.
+    # <s>. Mistral v1's answer follows "[/INST] " as mistral-common writes it: its space is
+    # the answer's first token's '▁' ("▁Hello"), not a '▁' of its own before a second prefix.
     tokenizer = sentencepiece_tokenizer
     encoder = Encoder(tokenizer, resolve_template("mistral", tokenizer))
     example = encoder.encode(chat(("user", "Hi"), ("assistant", "Hello")))
     ((start, end),) = trained_runs(example)
     tokens = pieces(tokenizer, example.input_ids)
 
+    assert encoder.template.name == "mistral-v1"
     assert tokens[:2] == ["<s>", "["], "no '▁' between <s> and [INST]"
-    assert not tokens[start].startswith("▁"), "the answer goes on from '[/INST]' unspaced"
-    assert pieces(tokenizer, tokenizer("Hello", add_special_tokens=False).input_ids)[0][0] == "▁"
-    assert decode_in_context(tokenizer, example.input_ids, start, end) == "Hello</s>"
+    assert tokens[start].startswith("▁") and tokens[start] != "▁"
+    assert decode_in_context(tokenizer, example.input_ids, start, end) == " Hello</s>"
     assert example.input_ids[:start] == transformers_prompt_ids(
         tokenizer, chat(("user", "Hi")).messages
     )
