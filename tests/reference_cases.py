@@ -76,6 +76,9 @@ SHAPES: dict[str, Conversation] = {
         tools=(WEATHER_TOOL,),
     ),
 }
+SHAPES["tool call"] = Conversation(
+    _S, SHAPES["tool call and result"].messages[:2], tools=(WEATHER_TOOL,)
+)
 SHAPES["system, tool call and result"] = Conversation(
     _S,
     (Message("system", "Be brief."), *SHAPES["tool call and result"].messages),

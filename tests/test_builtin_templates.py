@@ -86,6 +86,16 @@ FAMILIES: dict[str, Family] = {
         "",
         False,
     ),
+    "llama3.1": Family(
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "",
+        "",
+        "<|eot_id|>",
+        "",
+        False,
+    ),
     "mistral-v1": Family("<s>", "</s>", "", " ", "", "</s>", "", True),
     "mistral-v3": Family("<s>", "</s>", "", " ", "", "</s>", "", True),
     "mistral-v3-tekken": Family("<s>", "</s>", "", "", "", "</s>", "", True),
@@ -170,6 +180,14 @@ GOLDEN = {
         "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>"
     ),
+    "llama3.1": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nYou are terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>"
+    ),
     "mistral-v1": "<s>[INST] You are terse.\n\nHi [/INST] Hello!</s>[INST] 2+2? [/INST] 4</s>",
     "mistral-v3": "<s>[INST] Hi[/INST] Hello!</s>[INST] You are terse.\n\n2+2?[/INST] 4</s>",
     "mistral-v3-tekken": "<s>[INST]Hi[/INST]Hello!</s>[INST]You are terse.\n\n2+2?[/INST]4</s>",
@@ -219,6 +237,12 @@ GOLDEN_PROMPT = {
     "llama2": "<s>[INST] Hi [/INST]",
     "llama3": (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "llama3.1": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
     "mistral-v1": "<s>[INST] Hi [/INST]",

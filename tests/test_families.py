@@ -284,14 +284,14 @@ def llama32_tokenizer():
     return load_tokenizer(str(folder))
 
 
-def test_a_llama32_base_gets_the_llama3_template_one_bos_and_stops_at_eot(llama32_tokenizer):
+def test_a_llama32_base_gets_the_llama31_template_one_bos_and_stops_at_eot(llama32_tokenizer):
     size = len(llama32_tokenizer)
 
     encoder, new_ids = text_side(llama32_tokenizer, "auto", model_type="llama")
     example = encoder.encode(TWO_ROUNDS)
 
     tokens = llama32_tokenizer.convert_ids_to_tokens
-    assert encoder.template.name == "llama3" and new_ids == [] and len(llama32_tokenizer) == size
+    assert encoder.template.name == "llama3.1" and new_ids == [] and len(llama32_tokenizer) == size
     assert leading_bos(encoder, example.input_ids) == 1
     assert leading_bos(encoder, encoder.encode_prompt(TWO_ROUNDS.messages[:2])) == 1
     assert tokens(list(encoder.stop_ids)) == ["<|end_of_text|>", "<|eot_id|>"]

@@ -37,6 +37,7 @@ TURN_TEXT = {
     "chatml": lambda c, eos: c + "<|im_end|>",
     "llama2": lambda c, eos: " " + c + " " + eos,
     "llama3": lambda c, eos: c + "<|eot_id|>",
+    "llama3.1": lambda c, eos: c + "<|eot_id|>",
     "mistral-v1": lambda c, eos: " " + c + eos,
     "mistral-v3": lambda c, eos: " " + c + eos,
     "mistral-v3-tekken": lambda c, eos: c + eos,

@@ -22,7 +22,11 @@ from sftforge.export.modelfile import GO_TEMPLATES, match_family
 from sftforge.export.verify import PROBES
 
 EOS = "</s>"
-BOS_OF = {"llama3": "<|begin_of_text|>", "gemma": "<bos>"}  # the others: "<s>"
+BOS_OF = {
+    "llama3": "<|begin_of_text|>",
+    "llama3.1": "<|begin_of_text|>",
+    "gemma": "<bos>",
+}  # the others: "<s>"
 CONVERSATIONS = (
     *PROBES,
     (

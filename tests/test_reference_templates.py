@@ -127,6 +127,7 @@ EQUAL = [
         ("system, one turn", "system, several turns", "system, tool call and result"),
     ),
     ("llama3", "llama3.2", "meta-llama-Meta-Llama-3-8B-Instruct", PLAIN),
+    ("llama3.1", "llama3.2", "meta-llama-Llama-3.1-8B-Instruct", (*PLAIN, "tool call")),
     ("deepseek", "deepseek", "deepseek-ai-DeepSeek-R1", PLAIN),
     ("gemma", "gemma-like", "google-gemma-3-1b-it", PLAIN),
     ("gemma", "gemma-like", "google-gemma-2-2b-it", ("one turn", "several turns")),
@@ -158,6 +159,17 @@ def test_builtin_writes_what_the_published_template_writes(
     assert compared and all(c.equal for c in compared), [c.first_difference for c in compared]
 
 
+@pytest.mark.parametrize("shape", (*PLAIN, "tool call"))
+def test_llama31_writes_what_llama32s_template_writes_on_the_same_date(shape, tokenizers):
+    # Llama 3.2's template writes today's date (strftime_now) where 3.1's writes 26 Jul
+    # 2024; given one `date_string`, as sftforge's template option, they agree.
+    tok = tokenizers("llama3.2")
+    source = (REFERENCE_TEMPLATES / "meta-llama-Llama-3.2-3B-Instruct.jinja").read_text("utf-8")
+    reference = JinjaReference(source, tok, options={"date_string": "26 Jul 2024"})
+    _, compared = comparisons(tok, "llama3.1", reference, shape)
+    assert compared and all(c.equal for c in compared)
+
+
 def test_llama2_writes_what_llama2_chats_own_template_writes(tokenizers):
     from model_families import LLAMA2_CHAT_TEMPLATE
 
@@ -174,7 +186,16 @@ DIFFERS = [
         "llama3.2",
         "meta-llama-Llama-3.1-8B-Instruct",
         "one turn",
-        "3.1's template always writes a system turn with 'Cutting Knowledge Date' and a date",
+        "3.1's template always writes a system turn with 'Cutting Knowledge Date' and a date: "
+        "the llama3.1 built-in writes it",
+    ),
+    (
+        "llama3.1",
+        "llama3.2",
+        "meta-llama-Llama-3.1-8B-Instruct",
+        "tool call and result",
+        "3.1's template writes a tool's string result as a JSON string (its `is iterable` test "
+        "holds for strings); Meta's llama-models, and sftforge, write it as the tool gave it",
     ),
     (
         "chatml",
@@ -243,7 +264,7 @@ def test_where_the_published_template_differs_the_reason_holds(
 
 AUTO = {
     "qwen3": "tokenizer",
-    "llama3.2": "llama3",
+    "llama3.2": "llama3.1",
     "deepseek": "deepseek",
     "gemma-like": "gemma",
     "phi3-like": "phi3",

@@ -11,6 +11,7 @@ import unicodedata
 # The built-in whose turn tokens a vocabulary holds, tried in this order.
 TURN_TOKENS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3.1": ("<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>", "<|eom_id|>"),
     "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
     "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),

@@ -23,10 +23,12 @@ from sftforge.encode.slots import template_messages
 
 
 class JinjaReference:
-    """A published Jinja chat template, rendered by transformers on `tokenizer`."""
+    """A published Jinja chat template, rendered by transformers on `tokenizer`, with
+    `options` as its variables (`date_string`, `enable_thinking`)."""
 
-    def __init__(self, source: str, tokenizer, name: str = "jinja"):
+    def __init__(self, source: str, tokenizer, name: str = "jinja", options: dict | None = None):
         self.source, self.tokenizer, self.name = source, tokenizer, name
+        self.options = options or {}
 
     def ids(self, messages: list[dict], tools: list[dict] | None, prompt: bool) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -35,6 +37,7 @@ class JinjaReference:
             chat_template=self.source,
             tokenize=False,
             add_generation_prompt=prompt,
+            **self.options,
         )
         return self.tokenizer(text, add_special_tokens=False).input_ids
 

@@ -26,6 +26,7 @@ BUILTIN_TEMPLATES = (
     "chatml",
     "llama2",
     "llama3",
+    "llama3.1",
     *MISTRAL_VERSIONS,
     "alpaca",
     "gemma",
@@ -44,6 +45,7 @@ TEMPLATE_ALIASES = ("mistral",)
 BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "llama3.1": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
     "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
     "deepseek": ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"),
