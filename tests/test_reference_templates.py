@@ -296,3 +296,99 @@ def test_mistral_names_the_version_of_the_tokenizer(tokenizers):
     for file, name in MISTRAL_FILES.items():
         encoder, _ = text_side(tokenizers(file), "mistral")
         assert encoder.template.name == name, file
+
+
+# ---------------------------------------------------------------- every form a tokenizer ships
+
+
+def test_a_tiktoken_tokenizer_model_gives_the_ids_of_its_tokenizer_json(
+    tokenizer_paths, tokenizers, tmp_path
+):
+    # Meta ships Llama 3's tokenizer as a tiktoken file (tokenizer.model) beside
+    # tokenizer.json; a folder with only the tiktoken file and its config encodes alike.
+    import shutil
+
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tokenizer_paths["llama3.2"] / name, tmp_path / name)
+    from_tiktoken = load_tokenizer(str(tmp_path))
+    assert not (tmp_path / "tokenizer.json").exists()
+    ours, _ = text_side(from_tiktoken, "auto")
+    theirs, _ = text_side(tokenizers("llama3.2"), "auto")
+    assert ours.template.name == theirs.template.name == "llama3.1"
+    for shape in (*PLAIN, "tool call"):
+        ids = [e.input_ids for e in ours.encode_examples(SHAPES[shape])]
+        assert ids == [e.input_ids for e in theirs.encode_examples(SHAPES[shape])], shape
+
+
+def test_mistral_files_load_from_a_folder_as_mistral_ships_them(tmp_path, mistral_common):
+    import shutil
+
+    from sftforge.models.mistral_files import mistral_tokenizer_file
+
+    shutil.copy(mistral_file("mistral_instruct_tokenizer_241114.model.v7"), tmp_path)
+    shutil.copy(mistral_file("tokenizer.model.v1"), tmp_path)
+    assert mistral_tokenizer_file(tmp_path).name.endswith(".v7")  # the newest version
+    encoder, _ = text_side(load_tokenizer(str(tmp_path)), "auto")
+    assert encoder.template.name == "mistral-v7"
+    reference = mistral_common("mistral_instruct_tokenizer_241114.model.v7")
+    assert all(c.equal for c in compare(encoder, reference, SHAPES["system, several turns"]))
+
+
+# ---------------------------------------------------------------- the proof, and inspect
+
+
+def test_a_tokenizer_read_from_mistrals_file_checks_every_example_against_mistral_common(
+    tokenizers,
+):
+    # An answer that starts with a space: mistral-common's SentencePiece writes "▁|▁Madrid",
+    # the tokenizer transformers reads from the same file "▁▁|Mad|rid". No other check sees
+    # it (the text decodes alike); the reference check refuses the record, naming the token.
+    from sftforge.data.messages import Conversation, DataError, Message, Source
+
+    encoder, _ = text_side(tokenizers("mistral_instruct_tokenizer_240323.model.v3"), "auto")
+    spaced = Conversation(
+        Source("chats.jsonl", 7),
+        (Message("user", "And of Spain?"), Message("assistant", " Madrid, I think.")),
+    )
+    assert encoder.reference is not None
+    assert len(encoder.encode_examples(SHAPES["system, several turns"])) == 2
+    with pytest.raises(DataError) as refused:
+        encoder.encode_examples(spaced)
+    message = str(refused.value)
+    assert message.startswith("chats.jsonl:7: field 'messages': differs from its family's ")
+    assert "mistral-common (mistral_instruct_tokenizer_240323.model.v3), at token" in message
+    assert ">>[[▁▁]]<<" in message and ">>[[▁]]<<|[[▁Madrid]]" in message
+
+
+def test_other_tokenizers_get_no_reference_check(tokenizers):
+    encoder, _ = text_side(tokenizers("llama3.2"), "auto")
+    assert encoder.reference is None
+
+
+def test_inspect_shows_sftforge_and_the_reference_side_by_side(tmp_path, tokenizer_paths, capsys):
+    import json
+
+    from sftforge.cli.main import main
+
+    data = tmp_path / "chats.jsonl"
+    chats = [SHAPES["several turns"], SHAPES["one turn"]]
+    data.write_text(
+        "\n".join(json.dumps({"messages": [m.as_json() for m in c.messages]}) for c in chats)
+    )
+    reference = REFERENCE_TEMPLATES / "meta-llama-Llama-3.1-8B-Instruct.jinja"
+    folder = str(tokenizer_paths["llama3.2"])
+    main(["inspect", str(data), "--model", folder, "--plain", "--reference", str(reference)])
+    shown = capsys.readouterr().out
+
+    # llama3 (3.0's layout) against 3.1's template: they part at the system turn 3.1 adds.
+    main(
+        ["inspect", str(data), "--model", folder, "--plain", "--template", "llama3"]
+        + ["--reference", str(reference)]
+    )
+    differs = capsys.readouterr().out
+    assert "reference: the same ids and the same mask" in shown
+    assert "the same ids and mask as the reference: 2 of 2 examples" in shown
+    assert "reference differs at token 2:" in differs
+    assert "sftforge  @0: <|begin_of_text|>|<|start_header_id|>|>>user<<" in differs
+    assert "reference @0: <|begin_of_text|>|<|start_header_id|>|>>system<<" in differs
+    assert "the same ids and mask as the reference: 0 of 2 examples" in differs

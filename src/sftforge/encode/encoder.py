@@ -86,6 +86,7 @@ class Encoder:
         train_on: TrainOn = "all_assistant_turns",
         reasoning: ReasoningMode = "train",
         template_options: dict | None = None,
+        reference=None,  # encode/reference.py's ReferenceProof: each example checked by it
     ):
         for name, value, allowed in (
             ("train_on", train_on, get_args(TrainOn)),
@@ -98,6 +99,7 @@ class Encoder:
         self.train_on = train_on
         self.reasoning = reasoning
         self.template_options = dict(template_options or {})
+        self.reference = reference
         self.special_ids: dict[str, int] = dict(tokenizer.get_added_vocab())
         for tok in (tokenizer.eos_token, tokenizer.bos_token):
             if tok and tok not in self.special_ids:
@@ -194,6 +196,10 @@ class Encoder:
                 )
             else:
                 results[k].append(Example(ids, labels, str(source)))
+        for k, conversation in [] if self.reference is None else enumerate(conversations):
+            problem = self.reference.problem(self, conversation, results[k])
+            if problem:  # the family's reference writes it otherwise (encode/reference.py)
+                results[k] = DataError(conversation.source, problem, field_of(conversation))
         return results
 
     def encode_prompt(

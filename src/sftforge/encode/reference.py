@@ -118,14 +118,18 @@ def compare(encoder, reference, conversation: Conversation) -> list[ExampleCompa
     """Each of sftforge's examples of `conversation` beside the reference's for the same
     messages (the conversation cut after the assistant turn whose reference agrees with it
     longest), and the first token where ids or mask differ."""
+    examples = encoder.encode_examples(conversation)
+    return compare_examples(reference, encoder.tokenizer, conversation, examples)
+
+
+def compare_examples(reference, tokenizer, conversation, examples) -> list[ExampleComparison]:
+    """`compare` for examples already made."""
     messages = template_messages(conversation.messages)
     tools = list(conversation.tools) or None
     cuts = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]
-    candidates = [
-        reference_example(reference, encoder.tokenizer, messages[:k], tools) for k in cuts
-    ]
+    candidates = [reference_example(reference, tokenizer, messages[:k], tools) for k in cuts]
     comparisons = []
-    for ours in encoder.encode_examples(conversation):
+    for ours in examples:
         theirs = max(
             candidates,
             key=lambda c: (_agreeing(ours, c), -abs(len(c.input_ids) - len(ours.input_ids))),
@@ -153,20 +157,49 @@ def _agreeing(ours: Example, theirs: ReferenceExample) -> int:
 def side_by_side(tokenizer, comparison: ExampleComparison, context: int = 6) -> str:
     """Two lines, sftforge's tokens and the reference's, from a few tokens before the first
     difference, the first differing token in >> <<, trained tokens in [[ ]]."""
-    at = comparison.first_difference
-    if at is None:
+    if comparison.first_difference is None:
         return "reference: the same ids and the same mask"
+    at = comparison.first_difference
+    ours, theirs = _rows(tokenizer, comparison, context)
+    return f"reference differs at token {at}:\n  sftforge  {ours}\n  reference {theirs}"
+
+
+def _rows(tokenizer, comparison: ExampleComparison, context: int) -> tuple[str, str]:
+    at = comparison.first_difference
     start = max(0, at - context)
     rows = []
-    for who, ids, labels in (
-        ("sftforge ", comparison.ours.input_ids, comparison.ours.labels),
-        ("reference", comparison.theirs.input_ids, comparison.theirs.labels),
-    ):
+    for example in (comparison.ours, comparison.theirs):
+        ids, labels = example.input_ids, example.labels
         shown = []
         for k in range(start, min(len(ids), at + context)):
             text = repr(tokenizer.convert_ids_to_tokens(ids[k]))[1:-1]
             text = f"[[{text}]]" if labels[k] != IGNORE_INDEX else text
             shown.append(f">>{text}<<" if k == at else text)
         end = "" if len(ids) > at else " (ends here)"
-        rows.append(f"  {who} @{start}: {'|'.join(shown)}{end}")
-    return f"reference differs at token {at}:\n" + "\n".join(rows)
+        rows.append(f"@{start}: {'|'.join(shown)}{end}")
+    return rows[0], rows[1]
+
+
+class ReferenceProof:
+    """Part of each example's proof where the family's reference is at hand (a tokenizer
+    read from Mistral's own files, checked by mistral-common): an example whose ids or mask
+    differ from the reference's is refused, naming the first token that differs."""
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    def problem(self, encoder, conversation: Conversation, examples) -> str | None:
+        """Why `examples` (or the DataError in their place) differ from the reference's."""
+        if conversation.is_raw_text or not isinstance(examples, list):
+            return None
+        tokenizer = encoder.tokenizer
+        for compared in compare_examples(self.reference, tokenizer, conversation, examples):
+            if not compared.equal:
+                ours, theirs = _rows(tokenizer, compared, context=4)
+                return (
+                    f"differs from its family's reference, {self.reference.name}, at token "
+                    f"{compared.first_difference} (in >> <<): sftforge {ours}; the reference "
+                    f"{theirs}: the record is refused, its tokens are not those the family's own "
+                    "encoder writes"
+                )
+        return None

@@ -21,6 +21,10 @@ from pathlib import Path
 
 from sftforge.encode.families import MISTRAL_VERSION_KEY
 
+# The Mistral file a tokenizer was read from, kept with its settings: mistral-common checks
+# each example against it (`mistral_common_proof`).
+MISTRAL_FILE_KEY = "mistral_common_file"
+
 TEKKEN_FILE = "tekken.json"
 _SENTENCEPIECE_FILE = re.compile(r"\.model\.v(\d+)(m\d+)?$")
 
@@ -58,6 +62,7 @@ def load_mistral_tokenizer(path: Path):
         tokenizer.chat_template = None
         version = json.loads(path.read_text("utf-8"))["config"].get("version", "v3")
         tokenizer.init_kwargs[MISTRAL_VERSION_KEY] = int(version.lstrip("v").split("m")[0])
+        tokenizer.init_kwargs[MISTRAL_FILE_KEY] = str(path.resolve())
         return tokenizer
     from transformers import LlamaTokenizer
 
@@ -67,4 +72,21 @@ def load_mistral_tokenizer(path: Path):
         version = sentencepiece_version(path)
         tokenizer = LlamaTokenizer.from_pretrained(folder, legacy=version == 1)
     tokenizer.init_kwargs[MISTRAL_VERSION_KEY] = version
+    tokenizer.init_kwargs[MISTRAL_FILE_KEY] = str(path.resolve())
     return tokenizer
+
+
+def mistral_common_proof(tokenizer, template_name: str):
+    """The reference check each example gets where the tokenizer was read from Mistral's own
+    file (still there) and the template is the built-in of its version: mistral-common's
+    encoder of that file. None where there is none."""
+    from sftforge.encode.families import MISTRAL_VERSIONS
+    from sftforge.encode.reference import MistralCommonReference, ReferenceProof
+
+    path = tokenizer.init_kwargs.get(MISTRAL_FILE_KEY)
+    if template_name not in MISTRAL_VERSIONS or not path or not Path(path).is_file():
+        return None
+    try:
+        return ReferenceProof(MistralCommonReference(path))
+    except ImportError:
+        return None  # mistral-common is not installed: pip install sftforge[mistral]

@@ -11,7 +11,11 @@ from sftforge.encode.families import other_spellings
 from sftforge.encode.render import ReasoningMode, TrainOn
 from sftforge.encode.templates import ChatTemplate, TemplateError, resolve_template
 from sftforge.models.loading import fit_new_token_rows
-from sftforge.models.mistral_files import load_mistral_tokenizer, mistral_tokenizer_file
+from sftforge.models.mistral_files import (
+    load_mistral_tokenizer,
+    mistral_common_proof,
+    mistral_tokenizer_file,
+)
 from sftforge.models.source import (
     ModelNotFoundError,
     ModelSourceError,
@@ -95,4 +99,8 @@ def text_side(
     if new_ids:
         say(f"added {len(new_ids)} special tokens the template needs: {chosen.extra_tokens}")
     tokenizer.chat_template = chosen.source
-    return Encoder(tokenizer, chosen, train_on, reasoning, template_options), new_ids
+    proof = mistral_common_proof(tokenizer, chosen.name)
+    if proof is not None:
+        say(f"each example is checked token for token against {proof.reference.name}")
+    encoder = Encoder(tokenizer, chosen, train_on, reasoning, template_options, proof)
+    return encoder, new_ids
