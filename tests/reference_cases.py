@@ -79,6 +79,21 @@ SHAPES: dict[str, Conversation] = {
 SHAPES["tool call"] = Conversation(
     _S, SHAPES["tool call and result"].messages[:2], tools=(WEATHER_TOOL,)
 )
+# Mistral's v3 and later name each call with a 9-character id, which the result repeats.
+SHAPES["tool call with an id and result"] = Conversation(
+    _S,
+    (
+        Message("user", "Weather in Paris?"),
+        Message(
+            "assistant",
+            "",
+            tool_calls=(ToolCall("get_weather", {"city": "Paris"}, id="call00001"),),
+        ),
+        Message("tool", '{"temperature": 21}', tool_call_id="call00001", name="get_weather"),
+        Message("assistant", "It is 21 degrees."),
+    ),
+    tools=(WEATHER_TOOL,),
+)
 SHAPES["system, tool call and result"] = Conversation(
     _S,
     (Message("system", "Be brief."), *SHAPES["tool call and result"].messages),

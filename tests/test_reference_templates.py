@@ -107,6 +107,26 @@ def test_mistral_builtins_write_what_mistral_common_writes(file, shape, tokenize
     assert trained[-1] == tokenizer.eos_token_id  # taught to stop
 
 
+TOOL_FILES = [
+    f
+    for f in MISTRAL_FILES
+    if not f.startswith(("tokenizer.model.v1", "mistral_instruct_tokenizer_240216"))
+]
+
+
+@pytest.mark.parametrize("file", TOOL_FILES)
+def test_mistral_builtins_write_tools_calls_and_results_as_mistral_common_does(
+    file, tokenizers, mistral_common
+):
+    tokenizer = tokenizers(file)
+    encoder, compared = comparisons(
+        tokenizer, "auto", mistral_common(file), "tool call with an id and result"
+    )
+    assert compared and all(c.equal for c in compared), [c.first_difference for c in compared]
+    trained = [tokenizer.decode([t]) for t in compared[0].ours.labels if t != -100]
+    assert trained[0] == "[TOOL_CALLS]" and trained.count(tokenizer.eos_token) == 2
+
+
 def test_mistral_v3_trains_an_earlier_turn_as_inference_sees_it(tokenizers, mistral_common):
     # v2/v3 put the system prompt in the last user turn: turn 1 is written one way when it is
     # generated and another once turn 2 follows. Both examples match mistral-common's.

@@ -41,7 +41,12 @@ from sftforge.encode.slots import (
     to_real_offset,
     with_sentinels,
 )
-from sftforge.encode.templates import BUILTIN_TEMPLATES, ChatTemplate, TemplateError
+from sftforge.encode.templates import (
+    BUILTIN_TEMPLATES,
+    TOOL_TEMPLATES,
+    ChatTemplate,
+    TemplateError,
+)
 
 TrainOn = Literal["all_assistant_turns", "last_assistant_turn", "all_tokens"]
 
@@ -187,11 +192,12 @@ def _layout(
 def _no_tool_format(template: ChatTemplate, messages, tools) -> str:
     """A hint for tool data refused by a built-in that has no tool format."""
     uses_tools = tools or any(m.role == "tool" or m.tool_calls for m in messages)
-    if not uses_tools or template.name not in BUILTIN_TEMPLATES or template.name == "chatml":
+    if not uses_tools or template.name not in BUILTIN_TEMPLATES or template.name in TOOL_TEMPLATES:
         return ""
     return (
         f" (the {template.name} built-in has no tool format: use the model's own template, "
-        "the chatml built-in, or a Jinja file that writes tools)"
+        f"a built-in that writes tools ({', '.join(TOOL_TEMPLATES)}), or a Jinja file that "
+        "writes them)"
     )
 
 

@@ -49,10 +49,16 @@ BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
     "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
     "deepseek": ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"),
-    **{name: ("[INST]", "[/INST]") for name in MISTRAL_VERSIONS if name != "mistral-v1"},
 }
+_MISTRAL_TOKENS = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]")
+_MISTRAL_TOKENS += ("[TOOL_RESULTS]", "[/TOOL_RESULTS]")
+for _name in ("mistral-v3", "mistral-v3-tekken"):
+    BUILTIN_SPECIAL_TOKENS[_name] = _MISTRAL_TOKENS
 for _name in ("mistral-v7", "mistral-v7-tekken"):
+    BUILTIN_SPECIAL_TOKENS[_name] = (*_MISTRAL_TOKENS, "[TOOL_CONTENT]")
     BUILTIN_SPECIAL_TOKENS[_name] += ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+# The built-ins that write tools offered, calls and results.
+TOOL_TEMPLATES = ("chatml", "llama3.1", *MISTRAL_VERSIONS[1:])
 
 # How control tokens are spelled in chat templates: <|im_start|>, <|eot_id|>, or snake-case
 # tags such as <start_of_turn>. A custom template's tokens of these forms that the tokenizer
