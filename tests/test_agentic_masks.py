@@ -255,7 +255,7 @@ def test_reasoning_as_context_is_shown_but_only_the_answer_is_trained(smollm2_to
 
 
 def test_llama32_with_the_llama3_builtin_refuses_tools_it_cannot_write(llama32_tokenizer):
-    encoder, _ = text_side(llama32_tokenizer, "llama3", model_type="llama")
+    encoder, _ = text_side(copy.deepcopy(llama32_tokenizer), "llama3", model_type="llama")
     with pytest.raises(DataError, match=r"tools\.jsonl:1.*unknown role 'tool'"):
         encoder.encode_examples(conversation(TOOL_LOOP))
     # Its family's built-in (3.1+) writes tools, but one call a turn, as Llama 3.1 does.
