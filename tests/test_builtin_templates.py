@@ -86,16 +86,6 @@ FAMILIES: dict[str, Family] = {
         "",
         False,
     ),
-    "llama3.1": Family(
-        "<|begin_of_text|>",
-        "<|eot_id|>",
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        "",
-        "",
-        "<|eot_id|>",
-        "",
-        False,
-    ),
     "mistral-v1": Family("<s>", "</s>", "", " ", "", "</s>", "", True),
     "mistral-v3": Family("<s>", "</s>", "", " ", "", "</s>", "", True),
     "mistral-v3-tekken": Family("<s>", "</s>", "", "", "", "</s>", "", True),
@@ -119,6 +109,7 @@ FAMILIES: dict[str, Family] = {
     "zephyr": Family("<s>", "</s>", "<|assistant|>\n", "", "", "</s>", "\n", False),
     "vicuna": Family("<s>", "</s>", "ASSISTANT:", " ", "", "</s>", "", True),
 }
+FAMILIES["llama3.1"] = FAMILIES["llama3"]  # the same turn layout; 3.1 adds a dated system turn
 NAMES = sorted(FAMILIES)
 ALTERNATING = [n for n in NAMES if FAMILIES[n].alternating]
 FREE_ORDER = [n for n in NAMES if not FAMILIES[n].alternating]

@@ -277,7 +277,29 @@ def test_where_the_published_template_differs_the_reason_holds(
     tok = tokenizers(tokenizer)
     source = (REFERENCE_TEMPLATES / f"{reference}.jinja").read_text("utf-8")
     _, compared = comparisons(tok, builtin, JinjaReference(source, tok), shape)
-    assert not all(c.equal for c in compared), why
+    first = next(c for c in compared if not c.equal)
+    at = first.first_difference
+    pieces = tok.convert_ids_to_tokens
+    found = (at, pieces(first.ours.input_ids[at]), pieces(first.theirs.input_ids[at]))
+    assert found == DIFFERS_AT[builtin, reference], why
+
+
+# Where each first differs: (token index, sftforge's token, the reference's token).
+DIFFERS_AT = {
+    ("llama3", "meta-llama-Llama-3.1-8B-Instruct"): (2, "user", "system"),
+    ("llama3.1", "meta-llama-Llama-3.1-8B-Instruct"): (198, '{"', '"{'),
+    ("chatml", "Qwen-Qwen2.5-7B-Instruct"): (1, "user", "system"),
+    ("deepseek", "deepseek-ai-DeepSeek-R1"): (10, "<think>", "4"),
+    ("mistral-v1", "mistralai-Mistral-7B-Instruct-v0.1"): (20, "▁P", "P"),
+    ("mistral-v3-tekken", "mistralai-Mistral-Nemo-Instruct-2407"): (2, "Be", "What"),
+    ("mistral-v7-tekken", "mistralai-Mistral-Small-3.1-24B-Instruct-2503"): (
+        1,
+        "[INST]",
+        "[SYSTEM_PROMPT]",
+    ),
+    ("phi3", "microsoft-Phi-3-mini-4k-instruct"): (0, "<s>", "<|user|>"),
+    ("zephyr", "HuggingFaceH4-zephyr-7b-beta"): (0, "<s>", "▁"),
+}
 
 
 # ---------------------------------------------------------------- auto, and other spellings

@@ -15,7 +15,7 @@ TURN_TOKENS: dict[str, tuple[str, ...]] = {
     "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
     "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-    "deepseek": ("<｜User｜>", "<｜Assistant｜>"),
+    "deepseek": ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"),
 }
 
 # The family's built-in from the model's type, when the vocabulary holds no turn tokens.

@@ -19,7 +19,12 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from sftforge.encode.families import MISTRAL_VERSIONS, family_template, mistral_version
+from sftforge.encode.families import (
+    MISTRAL_VERSIONS,
+    TURN_TOKENS,
+    family_template,
+    mistral_version,
+)
 from sftforge.errors import InputError
 
 BUILTIN_TEMPLATES = (
@@ -43,12 +48,8 @@ TEMPLATE_ALIASES = ("mistral",)
 # them added (and the model's embeddings resized) so that each becomes one token, not a
 # string of characters the model has never seen as a unit.
 BUILTIN_SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    "llama3.1": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    "gemma": ("<bos>", "<start_of_turn>", "<end_of_turn>"),
-    "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-    "deepseek": ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"),
+    **{name: tokens for name, tokens in TURN_TOKENS.items() if name != "llama3.1"},
+    "llama3.1": TURN_TOKENS["llama3"],  # <|eom_id|> tells the family; the template writes none
 }
 _MISTRAL_TOKENS = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]")
 _MISTRAL_TOKENS += ("[TOOL_RESULTS]", "[/TOOL_RESULTS]")
