@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,8 +242,10 @@ def test_a_sentencepiece_only_tokenizer_loads_and_encodes_as_sentencepiece(tmp_p
     assert tokenizer(text).input_ids == [processor.bos_id(), *processor.encode(text)]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tiktoken") is not None, reason="tiktoken reads it")
-def test_a_tiktoken_tokenizer_model_that_cannot_be_read_says_what_to_install(tmp_path):
+def test_a_tiktoken_tokenizer_model_that_cannot_be_read_says_what_to_install(tmp_path, monkeypatch):
+    # tiktoken comes with mistral-common in the test install: make it unimportable here.
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    monkeypatch.setitem(sys.modules, "tiktoken.load", None)
     for name in ("tokenizer.model", "tokenizer_config.json"):  # Llama 3's: tiktoken format
         shutil.copyfile(LLAMA3_TOKENIZER / name, tmp_path / name)
 
