@@ -127,7 +127,10 @@ def compare_examples(reference, tokenizer, conversation, examples) -> list[Examp
     messages = template_messages(conversation.messages)
     tools = list(conversation.tools) or None
     cuts = [k + 1 for k, m in enumerate(messages) if m["role"] == "assistant"]
-    candidates = [reference_example(reference, tokenizer, messages[:k], tools) for k in cuts]
+    prefixes = _Prefixes(reference)
+    candidates = [reference_example(prefixes, tokenizer, messages[:k], tools) for k in cuts]
+    if not candidates:
+        return []
     comparisons = []
     for ours in examples:
         theirs = max(
@@ -136,6 +139,20 @@ def compare_examples(reference, tokenizer, conversation, examples) -> list[Examp
         )
         comparisons.append(ExampleComparison(ours, theirs, _first_difference(ours, theirs)))
     return comparisons
+
+
+class _Prefixes:
+    """The reference's ids for prefixes of one conversation, each prefix encoded once (a
+    conversation's candidates share them)."""
+
+    def __init__(self, reference):
+        self.reference, self.name, self._ids = reference, reference.name, {}
+
+    def ids(self, messages: list[dict], tools, prompt: bool) -> list[int]:
+        key = (len(messages), prompt)
+        if key not in self._ids:
+            self._ids[key] = self.reference.ids(messages, tools, prompt)
+        return self._ids[key]
 
 
 def _first_difference(ours: Example, theirs: ReferenceExample) -> int | None:
