@@ -7,9 +7,10 @@ special token, as mistral-common's v1 writes its plain-text [INST]).
 
 The file's version is kept in the tokenizer's settings (`mistral_version`, saved with it in
 tokenizer_config.json), for the version's layout cannot always be told from the vocabulary
-(a v3 tekken.json holds [SYSTEM_PROMPT] too). The tokenizer gets no chat template: `template: auto` (or `mistral`) then takes the built-in
-of the file's version (encode/families.py), which tests/test_reference_templates.py proves
-token for token against mistral-common."""
+(a v3 tekken.json holds [SYSTEM_PROMPT] too). The tokenizer gets no chat template:
+`template: auto` (or `mistral`) then takes the built-in of the file's version
+(encode/families.py), which tests/test_reference_templates.py proves token for token against
+mistral-common, and each example is checked against it again (`mistral_common_proof`)."""
 
 from __future__ import annotations
 
