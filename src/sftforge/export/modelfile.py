@@ -24,6 +24,29 @@ from sftforge.export.vocabulary import Vocabulary
 _SYSTEM = '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}{{ end }}\n'
 # The index of the last user message ($last): Mistral v2/v3 put the system prompt there.
 _LAST_USER = '{{- $last := -1 }}{{- range $i, $m := .Messages }}{{ if eq .Role "user" }}{{ $last = $i }}{{ end }}{{ end }}\n'
+
+
+def _mistral_go(space: str, system_tokens: bool) -> str:
+    """Mistral v3/v7's Go twin: `space` after each opening control token and before an
+    answer (" " for SentencePiece, "" for tekken); the system prompt between its own tokens
+    (v7), else before the last user message's text (v2/v3)."""
+    if system_tokens:
+        head = f"{{{{- if $system }}}}[SYSTEM_PROMPT]{space}{{{{ $system }}}}[/SYSTEM_PROMPT]{{{{ end }}}}\n"
+        system = ""
+    else:
+        head = _LAST_USER
+        system = "{{ if and (eq $i $last) $system }}{{ $system }}\n\n{{ end }}"
+    return (
+        _SYSTEM
+        + head
+        + f"""{{{{- range $i, $m := .Messages }}}}
+{{{{- if eq .Role "user" }}}}[INST]{space}{system}{{{{ .Content }}}}[/INST]
+{{{{- else if eq .Role "assistant" }}}}{space}{{{{ .Content }}}}EOS
+{{{{- end }}}}
+{{{{- end }}}}"""
+    )
+
+
 GO_TEMPLATES = {
     "chatml": """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
@@ -79,38 +102,10 @@ Today Date: 26 Jul 2024
 {{- else if eq .Role "assistant" }} {{ .Content }}EOS
 {{- end }}
 {{- end }}""",
-    "mistral-v3": _SYSTEM
-    + _LAST_USER
-    + """{{- range $i, $m := .Messages }}
-{{- if eq .Role "user" }}[INST] {{ if and (eq $i $last) $system }}{{ $system }}
-
-{{ end }}{{ .Content }}[/INST]
-{{- else if eq .Role "assistant" }} {{ .Content }}EOS
-{{- end }}
-{{- end }}""",
-    "mistral-v3-tekken": _SYSTEM
-    + _LAST_USER
-    + """{{- range $i, $m := .Messages }}
-{{- if eq .Role "user" }}[INST]{{ if and (eq $i $last) $system }}{{ $system }}
-
-{{ end }}{{ .Content }}[/INST]
-{{- else if eq .Role "assistant" }}{{ .Content }}EOS
-{{- end }}
-{{- end }}""",
-    "mistral-v7": _SYSTEM
-    + """{{- if $system }}[SYSTEM_PROMPT] {{ $system }}[/SYSTEM_PROMPT]{{ end }}
-{{- range .Messages }}
-{{- if eq .Role "user" }}[INST] {{ .Content }}[/INST]
-{{- else if eq .Role "assistant" }} {{ .Content }}EOS
-{{- end }}
-{{- end }}""",
-    "mistral-v7-tekken": _SYSTEM
-    + """{{- if $system }}[SYSTEM_PROMPT]{{ $system }}[/SYSTEM_PROMPT]{{ end }}
-{{- range .Messages }}
-{{- if eq .Role "user" }}[INST]{{ .Content }}[/INST]
-{{- else if eq .Role "assistant" }}{{ .Content }}EOS
-{{- end }}
-{{- end }}""",
+    "mistral-v3": _mistral_go(" ", system_tokens=False),
+    "mistral-v3-tekken": _mistral_go("", system_tokens=False),
+    "mistral-v7": _mistral_go(" ", system_tokens=True),
+    "mistral-v7-tekken": _mistral_go("", system_tokens=True),
     "deepseek": _SYSTEM
     + """{{- $system }}
 {{- range .Messages }}
