@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,13 @@ def test_wandb(tmp_path, monkeypatch):
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     assert trackers.locations["wandb"] == str(run_dir)
     (log,) = run_dir.glob("run-*.wandb")
+    # finish() returns once the service has the exit record; the service writes and closes the
+    # transaction log a moment later (at process exit at the latest: wandb's atexit teardown
+    # waits for it). A test reading the log in the same process waits for the stream to close.
+    service_log = run_dir / "logs" / "debug-internal.log"
+    deadline = time.monotonic() + 60
+    while "stream: all finished" not in service_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     history, summary, config = {}, {}, {}
 
     def name(item):
@@ -189,11 +197,11 @@ def test_wandb(tmp_path, monkeypatch):
         elif kind in ("run", "config"):
             updates = record.run.config.update if kind == "run" else record.config.update
             config.update({name(i): json.loads(i.value_json) for i in updates})
-    # Seen once in a full CI run and not reproduced since: no history rows at all. Should it
-    # recur, the message carries what the log held and what wandb's service said.
     kinds = collections.Counter(r.WhichOneof("record_type") for r in wandb_records(log))
-    service_log = (run_dir / "logs" / "debug-internal.log").read_text().splitlines()
-    diagnosis = f"records {dict(kinds)}; wandb's service log ends:\n" + "\n".join(service_log[-30:])
+    service_lines = service_log.read_text().splitlines()
+    diagnosis = f"records {dict(kinds)}; wandb's service log ends:\n" + "\n".join(
+        service_lines[-30:]
+    )
     rows = {k: v for k, v in history.items() if "/" in k[0]}
     assert rows == pytest.approx(EXPECTED), diagnosis
     assert {k: summary[k] for k in SUMMARY_NUMBERS} == SUMMARY_NUMBERS
