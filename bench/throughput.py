@@ -10,10 +10,13 @@ with TRL; see docs/benchmarks.md.
 """
 
 import argparse
+import contextlib
 import json
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
+
+from emulated_bf16 import EmulatedBf16Matmuls  # bench/emulated_bf16.py
 
 from sftforge.config.loading import load_config
 from sftforge.training.loop import train
@@ -41,6 +44,12 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="a config override KEY=VALUE")
     p.add_argument("--held-out", help="held-out file: its loss every --eval-every steps")
     p.add_argument("--eval-every", type=int, default=2)
+    p.add_argument(
+        "--emulate-bf16",
+        action="store_true",
+        help="bf16 matmuls computed in fp32 and rounded (bench/emulated_bf16.py): bf16's "
+        "losses at fp32's speed on a CPU without fast bf16; its speed figures mean nothing",
+    )
     args = p.parse_args()
 
     if args.token_budget:
@@ -78,7 +87,9 @@ def main() -> None:
             overrides += [f"eval.held_out={args.held_out}", f"eval.every={args.eval_every}"]
         if args.peak_tflops:
             overrides.append(f"training.peak_tflops={args.peak_tflops}")
-        train(load_config(None, overrides + args.set))
+        numerics = EmulatedBf16Matmuls() if args.emulate_bf16 else contextlib.nullcontext()
+        with numerics:
+            train(load_config(None, overrides + args.set))
         rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
     warm, last = rows[args.warmup_steps - 1], rows[-1]
@@ -94,6 +105,7 @@ def main() -> None:
         "packing": args.packing,
         "gradient_checkpointing": args.gradient_checkpointing,
         "compile": args.compile,
+        "emulated_bf16": args.emulate_bf16,
         "examples_per_step": args.examples_per_step,
         "steps_timed": len(rows) - args.warmup_steps,
         "tokens_per_s": (last["tokens"] - warm["tokens"]) / seconds,

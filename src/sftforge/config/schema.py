@@ -124,6 +124,22 @@ class LoraConfig(Strict):
         "(not in batches that share prefixes: those draw per process)",
     )
     target_modules: str | list[str] = "all-linear"
+    rslora: bool = Field(
+        default=False,
+        description="rank-stabilised LoRA: the adapter's output scaled by alpha / sqrt(r) "
+        "instead of alpha / r",
+    )
+    dora: bool = Field(
+        default=False,
+        description="DoRA: each adapted weight's direction and magnitude learnt apart (one "
+        "more vector a layer, and slower steps)",
+    )
+    b_lr_ratio: float = Field(
+        default=1.0,
+        gt=0,
+        description="LoRA+: the B matrices learn at this many times training.lr (A at the "
+        "rate itself); 1 is plain LoRA",
+    )
     fp32_sum: bool = Field(
         default=True, description="under autocast, add adapter and base outputs in fp32"
     )
@@ -191,6 +207,13 @@ class TrainingConfig(Strict):
         default="auto",
         description="auto: bf16 autocast (fp32 master weights) where the device runs bf16 "
         "fast; pure_bf16 (LoRA only): frozen weights stored in bf16, adapters in fp32",
+    )
+    bf16_rounding: Literal["stochastic", "nearest"] = Field(
+        default="stochastic",
+        description="how each step's bf16 copy of the trained matrices is made under bf16 "
+        "autocast: stochastic (equal to the fp32 master weights on average, so updates far "
+        "below bf16's resolution still reach the forward pass; a 4-byte residual per "
+        "trained matrix element while a step runs) or nearest (autocast's own cast)",
     )
     device: str = resumable("auto", description="auto, cpu, cuda, cuda:1, mps")
     parallelism: Parallelism = resumable(

@@ -300,10 +300,18 @@ def _as_fp32(module, args, output):
 
 
 def attach_lora(
-    model, r: int, alpha: int, dropout: float, target_modules, new_token_ids, seed: int = 0
+    model,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules,
+    new_token_ids,
+    seed: int = 0,
+    rslora: bool = False,
+    dora: bool = False,
 ):
     """LoRA adapters on `model` (peft), each started from a seed of its own (see
-    `seed_adapters`)."""
+    `seed_adapters`); scaled by alpha / sqrt(r) with `rslora`, as DoRA with `dora`."""
     from peft import LoraConfig, get_peft_model
 
     trainable_tokens = None
@@ -323,6 +331,8 @@ def attach_lora(
         target_modules=target_modules,
         task_type="CAUSAL_LM",
         trainable_token_indices=trainable_tokens,
+        use_rslora=rslora,
+        use_dora=dora,
     )
     with _peft_reading_a_deprecated_property():
         adapted = get_peft_model(model, config)

@@ -90,12 +90,14 @@ from sftforge.training.prepare import (
 )
 from sftforge.training.run import Learner, Run, StepPlan, TrainResult
 from sftforge.training.runlock import lock_output_dir
+from sftforge.training.stochastic_rounding import rounding_for_step, weight_rounding
 from sftforge.training.training_data import load_examples_once
 from sftforge.training.update import (
     accumulate_gradients,
     gradient_norm,
     learning_rate_at,
     optimizer_steps,
+    parameter_groups,
     step_seed,
 )
 
@@ -188,8 +190,9 @@ def start(config: Config, world: World = ALONE) -> Run:
     trainer.train()
     params = [p for p in trainer.parameters() if p.requires_grad]
     step_device = torch.device("cpu") if offload else device  # where the optimizer steps
+    b_lr_ratio = config.lora.b_lr_ratio if config.uses_lora else 1.0
     optimizer = torch.optim.AdamW(
-        params,
+        parameter_groups(trainer, b_lr_ratio),
         lr=config.learning_rate,
         weight_decay=t.weight_decay,
         **fast_adamw_options(step_device),
@@ -201,9 +204,10 @@ def start(config: Config, world: World = ALONE) -> Run:
             checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
             f"{checkpoints} checkpoints and the final weights",
         )
+    rounding = weight_rounding(params, amp, t.bf16_rounding)
     say(
         f"training {config.method} on {device}{processes_note(world, t.parallelism)} "
-        f"({precision_note(t.precision, amp, config.method)}): "
+        f"({precision_note(t.precision, amp, config.method, rounding)}): "
         f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
         f"examples{micro_batch_note(config)}{shared_note(world)}, "
         f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
@@ -213,6 +217,7 @@ def start(config: Config, world: World = ALONE) -> Run:
         model, trainer, params, optimizer, device, amp, flop_model(model, config.method)
     )
     learner.compile_failed = bool(compile_failure)
+    learner.rounding = rounding
     plan = StepPlan(
         total=total_steps,
         stream=step_stream(len(data.examples), t.batch_size * t.grad_accum, t.seed),
@@ -270,18 +275,19 @@ def steps(run: Run) -> list[dict]:
         for step in bar:
             lr = learning_rate_at(step, total, warmup, config.learning_rate, t.schedule)
             for group in run.learner.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in older checkpoints
             torch.manual_seed(step_seed(t.seed, step, world.rank))
             epoch, indices, batches = next(upcoming)
-            loss, trained = accumulate_gradients(
-                run.learner.trainer,
-                batches,
-                run.learner.device,
-                run.learner.amp,
-                world,
-                run.encoder.pad_id,
-                draw_seed=step_seed(t.seed, step),  # the same on every rank: per example
-            )
+            with rounding_for_step(run.learner.rounding, step_seed(t.seed, step)):
+                loss, trained = accumulate_gradients(
+                    run.learner.trainer,
+                    batches,
+                    run.learner.device,
+                    run.learner.amp,
+                    world,
+                    run.encoder.pad_id,
+                    draw_seed=step_seed(t.seed, step),  # the same on every rank: per example
+                )
             grad_norm = gradient_norm(run.learner.params, t.max_grad_norm)
             applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)
             stopping, rows = _count(run, batches, trained, clock, stop.signal is not None)

@@ -88,12 +88,13 @@ def open_metrics(path: Path, done: int):
     return metrics, kept
 
 
-def precision_note(precision: str, amp: torch.dtype | None, method: str) -> str:
+def precision_note(precision: str, amp: torch.dtype | None, method: str, rounding=None) -> str:
+    rounded = ", stochastically rounded to bf16 each step" if rounding is not None else ""
     if method == "qlora":
-        return f"4-bit NF4 frozen base, fp32 adapters, {'bf16' if amp else 'fp32'} compute"
+        return f"4-bit NF4 frozen base, fp32 adapters{rounded}, {'bf16' if amp else 'fp32'} compute"
     if precision == "pure_bf16":
-        return "bf16 frozen weights, fp32 adapters, bf16 autocast"
-    return "bf16 autocast, fp32 master weights" if amp else "fp32"
+        return f"bf16 frozen weights, fp32 adapters{rounded}, bf16 autocast"
+    return f"bf16 autocast, fp32 master weights{rounded}" if amp else "fp32"
 
 
 def micro_batch_note(config: Config) -> str:

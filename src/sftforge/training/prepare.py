@@ -127,6 +127,8 @@ def prepare_model(config: Config, device: torch.device, text: PreparedText):
             lora.target_modules,
             text.new_ids,
             config.training.seed,
+            rslora=lora.rslora,
+            dora=lora.dora,
         )
         if lora.fp32_sum:
             add_adapter_outputs_in_fp32(model)

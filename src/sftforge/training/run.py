@@ -43,6 +43,7 @@ from sftforge.training.sharded import (
     save_sharded_checkpoint,
 )
 from sftforge.training.sharded_model import write_sharded_weights
+from sftforge.training.stochastic_rounding import StochasticBf16Weights
 from sftforge.training.training_data import TrainingData
 
 EVAL_BATCH = 8  # held-out examples per forward pass
@@ -61,6 +62,7 @@ class Learner:
     amp: torch.dtype | None  # autocast dtype, None for fp32
     flops: FlopModel
     compile_failed: bool = False  # training.compile was asked for, and torch.compile failed
+    rounding: StochasticBf16Weights | None = None  # each step's bf16 weights, if stochastic
 
 
 @dataclass

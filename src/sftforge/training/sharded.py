@@ -96,7 +96,7 @@ def load_any_checkpoint(
             options=StateDictOptions(ignore_frozen_params=True, strict=False),
         )
     else:
-        whole_weights, whole_optimizer = _whole_checkpoint_state(path, trainer, state)
+        whole_weights, whole_optimizer = _whole_checkpoint_state(path, trainer, optimizer, state)
         set_state_dict(
             trainer,
             optimizer,
@@ -122,12 +122,12 @@ def load_trained_weights(path: Path, trainer: torch.nn.Module) -> None:
     )
 
 
-def _whole_checkpoint_state(path: Path, trainer, state: dict) -> tuple[dict, dict]:
+def _whole_checkpoint_state(path: Path, trainer, optimizer, state: dict) -> tuple[dict, dict]:
     """A one-process (or DDP) checkpoint as the state dicts `set_state_dict` takes: weights
     named as in the TokenLoss ("model." + the model's names), optimizer state by those names
     instead of by position."""
     weights = {f"model.{name}": t for name, t in load_file(path / "trainable.safetensors").items()}
-    names = [name for name in _trainable_names(trainer)]
+    names = _names_in_optimizer_order(trainer, optimizer)
     if sorted(names) != sorted(weights):
         raise CheckpointError(
             f"{path}: its trainable weights do not match this model's; was it written with "
@@ -145,10 +145,11 @@ def _whole_checkpoint_state(path: Path, trainer, state: dict) -> tuple[dict, dic
     return weights, {"state": per_param, "param_groups": groups}
 
 
-def _trainable_names(trainer) -> list[str]:
-    """The trainable parameters' names, in the optimizer's order, without DDP's prefix."""
-    names = [name for name, p in trainer.named_parameters() if p.requires_grad]
-    return [name.removeprefix("module.") for name in names]
+def _names_in_optimizer_order(trainer, optimizer) -> list[str]:
+    """The trainable parameters' names (without DDP's prefix) in the optimizer's order: its
+    groups' one after the other (LoRA+'s B matrices are a group of their own)."""
+    name_of = {id(p): name.removeprefix("module.") for name, p in trainer.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def _load_shards(shards: dict, folder: Path) -> None:

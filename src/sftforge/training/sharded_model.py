@@ -83,7 +83,15 @@ def load_sharded(config, device: torch.device, text, shard: Callable) -> tuple:
     if config.uses_lora:
         lora = config.lora
         model = attach_lora(
-            model, lora.r, lora.alpha, lora.dropout, lora.target_modules, [], config.training.seed
+            model,
+            lora.r,
+            lora.alpha,
+            lora.dropout,
+            lora.target_modules,
+            [],
+            config.training.seed,
+            rslora=lora.rslora,
+            dora=lora.dora,
         )
         adapters = {
             name: p.detach().clone()

@@ -45,6 +45,19 @@ def optimizer_steps(config: Config, n_examples: int) -> int:
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
+def parameter_groups(module: torch.nn.Module, b_lr_ratio: float = 1.0) -> list[dict]:
+    """`module`'s trainable parameters as optimizer groups, each with its `lr_scale` (its
+    learning rate over training.lr): LoRA+'s B matrices (peft's `lora_B`) at `b_lr_ratio`
+    in a group of their own, everything else at 1. One group when the ratio is 1."""
+    trained = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if b_lr_ratio == 1.0:
+        return [{"params": [p for _, p in trained], "lr_scale": 1.0}]
+    b_matrices = [p for name, p in trained if ".lora_B." in name]
+    rest = [p for name, p in trained if ".lora_B." not in name]
+    groups = [{"params": rest, "lr_scale": 1.0}, {"params": b_matrices, "lr_scale": b_lr_ratio}]
+    return [group for group in groups if group["params"]]
+
+
 def accumulate_gradients(
     loss_module,
     batches: list[Batch],
