@@ -118,7 +118,9 @@ def main() -> None:
         ratio = f"{base_time / seconds:.2f}x" if seconds else "never"
         losses = " | ".join(f"{run['curve'][s][1]:.4f}" for s in steps)
         secs = f"{seconds:.0f}" if seconds else "-"
-        print(f"| {run['name']} | {losses} | {run['result']['tokens_per_s']:.0f} | {secs} | {ratio} |")
+        print(
+            f"| {run['name']} | {losses} | {run['result']['tokens_per_s']:.0f} | {secs} | {ratio} |"
+        )
         run["seconds_to_target"] = seconds
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = ROOT / "bench" / "results" / f"methods-{args.task}-{stamp}.json"

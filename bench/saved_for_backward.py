@@ -80,9 +80,9 @@ def main() -> None:
         return tensor
 
     numerics = EmulatedBf16Matmuls() if args.emulate_bf16 else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), numerics:
-        with autocast(run.learner.device, run.learner.amp):
-            loss = batch_loss(run.learner.trainer, batch)
+    saving = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with saving, numerics, autocast(run.learner.device, run.learner.amp):
+        loss = batch_loss(run.learner.trainer, batch)
     for handle in handles:
         handle.remove()
     del loss
