@@ -6,6 +6,7 @@ the forward, by the module that saved it and by dtype, counted once per storage.
 
 The run is set up as `sftforge train` would (loop.start), then one micro-batch of
 --micro-batch demo examples runs forward under `torch.autograd.graph.saved_tensors_hooks`;
+as training runs it (peft's cast of adapter inputs to fp32 off under autocast);
 each saved tensor is attributed to the innermost module whose forward was running. With
 the weights themselves this is most of a LoRA step's peak memory on top of the model.
 """
@@ -24,6 +25,7 @@ from emulated_bf16 import EmulatedBf16Matmuls  # bench/emulated_bf16.py
 from sftforge.config.loading import load_config
 from sftforge.encode.batches import collate
 from sftforge.models.devices import autocast
+from sftforge.models.loading import adapter_input_casts
 from sftforge.models.loss import batch_loss
 from sftforge.training.loop import start
 
@@ -81,7 +83,8 @@ def main() -> None:
 
     numerics = EmulatedBf16Matmuls() if args.emulate_bf16 else contextlib.nullcontext()
     saving = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with saving, numerics, autocast(run.learner.device, run.learner.amp):
+    as_training = adapter_input_casts(run.learner.trainer, enabled=run.learner.amp is None)
+    with saving, numerics, as_training, autocast(run.learner.device, run.learner.amp):
         loss = batch_loss(run.learner.trainer, batch)
     for handle in handles:
         handle.remove()
