@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from time_to_quality import time_to  # bench/time_to_quality.py
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = {  # as `sftforge demo` trains them (src/sftforge/training/demo.py)
     "extraction": {
@@ -72,18 +74,6 @@ def command(args, task: dict, settings: list[str]) -> list[str]:
         *(["--emulate-bf16"] if args.emulate_bf16 else []),
         *[f"--set={item}" for item in sets],
     ]  # fmt: skip
-
-
-def time_to(target: float, curve: dict[int, tuple[float, float]]) -> float | None:
-    """Training seconds at which the validation loss first reaches `target`, interpolated
-    between the measurements around the crossing; None if it never does."""
-    points = [curve[s] for s in sorted(curve)]
-    for (t0, l0), (t1, l1) in zip([(0.0, float("inf"))] + points, points, strict=False):
-        if l1 <= target:
-            if l0 == float("inf") or l0 == l1:
-                return t1
-            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
-    return None
 
 
 def main() -> None:

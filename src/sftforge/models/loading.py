@@ -341,6 +341,15 @@ def attach_lora(
     return adapted
 
 
+def attach_configured_lora(model, lora, new_token_ids, seed: int):
+    """`attach_lora` with the settings of a config's `lora` section (r, alpha, dropout,
+    target_modules, rslora, dora)."""
+    return attach_lora(
+        model, lora.r, lora.alpha, lora.dropout, lora.target_modules, new_token_ids, seed,
+        rslora=lora.rslora, dora=lora.dora,
+    )  # fmt: skip
+
+
 def seed_adapters(model, seed: int) -> None:
     """Start each LoRA layer's adapter (peft's own initialisation: A as nn.Linear's, B zero)
     from a seed made of the run's seed and the layer's name, not from wherever the global

@@ -19,7 +19,7 @@ from sftforge.encode.encoder import Encoder
 from sftforge.models.devices import autocast_dtype
 from sftforge.models.loading import (
     add_adapter_outputs_in_fp32,
-    attach_lora,
+    attach_configured_lora,
     attention_implementation,
     causal_lm,
     compile_decoder_layers,
@@ -118,19 +118,8 @@ def prepare_model(config: Config, device: torch.device, text: PreparedText):
         model = model.to(device)
     fit_new_token_rows(model, tokenizer, text.new_ids)
     if config.uses_lora:
-        lora = config.lora
-        model = attach_lora(
-            model,
-            lora.r,
-            lora.alpha,
-            lora.dropout,
-            lora.target_modules,
-            text.new_ids,
-            config.training.seed,
-            rslora=lora.rslora,
-            dora=lora.dora,
-        )
-        if lora.fp32_sum:
+        model = attach_configured_lora(model, config.lora, text.new_ids, config.training.seed)
+        if config.lora.fp32_sum:
             add_adapter_outputs_in_fp32(model)
     return model, base_path
 

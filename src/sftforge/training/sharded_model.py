@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from sftforge.models.loading import (
-    attach_lora,
+    attach_configured_lora,
     attention_implementation,
     causal_lm,
     mean_row,
@@ -81,18 +81,7 @@ def load_sharded(config, device: torch.device, text, shard: Callable) -> tuple:
     vocabulary_weights = _vocabulary_weight_names(model)
     adapters = {}
     if config.uses_lora:
-        lora = config.lora
-        model = attach_lora(
-            model,
-            lora.r,
-            lora.alpha,
-            lora.dropout,
-            lora.target_modules,
-            [],
-            config.training.seed,
-            rslora=lora.rslora,
-            dora=lora.dora,
-        )
+        model = attach_configured_lora(model, config.lora, [], config.training.seed)
         adapters = {
             name: p.detach().clone()
             for name, p in causal_lm(model).named_parameters()
