@@ -17,7 +17,9 @@ by its stochastically rounded value, stored in fp32, so autocast's cast is exact
 difference to the master is kept as an exact integer residual of the bit patterns, and added
 back when the context ends: the optimizer, the checkpoints, evaluation and the saved model
 see the fp32 master weights, bit for bit. The random bits come from `seed` alone (one step's,
-the same on every rank), so a resumed run and every rank of a DDP run round alike.
+the same on every rank), so a resumed run and every rank of a DDP run round alike. Under
+FSDP each rank rounds its own shards, drawing from that same stream: as unbiased, but not the
+very numbers one process would draw for those elements.
 
 What it costs, while a step runs: one 4-byte residual per trained matrix element, and one
 random 16-bit number per element a step.
