@@ -83,6 +83,41 @@ def test_within_a_step_the_matrices_hold_bf16_values_and_after_it_their_masters_
         assert not torch.equal(model["proj"].weight, first["proj.weight"])
 
 
+def test_a_matrix_larger_than_the_random_pool_is_rounded_chunk_by_chunk():
+    """The random numbers come from a pool read at each step's offsets, one pool's length of
+    the matrix at a time: every element of every chunk is rounded, and comes back."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(37, 100) * 0.02)  # 3,700 elements, pool of 1,000
+    master = weight.detach().clone()
+    down, up = bf16_neighbours(master)
+    rounding = StochasticBf16Weights([weight], pool_size=1000)
+    with rounding.rounded(seed=5):
+        assert bool(((weight == down) | (weight == up)).all())
+        ups = (weight == up) & (up != down)
+        for chunk in ups.view(-1).split(1000):  # each chunk drew its own numbers
+            assert 0.2 < float(chunk.float().mean()) < 0.8
+    assert torch.equal(weight.view(torch.int32), master.view(torch.int32))
+
+
+def test_from_step_to_step_each_element_is_its_master_on_average():
+    """Over steps, an element's random number is a fresh draw from the pool: the mean of its
+    rounded values is the master, for every element (here 0.0213 and -0.0213 in a matrix
+    three pools long)."""
+    weight = torch.nn.Parameter(torch.tensor([0.0213, -0.0213]).repeat(3 * 256).view(6, 256))
+    down, up = bf16_neighbours(weight.detach()[:1, :2].clone())
+    gap = float((up - down).abs()[0, 0])
+    rounding = StochasticBf16Weights([weight], pool_size=512)
+    steps = 4000
+    total = torch.zeros_like(weight, dtype=torch.float64)
+    for seed in range(steps):
+        with rounding.rounded(seed):
+            total += weight.detach().double()
+    mean = total / steps
+    p_up = (0.0213 - float(down.abs()[0, 0])) / gap
+    standard_error = gap * (p_up * (1 - p_up) / steps) ** 0.5
+    assert float((mean.abs() - 0.0213).abs().max()) < 5 * standard_error
+
+
 def test_the_masters_come_back_when_the_step_fails():
     model = model_with_tied_and_1d_weights()
     masters = [p.detach().clone() for p in model.parameters()]
