@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from sftforge.config.loading import load_config
 from sftforge.encode.batches import collate
 from sftforge.training.loop import start
+from sftforge.training.stochastic_rounding import rounding_for_step
 from sftforge.training.update import accumulate_gradients
 
 DEMO = Path(__file__).resolve().parent.parent / "src/sftforge/assets/demo_train.jsonl"
@@ -76,9 +77,10 @@ def main() -> None:
 
         def step():
             learner = run.learner
-            accumulate_gradients(
-                learner.trainer, batches, learner.device, learner.amp, pad_id=run.encoder.pad_id
-            )
+            with rounding_for_step(learner.rounding, seed=0):  # bf16: stochastic rounding
+                accumulate_gradients(
+                    learner.trainer, batches, learner.device, learner.amp, pad_id=run.encoder.pad_id
+                )
             learner.optimizer.step()
             learner.optimizer.zero_grad(set_to_none=True)
 

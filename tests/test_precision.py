@@ -99,3 +99,66 @@ def test_the_config_key_turns_the_fp32_sum_on_in_a_run_and_off_when_asked(
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             dtypes[setting] = layer(x).dtype
     assert dtypes == {True: torch.float32, False: torch.bfloat16}
+
+
+def test_frozen_matrices_stored_in_bf16_give_bf16_autocast_the_same_losses_and_gradients(
+    tiny_model_factory,
+):
+    """Autocast casts each frozen fp32 matrix to bf16 at every use; stored in bf16 once, the
+    matrix is that very cast: the loss and every trained gradient are the same, bit for bit.
+    Embeddings, norms and adapters stay fp32."""
+    from sftforge.training.prepare import store_frozen_matrices_as_computed
+
+    base = tiny_model_factory(vocab_size=512)
+    as_loaded = attach_lora(copy.deepcopy(base), 4, 8, 0.0, "all-linear", [])
+    with torch.no_grad():
+        for p in (p for n, p in as_loaded.named_parameters() if "lora_B" in n):
+            p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
+    add_adapter_outputs_in_fp32(as_loaded)
+    stored = copy.deepcopy(as_loaded)
+    add_adapter_outputs_in_fp32(stored)  # deepcopy keeps no hooks
+    converted = store_frozen_matrices_as_computed(stored, torch.bfloat16)
+    layer_matrices = {
+        n: p for n, p in stored.named_parameters() if ".layers." in n and p.dim() == 2
+    }
+    frozen = {n for n, p in layer_matrices.items() if not p.requires_grad}
+    assert converted == sum(layer_matrices[n].numel() for n in frozen) > 0
+    for name, p in stored.named_parameters():
+        expected = torch.bfloat16 if name in frozen else torch.float32
+        assert p.dtype == expected, name  # adapters, embeddings and norms stay fp32
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (as_loaded, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((out.loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+def test_a_bf16_lora_run_stores_its_frozen_matrices_in_bf16_and_an_fp32_run_does_not(
+    tiny_model_dir, demo_records_40
+):
+    from sftforge.config.loading import load_config
+    from sftforge.models.devices import autocast_dtype
+    from sftforge.training.distributed import ALONE
+    from sftforge.training.prepare import prepare_model_for, prepare_text
+
+    dtypes = {}
+    for precision in ("bf16", "fp32"):
+        config = load_config(
+            None,
+            [
+                f"model={tiny_model_dir}",
+                f"data.train={demo_records_40}",
+                f"training.precision={precision}",
+            ],
+        )
+        cpu = torch.device("cpu")
+        amp = autocast_dtype(precision, cpu)
+        model, _, _ = prepare_model_for(config, cpu, prepare_text(config), ALONE, amp, False)
+        dtypes[precision] = {p.dtype for n, p in model.named_parameters() if "q_proj.base" in n}
+    assert dtypes == {"bf16": {torch.bfloat16}, "fp32": {torch.float32}}

@@ -124,6 +124,28 @@ def prepare_model(config: Config, device: torch.device, text: PreparedText):
     return model, base_path
 
 
+def store_frozen_matrices_as_computed(model, amp: torch.dtype) -> int:
+    """Store the decoder layers' frozen fp32 matrices in the autocast dtype `amp`; returns
+    the elements converted.
+
+    Under autocast each matmul casts its fp32 weight to `amp` (rounding to nearest) at every
+    use, and a frozen weight's copy is not cached: it is made again in every micro-batch's
+    forward and kept alive for the backward. Stored once in `amp`, the weight *is* that copy:
+    every matmul computes with the same numbers (the same losses and gradients, bit for
+    bit), the fp32 weights and their per-step copies are gone (for SmolLM2-135M's layers,
+    106M elements: 424 MB and 212 MB), and so are the casts. Embeddings, norms and anything
+    trained stay in fp32, so the residual stream stays fp32 (what `pure_bf16` gives up).
+    Every place that runs the model here (training, held-out loss, generation, forgetting)
+    runs it under the same autocast; the saved adapter and any merge start from the weights
+    on disk. Not for DoRA (it takes the norm of base + adapter weights in their own dtype)."""
+    converted = 0
+    for param in causal_lm(model).get_decoder().layers.parameters():
+        if not param.requires_grad and param.dim() >= 2 and param.dtype == torch.float32:
+            param.data = param.data.to(amp)
+            converted += param.numel()
+    return converted
+
+
 def prepare_model_for(config: Config, device, text: PreparedText, world: World, amp, offload):
     """(the model, the path of its weights, its loss module already sharded or None). Under
     FSDP the model is built sharded, no rank holding it whole (training/sharded_model.py),
@@ -144,6 +166,9 @@ def prepare_model_for(config: Config, device, text: PreparedText, world: World, 
             return model, text.base_model_path, trainer
         say(f"loading the whole model on every rank, then sharding it: {why}")
     model, base_path = prepare_model(config, device, text)
+    fsdp = world.is_distributed and config.training.parallelism == "fsdp"
+    if config.method == "lora" and amp is not None and not config.lora.dora and not fsdp:
+        store_frozen_matrices_as_computed(model, amp)  # FSDP: one dtype per unit, untested
     return model, base_path, None
 
 
