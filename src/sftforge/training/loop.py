@@ -66,6 +66,7 @@ from sftforge.training.guards import (
     nonfinite_stop,
     stop_requests,
 )
+from sftforge.training.host_memory import hold_mmap_threshold
 from sftforge.training.metrics import (
     TrainingClock,
     micro_batch_note,
@@ -137,6 +138,8 @@ def start(config: Config, world: World = ALONE) -> Run:
     output_dir = Path(config.output_dir)
     t = config.training
     quiet_other_ranks(world)
+    if t.mmap_threshold_kib is not None and (why := hold_mmap_threshold(t.mmap_threshold_kib)):
+        say(f"training.mmap_threshold_kib: glibc's threshold left as it is ({why})")
     check_data_files(config)
     check_parallel_settings(config, world)
     resume_from = None
