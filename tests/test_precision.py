@@ -53,6 +53,22 @@ def test_under_bf16_the_adapters_small_output_survives_the_sum_only_in_fp32():
     assert lost > 0.5
 
 
+def assert_same_outputs_and_gradients(model_a, model_b, amp=None):
+    """The same logits and trained gradients, bit for bit, for one batch (under `amp`
+    autocast when given)."""
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (model_a, model_b):
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((out.logits.detach(), grads))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    assert torch.equal(logits_a, logits_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
 def test_in_fp32_the_fp32_sum_changes_neither_outputs_nor_gradients(tiny_model_factory):
     base = tiny_model_factory(vocab_size=512)
     plain = attach_lora(copy.deepcopy(base), 4, 8, 0.0, "all-linear", [])
@@ -61,16 +77,7 @@ def test_in_fp32_the_fp32_sum_changes_neither_outputs_nor_gradients(tiny_model_f
             p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
     hooked = copy.deepcopy(plain)
     assert add_adapter_outputs_in_fp32(hooked) > 0
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
-    results = []
-    for model in (plain, hooked):
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results.append((out.logits.detach(), grads))
-    (logits_a, grads_a), (logits_b, grads_b) = results
-    assert torch.equal(logits_a, logits_b)
-    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert_same_outputs_and_gradients(plain, hooked)
 
 
 def test_the_config_key_turns_the_fp32_sum_on_in_a_run_and_off_when_asked(
@@ -105,7 +112,7 @@ def test_frozen_matrices_stored_in_bf16_give_bf16_autocast_the_same_losses_and_g
     tiny_model_factory,
 ):
     """Autocast casts each frozen fp32 matrix to bf16 at every use; stored in bf16 once, the
-    matrix is that very cast: the loss and every trained gradient are the same, bit for bit.
+    matrix is that very cast: the logits and every trained gradient are the same, bit for bit.
     Embeddings, norms and adapters stay fp32."""
     from sftforge.training.prepare import store_frozen_matrices_as_computed
 
@@ -126,17 +133,7 @@ def test_frozen_matrices_stored_in_bf16_give_bf16_autocast_the_same_losses_and_g
     for name, p in stored.named_parameters():
         expected = torch.bfloat16 if name in frozen else torch.float32
         assert p.dtype == expected, name  # adapters, embeddings and norms stay fp32
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(3))
-    results = []
-    for model in (as_loaded, stored):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results.append((out.loss.detach(), grads))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert torch.equal(loss_a, loss_b)
-    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert_same_outputs_and_gradients(as_loaded, stored, torch.bfloat16)
 
 
 def test_a_bf16_lora_run_stores_its_frozen_matrices_in_bf16_and_an_fp32_run_does_not(
