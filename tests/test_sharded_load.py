@@ -43,8 +43,15 @@ def loaded_whole(overrides: list[str]) -> tuple[dict, torch.Tensor]:
     text = prepare_text(config)
     torch.manual_seed(config.training.seed)
     model, _ = prepare_model(config, torch.device("cpu"), text)
-    with torch.no_grad():
-        logits = model(input_ids=PROBE).logits
+    threads = torch.get_num_threads()
+    # One thread, as each rank computes (OMP_NUM_THREADS=1): on some CPUs (an AMX Xeon) the
+    # fp32 matmuls add in another order with two threads, 1e-6 apart.
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=PROBE).logits
+    finally:
+        torch.set_num_threads(threads)
     return model.state_dict(), logits
 
 
