@@ -152,6 +152,21 @@ def test_the_sharing_check_passes_for_sdpa_and_refuses_a_short_sliding_window(
     verify_prefix_sharing(model, CPU, row_length=512)
 
 
+def test_the_sharing_check_runs_under_the_runs_autocast_with_frozen_matrices_in_bf16(
+    tiny_model_factory,
+):
+    """A bf16 LoRA run stores its frozen matrices in bf16: the check computes as training
+    does, under bf16 autocast (in fp32 the matmuls would refuse the mixed dtypes)."""
+    from sftforge.models.loading import attach_lora
+    from sftforge.training.prepare import store_frozen_matrices_as_computed
+
+    model = attach_lora(tiny_model_factory(VOCAB), 4, 8, 0.0, "all-linear", [])
+    assert store_frozen_matrices_as_computed(model, torch.bfloat16) > 0
+    verify_prefix_sharing(model, CPU, row_length=1024, amp=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        verify_prefix_sharing(model, CPU, row_length=1024)
+
+
 @pytest.mark.parametrize(
     "overrides, why",
     [

@@ -26,6 +26,7 @@ import torch
 
 from sftforge.encode.batches import Batch, causal_pairs, cut_micro_batches, trained_token_count
 from sftforge.encode.encoder import IGNORE_INDEX, Example
+from sftforge.models.devices import autocast
 from sftforge.models.loading import PackingError, attends_in_sliding_windows, causal_lm
 from sftforge.models.loss import as_model_mask
 
@@ -166,9 +167,12 @@ def shared_step_batches(
 
 
 @torch.no_grad()
-def verify_prefix_sharing(model, device: torch.device, row_length: int) -> None:
+def verify_prefix_sharing(
+    model, device: torch.device, row_length: int, amp: torch.dtype | None = None
+) -> None:
     """Prove, on this model as loaded, that a shared row gives each member the hidden states
-    it has alone (a prefix and two continuations), and refuse a model whose layers also
+    it has alone (a prefix and two continuations), under the run's autocast `amp` (the
+    model's frozen matrices may be stored in its dtype), and refuse a model whose layers also
     attend within a sliding window shorter than the rows: the row's own mask would replace
     that window."""
     lm = causal_lm(model)
@@ -192,21 +196,25 @@ def verify_prefix_sharing(model, device: torch.device, row_length: int) -> None:
     was_training = model.training
     model.eval()
     try:
-        shared = decoder(
-            input_ids=row.input_ids,
-            position_ids=row.position_ids,
-            attention_mask=as_model_mask(lm, row.attention_mask),
-            use_cache=False,
-        )[0][0]
-        alone = [
-            decoder(input_ids=torch.tensor([ex.input_ids], device=device), use_cache=False)[0][0]
-            for ex in members
-        ]
+        with autocast(device, amp):
+            shared = decoder(
+                input_ids=row.input_ids,
+                position_ids=row.position_ids,
+                attention_mask=as_model_mask(lm, row.attention_mask),
+                use_cache=False,
+            )[0][0]
+            alone = [
+                decoder(input_ids=torch.tensor([ex.input_ids], device=device), use_cache=False)[0][
+                    0
+                ]
+                for ex in members
+            ]
     finally:
         model.train(was_training)
     expected = torch.cat([alone[0], alone[1][4:]])
     gap = float((shared.float() - expected.float()).abs().max())
-    if gap > 1e-3 * max(1.0, float(expected.float().abs().max())):
+    tolerance = 1e-3 if amp is None else 5e-2  # bf16 keeps 8 significant bits
+    if gap > tolerance * max(1.0, float(expected.float().abs().max())):
         implementation = getattr(lm.config, "_attn_implementation", "?")
         raise PackingError(
             f"training.share_prefixes: with this model's attention ({implementation}) a "

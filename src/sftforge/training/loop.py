@@ -171,7 +171,7 @@ def start(config: Config, world: World = ALONE) -> Run:
         return on_sharded_model(trainer, fn) if trainer is not None else fn(model)
 
     if t.share_prefixes:  # before any held-out loss is measured in shared rows
-        on_model(lambda m: verify_prefix_sharing(m, device, config.max_length))
+        on_model(lambda m: verify_prefix_sharing(m, device, config.max_length, amp))
     before = None
     if resume_from is None and (world.is_main or trainer is not None):
         say("measuring the model before training")
