@@ -11,7 +11,7 @@ change when a run resumes; every other field shapes the steps, and a resume refu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -146,7 +146,11 @@ class LoraConfig(Strict):
 
 
 class TrainingConfig(Strict):
-    lr: float | None = Field(default=None, gt=0, description="default 2e-5 full, 2e-4 LoRA")
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        default=None,
+        description="peak rate; default 2e-5 full, 2e-4 LoRA; auto: chosen by trials (lr_probe.py)",
+    )
+    lr_probe_steps: int = Field(default=8, gt=0, description="steps of each lr: auto trial")
     epochs: float = Field(default=3, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="overrides epochs")
     batch_size: int = Field(default=8, gt=0, description="examples per micro-batch")
@@ -191,17 +195,15 @@ class TrainingConfig(Strict):
     neftune_alpha: float | None = Field(
         default=None,
         gt=0,
-        description="NEFTune: while training, add uniform noise of alpha / sqrt(example length "
-        "x hidden size) to the input embeddings (its paper: 5), drawn per example as "
-        "lora.dropout is; null: off",
+        description="NEFTune: uniform noise of alpha / sqrt(example length x hidden size) on "
+        "the input embeddings in training (paper: 5), drawn per example as dropout; null: off",
     )
     seed: int = 42
     deterministic: bool = Field(
         default=False,
         description="only algorithms that give the same bits on every run (torch's "
-        "deterministic mode, cuBLAS's fixed workspace, deterministic flash-attention): a "
-        "resumed GPU run then equals the uninterrupted one bitwise, a little slower. CPU "
-        "runs are bitwise repeatable without it",
+        "deterministic mode, cuBLAS's fixed workspace, deterministic flash-attention): a resumed "
+        "GPU run equals the uninterrupted one bitwise, a little slower (CPU runs always do)",
     )
     precision: Precision = Field(
         default="auto",
@@ -218,11 +220,9 @@ class TrainingConfig(Strict):
     mmap_threshold_kib: int | None = resumable(
         None,
         ge=0,
-        description="hold glibc's mmap threshold at this many KiB for the process, so that "
-        "host memory freed by each step goes back to the OS instead of piling up in the "
-        "heap; trades speed for memory on the CPU (a LoRA step of SmolLM2-135M in bf16: "
-        "128 -> 2.6 GiB peak at half the tokens/s, 4096 -> 3.4 GiB 13 percent slower, null -> 3.8 "
-        "GiB); null: glibc's moving threshold",
+        description="hold glibc's mmap threshold at this many KiB, so that host memory freed "
+        "by each step goes back to the OS instead of piling up in the heap: less memory, "
+        "slower (docs/benchmarks.md); null: glibc's moving threshold",
     )
     device: str = resumable("auto", description="auto, cpu, cuda, cuda:1, mps")
     parallelism: Parallelism = resumable(
@@ -372,9 +372,13 @@ class Config(Strict):
         return self.model_dump(exclude=_resumable_fields(type(self)))
 
     @property
-    def learning_rate(self) -> float:
-        if self.training.lr is not None:
-            return self.training.lr
+    def learning_rate(self) -> float | None:
+        """The peak learning rate; None when training.lr auto leaves it to the probe."""
+        lr = self.training.lr
+        return None if lr == "auto" else lr or self.default_learning_rate
+
+    @property
+    def default_learning_rate(self) -> float:
         return 2e-4 if self.uses_lora else 2e-5
 
     @property

@@ -265,6 +265,12 @@ def wrap_for_training(
     return loss_module
 
 
+def local_part(param: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory this process holds: a DTensor's (FSDP's) local shard, or the
+    tensor itself."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def on_sharded_model(trainer, fn):
     """`fn(model)` on every rank at once, under FSDP: through the loss module's
     `apply_to_model`, which gathers the outermost unit's weights around it. They are sharded

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sftforge.config.schema import Config
 from sftforge.console import say
-from sftforge.encode.batches import Batch, made_ahead, step_batches, step_stream
+from sftforge.encode.batches import Batch, made_ahead, step_stream
 from sftforge.errors import RunInterrupted
 from sftforge.models.devices import (
     autocast_dtype,
@@ -30,7 +30,7 @@ from sftforge.models.devices import (
 from sftforge.models.flops import flop_model
 from sftforge.models.loading import causal_lm, enable_gradient_checkpointing
 from sftforge.models.packing_check import verify_packing_isolation
-from sftforge.models.prefix_sharing import shared_step_batches, verify_prefix_sharing
+from sftforge.models.prefix_sharing import verify_prefix_sharing
 from sftforge.trackers import Trackers, check_installed
 from sftforge.training.assessment import build_assessment, finish_report
 from sftforge.training.checkpoint import (
@@ -52,7 +52,6 @@ from sftforge.training.distributed import (
     on_sharded_model,
     processes_note,
     quiet_other_ranks,
-    share_of_step,
     shared_note,
     start_processes,
     sum_over_ranks,
@@ -67,6 +66,7 @@ from sftforge.training.guards import (
     stop_requests,
 )
 from sftforge.training.host_memory import hold_mmap_threshold
+from sftforge.training.lr_probe import probe_learning_rate
 from sftforge.training.metrics import (
     TrainingClock,
     micro_batch_note,
@@ -91,15 +91,14 @@ from sftforge.training.prepare import (
 )
 from sftforge.training.run import Learner, Run, StepPlan, TrainResult
 from sftforge.training.runlock import lock_output_dir
-from sftforge.training.stochastic_rounding import rounding_for_step, weight_rounding
-from sftforge.training.training_data import load_examples_once
+from sftforge.training.stochastic_rounding import weight_rounding
+from sftforge.training.training_data import load_examples_once, step_batches_of
 from sftforge.training.update import (
-    accumulate_gradients,
-    gradient_norm,
     learning_rate_at,
     optimizer_steps,
     parameter_groups,
-    step_seed,
+    set_learning_rate,
+    step_gradients,
 )
 
 
@@ -194,12 +193,12 @@ def start(config: Config, world: World = ALONE) -> Run:
     params = [p for p in trainer.parameters() if p.requires_grad]
     step_device = torch.device("cpu") if offload else device  # where the optimizer steps
     b_lr_ratio = config.lora.b_lr_ratio if config.uses_lora else 1.0
-    optimizer = torch.optim.AdamW(
-        parameter_groups(trainer, b_lr_ratio),
-        lr=config.learning_rate,
-        weight_decay=t.weight_decay,
-        **fast_adamw_options(step_device),
-    )
+
+    def new_optimizer():  # each step sets its groups' rates (update.set_learning_rate)
+        groups = parameter_groups(trainer, b_lr_ratio)
+        options = fast_adamw_options(step_device)
+        return torch.optim.AdamW(groups, weight_decay=t.weight_decay, **options)
+
     if world.is_main:
         checkpoints = max(2, t.keep_checkpoints + 1)  # the newest K, and the one being written
         check_free_disk(
@@ -207,28 +206,37 @@ def start(config: Config, world: World = ALONE) -> Run:
             checkpoints * checkpoint_bytes(params) + sum(p.nbytes for p in params),
             f"{checkpoints} checkpoints and the final weights",
         )
-    rounding = weight_rounding(params, amp, t.bf16_rounding)
-    say(
-        f"training {config.method} on {device}{processes_note(world, t.parallelism)} "
-        f"({precision_note(t.precision, amp, config.method, rounding)}): "
-        f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
-        f"examples{micro_batch_note(config)}{shared_note(world)}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters, lr {config.learning_rate:g}"
-        f"{objective_note(config)}"
-    )
     learner = Learner(
-        model, trainer, params, optimizer, device, amp, flop_model(model, config.method)
+        model, trainer, params, new_optimizer(), device, amp, flop_model(model, config.method)
     )
     learner.compile_failed = bool(compile_failure)
-    learner.rounding = rounding
+    learner.rounding = weight_rounding(params, amp, t.bf16_rounding)
+    peak_lr, probed = config.learning_rate, None  # None: training.lr auto
+    if peak_lr is None and resume_from is None:  # (a resumed run reads it from its checkpoint)
+        probe = probe_learning_rate(
+            learner, new_optimizer, config, data.examples, text.encoder, world,
+            assessment.shared_rows_of,
+        )  # fmt: skip
+        say(probe.note())
+        peak_lr, probed = probe.chosen, probe.as_dict()
+    say(
+        f"training {config.method} on {device}{processes_note(world, t.parallelism)} "
+        f"({precision_note(t.precision, amp, config.method, learner.rounding)}): "
+        f"{len(data.examples)} examples, {total_steps} steps of {t.batch_size}x{t.grad_accum} "
+        f"examples{micro_batch_note(config)}{shared_note(world)}, "
+        f"{sum(p.numel() for p in params):,} trainable parameters, "
+        f"lr {'auto, from the checkpoint' if peak_lr is None else f'{peak_lr:g}'}"
+        f"{objective_note(config)}"
+    )
     plan = StepPlan(
         total=total_steps,
         stream=step_stream(len(data.examples), t.batch_size * t.grad_accum, t.seed),
         identity=run_identity(config, data.examples),
+        peak_lr=peak_lr,
     )
     run = Run(
         config, world, output_dir, text.encoder, data, base_model_path, learner, plan,
-        assessment, Trackers.none(), before,
+        assessment, Trackers.none(), before, lr_probe=probed,
     )  # fmt: skip
     if resume_from is not None:
         run.resume(resume_from)
@@ -246,13 +254,6 @@ def steps(run: Run) -> list[dict]:
     metrics.jsonl row, those of the steps resumed from included."""
     config, t, progress, total = run.config, run.config.training, run.progress, run.plan.total
     world = run.world
-    lengths = run.data.examples.lengths
-    batching = {
-        "batch_size": t.batch_size,
-        "token_budget": t.micro_batch_tokens,
-        "pack_length": config.max_length if t.packing else None,
-    }
-    make_batches = shared_step_batches if t.share_prefixes else step_batches
     warmup = int(t.warmup_ratio * total)
     clock = TrainingClock(progress.elapsed_s)
     bar = tqdm(
@@ -269,29 +270,16 @@ def steps(run: Run) -> list[dict]:
     else:
         metrics, records = open(os.devnull, "w"), []  # noqa: SIM115
 
-    def my_batches(indices):
-        mine = share_of_step(indices, lengths, world)
-        return make_batches(run.data.examples, lengths, mine, run.encoder.pad_id, **batching)
-
+    my_batches = step_batches_of(config, run.data.examples, run.encoder, world)
     upcoming = made_ahead(run.plan.stream, my_batches, pin=run.learner.device.type == "cuda")
     with metrics, stop_requests() as stop, contextlib.closing(upcoming):
         for step in bar:
-            lr = learning_rate_at(step, total, warmup, config.learning_rate, t.schedule)
-            for group in run.learner.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in older checkpoints
-            torch.manual_seed(step_seed(t.seed, step, world.rank))
+            lr = learning_rate_at(step, total, warmup, run.plan.peak_lr, t.schedule)
+            set_learning_rate(run.learner.optimizer, lr)
             epoch, indices, batches = next(upcoming)
-            with rounding_for_step(run.learner.rounding, step_seed(t.seed, step)):
-                loss, trained = accumulate_gradients(
-                    run.learner.trainer,
-                    batches,
-                    run.learner.device,
-                    run.learner.amp,
-                    world,
-                    run.encoder.pad_id,
-                    draw_seed=step_seed(t.seed, step),  # the same on every rank: per example
-                )
-            grad_norm = gradient_norm(run.learner.params, t.max_grad_norm)
+            loss, trained, grad_norm = step_gradients(
+                run.learner, batches, world, run.encoder.pad_id, t.seed, step, t.max_grad_norm
+            )
             applied = _apply_or_skip(run, step + 1, loss, grad_norm, indices)
             stopping, rows = _count(run, batches, trained, clock, stop.signal is not None)
             record = step_record(step + 1, epoch + 1, loss, lr, grad_norm, progress, t, world)
@@ -382,6 +370,8 @@ def finish(run: Run, metrics: list[dict]) -> TrainResult:
     run.save_model_via(lambda save_model: save_final(run.output_dir, save_model))
     if run.world.is_main:
         summary = run.assessment.compare(run.before, after, run.config.eval.samples)
+        if run.lr_probe:
+            summary["lr_probe"] = run.lr_probe
         finish_report(run.config, run.data, summary, run.output_dir)
         run.trackers.log_summary({"run": summary, "data": run.data_report()})
         say(f"saved to {run.output_dir}")

@@ -65,6 +65,27 @@ class Learner:
     rounding: StochasticBf16Weights | None = None  # each step's bf16 weights, if stochastic
 
 
+def mean_loss(
+    learner: Learner, examples: list, world: World, pad_id: int, shared_rows_of: int | None
+) -> float:
+    """The mean token loss of `examples` on the learner's model as it trains (its precision,
+    its loss module), each rank measuring its share of them; the same on every rank."""
+    share = examples[world.rank :: world.size]
+    passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, learner.device)
+    with autocast(learner.device, learner.amp):
+        total, count = summed_loss_and_count(
+            learner.trainer,
+            share,
+            learner.device,
+            pad_id,
+            EVAL_BATCH,
+            passes,
+            shared_rows_of=shared_rows_of,
+        )
+    total, count = sum_over_ranks([total, count], world, learner.device)
+    return total / max(count, 1)
+
+
 @dataclass
 class StepPlan:
     """Which optimizer steps the run takes, and where it stands among them."""
@@ -72,6 +93,7 @@ class StepPlan:
     total: int
     stream: Iterator[tuple[int, list[int]]]  # (epoch, example indices) of each step to come
     identity: dict  # what a resume must find unchanged
+    peak_lr: float | None  # training.lr, or the probe's choice; None until a resume reads it
     done: int = 0  # steps done before this process started (resumed)
 
 
@@ -92,6 +114,7 @@ class Run:
     assessment: Assessment
     trackers: Trackers
     before: dict | None = None  # the measurements before training
+    lr_probe: dict | None = None  # what training.lr auto's trials found (lr_probe.LrProbe)
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -137,25 +160,17 @@ class Run:
         """The held-out loss during training, each rank measuring its share of the held-out
         examples; with eval.save_best, a new best is saved (every rank gathering with rank 0
         under FSDP)."""
-        world, held_out, learner = self.world, self.assessment.held_out, self.learner
-        share = held_out[world.rank :: world.size]
-        passes = max_over_ranks(math.ceil(len(share) / EVAL_BATCH), world, learner.device)
-        with autocast(learner.device, learner.amp):
-            total, count = summed_loss_and_count(
-                learner.trainer,
-                share,
-                learner.device,
-                self.encoder.pad_id,
-                EVAL_BATCH,
-                passes,
-                shared_rows_of=self.assessment.shared_rows_of,
-            )
-        total, count = sum_over_ranks([total, count], world, learner.device)
-        eval_loss = total / max(count, 1)
+        eval_loss = mean_loss(
+            self.learner,
+            self.assessment.held_out,
+            self.world,
+            self.encoder.pad_id,
+            self.assessment.shared_rows_of,
+        )
         if self.config.eval.save_best and eval_loss < self.progress.best_eval:
             self.progress.best_eval = eval_loss
             self.save_model_via(lambda save_model: save_best(self.output_dir, save_model))
-            wait_for_all(world)
+            wait_for_all(self.world)
         return eval_loss
 
     def data_report(self) -> dict:
@@ -171,6 +186,8 @@ class Run:
     def save_checkpoint(self, step: int) -> Path:
         """Every rank calls it; rank 0 writes (with the others, under FSDP)."""
         state = {"identity": self.plan.identity, "before": self.before}
+        state["peak_lr"] = self.plan.peak_lr  # training.lr auto's choice is not in the config
+        state["lr_probe"] = self.lr_probe
         state["progress"] = asdict(self.progress)
         keep = self.config.training.keep_checkpoints
         if self.sharded:
@@ -210,6 +227,8 @@ class Run:
         check_same_run(resumed.state["identity"], self.plan.identity, path)
         self.plan.done, self.before = resumed.step, resumed.state["before"]
         self.progress = Progress(**resumed.state["progress"])
+        self.plan.peak_lr = resumed.state.get("peak_lr", self.plan.peak_lr)
+        self.lr_probe = resumed.state.get("lr_probe")
         for _ in range(self.plan.done):
             next(self.plan.stream)  # the data position: the next step drawn is the first unseen one
         say(f"resumed from {path} after step {self.plan.done} of {self.plan.total}")

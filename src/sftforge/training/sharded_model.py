@@ -34,7 +34,7 @@ from sftforge.models.loading import (
     mean_row,
 )
 from sftforge.models.streamed_safetensors import StreamedSafetensors
-from sftforge.training.distributed import World
+from sftforge.training.distributed import World, local_part
 
 SHARD_BYTES = 5 * 1024**3  # per weights file, as transformers' save_pretrained does by default
 INDEX = "model.safetensors.index.json"
@@ -105,11 +105,11 @@ def load_sharded(config, device: torch.device, text, shard: Callable) -> tuple:
         for name, param in lm.named_parameters():
             start, end = _rows_of_this_rank(name, param)
             if name in adapters:
-                _local(param).copy_(adapters[name][start:end])
+                local_part(param).copy_(adapters[name][start:end])
             else:
                 vocabulary_rows = _file_name(name) in vocabulary_weights
                 rows_added = new_rows if vocabulary_rows else set()
-                files.copy_rows(_file_name(name), start, _local(param), rows_added, known)
+                files.copy_rows(_file_name(name), start, local_part(param), rows_added, known)
     return model, trainer
 
 
@@ -202,10 +202,6 @@ def _computed_buffers(model, device) -> dict[str, torch.Tensor]:
     return {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
 
 
-def _local(param) -> torch.Tensor:
-    return param.to_local() if hasattr(param, "to_local") else param
-
-
 def _rows_of_this_rank(name: str, param) -> tuple[int, int]:
     """The rows of `param` this rank holds: FSDP2 splits dimension 0 as torch.chunk does."""
     rows = param.shape[0] if param.dim() else 1
@@ -215,9 +211,9 @@ def _rows_of_this_rank(name: str, param) -> tuple[int, int]:
     chunk = math.ceil(rows / mesh.size())
     start = min(mesh.get_local_rank() * chunk, rows)
     end = min(start + chunk, rows)
-    if _local(param).shape[0] != end - start:
+    if local_part(param).shape[0] != end - start:
         raise ShardedLoadError(
-            f"{name}: this rank holds {_local(param).shape[0]} rows of {rows}, not the "
+            f"{name}: this rank holds {local_part(param).shape[0]} rows of {rows}, not the "
             f"{end - start} of an even split: FSDP2 shards another way than expected"
         )
     return start, end

@@ -41,6 +41,8 @@ from collections.abc import Iterator
 
 import torch
 
+from sftforge.training.distributed import local_part
+
 LOW_BITS = 1 << 16  # an fp32 bit pattern's bits below the bf16 ones
 HIGH_BITS = -LOW_BITS  # 0xFFFF0000: the bf16 part of an fp32 bit pattern
 POOL_SIZE = 1 << 22  # random numbers drawn once, read at each step's offsets
@@ -63,11 +65,6 @@ def stochastically_rounded_bits(
 def stochastic_bf16(values: torch.Tensor, generator: torch.Generator | None = None):
     """fp32 `values` rounded to bf16 stochastically (as fp32 tensor holding bf16 numbers)."""
     return stochastically_rounded_bits(values.view(torch.int32), generator).view(torch.float32)
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """The tensor whose memory this process holds: a DTensor's (FSDP's) local shard."""
-    return param.to_local() if hasattr(param, "to_local") else param
 
 
 class StochasticBf16Weights:
@@ -100,12 +97,12 @@ class StochasticBf16Weights:
         try:
             with torch.no_grad():
                 for param in self.matrices:
-                    residuals.append(self._round(_local(param), offsets))
+                    residuals.append(self._round(local_part(param), offsets))
             yield
         finally:
             with torch.no_grad():
                 for param, residual in zip(self.matrices, residuals, strict=False):
-                    _local(param).view(torch.int32).add_(residual.view_as(param))
+                    local_part(param).view(torch.int32).add_(residual.view_as(param))
 
     def _round(self, matrix: torch.Tensor, offsets: torch.Generator) -> torch.Tensor:
         """Round `matrix` in place; return its residual (master - rounded) as int32 bits."""

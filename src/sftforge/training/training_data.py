@@ -30,6 +30,7 @@ from sftforge.data.loading import (
     reject_reason,
 )
 from sftforge.data.messages import Conversation, DataError
+from sftforge.encode.batches import Batch, step_batches
 from sftforge.encode.cache import encode_readings
 from sftforge.encode.encoder import Encoder, Example
 from sftforge.encode.parallel import (
@@ -38,7 +39,8 @@ from sftforge.encode.parallel import (
 )
 from sftforge.encode.selection import HeldOut, MixSource, choose_rows, split_note
 from sftforge.encode.table import ExampleView
-from sftforge.training.distributed import World, wait_for_all
+from sftforge.models.prefix_sharing import shared_step_batches
+from sftforge.training.distributed import World, share_of_step, wait_for_all
 
 
 @dataclass
@@ -147,3 +149,21 @@ def reading_of(config: Config, source: DataSource) -> Reading:
 def mix_source(source: DataSource) -> MixSource:
     name = ", ".join(source.path) if isinstance(source.path, list) else source.path
     return MixSource(name, source.count, source.weight)
+
+
+def step_batches_of(config: Config, examples, encoder, world: World):
+    """The function that gives this rank's micro-batches of a step's example indices, as the
+    run's settings cut them (batch size, token budget, packing, shared prefixes)."""
+    t, lengths = config.training, examples.lengths
+    make_batches = shared_step_batches if t.share_prefixes else step_batches
+    batching = {
+        "batch_size": t.batch_size,
+        "token_budget": t.micro_batch_tokens,
+        "pack_length": config.max_length if t.packing else None,
+    }
+
+    def my_batches(indices: list[int]) -> list[Batch]:
+        mine = share_of_step(indices, lengths, world)
+        return make_batches(examples, lengths, mine, encoder.pad_id, **batching)
+
+    return my_batches

@@ -24,6 +24,7 @@ from sftforge.training.distributed import (
     max_over_ranks,
     sum_over_ranks,
 )
+from sftforge.training.stochastic_rounding import rounding_for_step
 
 
 def learning_rate_at(step: int, total: int, warmup: int, peak: float, schedule: str) -> float:
@@ -35,6 +36,12 @@ def learning_rate_at(step: int, total: int, warmup: int, peak: float, schedule: 
     if schedule == "linear":
         return peak * max(0.0, 1.0 - progress)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """This step's rate `lr` on every group, times the group's `lr_scale` (LoRA+'s B)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # absent in older checkpoints
 
 
 def optimizer_steps(config: Config, n_examples: int) -> int:
@@ -95,6 +102,29 @@ def accumulate_gradients(
             total += loss_sum.detach()
     (total,) = sum_over_ranks([float(total)], world, device)
     return total / step_trained, step_trained
+
+
+def step_gradients(
+    learner, batches: list[Batch], world: World, pad_id: int, seed: int, step: int,
+    max_grad_norm: float | None,
+) -> tuple[float, int, float]:  # fmt: skip
+    """Step `step`'s gradients on `learner` (a training.run.Learner), taken as every step of
+    a run takes them: the random draws seeded from (seed, step), the weights rounded as the
+    run rounds them, the gradients accumulated over the micro-batches `batches` (and the
+    ranks), then clipped. Returns (the step's mean loss, its trained tokens, the gradients'
+    norm before clipping)."""
+    torch.manual_seed(step_seed(seed, step, world.rank))
+    with rounding_for_step(learner.rounding, step_seed(seed, step)):
+        loss, trained = accumulate_gradients(
+            learner.trainer,
+            batches,
+            learner.device,
+            learner.amp,
+            world,
+            pad_id,
+            draw_seed=step_seed(seed, step),  # the same on every rank: per example
+        )
+    return loss, trained, gradient_norm(learner.params, max_grad_norm)
 
 
 def gradient_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
