@@ -291,6 +291,29 @@ def test_a_sharded_checkpoint_converts_into_the_runs_plain_model(runs, tmp_path,
 
 
 @pytest.mark.slow
+def test_lr_auto_under_fsdp_probes_as_one_process_does(tiny_model_dir, data, tmp_path):
+    """The trials train and validate on every rank's shards together: the same rates tried,
+    the same validation losses and choice as in one process, then the same training."""
+    args = settings(tiny_model_dir, data, "lora") + [
+        "training.lr=auto",
+        "training.lr_probe_steps=2",
+        "training.max_steps=2",
+        "eval.held_out=null",
+        "eval.samples=0",
+    ]
+    run_to_end(1, args + [f"output_dir={tmp_path / 'alone'}"])
+    run_to_end(2, args + [f"output_dir={tmp_path / 'fsdp'}", "training.parallelism=fsdp"])
+    alone, fsdp = tmp_path / "alone", tmp_path / "fsdp"
+    probes = [json.loads((run / "summary.json").read_text())["lr_probe"] for run in (alone, fsdp)]
+    assert [row["lr"] for row in probes[1]["losses"]] == [row["lr"] for row in probes[0]["losses"]]
+    assert [row["loss"] for row in probes[1]["losses"]] == pytest.approx(
+        [row["loss"] for row in probes[0]["losses"]], rel=1e-5
+    )
+    assert probes[1]["chosen"] == probes[0]["chosen"]
+    assert losses(fsdp) == pytest.approx(losses(alone), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.slow
 def test_qlora_under_ddp_trains_as_one_process_does(tiny_model_dir, data, tmp_path):
     """Each rank holds the whole 4-bit base; only the adapters' gradients are reduced."""
     args = [
