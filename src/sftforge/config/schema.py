@@ -22,7 +22,7 @@ from sftforge.encode.render import ReasoningMode, TrainOn
 from sftforge.errors import InputError
 from sftforge.evaluation.scoring import ScorerConfig
 from sftforge.models.devices import Precision
-from sftforge.models.loading import Attention, Method
+from sftforge.models.loading import Attention, LoraInit, Method
 from sftforge.models.loss import TokenLossKind
 from sftforge.trackers import Tracker
 
@@ -124,15 +124,15 @@ class LoraConfig(Strict):
         "(not in batches that share prefixes: those draw per process)",
     )
     target_modules: str | list[str] = "all-linear"
-    rslora: bool = Field(
-        default=False,
-        description="rank-stabilised LoRA: the adapter's output scaled by alpha / sqrt(r) "
-        "instead of alpha / r",
-    )
+    rslora: bool = Field(default=False, description="adapter scaled by alpha/sqrt(r), not alpha/r")
     dora: bool = Field(
-        default=False,
-        description="DoRA: each adapted weight's direction and magnitude learnt apart (one "
-        "more vector a layer, and slower steps)",
+        default=False, description="DoRA: each adapted weight's magnitude learnt apart (slower)"
+    )
+    init: LoraInit = Field(
+        default="default",
+        description="default: A random, B zero; pissa / olora: the adapter starts as the "
+        "weight's principal part (SVD) / orthonormal part (QR), the frozen weight as the rest; "
+        "the saved adapter is converted back to plain LoRA of rank 2r on the original base",
     )
     b_lr_ratio: float = Field(
         default=1.0,

@@ -27,6 +27,7 @@ from sftforge.models.source import (
 Method = Literal["full", "lora", "qlora"]  # qlora: LoRA on a base held in 4-bit NF4
 
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+LoraInit = Literal["default", "pissa", "olora"]  # pissa, olora: computed from the base weights
 
 
 @contextmanager
@@ -309,10 +310,19 @@ def attach_lora(
     seed: int = 0,
     rslora: bool = False,
     dora: bool = False,
+    init: LoraInit = "default",
 ):
     """LoRA adapters on `model` (peft), each started from a seed of its own (see
-    `seed_adapters`); scaled by alpha / sqrt(r) with `rslora`, as DoRA with `dora`."""
+    `seed_adapters`), or from the base weights (`init` pissa, olora: peft computes them, and
+    the base keeps the rest); scaled by alpha / sqrt(r) with `rslora`, as DoRA with `dora`."""
     from peft import LoraConfig, get_peft_model
+
+    if init != "default" and (dora or getattr(model, "hf_quantizer", None) is not None):
+        raise InputError(
+            f"config key 'lora.init': {init} rewrites the base weights in full precision and "
+            "is converted back to plain LoRA when saved; it goes with neither lora.dora nor "
+            "a 4-bit base (method qlora)"
+        )
 
     trainable_tokens = None
     if new_token_ids:
@@ -333,20 +343,21 @@ def attach_lora(
         trainable_token_indices=trainable_tokens,
         use_rslora=rslora,
         use_dora=dora,
+        init_lora_weights=True if init == "default" else init,
     )
     with _peft_reading_a_deprecated_property():
         adapted = get_peft_model(model, config)
-    seed_adapters(adapted, seed)
+    if init == "default":  # (the others come from the weights: the same in every process)
+        seed_adapters(adapted, seed)
     drop_per_example(adapted)  # the same masks on any number of processes
     return adapted
 
 
 def attach_configured_lora(model, lora, new_token_ids, seed: int):
-    """`attach_lora` with the settings of a config's `lora` section (r, alpha, dropout,
-    target_modules, rslora, dora)."""
+    """`attach_lora` with the settings of a config's `lora` section."""
     return attach_lora(
         model, lora.r, lora.alpha, lora.dropout, lora.target_modules, new_token_ids, seed,
-        rslora=lora.rslora, dora=lora.dora,
+        rslora=lora.rslora, dora=lora.dora, init=lora.init,
     )  # fmt: skip
 
 

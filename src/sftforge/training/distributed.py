@@ -336,6 +336,11 @@ def check_parallel_settings(config, world: World) -> None:
             "use training.parallelism=ddp, which keeps a whole 4-bit base on each GPU and "
             "reduces the adapters' gradients only"
         )
+    if config.uses_lora and config.lora.init != "default" and parallelism == "fsdp":
+        raise DistributedError(
+            f"config key 'lora.init': {config.lora.init} computes the adapters from whole base "
+            "weights, which fsdp never holds; use training.parallelism=ddp"
+        )
 
 
 def processes_note(world: World, parallelism: str) -> str:

@@ -76,6 +76,7 @@ from sftforge.training.metrics import (
     progress_figures,
     step_record,
 )
+from sftforge.training.output import initial_adapter_of, save_initial_adapter
 from sftforge.training.preflight import (
     check_data_files,
     check_free_disk,
@@ -159,6 +160,8 @@ def start(config: Config, world: World = ALONE) -> Run:
     check_attention_precision(config.attention, amp)
     offload = offloads(config, device, world)
     model, base_model_path, trainer = prepare_model_for(config, device, text, world, amp, offload)
+    if world.is_main and (initial_adapter := initial_adapter_of(config, output_dir)):
+        save_initial_adapter(model, initial_adapter)  # pissa, olora: saved relative to it
     wait_for_all(world, "loading the model and the data")
     total_steps = optimizer_steps(config, len(data.examples))
     assessment = build_assessment(

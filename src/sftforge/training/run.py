@@ -36,7 +36,7 @@ from sftforge.training.distributed import (
     wait_for_all,
 )
 from sftforge.training.metrics import Progress
-from sftforge.training.output import save_run
+from sftforge.training.output import initial_adapter_of, save_run
 from sftforge.training.sharded import (
     is_sharded_checkpoint,
     load_any_checkpoint,
@@ -139,6 +139,7 @@ class Run:
             self.config,
             self.data_report(),
             weights_written=self.sharded,
+            initial_adapter=initial_adapter_of(self.config, self.output_dir),
         )
 
     def save_model_via(self, save: Callable[[Callable[[Path], None]], None]) -> None:
