@@ -298,6 +298,7 @@ def test_lr_auto_under_fsdp_probes_as_one_process_does(tiny_model_dir, data, tmp
         "training.lr=auto",
         "training.lr_probe_steps=2",
         "training.max_steps=2",
+        "eval.forgetting=true",  # each trial's general-text perplexity, over the ranks
         "eval.held_out=null",
         "eval.samples=0",
     ]
@@ -305,10 +306,13 @@ def test_lr_auto_under_fsdp_probes_as_one_process_does(tiny_model_dir, data, tmp
     run_to_end(2, args + [f"output_dir={tmp_path / 'fsdp'}", "training.parallelism=fsdp"])
     alone, fsdp = tmp_path / "alone", tmp_path / "fsdp"
     probes = [json.loads((run / "summary.json").read_text())["lr_probe"] for run in (alone, fsdp)]
-    assert [row["lr"] for row in probes[1]["losses"]] == [row["lr"] for row in probes[0]["losses"]]
-    assert [row["loss"] for row in probes[1]["losses"]] == pytest.approx(
-        [row["loss"] for row in probes[0]["losses"]], rel=1e-5
-    )
+    alone_trials, fsdp_trials = probes[0]["trials"], probes[1]["trials"]
+    assert [row["lr"] for row in fsdp_trials] == [row["lr"] for row in alone_trials]
+    assert all(row["forgetting"] is not None for row in alone_trials)
+    for measured in ("validation_loss", "forgetting"):
+        assert [row[measured] for row in fsdp_trials] == pytest.approx(
+            [row[measured] for row in alone_trials], rel=1e-5
+        )
     assert probes[1]["chosen"] == probes[0]["chosen"]
     assert losses(fsdp) == pytest.approx(losses(alone), rel=1e-5, abs=1e-5)
 

@@ -12,7 +12,7 @@ from test_learning_rules import assert_same_weights, resumed_from_step_2, run, w
 
 from sftforge.config.loading import ConfigError, load_config
 from sftforge.errors import InputError
-from sftforge.training.lr_probe import GRID_FACTOR, bracketed_minimum, probe_slices
+from sftforge.training.lr_probe import GRID_FACTOR, Trial, bracketed_minimum, probe_slices
 
 
 def valley_at(best_rate: float):
@@ -28,39 +28,53 @@ def valley_at(best_rate: float):
 
 def test_a_minimum_inside_the_first_three_rates_takes_three_trials():
     loss_at, calls = valley_at(2e-4)
-    chosen, losses, bracketed = bracketed_minimum(loss_at, centre=2e-4)
+    chosen, bracketed = bracketed_minimum(loss_at, centre=2e-4)
     assert chosen == pytest.approx(2e-4) and bracketed
     assert sorted(calls) == pytest.approx([1e-4, 2e-4, 4e-4])
-    assert sorted(losses) == sorted(calls)
 
 
 def test_the_search_walks_outwards_until_the_minimum_is_bracketed():
     loss_at, calls = valley_at(2e-4 * GRID_FACTOR**2)  # two grid steps above the centre
-    chosen, _, bracketed = bracketed_minimum(loss_at, centre=2e-4)
+    chosen, bracketed = bracketed_minimum(loss_at, centre=2e-4)
     assert chosen == pytest.approx(8e-4) and bracketed
     assert sorted(calls) == pytest.approx([1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3])
 
     loss_at, calls = valley_at(2e-4 / GRID_FACTOR**2)  # and below it
-    chosen, _, bracketed = bracketed_minimum(loss_at, centre=2e-4)
+    chosen, bracketed = bracketed_minimum(loss_at, centre=2e-4)
     assert chosen == pytest.approx(5e-5) and bracketed
     assert min(calls) == pytest.approx(2.5e-5)
 
 
 def test_a_minimum_beyond_the_trials_allowed_is_reported_as_the_edge():
     loss_at, calls = valley_at(1.0)
-    chosen, _, bracketed = bracketed_minimum(loss_at, centre=2e-4, max_trials=5)
+    chosen, bracketed = bracketed_minimum(loss_at, centre=2e-4, max_trials=5)
     assert len(calls) == 5
     assert chosen == pytest.approx(max(calls)) and not bracketed
 
 
 def test_diverged_trials_lose_and_ties_go_to_the_lower_rate():
+    calls = []
+
     def loss_at(rate: float) -> float:
+        calls.append(rate)
         return math.inf if rate > 3e-4 else 1.0
 
-    chosen, losses, bracketed = bracketed_minimum(loss_at, centre=2e-4, max_trials=4)
-    assert chosen == pytest.approx(min(losses)) and not bracketed
-    assert losses == {1e-4: 1.0, 2e-4: 1.0, 4e-4: math.inf, 5e-5: 1.0}
-    assert chosen == 5e-5  # the search walked down the flat side, and took its lowest rate
+    chosen, bracketed = bracketed_minimum(loss_at, centre=2e-4, max_trials=4)
+    assert calls == [1e-4, 2e-4, 4e-4, 5e-5]  # the search walked down the flat side
+    assert chosen == 5e-5 and not bracketed  # and took its lowest rate
+
+
+def test_a_trial_that_forgets_beyond_the_limit_is_ruled_out_as_if_it_diverged():
+    """A short trial's loss keeps falling as the rate grows; the general-text perplexity
+    stops the search where it passes 1.05, and the rate below is chosen, bracketed."""
+    trials = {
+        1e-4: Trial(0.50, 1.001), 2e-4: Trial(0.40, 1.004), 4e-4: Trial(0.30, 1.020),
+        8e-4: Trial(0.20, 1.080), 1.6e-3: Trial(0.10, 1.300),
+    }  # fmt: skip
+    chosen, bracketed = bracketed_minimum(lambda rate: trials[rate].score, centre=2e-4)
+    assert chosen == 4e-4 and bracketed
+    assert Trial(0.2, None).score == 0.2  # forgetting not measured: the loss alone
+    assert Trial(math.nan, 1.0).score == math.inf
 
 
 def test_the_validation_slice_is_never_trained_on_and_the_steps_cycle_the_rest():
@@ -93,7 +107,7 @@ def test_a_run_with_lr_auto_trains_as_a_run_given_the_rate_it_chose_and_resumes_
     auto = tmp_path / "auto"
     result = run(tiny_model_dir, demo_records_16, auto, "lora.dropout=0.1", *PROBE)
     probe = result.summary["lr_probe"]
-    tried = {row["lr"]: row["loss"] for row in probe["losses"]}
+    tried = {row["lr"]: row["validation_loss"] for row in probe["trials"]}
     assert len(tried) >= 3 and probe["chosen"] in tried
     assert tried[probe["chosen"]] == min(tried.values())
     assert probe["steps"] == 2 and probe["validated_on"] == 1  # 10 % of the 10 that fit
@@ -128,7 +142,7 @@ def test_full_fine_tuning_in_bf16_probes_around_its_own_default_and_restores_the
     common = ["method=full", "training.precision=bf16"]
     auto = run(tiny_model_dir, demo_records_16, tmp_path / "a", *common, *PROBE[:2], steps=1)
     probe = auto.summary["lr_probe"]
-    assert {1e-5, 2e-5, 4e-5} <= {row["lr"] for row in probe["losses"]}
+    assert {1e-5, 2e-5, 4e-5} <= {row["lr"] for row in probe["trials"]}
     chosen = f"training.lr={probe['chosen']!r}"
     given = run(tiny_model_dir, demo_records_16, tmp_path / "g", *common, chosen, steps=1)
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "g"))

@@ -218,7 +218,7 @@ def start(config: Config, world: World = ALONE) -> Run:
     if peak_lr is None and resume_from is None:  # (a resumed run reads it from its checkpoint)
         probe = probe_learning_rate(
             learner, new_optimizer, config, data.examples, text.encoder, world,
-            assessment.shared_rows_of,
+            assessment.shared_rows_of, assessment.forgetting and assessment.forgetting.corpus,
         )  # fmt: skip
         say(probe.note())
         peak_lr, probed = probe.chosen, probe.as_dict()

@@ -4,17 +4,23 @@ Each trial starts from the run's starting weights and trains them for
 `training.lr_probe_steps` optimizer steps at one peak rate, as the run would train (the
 same micro-batches, precision, rounding, random draws and clipping, a fresh AdamW, the
 run's schedule compressed to the trial's steps), then measures the mean token loss on a
-validation slice of the training data that no trial trained on. The held-out set
-(eval.held_out) is never used. The trials walk a grid of factors of 2 around the method's
-default rate: its neighbours first, then outwards while the lowest loss lies at an edge of
-the rates tried, up to MAX_TRIALS. The choice is the rate of the lowest validation loss; it
-is *bracketed* when a rate tried on each side of it did worse, else it is the edge of the
-search, and the result says so.
+validation slice of the training data that no trial trained on, and (with eval.forgetting,
+the default) the perplexity of the general-text corpus against the starting model's. The
+held-out set (eval.held_out) is never used.
+
+A short trial favours large rates: over a few steps the rate that moves farthest lowers the
+loss most, while over a whole run it forgets the most (docs/benchmarks.md). So a trial that
+already forgets more than FORGETTING_LIMIT (perplexity ratio 1.05) is ruled out like one
+that diverged. The trials walk a grid of factors of 2 around the method's default rate: its
+neighbours first, then outwards while the best lies at an edge of the rates tried, up to
+MAX_TRIALS. The choice is the rate of the lowest validation loss among those not ruled out;
+it is *bracketed* when a rate tried on each side of it did worse or was ruled out, else it
+is the edge of the search, and the result says so.
 
 Afterwards the trainable weights and the random-number generators are as they were before
 the probe: a run with `lr: auto` trains exactly as a run given the chosen rate. What it
-costs: (trials x probe steps) optimizer steps and one validation pass per trial, and a copy
-of the trainable weights (on the CPU) while it runs.
+costs: (trials x probe steps) optimizer steps, a validation and a corpus pass per trial, and
+a copy of the trainable weights (on the CPU) while it runs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from sftforge.config.schema import Config
 from sftforge.encode.encoder import Encoder
 from sftforge.errors import InputError
+from sftforge.evaluation.forgetting import FORGETTING_LIMIT
 from sftforge.training.distributed import World, local_part
 from sftforge.training.run import Learner, mean_loss
 from sftforge.training.training_data import step_batches_of
@@ -41,54 +48,83 @@ MAX_VALIDATION = 64
 
 
 @dataclass
+class Trial:
+    """One rate's trial: the validation loss after it (inf: diverged), and its general-text
+    perplexity over the starting model's (None: eval.forgetting off)."""
+
+    validation_loss: float
+    forgetting: float | None = None
+
+    @property
+    def score(self) -> float:
+        """What the search minimises: the validation loss, inf when ruled out."""
+        if self.forgetting is not None and not self.forgetting <= FORGETTING_LIMIT:
+            return math.inf
+        return self.validation_loss if math.isfinite(self.validation_loss) else math.inf
+
+
+@dataclass
 class LrProbe:
-    """What the probe found: the rate chosen, and each rate's validation loss."""
+    """What the probe found: the rate chosen, and each rate's trial."""
 
     chosen: float
-    losses: dict[float, float]  # peak rate tried -> validation loss after its trial (inf: diverged)
-    bracketed: bool  # a rate tried on each side of the choice did worse
+    trials: dict[float, Trial]  # by peak rate tried
+    bracketed: bool  # a rate tried on each side of the choice did worse (or was ruled out)
     steps: int  # optimizer steps per trial
     trained_on: int  # distinct training examples the trials train on
     validated_on: int  # validation examples (of the training data), never trained on
     seconds: float
 
     def note(self) -> str:
-        tried = ", ".join(f"{lr:.3g}: {loss:.4f}" for lr, loss in sorted(self.losses.items()))
+        def shown(trial: Trial) -> str:
+            loss = f"{trial.validation_loss:.4f}"
+            return loss if trial.forgetting is None else f"{loss} / {trial.forgetting:.3f}"
+
+        tried = ", ".join(f"{lr:.3g}: {shown(t)}" for lr, t in sorted(self.trials.items()))
+        forgetting = any(t.forgetting is not None for t in self.trials.values())
+        measured = "validation loss / forgetting ratio" if forgetting else "validation loss"
         where = "" if self.bracketed else ", at the edge of the rates tried"
+        if math.isinf(self.trials[self.chosen].score):
+            where = f", the least bad: every rate tried forgot more than {FORGETTING_LIMIT}"
         return (
-            f"training.lr auto: {self.chosen:.3g}{where} (validation loss after "
-            f"{self.steps} steps on {self.validated_on} training examples kept aside: "
-            f"{tried}; {self.seconds:.0f} s)"
+            f"training.lr auto: {self.chosen:.3g}{where} ({measured} after {self.steps} "
+            f"steps, on {self.validated_on} training examples kept aside: {tried}; "
+            f"{self.seconds:.0f} s)"
         )
 
     def as_dict(self) -> dict:
         found = asdict(self)
-        found["losses"] = [  # JSON has no infinity: a trial that diverged has loss None
-            {"lr": lr, "loss": loss if math.isfinite(loss) else None}
-            for lr, loss in sorted(self.losses.items())
+        found["trials"] = [  # JSON has no infinity: a trial that diverged has loss None
+            {
+                "lr": lr,
+                "validation_loss": t.validation_loss if math.isfinite(t.validation_loss) else None,
+                "forgetting": t.forgetting,
+                "ruled_out": math.isinf(t.score),
+            }
+            for lr, t in sorted(self.trials.items())
         ]
         return found
 
 
 def bracketed_minimum(
-    loss_at: Callable[[float], float], centre: float, max_trials: int = MAX_TRIALS
-) -> tuple[float, dict[float, float], bool]:
-    """The rate of lowest `loss_at` on the grid centre x GRID_FACTOR^k: k = -1, 0, 1 first,
+    score_at: Callable[[float], float], centre: float, max_trials: int = MAX_TRIALS
+) -> tuple[float, bool]:
+    """The rate of lowest `score_at` on the grid centre x GRID_FACTOR^k: k = -1, 0, 1 first,
     then one step beyond the lower or upper edge while the best lies there. Ties go to the
-    lower rate. Returns (the rate, every rate's loss, whether the rate is bracketed)."""
-    losses: dict[int, float] = {}
+    lower rate (so when every score is inf, the search walks down). Returns (the rate,
+    whether it is bracketed)."""
+    scores: dict[int, float] = {}
 
     def best() -> int:
-        return min(losses, key=lambda k: (losses[k], k))
+        return min(scores, key=lambda k: (scores[k], k))
 
     for k in (-1, 0, 1):
-        losses[k] = loss_at(centre * GRID_FACTOR**k)
-    while len(losses) < max_trials and best() in (min(losses), max(losses)):
-        edge = best() - 1 if best() == min(losses) else best() + 1
-        losses[edge] = loss_at(centre * GRID_FACTOR**edge)
+        scores[k] = score_at(centre * GRID_FACTOR**k)
+    while len(scores) < max_trials and best() in (min(scores), max(scores)):
+        edge = best() - 1 if best() == min(scores) else best() + 1
+        scores[edge] = score_at(centre * GRID_FACTOR**edge)
     chosen = best()
-    rates = {centre * GRID_FACTOR**k: loss for k, loss in sorted(losses.items())}
-    return centre * GRID_FACTOR**chosen, rates, min(losses) < chosen < max(losses)
+    return centre * GRID_FACTOR**chosen, min(scores) < chosen < max(scores)
 
 
 def probe_slices(
@@ -119,10 +155,12 @@ def probe_learning_rate(
     encoder: Encoder,
     world: World,
     shared_rows_of: int | None,
+    general_text: list | None,
 ) -> LrProbe:
     """Choose the peak rate for training `examples` by trials (module doc), around the
     method's default rate; `new_optimizer()` gives a fresh optimizer of the learner's
-    parameters, as the run builds it."""
+    parameters, as the run builds it; `general_text`: the forgetting meter's corpus
+    examples (None: forgetting not measured)."""
     started = time.perf_counter()
     training, pad_id = config.training, encoder.pad_id
     steps = training.lr_probe_steps
@@ -135,7 +173,15 @@ def probe_learning_rate(
     warmup = int(training.warmup_ratio * steps)
     starting_weights = [local_part(p).detach().to("cpu", copy=True) for p in learner.params]
 
-    def validation_loss_after_trial(peak: float) -> float:
+    def corpus_perplexity() -> float:
+        return math.exp(mean_loss(learner, general_text, world, pad_id, None))
+
+    starting_perplexity = corpus_perplexity() if general_text else None
+    trials: dict[float, Trial] = {}
+
+    def trained_for_a_trial(peak: float) -> bool:
+        """Whether the trial's steps were all finite (the same on every rank: loss and
+        norm are reduced over ranks)."""
         _restore(learner.params, starting_weights)
         optimizer = new_optimizer()
         for step, batches in enumerate(step_batches):
@@ -145,23 +191,32 @@ def probe_learning_rate(
             loss, _, norm = step_gradients(
                 learner, batches, world, pad_id, training.seed, step, training.max_grad_norm
             )
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                optimizer.zero_grad(set_to_none=True)
-                return math.inf  # the same on every rank: loss and norm are reduced over ranks
-            optimizer.step()
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if finite:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not finite:
+                return False
+        return True
+
+    def score_of_trial(peak: float) -> float:
+        if not trained_for_a_trial(peak):
+            trials[peak] = Trial(math.inf)
+            return math.inf
         loss = mean_loss(learner, validation_examples, world, pad_id, shared_rows_of)
-        return loss if math.isfinite(loss) else math.inf
+        trial = Trial(loss if math.isfinite(loss) else math.inf)
+        if starting_perplexity is not None:
+            trial.forgetting = corpus_perplexity() / starting_perplexity
+        trials[peak] = trial
+        return trial.score
 
     devices = [learner.device] if learner.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        chosen, losses, bracketed = bracketed_minimum(
-            validation_loss_after_trial, config.default_learning_rate
-        )
+        chosen, bracketed = bracketed_minimum(score_of_trial, config.default_learning_rate)
     _restore(learner.params, starting_weights)
     distinct = len({i for indices in trial_steps for i in indices})
     return LrProbe(
-        chosen, losses, bracketed, steps, distinct, len(validation),
+        chosen, trials, bracketed, steps, distinct, len(validation),
         time.perf_counter() - started,
     )  # fmt: skip
 
