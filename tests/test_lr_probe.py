@@ -74,6 +74,14 @@ def test_a_trial_that_forgets_beyond_the_limit_is_ruled_out_as_if_it_diverged():
     chosen, bracketed = bracketed_minimum(lambda rate: trials[rate].score, centre=2e-4)
     assert chosen == 4e-4 and bracketed
     assert Trial(0.2, None).score == 0.2  # forgetting not measured: the loss alone
+
+
+def test_a_trials_forgetting_is_projected_to_the_runs_length():
+    """A trial of 8 steps for a run of 60 may spend 8/60 of the budget of 1.05."""
+    assert Trial(0.1, 1.005, run_per_trial=7.5).projected_forgetting == pytest.approx(1.0375)
+    assert Trial(0.1, 1.005, run_per_trial=7.5).score == 0.1
+    assert Trial(0.1, 1.010, run_per_trial=7.5).score == math.inf  # 1.075 over the run
+    assert Trial(0.1, 0.990, run_per_trial=7.5).projected_forgetting == 1.0  # better: no debt
     assert Trial(math.nan, 1.0).score == math.inf
 
 

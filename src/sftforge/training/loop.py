@@ -219,6 +219,7 @@ def start(config: Config, world: World = ALONE) -> Run:
         probe = probe_learning_rate(
             learner, new_optimizer, config, data.examples, text.encoder, world,
             assessment.shared_rows_of, assessment.forgetting and assessment.forgetting.corpus,
+            total_steps,
         )  # fmt: skip
         say(probe.note())
         peak_lr, probed = probe.chosen, probe.as_dict()

@@ -9,9 +9,13 @@ the default) the perplexity of the general-text corpus against the starting mode
 held-out set (eval.held_out) is never used.
 
 A short trial favours large rates: over a few steps the rate that moves farthest lowers the
-loss most, while over a whole run it forgets the most (docs/benchmarks.md). So a trial that
-already forgets more than FORGETTING_LIMIT (perplexity ratio 1.05) is ruled out like one
-that diverged. The trials walk a grid of factors of 2 around the method's default rate: its
+loss most, while over a whole run it forgets the most (docs/benchmarks.md). So each trial's
+forgetting is projected to the run's length: a trial of p steps may spend p/N of the run's
+forgetting budget (N: the run's steps; the budget: a perplexity ratio of FORGETTING_LIMIT,
+1.05), i.e. its projected ratio 1 + (ratio - 1) x N/p must stay within the limit, or the
+rate is ruled out like one that diverged. (A heuristic: the extraction demo's trial at 16x
+the default rate forgot 1.047 in 8 steps, projected 1.35 over 60; the run forgot 1.263.) The
+trials walk a grid of factors of 2 around the method's default rate: its
 neighbours first, then outwards while the best lies at an edge of the rates tried, up to
 MAX_TRIALS. The choice is the rate of the lowest validation loss among those not ruled out;
 it is *bracketed* when a rate tried on each side of it did worse or was ruled out, else it
@@ -49,16 +53,25 @@ MAX_VALIDATION = 64
 
 @dataclass
 class Trial:
-    """One rate's trial: the validation loss after it (inf: diverged), and its general-text
-    perplexity over the starting model's (None: eval.forgetting off)."""
+    """One rate's trial: the validation loss after it (inf: diverged), its general-text
+    perplexity over the starting model's (None: eval.forgetting off), and the run's steps
+    per trial step (what the forgetting is projected by)."""
 
     validation_loss: float
     forgetting: float | None = None
+    run_per_trial: float = 1.0
+
+    @property
+    def projected_forgetting(self) -> float | None:
+        if self.forgetting is None:
+            return None
+        return 1 + max(0.0, self.forgetting - 1) * self.run_per_trial
 
     @property
     def score(self) -> float:
         """What the search minimises: the validation loss, inf when ruled out."""
-        if self.forgetting is not None and not self.forgetting <= FORGETTING_LIMIT:
+        projected = self.projected_forgetting
+        if projected is not None and not projected <= FORGETTING_LIMIT:
             return math.inf
         return self.validation_loss if math.isfinite(self.validation_loss) else math.inf
 
@@ -78,14 +91,16 @@ class LrProbe:
     def note(self) -> str:
         def shown(trial: Trial) -> str:
             loss = f"{trial.validation_loss:.4f}"
-            return loss if trial.forgetting is None else f"{loss} / {trial.forgetting:.3f}"
+            if trial.forgetting is None:
+                return loss
+            return f"{loss} / {trial.forgetting:.3f} -> {trial.projected_forgetting:.3f}"
 
         tried = ", ".join(f"{lr:.3g}: {shown(t)}" for lr, t in sorted(self.trials.items()))
         forgetting = any(t.forgetting is not None for t in self.trials.values())
-        measured = "validation loss / forgetting ratio" if forgetting else "validation loss"
+        measured = "validation loss / forgetting, projected" if forgetting else "validation loss"
         where = "" if self.bracketed else ", at the edge of the rates tried"
         if math.isinf(self.trials[self.chosen].score):
-            where = f", the least bad: every rate tried forgot more than {FORGETTING_LIMIT}"
+            where = f", the lowest tried: each would forget beyond {FORGETTING_LIMIT} over the run"
         return (
             f"training.lr auto: {self.chosen:.3g}{where} ({measured} after {self.steps} "
             f"steps, on {self.validated_on} training examples kept aside: {tried}; "
@@ -99,6 +114,7 @@ class LrProbe:
                 "lr": lr,
                 "validation_loss": t.validation_loss if math.isfinite(t.validation_loss) else None,
                 "forgetting": t.forgetting,
+                "projected_forgetting": t.projected_forgetting,
                 "ruled_out": math.isinf(t.score),
             }
             for lr, t in sorted(self.trials.items())
@@ -156,11 +172,12 @@ def probe_learning_rate(
     world: World,
     shared_rows_of: int | None,
     general_text: list | None,
+    run_steps: int,
 ) -> LrProbe:
     """Choose the peak rate for training `examples` by trials (module doc), around the
     method's default rate; `new_optimizer()` gives a fresh optimizer of the learner's
     parameters, as the run builds it; `general_text`: the forgetting meter's corpus
-    examples (None: forgetting not measured)."""
+    examples (None: forgetting not measured); `run_steps`: the run's optimizer steps."""
     started = time.perf_counter()
     training, pad_id = config.training, encoder.pad_id
     steps = training.lr_probe_steps
@@ -204,7 +221,7 @@ def probe_learning_rate(
             trials[peak] = Trial(math.inf)
             return math.inf
         loss = mean_loss(learner, validation_examples, world, pad_id, shared_rows_of)
-        trial = Trial(loss if math.isfinite(loss) else math.inf)
+        trial = Trial(loss if math.isfinite(loss) else math.inf, None, run_steps / steps)
         if starting_perplexity is not None:
             trial.forgetting = corpus_perplexity() / starting_perplexity
         trials[peak] = trial
