@@ -47,20 +47,31 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _describe(error: ValidationError) -> str:
-    lines = []
+    """One line per config key. A key of several types (training.lr: a number or auto) fails
+    once per type; its line gives the first type's complaint and the other allowed words."""
+    lines: dict[str, str] = {}
     for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+        key = ".".join(str(p) for p in e["loc"] if not _is_union_member(p)) or "config"
         cause = e.get("ctx", {}).get("error")
-        if isinstance(cause, ConfigKeyError):
-            lines.append(f"config key '{cause.key}': {cause.reason}")
+        allowed = e.get("ctx", {}).get("expected", "")
+        if key in lines:  # another type of the same key
+            if e["type"] == "literal_error":
+                lines[key] += f"; or {allowed}"
+        elif isinstance(cause, ConfigKeyError):
+            lines[key] = f"config key '{cause.key}': {cause.reason}"
         elif e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{key}'")
+            lines[key] = f"unknown config key '{key}'"
         elif e["type"] == "literal_error":
-            allowed = e.get("ctx", {}).get("expected", "")
-            lines.append(f"config key '{key}': {e['input']!r} is not allowed; expected {allowed}")
+            lines[key] = f"config key '{key}': {e['input']!r} is not allowed; expected {allowed}"
         else:
-            lines.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            lines[key] = f"config key '{key}': {e['msg']} (got {e.get('input')!r})"
+    return "\n".join(lines.values())
+
+
+def _is_union_member(part) -> bool:
+    """pydantic names which type of a union failed in the error's location: `float`,
+    `constrained-float`, `literal['auto']`; config keys are plain identifiers."""
+    return isinstance(part, str) and (not part.isidentifier() or part in ("float", "int", "str"))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -1,12 +1,10 @@
 """One typed config: the schema a YAML file plus `key=value` overrides (`training.lr=1e-4`)
-are validated against (config/loading.py reads them).
-
-A mistake names the key and, where the values are a fixed set, the allowed ones. Each set of
-allowed values (a Literal type) is defined once, by the stage that owns it (DataFormat in
-data/formats.py, TrainOn in encode/render.py, Precision in models/devices.py, ScorerKind in
-evaluation/scoring.py, ...), and imported here: the config sits above the stages it
-configures; Schedule and Parallelism, the run's own, are defined here. A field marked `resumable` may
-change when a run resumes; every other field shapes the steps, and a resume refuses a change.
+are validated against (config/loading.py reads them). A mistake names the key and, where the
+values are a fixed set, the allowed ones. Each set of allowed values (a Literal type) is
+defined once, by the stage that owns it (DataFormat in data/formats.py, Precision in
+models/devices.py, ...), and imported here; Schedule and Parallelism, the run's own, are
+defined here. A field marked `resumable` may change when a run resumes; every other field
+shapes the steps, and a resume refuses a change.
 """
 
 from __future__ import annotations
@@ -168,9 +166,8 @@ class TrainingConfig(Strict):
     )
     share_prefixes: bool = Field(
         default=False,
-        description="with packing: examples of a step that begin with the same untrained "
-        "tokens (a system prompt, tool definitions) share one copy of them in their row; "
-        "exact: each token attends to what it sees alone",
+        description="with packing: a step's examples that begin with the same untrained tokens "
+        "(system prompt, tools) share one copy of them in their row; exact",
     )
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations in the backward: less memory, slower"
@@ -212,10 +209,9 @@ class TrainingConfig(Strict):
     )
     bf16_rounding: Literal["stochastic", "nearest"] = Field(
         default="stochastic",
-        description="how each step's bf16 copy of the trained matrices is made under bf16 "
-        "autocast: stochastic (equal to the fp32 master weights on average, so updates far "
-        "below bf16's resolution still reach the forward pass; a 4-byte residual per "
-        "trained matrix element while a step runs) or nearest (autocast's own cast)",
+        description="each step's bf16 copy of the trained matrices under bf16 autocast: "
+        "stochastic (the fp32 masters on average, so tiny updates reach the forward pass; a "
+        "4-byte residual per element while a step runs) or nearest (autocast's own cast)",
     )
     mmap_threshold_kib: int | None = resumable(
         None,
@@ -227,23 +223,20 @@ class TrainingConfig(Strict):
     device: str = resumable("auto", description="auto, cpu, cuda, cuda:1, mps")
     parallelism: Parallelism = resumable(
         "ddp",
-        description="under torchrun: ddp keeps a whole copy of the model on each process; "
-        "fsdp (FSDP2) shards weights, gradients and optimizer state over them, and builds, "
-        "measures and saves the model from the shards (no process holds it whole). The "
-        "update is the same either way, and the same as in one process (LoRA dropout and "
-        "NEFTune are drawn per example)",
+        description="under torchrun: ddp keeps a whole model on each process; fsdp (FSDP2) "
+        "shards weights, gradients and optimizer state, and builds, measures and saves the model "
+        "from the shards. The update is the same either way, and as in one process",
     )
     fsdp_cpu_offload: bool = resumable(
         False,
-        description="with fsdp on GPUs: keep each rank's shards, gradients and optimizer state "
-        "in CPU memory, and step the optimizer there (FSDP2's CPUOffloadPolicy): for models "
-        "whose optimizer state does not fit even sharded; slower",
+        description="with fsdp on GPUs: shards, gradients and optimizer state in CPU memory, "
+        "the optimizer stepping there (FSDP2's CPUOffloadPolicy); slower",
     )
     collective_timeout_s: float = resumable(
         1800,
         gt=0,
-        description="under torchrun: how long a rank waits in a training collective before "
-        "the run fails (a rank that hangs or died); loading and saving wait longer",
+        description="under torchrun: seconds a rank waits in a training collective before the "
+        "run fails (a rank hung or died); loading and saving wait longer",
     )
     log_every: int = resumable(1, gt=0)
     save_every: int | None = resumable(
