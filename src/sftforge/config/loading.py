@@ -48,24 +48,29 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def _describe(error: ValidationError) -> str:
     """One line per config key. A key of several types (training.lr: a number or auto) fails
-    once per type; its line gives the first type's complaint and the other allowed words."""
+    once per type; its line gives the first type's complaint and the other allowed words. A
+    check across keys (ConfigKeyError) speaks for its key and those under it: its type
+    matched."""
     lines: dict[str, str] = {}
+    checks: dict[str, str] = {}
     for e in error.errors():
         key = ".".join(str(p) for p in e["loc"] if not _is_union_member(p)) or "config"
         cause = e.get("ctx", {}).get("error")
         allowed = e.get("ctx", {}).get("expected", "")
-        if key in lines:  # another type of the same key
+        if isinstance(cause, ConfigKeyError):
+            checks[cause.key] = f"config key '{cause.key}': {cause.reason}"
+        elif key in lines:  # another type of the same key
             if e["type"] == "literal_error":
                 lines[key] += f"; or {allowed}"
-        elif isinstance(cause, ConfigKeyError):
-            lines[key] = f"config key '{cause.key}': {cause.reason}"
         elif e["type"] == "extra_forbidden":
             lines[key] = f"unknown config key '{key}'"
         elif e["type"] == "literal_error":
             lines[key] = f"config key '{key}': {e['input']!r} is not allowed; expected {allowed}"
         else:
             lines[key] = f"config key '{key}': {e['msg']} (got {e.get('input')!r})"
-    return "\n".join(lines.values())
+    for checked in checks:
+        lines = {k: line for k, line in lines.items() if not (k + ".").startswith(checked + ".")}
+    return "\n".join([*checks.values(), *lines.values()])
 
 
 def _is_union_member(part) -> bool:
