@@ -42,16 +42,16 @@ FAULTS = {"FAIL_AT_STEP": fail, "HANG_AT_STEP": hang, "KILL_AT_STEP": die}
 
 def inject(fault, fault_at: int) -> None:
     """`fault(step)` at the start of this rank's `fault_at`-th step."""
-    accumulate = sftforge.training.loop.accumulate_gradients
+    gradients_of_step = sftforge.training.loop.step_gradients
     calls = []
 
-    def accumulate_with_fault(*args, **kwargs):
+    def step_gradients_with_fault(*args, **kwargs):
         calls.append(1)
         if len(calls) == fault_at:
             fault(fault_at)
-        return accumulate(*args, **kwargs)
+        return gradients_of_step(*args, **kwargs)
 
-    sftforge.training.loop.accumulate_gradients = accumulate_with_fault
+    sftforge.training.loop.step_gradients = step_gradients_with_fault
 
 
 for variable, fault in FAULTS.items():

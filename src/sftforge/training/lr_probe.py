@@ -13,11 +13,12 @@ loss most, while over a whole run it forgets the most (docs/benchmarks.md). So e
 forgetting is projected to the run's length: a trial of p steps may spend p/N of the run's
 forgetting budget (N: the run's steps; the budget: a perplexity ratio of FORGETTING_LIMIT,
 1.05), i.e. its projected ratio 1 + (ratio - 1) x N/p must stay within the limit, or the
-rate is ruled out like one that diverged. (A heuristic: the extraction demo's trial at 16x
-the default rate forgot 1.047 in 8 steps, projected 1.35 over 60; the run forgot 1.263.) The
-trials walk a grid of factors of 2 around the method's default rate: its
-neighbours first, then outwards while the best lies at an edge of the rates tried, up to
-MAX_TRIALS. The choice is the rate of the lowest validation loss among those not ruled out;
+rate is ruled out like one that diverged. A heuristic that catches only the rates that forget
+early: on the extraction demo the trial at 16x the default forgot 1.047 in 8 steps (projected
+1.35 over 60; the run forgot 1.263), the one at 4x 1.001 (projected 1.004; the run forgot
+1.139): most forgetting comes late in a run (docs/benchmarks.md). The trials walk a grid
+of factors of 2 around the method's default rate: its neighbours first, then outwards while
+the best lies at an edge of the rates tried, up to MAX_TRIALS. The choice is the rate of the lowest validation loss among those not ruled out;
 it is *bracketed* when a rate tried on each side of it did worse or was ruled out, else it
 is the edge of the search, and the result says so.
 
